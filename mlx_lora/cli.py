@@ -1,0 +1,68 @@
+"""The `mlx-lora` command: a click group whose subcommands are imported only when used."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from .errors import UserError
+
+# name → (module under mlx_lora.commands, attribute, one-line help shown before the module is imported)
+COMMANDS = {
+    "run": ("run", "run", "The main job: data → train → eval (base, tuned, tuned+rules, retrieval) → report."),
+    "data": ("data", "data", "Build ChatML train/valid/test splits from a KB; check any chat JSONL."),
+    "train": ("train", "train", "LoRA-train a model on a data directory (torch or mlx backend)."),
+    "generate": ("train", "generate", "Answer a question with a model, optionally with an adapter and rules."),
+    "eval": ("evaluate", "eval_cmd", "Score base vs tuned vs tuned+rules vs retrieval on a test set."),
+    "rules": ("rules", "rules", "Check and try the YAML rule layer."),
+    "diagnose": ("evaluate", "diagnose", "Find weak questions and confused topics; propose training questions."),
+    "adapter": ("adapter", "adapter", "Inspect and convert adapters between MLX and PEFT formats."),
+    "fuse": ("train", "fuse", "Merge an adapter into its base model and save an HF folder."),
+    "model": ("model", "model", "Prepare the embedded default model or convert a GGUF file."),
+    "bench": ("bench", "bench", "Benchmark training and generation across backends."),
+    "doctor": ("doctor", "doctor", "Show platform, usable backends, versions, threads and BLAS."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return list(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        module, attr, _ = COMMANDS[name]
+        return getattr(importlib.import_module(f"mlx_lora.commands.{module}"), attr)
+
+    def format_commands(self, ctx, formatter):
+        # Help lists every command without importing any of them.
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, help_) for name, (_, _, help_) in COMMANDS.items()])
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mlx-lora")
+def cli():
+    """mlx-lora: fine-tune a small chat model on your knowledge base, offline, and evaluate it honestly."""
+
+
+def main(argv=None):
+    """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
+    try:
+        cli.main(args=argv, standalone_mode=False)
+    except UserError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)

@@ -1,0 +1,213 @@
+"""Typed run configuration: dataclasses loaded from YAML, with `--set section.key=value` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    path: str = "embedded"  # "embedded" (Qwen2.5-Coder-0.5B from PyPI wheels), an HF folder, a .gguf file or a hub id
+    cache_dir: str | None = None  # where prepared models live; None → $MLX_LORA_CACHE or ~/.cache/mlx-lora
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+
+
+@dataclass
+class BackendConfig:
+    name: str = "auto"  # auto | torch | mlx
+    device: str = "auto"  # auto | cpu | cuda | mps (torch only)
+    threads: int | None = None  # CPU threads; None keeps the library default
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 16
+    alpha: float = 32.0  # PEFT's lora_alpha; MLX's scale is alpha / rank
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    num_layers: int | None = None  # LoRA on the last N layers only; None = all layers
+    dora: bool = False
+    rslora: bool = False
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 3
+    max_steps: int | None = None  # optimizer steps; stops earlier than epochs when set
+    batch_size: int = 4
+    grad_accum: int = 2
+    lr: float = 3e-4
+    warmup_steps: int = 10
+    schedule: str = "cosine"  # cosine | linear | constant
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.01
+    max_length: int = 192
+    eval_every: int = 0  # optimizer steps between evals; 0 = once per epoch
+    early_stopping_patience: int = 0  # evals without improvement before stopping; 0 = off
+    seed: int = 42
+    out: str = "runs/latest"
+
+
+@dataclass
+class DataConfig:
+    kb: str = "data/kb.jsonl"
+    questions: str = "data/questions.yaml"
+    dir: str = "runs/data"  # where `data build` writes train/valid/test.jsonl
+    seed: int = 42
+    answerable_ratio: float = 0.75  # share of answerable rows in train
+    valid_fraction: float = 0.1  # of each doc's phrasings (and of the unanswerable pool)
+    test_fraction: float = 0.2
+    system_prompt: str | None = "你是公司內部 FAQ 助理,只依據公司規範回答。"
+    answer_prefix: str = "依據公司規範:"
+    format: str = "messages"  # messages | text (ChatML text rows)
+    extra_questions: str | None = None  # YAML of extra training questions (e.g. from `diagnose`)
+
+
+@dataclass
+class GenerateConfig:
+    max_new_tokens: int = 150
+    temperature: float = 0.0  # 0 = greedy (evaluation is always greedy)
+    top_p: float = 0.9
+    repetition_penalty: float = 1.0
+    batch_size: int = 8
+
+
+@dataclass
+class EvalConfig:
+    threshold: str = "faq"  # faq (85) | chatbot (80) | critical (90) | a number
+    embedder: str = "use"  # use (multilingual USE v3, offline) | char | a sentence-transformers model path/id
+    worst_n: int = 10
+    max_rows: int | None = None  # evaluate a seeded sample of the test split; None = all rows
+
+
+@dataclass
+class RulesConfig:
+    path: str | None = "configs/rules.yaml"
+    kb_match_threshold: float = 0.8
+    route_high: float | None = None  # semantic route: answer from the KB above this; None = calibrate on valid
+    route_low: float | None = None  # refuse below this; None = calibrate on valid
+    audit_log: str = "audit.jsonl"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    rules: RulesConfig = field(default_factory=RulesConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _field_types(cls) -> dict[str, typing.Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value, annotation, key: str):
+    """Check/convert one YAML value against its annotation; YAML 1.1 reads `3e-4` as a string, so floats parse."""
+    args = typing.get_args(annotation)
+    if type(None) in args:
+        if value is None:
+            return None
+        (annotation,) = [a for a in args if a is not type(None)]
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise UserError(f"config key {key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(annotation)
+        return [_coerce(v, item, key) for v in value]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif annotation is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    name = getattr(annotation, "__name__", str(annotation))
+    raise UserError(f"config key {key}: expected {name}, got {value!r}")
+
+
+def _apply_section(section_obj, values: dict, section: str, source: str) -> None:
+    types = _field_types(type(section_obj))
+    for key, value in values.items():
+        if key not in types:
+            valid = ", ".join(types)
+            raise UserError(f"{source}: unknown config key {section}.{key}; valid keys in {section}: {valid}")
+        setattr(section_obj, key, _coerce(value, types[key], f"{section}.{key}"))
+
+
+def apply_mapping(cfg: Config, mapping: dict, source: str) -> Config:
+    sections = _field_types(Config)
+    if not isinstance(mapping, dict):
+        raise UserError(f"{source}: expected a mapping of sections ({', '.join(sections)})")
+    for section, values in mapping.items():
+        if section not in sections:
+            raise UserError(f"{source}: unknown config section {section!r}; valid sections: {', '.join(sections)}")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise UserError(f"{source}: section {section} must be a mapping of keys, got {values!r}")
+        _apply_section(getattr(cfg, section), values, section, source)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, str, object]:
+    """`train.lr=3e-4` → ("train", "lr", "3e-4" parsed as YAML)."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise UserError(f"--set {text!r}: expected section.key=value, e.g. --set train.lr=3e-4")
+    dotted, raw = text.split("=", 1)
+    section, key = dotted.strip().split(".", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return section, key, value
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> Config:
+    """Defaults, then the YAML file (if any), then each `section.key=value` override in order."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"{path}: config file not found; see configs/reference.yaml for an example")
+        try:
+            mapping = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or "invalid YAML"
+            raise UserError(f"{path}{line}: {problem}; fix the YAML syntax") from None
+        apply_mapping(cfg, mapping, str(path))
+    for text in overrides:
+        section, key, value = parse_override(text)
+        apply_mapping(cfg, {section: {key: value}}, f"--set {text}")
+    return cfg

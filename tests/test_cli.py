@@ -1,0 +1,93 @@
+"""The CLI: help lists every command, bad input is one line + non-zero exit, and the core imports no torch/mlx."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import REPO
+
+COMMANDS = ["data", "train", "generate", "eval", "rules", "adapter", "fuse", "bench", "run", "diagnose", "model",
+            "doctor"]
+
+
+def cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-c", "from mlx_lora.cli import main; main()", *args],
+                          capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+def test_help_lists_every_command():
+    out = cli("--help")
+    assert out.returncode == 0
+    for name in COMMANDS:
+        assert f"\n  {name} " in out.stdout
+
+
+HEAVY_BLOCKER = textwrap.dedent("""
+    import sys
+    for name in ("torch", "mlx", "mlx_lm", "transformers", "peft", "sentence_transformers"):
+        sys.modules[name] = None  # importing any of them now raises ImportError
+    from mlx_lora.cli import main
+    main()
+""")
+
+
+@pytest.mark.parametrize("args", [
+    ["--help"],
+    ["data", "build", "--out", "{tmp}/d"],
+    ["data", "check", "{tmp}/d/train.jsonl"],
+])
+def test_help_and_data_commands_never_import_torch_or_mlx(tmp_path, args):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    if args[:2] == ["data", "check"]:
+        assert cli("data", "build", "--out", str(tmp_path / "d")).returncode == 0
+    out = subprocess.run([sys.executable, "-c", HEAVY_BLOCKER, *args], capture_output=True, text=True, cwd=REPO,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
+def test_core_modules_import_without_heavy_libraries():
+    code = HEAVY_BLOCKER.replace("from mlx_lora.cli import main\nmain()", "") + textwrap.dedent("""
+        import importlib, pkgutil, mlx_lora
+        for info in pkgutil.walk_packages(mlx_lora.__path__, "mlx_lora."):
+            if info.name != "mlx_lora.mlx_backend":
+                importlib.import_module(info.name)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize("files, args, needle", [
+    ({"kb.jsonl": '{"doc_id": "a", "text": "x"}\n{oops\n'}, ["data", "build", "--kb", "{tmp}/kb.jsonl"], "kb.jsonl:2: malformed JSON"),
+    ({"c.yaml": "train:\n  lrr: 1\n"}, ["data", "build", "-c", "{tmp}/c.yaml"], "unknown config key train.lrr"),
+    ({"c.yaml": "train: [\n"}, ["data", "build", "-c", "{tmp}/c.yaml"], "c.yaml:"),
+    ({}, ["data", "build", "--set", "data.seed=abc"], "data.seed: expected int"),
+    ({}, ["data", "check", "{tmp}/missing.jsonl"], "missing.jsonl: file not found"),
+    ({"q.yaml": 'refusal: "x"\ndocs:\n  ghost:\n    short: ["a"]\n'},
+     ["data", "build", "--questions", "{tmp}/q.yaml"], "q.yaml:3: doc_id 'ghost' is not in the knowledge base"),
+])
+def test_bad_input_is_one_line_without_traceback(tmp_path, files, args, needle):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    out = cli(*[a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], out.stderr
+
+
+def test_a_failed_build_keeps_the_previous_files(tmp_path):
+    assert cli("data", "build", "--out", str(tmp_path / "d")).returncode == 0
+    before = (tmp_path / "d" / "train.jsonl").read_bytes()
+    (tmp_path / "bad.yaml").write_text("refusal: [\n", encoding="utf-8")
+    assert cli("data", "build", "--out", str(tmp_path / "d"), "--questions", str(tmp_path / "bad.yaml")).returncode == 2
+    assert (tmp_path / "d" / "train.jsonl").read_bytes() == before
+
+
+def test_doctor_reports_backends_and_blas():
+    out = cli("doctor")
+    assert out.returncode == 0
+    assert "backend torch" in out.stdout and "backend mlx" in out.stdout and "versions" in out.stdout
+    if sys.platform.startswith("linux"):
+        assert "mlx BLAS" in out.stdout

@@ -1,0 +1,60 @@
+"""Config loading: defaults, YAML, overrides, and one-line errors for unknown keys and wrong types."""
+
+import pytest
+
+from mlx_lora.config import Config, load_config
+from mlx_lora.errors import UserError
+
+
+def test_defaults_match_the_reference_hyper_parameters():
+    cfg = Config()
+    assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout) == (16, 32.0, 0.05)
+    assert (cfg.train.lr, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.epochs) == (3e-4, 4, 2, 3)
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 3e-4\n  epochs: 5\nlora:\n  targets: [q_proj, v_proj]\n")
+    cfg = load_config(path, ["train.epochs=2", "lora.rank=8", "backend.name=torch"])
+    assert cfg.train.lr == pytest.approx(3e-4) and isinstance(cfg.train.lr, float)  # YAML 1.1 reads 3e-4 as a string
+    assert cfg.train.epochs == 2 and cfg.lora.rank == 8 and cfg.backend.name == "torch"
+    assert cfg.lora.targets == ["q_proj", "v_proj"]
+
+
+def test_override_parses_floats_lists_and_null():
+    cfg = load_config(None, ["train.lr=1e-5", "lora.targets=q_proj,k_proj", "train.max_steps=null"])
+    assert cfg.train.lr == 1e-5 and cfg.lora.targets == ["q_proj", "k_proj"] and cfg.train.max_steps is None
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("train:\n  lrr: 1\n", "unknown config key train.lrr"),
+    ("trian:\n  lr: 1\n", "unknown config section 'trian'"),
+    ("train:\n  epochs: three\n", "train.epochs: expected int"),
+    ("lora:\n  dora: maybe\n", "lora.dora: expected bool"),
+    ("train: [1, 2]\n", "section train must be a mapping"),
+    ("train:\n  lr: [1\n", "c.yaml:"),
+])
+def test_errors_are_one_line_and_name_the_key(tmp_path, text, needle):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert needle in message and "\n" not in message
+
+
+def test_unknown_key_lists_the_valid_ones():
+    with pytest.raises(UserError, match="valid keys in train: epochs, max_steps"):
+        load_config(None, ["train.nope=1"])
+
+
+def test_bad_override_syntax():
+    with pytest.raises(UserError, match="section.key=value"):
+        load_config(None, ["lr=1"])
+
+
+def test_reference_config_loads_and_equals_defaults():
+    from conftest import REPO
+
+    cfg = load_config(REPO / "configs" / "reference.yaml")
+    assert cfg == Config()
