@@ -1,0 +1,91 @@
+"""The main job: build data from the KB → train LoRA → evaluate base/tuned/tuned+rules/retrieval → report."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from .config import Config
+from .jsonl import write_json
+
+
+def _stage(name: str) -> None:
+    click.secho(f"\n== {name}", bold=True, err=True)
+
+
+def run_pipeline(cfg: Config, progress: bool = True) -> dict:
+    """Run every stage into cfg.train.out; returns the summary that is also written to run_summary.json."""
+    from .commands.data import build_data, print_stats
+    from .evaluate_run import evaluate_run
+    from .training import model_dir_for, train_run
+
+    run_dir = Path(cfg.train.out)
+    if (run_dir / "adapter").exists():
+        from .errors import UserError
+
+        raise UserError(f"{run_dir}: already holds a run; pass --out with a new directory or delete it")
+    timings = {}
+    started = time.perf_counter()
+
+    _stage("1/4 data")
+    cfg.data.dir = str(run_dir / "data")
+    stats = build_data(cfg.data)
+    print_stats(stats, cfg.data.dir)
+    timings["data_s"] = time.perf_counter() - started
+
+    _stage("2/4 model")
+    t = time.perf_counter()
+    model_dir_for(cfg, progress)  # prepares the embedded model once (join + verify + convert), cached after
+    timings["model_s"] = time.perf_counter() - t
+
+    _stage("3/4 train")
+    t = time.perf_counter()
+    outcome = train_run(cfg, cfg.data.dir, run_dir, progress=progress)
+    timings["train_s"] = time.perf_counter() - t
+
+    _stage("4/4 evaluate")
+    t = time.perf_counter()
+    data_dir = Path(cfg.data.dir)
+    report = evaluate_run(cfg, None, run_dir, data_dir / "test.jsonl", data_dir / "valid.jsonl",
+                          data_dir / "train.jsonl", cfg.data.kb, run_dir / "eval")
+    timings["eval_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - started
+
+    summary = {
+        "run_dir": str(run_dir),
+        "variants": report["summary"],
+        "train": {"steps": outcome.steps, "stopped": outcome.stopped, "best_eval_loss": outcome.best_eval_loss,
+                  **_train_speed(run_dir)},
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+    }
+    write_json(run_dir / "run_summary.json", summary)
+    print_summary(summary)
+    return summary
+
+
+def _train_speed(run_dir: Path) -> dict:
+    import json
+
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        return {}
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    return {k: summary[k] for k in ("tokens_per_s", "supervised_tokens_per_s", "health") if k in summary}
+
+
+def print_summary(summary: dict) -> None:
+    click.secho("\n== summary", bold=True)
+    click.echo(f"{'variant':<12} {'similarity %':>12} {'refusals ok %':>13} {'topic %':>8}")
+    for name, row in summary["variants"].items():
+        cells = [row.get(k) for k in ("mean_similarity", "refusal_accuracy", "topic_accuracy")]
+        click.echo(f"{name:<12} " + " ".join(f"{c:>{w}.1f}" if isinstance(c, (int, float)) else f"{'-':>{w}}"
+                                            for c, w in zip(cells, (12, 13, 8))))
+    train = summary["train"]
+    speed = train.get("tokens_per_s")
+    click.echo(f"train: {train['steps']} steps ({train['stopped']}), best valid loss {train['best_eval_loss']}"
+               + (f", {speed:.0f} tok/s" if isinstance(speed, (int, float)) else ""))
+    t = summary["timings_s"]
+    click.echo(f"time: {t['total_s']:.0f} s (model {t['model_s']:.0f}, train {t['train_s']:.0f}, eval {t['eval_s']:.0f})")
+    click.echo(f"report: {summary['run_dir']}/eval/report.md")
