@@ -1,0 +1,275 @@
+"""YAML keyword/regex rules → KB docs, answer attribution (sources with detail) and the JSONL audit log."""
+
+from __future__ import annotations
+
+import json
+import time
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import re2
+import yaml
+
+from .errors import UserError, located
+from .similarity import REFUSAL, LabelIndex
+from .textnorm import compact
+
+SOURCES = ("RULE_OVERRIDE", "KB_RETRIEVAL", "KB_MATCH", "REFUSAL", "MODEL_GENERATED")
+ACTIONS = ("override",)
+PLANNED_ACTIONS = ("refuse", "append")
+RULE_KEYS = ("id", "doc_id", "keywords", "regex", "unless", "action", "priority", "note")
+MAX_PATTERN_CHARS = 300
+_RE2_MAX_MEM = 8 << 20  # bytes of compiled program per pattern; a pattern that needs more is rejected at load
+
+
+@dataclass
+class Rule:
+    id: str
+    doc_id: str
+    keywords: list[str]
+    regex: list[tuple[str, object]]  # (source text, compiled re2 pattern)
+    unless: list[str] = field(default_factory=list)
+    action: str = "override"
+    priority: int = 0
+    line: int | None = None
+
+    def match(self, question: str) -> str | None:
+        """What made the rule match ("keyword: VPN" / "regex: …"), or None."""
+        key = compact(question)
+        if any(compact(word) in key for word in self.unless):
+            return None
+        for word in self.keywords:
+            if compact(word) in key:
+                return f"keyword: {word}"
+        text = regex_text(question)
+        for source, pattern in self.regex:
+            if pattern.search(text):
+                return f"regex: {source}"
+        return None
+
+
+@dataclass
+class Decision:
+    answer: str | None
+    source: str
+    detail: dict = field(default_factory=dict)
+
+
+def regex_text(question: str) -> str:
+    """What regexes see: full-width → half-width (NFKC), lower case, runs of whitespace as one space."""
+    return " ".join(unicodedata.normalize("NFKC", question).lower().split())
+
+
+def _options():
+    options = re2.Options()
+    options.log_errors = False  # the error is reported once, with file:line, by us
+    options.case_sensitive = False
+    options.max_mem = _RE2_MAX_MEM
+    return options
+
+
+def compile_pattern(source: str, path, line):
+    """re2 (linear time: no catastrophic backtracking) or a file:line error saying what to change."""
+    if len(source) > MAX_PATTERN_CHARS:
+        raise located(path, line, f"regex is {len(source)} characters; keep it under {MAX_PATTERN_CHARS}")
+    try:
+        pattern = re2.compile(source, _options())
+    except re2.error as exc:
+        why = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+        raise located(path, line, f"regex {source!r} is not supported ({why}); re2 syntax has no look-around "
+                                  "or back-references") from None
+    if pattern.search("") is not None:
+        raise located(path, line, f"regex {source!r} matches an empty question, i.e. every question; make it specific")
+    return pattern
+
+
+def _strings(node, value, path, what: str) -> list[tuple[str, int]]:
+    """A YAML list of non-empty strings (or one string) with each item's line."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value, items = [value], [node]
+    elif isinstance(value, list) and isinstance(node, yaml.SequenceNode):
+        items = node.value
+    else:
+        raise located(path, node.start_mark.line + 1, f"{what} must be a list of strings")
+    out = []
+    for item, item_node in zip(value, items):
+        line = item_node.start_mark.line + 1
+        if not isinstance(item, (str, int, float)) or isinstance(item, bool) or not str(item).strip():
+            raise located(path, line, f"{what}: each entry must be a non-empty string, got {item!r}")
+        out.append((str(item).strip(), line))
+    return out
+
+
+def _rule(data, node, path, kb, order: int) -> Rule:
+    line = node.start_mark.line + 1
+    if not isinstance(data, dict) or not isinstance(node, yaml.MappingNode):
+        raise located(path, line, "each rule must be a mapping with id, doc_id, keywords/regex, action, priority")
+    nodes = {k.value: v for k, v in node.value}
+    unknown = [k for k in data if k not in RULE_KEYS]
+    if unknown:
+        bad = unknown[0]
+        raise located(path, nodes[bad].start_mark.line + 1 if bad in nodes else line,
+                      f"unknown key {bad!r} in a rule; valid keys: {', '.join(RULE_KEYS)}")
+    at = lambda key: nodes[key].start_mark.line + 1 if key in nodes else line  # noqa: E731
+    rule_id = data.get("id")
+    if not isinstance(rule_id, str) or not rule_id.strip():
+        raise located(path, line, "every rule needs an id (a short name such as vpn-setup)")
+    doc_id = data.get("doc_id")
+    if not isinstance(doc_id, str) or not doc_id.strip():
+        raise located(path, at("doc_id"), f"rule {rule_id!r} needs a doc_id from the knowledge base")
+    if kb is not None and doc_id not in kb:
+        raise located(path, at("doc_id"), f"rule {rule_id!r}: doc_id {doc_id!r} is not in the knowledge base")
+    action = data.get("action", "override")
+    if action in PLANNED_ACTIONS:
+        raise located(path, at("action"), f"rule {rule_id!r}: action {action!r} is planned but not supported yet; "
+                                          "use override")
+    if action not in ACTIONS:
+        raise located(path, at("action"), f"rule {rule_id!r}: unknown action {action!r}; use override")
+    priority = data.get("priority", 0)
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        raise located(path, at("priority"), f"rule {rule_id!r}: priority must be a whole number (higher wins)")
+    keywords = _strings(nodes.get("keywords"), data.get("keywords"), path, f"rule {rule_id!r} keywords")
+    for word, word_line in keywords:
+        if not compact(word):
+            raise located(path, word_line, f"keyword {word!r} is only punctuation/spaces and would match everything")
+    regex = [(src, compile_pattern(src, path, ln))
+             for src, ln in _strings(nodes.get("regex"), data.get("regex"), path, f"rule {rule_id!r} regex")]
+    unless = _strings(nodes.get("unless"), data.get("unless"), path, f"rule {rule_id!r} unless")
+    if not keywords and not regex:
+        raise located(path, line, f"rule {rule_id!r} needs at least one keyword or regex")
+    return Rule(rule_id.strip(), doc_id, [w for w, _ in keywords], regex,
+                [w for w, _ in unless if compact(w)], action, priority, line)
+
+
+def load_rules(path: str | Path, kb: dict | None = None) -> list[Rule]:
+    """Parse and validate a rules file; every problem is a `file:line: …` error. Rules keep file order."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: rules file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data, root = yaml.safe_load(text), yaml.compose(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise located(path, mark.line + 1 if mark else None,
+                      f"{getattr(exc, 'problem', None) or 'invalid YAML'}; fix the YAML syntax") from None
+    if not isinstance(data, dict) or "rules" not in data:
+        raise located(path, 1, "expected a top-level `rules:` list")
+    extra = [k for k in data if k != "rules"]
+    if extra:
+        raise located(path, 1, f"unknown top-level key {extra[0]!r}; the file holds only `rules:`")
+    rules_node = next(v for k, v in root.value if k.value == "rules")
+    if not isinstance(data["rules"], list):
+        raise located(path, rules_node.start_mark.line + 1, "`rules:` must be a list of rules (each starts with -)")
+    rules, seen = [], {}
+    for order, (item, node) in enumerate(zip(data["rules"], rules_node.value)):
+        rule = _rule(item, node, path, kb, order)
+        if rule.id in seen:
+            raise located(path, rule.line, f"duplicate rule id {rule.id!r} (first at line {seen[rule.id]})")
+        seen[rule.id] = rule.line
+        rules.append(rule)
+    return rules
+
+
+def match_rules(rules: Sequence[Rule], question: str) -> list[tuple[Rule, str]]:
+    """Matching rules, highest priority first; equal priorities keep file order."""
+    found = [(rule, why) for rule in rules if (why := rule.match(question))]
+    return sorted(found, key=lambda pair: -pair[0].priority)
+
+
+def _r(x: float) -> float:
+    return round(float(x), 4)
+
+
+class RuleLayer:
+    """Final answer and source for each question, from keyword rules, the semantic route and the model's answer.
+
+    Order: a matching rule (highest priority) overrides the model unless the model's answer is already about the
+    rule's doc; else the route retrieves (KB_RETRIEVAL) or refuses (REFUSAL) when confident; else the model's
+    answer is checked: nearest the refusal → REFUSAL; ≥ kb_match_threshold similar to a doc → KB_MATCH with that
+    doc's KB answer (so a near-miss never keeps a wrong number); otherwise MODEL_GENERATED as written.
+    """
+
+    def __init__(self, rules: Sequence[Rule], doc_answers: dict[str, str], index: LabelIndex, refusal: str,
+                 kb_match_threshold: float = 0.8, route=None):
+        self.rules, self.doc_answers, self.index = list(rules), doc_answers, index
+        self.refusal, self.threshold, self.route = refusal, kb_match_threshold, route
+
+    def _about(self, scores, doc_id: str) -> bool:
+        """The model's answer is about doc_id: it is its nearest label, or it is ≥ threshold similar to it."""
+        best = self.index.labels[int(scores.argmax())]
+        doc_score = max((scores[j] for j, lab in enumerate(self.index.labels) if lab == doc_id), default=0.0)
+        return best == doc_id or doc_score >= self.threshold
+
+    def _check_model(self, answer: str, scores, detail: dict) -> Decision:
+        j = int(scores.argmax())
+        label, score = self.index.labels[j], float(scores[j])
+        detail = {**detail, "nearest": label, "score": _r(score)}
+        if label == REFUSAL:
+            return Decision(self.refusal if score >= self.threshold else answer, "REFUSAL",
+                            {**detail, "by": "model"})
+        if score >= self.threshold:
+            return Decision(self.doc_answers[label], "KB_MATCH", {**detail, "doc_id": label, "model_answer": answer})
+        return Decision(answer, "MODEL_GENERATED", detail)
+
+    def decide(self, questions: Sequence[str], model_answers: Sequence[str | None]) -> list[Decision]:
+        given = [i for i, a in enumerate(model_answers) if a is not None]
+        matrix = self.index.scores([model_answers[i] for i in given]) if given else None
+        scores = {i: matrix[k] for k, i in enumerate(given)}
+        routed = self.route.decide(list(questions)) if self.route is not None else [None] * len(questions)
+        out = []
+        for i, question in enumerate(questions):
+            answer, found, r = model_answers[i], match_rules(self.rules, question), routed[i]
+            detail: dict = {}
+            if found:
+                rule, why = found[0]
+                detail = {"rule": rule.id, "doc_id": rule.doc_id, "matched": why, "priority": rule.priority,
+                          "also_matched": [other.id for other, _ in found[1:]]}
+                if answer is None or not self._about(scores[i], rule.doc_id):
+                    if answer is not None:
+                        j = int(scores[i].argmax())
+                        detail.update(model_topic=self.index.labels[j], model_score=_r(scores[i][j]))
+                    out.append(Decision(self.doc_answers[rule.doc_id], "RULE_OVERRIDE", detail))
+                    continue
+                detail = {"rule_checked": rule.id}  # the model already answers this doc: keep checking it
+            elif r is not None and r.kind != "model":
+                n = r.neighbour
+                detail = {"route": r.kind, "neighbour": n.text, "neighbour_kind": n.kind, "score": _r(r.score),
+                          "vote": r.label, "confidence": _r(r.confidence)}
+                if r.kind == "refuse":
+                    out.append(Decision(self.refusal, "REFUSAL", {**detail, "by": "route", "low": self.route.low}))
+                elif r.label == REFUSAL:
+                    out.append(Decision(self.refusal, "REFUSAL", {**detail, "by": "route", "high": self.route.high}))
+                else:
+                    out.append(Decision(self.doc_answers[r.label], "KB_RETRIEVAL", {**detail, "doc_id": r.label}))
+                continue
+            elif r is not None:
+                detail = {"route": "model", "route_score": _r(r.score), "vote": r.label,
+                          "confidence": _r(r.confidence)}
+            if answer is None:
+                out.append(Decision(None, "NO_ANSWER", {**detail, "why": "no rule or route decision; the model "
+                                                                         "would answer"}))
+            else:
+                out.append(self._check_model(answer, scores[i], detail))
+        return out
+
+
+def audit_records(questions: Sequence[str], model_answers: Sequence[str | None], decisions: Sequence[Decision],
+                  **context) -> list[dict]:
+    """One JSON-able record per answer: what was asked, what the model said, what was answered, why."""
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    return [{"time": now, **context, "question": q, "model_answer": m, "answer": d.answer, "source": d.source,
+             "detail": d.detail} for q, m, d in zip(questions, model_answers, decisions)]
+
+
+def append_audit(path: str | Path, records: Sequence[dict]) -> None:
+    """Append to a JSONL audit log (one line per answer; appending keeps earlier sessions' records)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
