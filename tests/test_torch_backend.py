@@ -1,0 +1,327 @@
+"""The torch backend on a tiny random Qwen2 with the real Qwen tokenizer: training, masking, resume, PEFT, generation."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from mlx_lora.config import Config, GenerateConfig, LoraConfig  # noqa: E402
+from mlx_lora.render import ChatTokenizer, Encoded, encode_messages  # noqa: E402
+
+torch.set_num_threads(1)
+
+SCHEMA = {
+    "start": {"type", "total_steps", "epochs", "train_rows", "valid_rows", "trainable_params", "total_params",
+              "backend", "device"},
+    "step": {"type", "step", "epoch", "loss", "lr", "grad_norm", "tokens", "supervised_tokens", "tokens_per_s",
+             "supervised_tokens_per_s", "elapsed_s", "memory_mb"},
+    "eval": {"type", "step", "epoch", "eval_loss", "best"},
+    "checkpoint": {"type", "step", "path"},
+    "warning": {"type", "message"},
+    "done": {"type", "steps", "stopped", "best_eval_loss", "best_step", "elapsed_s"},
+}
+
+
+def build_tiny_model(out: Path, tokenizer_dir: Path, seed: int = 0, init: float = 0.02) -> Path:
+    """A 2-layer Qwen2 with the real vocabulary, saved as an HF folder beside the tokenizer files."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=151669, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                         max_position_embeddings=256, rope_theta=10000.0, initializer_range=init,
+                         eos_token_id=151645, pad_token_id=151643)
+    torch.manual_seed(seed)
+    Qwen2ForCausalLM(config).save_pretrained(out)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, out / f.name)
+    return out
+
+
+def chat_rows(tok, n: int, answer: str = "依據公司規範:VPN 請以 SSO 登入。", question: str = "VPN 怎麼連") -> list[Encoded]:
+    return [encode_messages(tok, [{"role": "system", "content": "你是助理"},
+                                  {"role": "user", "content": f"{question} {i}?"},
+                                  {"role": "assistant", "content": f"{answer}{'甲乙丙'[i % 3]}"}], 64)
+            for i in range(n)]
+
+
+def make_cfg(**train) -> Config:
+    cfg = Config()
+    cfg.lora = LoraConfig(rank=4, alpha=8.0, dropout=0.0, targets=["q_proj", "k_proj", "v_proj", "o_proj"])
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.grad_accum = 2, 4, 1
+    cfg.train.lr, cfg.train.warmup_steps, cfg.train.weight_decay = 2e-2, 1, 0.01
+    for key, value in train.items():
+        setattr(cfg.train, key, value)
+    return cfg
+
+
+def train(model_dir, rows, valid, cfg, run_dir, on_event=None, resume=None):
+    from torch_backend.backend import TorchBackend
+
+    events: list[dict] = []
+
+    def record(event):
+        events.append(event)
+        if on_event:
+            on_event(event)
+
+    backend = TorchBackend()
+    loaded = backend.load(model_dir, None, cfg)
+    outcome = backend.train(loaded, rows, valid, cfg, run_dir, record, resume=resume)
+    return outcome, events, backend, loaded
+
+
+def adapter_tensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, qwen_tokenizer_dir) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), qwen_tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def tok(tiny):
+    return ChatTokenizer.from_dir(tiny)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny, tok, tmp_path_factory):
+    """One 3-epoch run shared by several tests."""
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = make_cfg(epochs=3)
+    outcome, events, backend, loaded = train(tiny, chat_rows(tok, 12), chat_rows(tok, 4, question="VPN 連線"), cfg,
+                                             run_dir)
+    return {"run_dir": run_dir, "cfg": cfg, "outcome": outcome, "events": events, "backend": backend,
+            "loaded": loaded}
+
+
+def test_loss_falls_and_events_follow_the_schema(trained):
+    events, outcome = trained["events"], trained["outcome"]
+    for event in events:
+        assert set(event) == SCHEMA[event["type"]], event
+    assert events[0]["type"] == "start" and events[-1]["type"] == "done"
+    steps = [e for e in events if e["type"] == "step"]
+    assert [e["step"] for e in steps] == list(range(1, 10)) and outcome.steps == 9
+    assert outcome.stopped == "completed"
+    first, last = sum(e["loss"] for e in steps[:3]) / 3, sum(e["loss"] for e in steps[-3:]) / 3
+    assert last < first - 0.05, (first, last)
+    evals = [e["eval_loss"] for e in events if e["type"] == "eval"]
+    assert len(evals) == 3 and evals[-1] < evals[0]
+    assert all(s["supervised_tokens"] < s["tokens"] for s in steps)  # the prompt is not trained on
+    assert (trained["run_dir"] / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("lora", [
+    LoraConfig(rank=4, targets=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    LoraConfig(rank=8, targets=["all-linear"], num_layers=1),
+    LoraConfig(rank=2, targets=["q_proj", "v_proj"], dora=True),
+    LoraConfig(rank=4, targets=["o_proj", "down_proj"], rslora=True, num_layers=2),
+])
+def test_trainable_parameter_count_is_exact(tiny, lora):
+    from transformers import AutoModelForCausalLM
+
+    from torch_backend.lora import attach
+
+    model = attach(AutoModelForCausalLM.from_pretrained(tiny), lora)
+    h, kv, inter = 64, 2 * 16, 128  # hidden, kv heads × head_dim, intermediate
+    shapes = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h), "gate_proj": (h, inter),
+              "up_proj": (h, inter), "down_proj": (inter, h)}
+    targets = list(shapes) if lora.targets == ["all-linear"] else lora.targets
+    per_layer = sum(lora.rank * (shapes[t][0] + shapes[t][1]) + (shapes[t][1] if lora.dora else 0) for t in targets)
+    expected = per_layer * (lora.num_layers or 2)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
+    layers = {int(n.split(".layers.")[1].split(".")[0]) for n, p in model.named_parameters() if p.requires_grad}
+    assert layers == set(range(2 - (lora.num_layers or 2), 2))
+
+
+def test_start_event_counts_trainable_params(trained):
+    start = trained["events"][0]
+    assert start["trainable_params"] == 2 * 4 * ((64 + 64) * 2 + (64 + 32) * 2)
+    assert start["total_params"] > start["trainable_params"]
+
+
+def _lora_grads(model, ids, mask):
+    from torch_backend.trainer import MaskedLMLoss
+
+    model.zero_grad(set_to_none=True)
+    MaskedLMLoss(model.get_base_model())(torch.tensor([ids]), torch.tensor([mask])).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_masked_positions_contribute_no_gradient(tiny, tok):
+    from transformers import AutoModelForCausalLM
+
+    from torch_backend.lora import attach
+
+    torch.manual_seed(1)
+    model = attach(AutoModelForCausalLM.from_pretrained(tiny), make_cfg().lora)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero, which would leave every A-gradient zero and the test blind
+            torch.nn.init.normal_(param, std=0.5)
+    row = chat_rows(tok, 1)[0]
+    tail = [1234, 5678, 91011, 1213]  # masked tokens after the answer: neither inputs nor targets may matter
+    ids, mask = row.ids + tail, row.mask + [0] * len(tail)
+    base = _lora_grads(model, ids, mask)
+    changed = _lora_grads(model, row.ids + [4321, 8765, 1011, 1312], mask)
+    assert all(torch.equal(base[n], changed[n]) for n in base)
+    # The same gradient as the textbook loss: full logits, labels -100 where the mask is 0.
+    model.zero_grad(set_to_none=True)
+    labels = torch.tensor([[t if m else -100 for t, m in zip(ids, mask)]])
+    logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
+    torch.nn.functional.cross_entropy(logits, labels[0, 1:], reduction="sum").backward()
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert torch.allclose(param.grad, base[name], atol=1e-5, rtol=1e-4), name
+    # The check can fail: supervising one of the tail tokens changes the gradient.
+    unmasked = _lora_grads(model, ids, row.mask + [0, 1, 0, 0])
+    assert any(not torch.allclose(base[n], unmasked[n]) for n in base)
+
+
+def test_resumed_run_equals_uninterrupted_run(tiny, tok, tmp_path):
+    rows, valid = chat_rows(tok, 12), chat_rows(tok, 4, question="VPN 連線")
+    cfg = make_cfg(epochs=2, batch_size=2, grad_accum=2)
+    cfg.lora.dropout = 0.1  # dropout draws random numbers: the RNG state must be restored too
+    whole, whole_events, *_ = train(tiny, rows, valid, cfg, tmp_path / "whole")
+
+    def interrupt(event):
+        if event["type"] == "step" and event["step"] == 4:  # mid-epoch 2
+            raise KeyboardInterrupt
+
+    first, first_events, *_ = train(tiny, rows, valid, cfg, tmp_path / "cut", on_event=interrupt)
+    assert first.stopped == "interrupted" and first.steps == 4
+    assert (tmp_path / "cut" / "checkpoints" / "step-4").is_dir()
+    resumed, resumed_events, *_ = train(tiny, rows, valid, cfg, tmp_path / "cut",
+                                        resume=tmp_path / "cut" / "checkpoints" / "step-4")
+    assert resumed.stopped == "completed" and resumed.steps == whole.steps == 6
+    assert [e["step"] for e in resumed_events if e["type"] == "step"] == [5, 6]
+    for sub in ("adapter", "checkpoints/step-6/adapter"):
+        a, b = adapter_tensors(tmp_path / "whole" / sub), adapter_tensors(tmp_path / "cut" / sub)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
+    losses = lambda evs: [e["loss"] for e in evs if e["type"] == "step"]  # noqa: E731
+    assert losses(first_events) + losses(resumed_events) == losses(whole_events)
+    assert resumed.best_eval_loss == whole.best_eval_loss
+
+
+def test_early_stopping_keeps_the_best_adapter(tiny, tok, tmp_path):
+    from torch_backend.trainer import MaskedLMLoss
+
+    # Valid asks the same questions with another answer: learning the train answer makes valid worse.
+    rows = chat_rows(tok, 8, answer="答案是甲甲甲甲甲甲")
+    valid = chat_rows(tok, 4, answer="回覆為乙乙乙乙乙乙")
+    cfg = make_cfg(epochs=30, batch_size=4, lr=5e-2, eval_every=1, early_stopping_patience=2, warmup_steps=0)
+    cfg.lora.targets = ["all-linear"]
+    outcome, events, backend, loaded = train(tiny, rows, valid, cfg, tmp_path / "run")
+    evals = [e for e in events if e["type"] == "eval"]
+    assert outcome.stopped == "early_stopped" and outcome.steps < 60
+    assert [e["best"] for e in evals[-2:]] == [False, False]
+    assert outcome.best_eval_loss == min(e["eval_loss"] for e in evals)
+    # adapter/ is the best one, not the last: reloaded, it scores the best eval loss again.
+    reloaded = backend.load(tiny, tmp_path / "run", cfg).model
+    loss_fn = MaskedLMLoss(reloaded.get_base_model())
+    with torch.no_grad():
+        total = sum(loss_fn(torch.tensor([r.ids]), torch.tensor([r.mask])).item() for r in valid)
+    assert math.isclose(total / sum(sum(r.mask[1:]) for r in valid), outcome.best_eval_loss, rel_tol=1e-4)
+
+
+def test_adapter_loads_in_plain_peft_with_identical_logits(trained, tiny, tok):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny), str(trained["run_dir"] / "adapter"))
+    plain.eval()
+    ids = torch.tensor([tok.prompt_ids([{"role": "user", "content": "VPN 怎麼連 3?"}])])
+    with torch.no_grad():
+        ours = trained["loaded"].model(input_ids=ids).logits
+        theirs = plain(input_ids=ids).logits
+    assert torch.equal(ours, theirs)
+    config = json.loads((trained["run_dir"] / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 8.0 and config["peft_type"] == "LORA"
+
+
+@pytest.fixture(scope="module")
+def lively(tmp_path_factory, qwen_tokenizer_dir):
+    """A random model with large weights, so greedy output varies from token to token."""
+    from torch_backend.backend import TorchBackend
+
+    path = build_tiny_model(tmp_path_factory.mktemp("lively"), qwen_tokenizer_dir, seed=3, init=0.3)
+    backend = TorchBackend()
+    return backend, backend.load(path, None, Config())
+
+
+def _prompts(tok):
+    questions = ["VPN?", "我在家要怎麼連回公司網路,請詳細說明步驟?", "請假", "badge 不見了要 report 給誰?"]
+    return [tok.prompt_ids([{"role": "user", "content": q}], "你是助理") for q in questions]
+
+
+def test_batched_greedy_generation_equals_unbatched(lively, tok):
+    backend, loaded = lively
+    prompts, stops = _prompts(tok), tok.stop_ids()
+    streamed: list[tuple[int, int]] = []
+    batched = backend.generate(loaded, prompts, GenerateConfig(max_new_tokens=12, batch_size=4), stops,
+                               on_token=lambda i, t: streamed.append((i, t)))
+    single = backend.generate(loaded, prompts, GenerateConfig(max_new_tokens=12, batch_size=1), stops)
+    assert batched == single
+    assert any(len(set(out)) > 3 for out in batched)  # the outputs are not one repeated token
+    assert [[t for i, t in streamed if i == k] for k in range(len(prompts))] == batched
+    # And the KV-cache loop agrees with transformers' own greedy search.
+    for prompt, ours in zip(prompts, single):
+        out = loaded.model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt),
+                                    dtype=torch.long), max_new_tokens=12, do_sample=False, eos_token_id=stops,
+                                    pad_token_id=151643)
+        hf = out[0, len(prompt):].tolist()
+        assert hf[:len(ours)] == ours and (len(ours) == 12 or hf[len(ours)] in stops)
+
+
+def test_sampling_options(lively, tok, trained):
+    backend, loaded = lively
+    prompts, stops = _prompts(tok), tok.stop_ids()
+    greedy = backend.generate(loaded, prompts, GenerateConfig(max_new_tokens=8), stops)
+    nucleus = backend.generate(loaded, prompts, GenerateConfig(max_new_tokens=8, temperature=1.0, top_p=1e-9), stops)
+    assert nucleus == greedy  # top-p that keeps only the top token is greedy
+    hot = GenerateConfig(max_new_tokens=8, temperature=5.0, top_p=1.0)
+    assert backend.generate(loaded, prompts, hot, stops) == backend.generate(loaded, prompts, hot, stops)  # seeded
+    assert backend.generate(loaded, prompts, hot, stops) != greedy
+    # The barely trained model repeats one token; a strong repetition penalty forbids that.
+    t_backend, t_loaded = trained["backend"], trained["loaded"]
+    plain = t_backend.generate(t_loaded, prompts[:1], GenerateConfig(max_new_tokens=6), [])[0]
+    penalised = t_backend.generate(t_loaded, prompts[:1], GenerateConfig(max_new_tokens=6, repetition_penalty=1e6),
+                                   [])[0]
+    assert len(set(plain)) < len(plain) and len(set(penalised)) == len(penalised)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tok, tmp_path):
+    cfg = make_cfg(epochs=4, lr=1e30, eval_every=1, warmup_steps=0)
+    outcome, events, *_ = train(tiny, chat_rows(tok, 8), chat_rows(tok, 4), cfg, tmp_path / "run")
+    assert outcome.stopped == "non_finite"
+    warnings = [e["message"] for e in events if e["type"] == "warning"]
+    assert warnings and "not finite" in warnings[0]
+    kept = sorted(int(p.name[5:]) for p in (tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert kept and kept[-1] == outcome.steps  # the last checkpoint is the last good step, none after it
+    assert all(math.isfinite(e["loss"]) for e in events if e["type"] == "step")
+
+
+def test_fuse_writes_a_folder_transformers_loads(trained, tiny, tok, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from torch_backend.merge import fuse
+
+    out = fuse(tiny, trained["run_dir"], tmp_path / "fused")
+    config = json.loads((out / "config.json").read_text())
+    assert config["rope_theta"] == 10000.0
+    assert (out / "tokenizer.json").is_file() and (out / "chat_template.jinja").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.tensor([tok.prompt_ids([{"role": "user", "content": "VPN 怎麼連 1?"}])])
+    with torch.no_grad():
+        diff = (merged(input_ids=ids).logits - trained["loaded"].model(input_ids=ids).logits).abs().max()
+    assert diff < 1e-4
+    assert ChatTokenizer.from_dir(out).prompt_ids([{"role": "user", "content": "hi"}]) == tok.prompt_ids(
+        [{"role": "user", "content": "hi"}])

@@ -1,0 +1,1 @@
+"""The PyTorch + PEFT backend: the only package that imports torch, transformers and peft."""
