@@ -20,7 +20,7 @@ class Neighbour:
 
 @dataclass
 class RouteDecision:
-    kind: str  # "retrieve" (confidence ≥ high) | "refuse" (score < low) | "model" (otherwise)
+    kind: str  # "refuse" (score < low) | "retrieve" (else confidence ≥ high) | "model" (otherwise)
     score: float  # similarity of the nearest neighbour of any label
     neighbour: Neighbour  # the nearest neighbour carrying `label`
     label: str  # the label the k nearest neighbours vote for
@@ -44,8 +44,9 @@ class SemanticRoute:
     Each neighbour votes for its label (a doc, or REFUSAL for a known unanswerable question) with its
     similarity; `confidence` is the winning label's share of the vote. On the sample valid split this share
     separates right from wrong retrievals far better than the top similarity (ROC AUC 0.83 vs 0.70).
-      - confidence ≥ high → the winning label's answer (the KB answer, or the refusal);
-      - else nearest similarity < low → the question resembles nothing known: refuse;
+      - nearest similarity < low → the question resembles nothing known: refuse (even when its far-away
+        neighbours happen to agree);
+      - else confidence ≥ high → the winning label's answer (the KB answer, or the refusal);
       - else the model answers.
     high is a share (0–1); low is in the scorer's units (cosine 0–1 for embedders).
     """
@@ -82,7 +83,7 @@ class SemanticRoute:
     def decide(self, questions: Sequence[str]) -> list[RouteDecision]:
         out = self.vote(questions)
         for d in out:
-            d.kind = "retrieve" if d.confidence >= self.high else "refuse" if d.score < self.low else "model"
+            d.kind = "refuse" if d.score < self.low else "retrieve" if d.confidence >= self.high else "model"
         return out
 
     def describe(self) -> dict:
@@ -97,34 +98,33 @@ def _midpoint(values: np.ndarray, k: int) -> float:
 
 def calibrate(confidence: Sequence[float], correct: Sequence[bool], scores: Sequence[float],
               answerable: Sequence[bool], precision: float = 0.95) -> dict:
-    """Pick (high, low) on the valid split from the route's vote for each valid question.
+    """Pick (low, high) on the valid split from the route's vote for each valid question.
 
-    For every valid row we know the vote's confidence, whether its label is the right one (`correct`: the
-    expected doc, or REFUSAL for an unanswerable question), the nearest similarity, and whether it is answerable.
-      - high = the lowest confidence t such that, of the valid rows with confidence ≥ t, at least `precision`
-        get the right answer from the vote: the route answers alone only where that was reliable.
-        None reaches it → 1.01 (never retrieve: always ask the model).
-      - low = the highest similarity t such that, of the valid rows not retrieved and scoring < t, at least
-        `precision` are unanswerable: refusing there is right that often. None → 0 (the route never refuses).
+    For every valid row we know the nearest similarity, the vote's confidence, whether the voted label is the
+    right one (`correct`: the expected doc, or REFUSAL for an unanswerable question) and whether the question
+    is answerable at all.
+      - low = the highest similarity t such that, of the valid rows scoring < t, at least `precision` are
+        unanswerable: refusing there is right that often. None → 0 (the route never refuses).
+      - high = among the rows left (score ≥ low), the lowest confidence t such that, of those with
+        confidence ≥ t, at least `precision` get the right answer from the vote: the route answers alone
+        only where that was reliable. None → 1.01 (never retrieve: always ask the model).
     Each threshold sits midway between the two valid values it separates, so unseen values between them
     are not decided by a tie.
     """
     conf, s = np.asarray(confidence, dtype=float), np.asarray(scores, dtype=float)
     ok, ans = np.asarray(correct, dtype=bool), np.asarray(answerable, dtype=bool)
-    levels = np.unique(conf)
-    high = 1.01
-    for k, t in enumerate(levels):
-        if ok[conf >= t].mean() >= precision:
-            high = _midpoint(levels, k)
-            break
-    rest = conf < high
-    low, values = 0.0, np.unique(s[rest])
-    for k in range(len(values) - 1, 0, -1):  # refuse the remaining rows scoring below values[k]
-        below = rest & (s < values[k])
-        if (~ans[below]).mean() >= precision:
+    low, values = 0.0, np.unique(s)
+    for k in range(len(values) - 1, 0, -1):  # refuse the rows scoring below values[k]
+        if (~ans[s < values[k]]).mean() >= precision:
             low = _midpoint(values, k)
             break
-    retrieved, refused = conf >= high, rest & (s < low)
+    kept = s >= low
+    high, levels = 1.01, np.unique(conf[kept])
+    for k, t in enumerate(levels):
+        if ok[kept & (conf >= t)].mean() >= precision:
+            high = _midpoint(levels, k)
+            break
+    retrieved, refused = kept & (conf >= high), ~kept
     return {
         "high": round(high, 4), "low": round(low, 4), "precision_target": precision, "valid_rows": len(s),
         "retrieved": int(retrieved.sum()), "refused": int(refused.sum()),

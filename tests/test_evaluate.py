@@ -1,0 +1,184 @@
+"""Report math and shape on hand-made rows, the orchestration without a model, and batched greedy generation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mlx_lora.config import Config, DataConfig
+from mlx_lora.errors import UserError
+from mlx_lora.evaluate import (BUCKETS, aggregate, bucket, build_report, confused_pairs, parse_threshold,
+                               score_rows, worst, write_report)
+from mlx_lora.evaluate_run import doc_answers, evaluate_run, generate_answers, refusal_text
+from mlx_lora.formats import Example, read_examples
+from mlx_lora.rules import Decision
+from mlx_lora.similarity import REFUSAL, CharScorer, answer_index
+
+
+def row(sim, expected="vpn", predicted="vpn", source="MODEL_GENERATED", char=None, question="q"):
+    answerable = expected != REFUSAL
+    return {"question": question, "expected": "e", "generated": "g", "expected_doc": expected,
+            "answerable": answerable, "similarity": sim, "char": sim if char is None else char,
+            "bucket": bucket(sim), "predicted_doc": predicted, "predicted_score": sim,
+            "refused": predicted == REFUSAL, "source": source, "detail": {}}
+
+
+def test_thresholds_presets_numbers_and_errors():
+    assert parse_threshold("faq") == ("faq", 85.0)
+    assert parse_threshold("Chatbot") == ("chatbot", 80.0)
+    assert parse_threshold("critical") == ("critical", 90.0)
+    assert parse_threshold(72.5) == ("72.5", 72.5)
+    for bad in ("strict", "101", "-1"):
+        with pytest.raises(UserError):
+            parse_threshold(bad)
+
+
+def test_bucket_edges():
+    assert [bucket(s) for s in (100, 85, 84.9, 70, 69.9, 50, 49.9, 0)] == \
+        ["≥85", "≥85", "70–84", "70–84", "50–69", "50–69", "<50", "<50"]
+
+
+def test_aggregate_math_on_hand_made_rows():
+    rows = [row(100), row(90, "leave", "leave"), row(72, "leave", "vpn"), row(55, "badge", REFUSAL),
+            row(10, REFUSAL, "vpn"), row(95, REFUSAL, REFUSAL, source="REFUSAL")]
+    agg = aggregate(rows, threshold=85)
+    assert agg["rows"] == 6
+    assert agg["mean_similarity"] == pytest.approx(round((100 + 90 + 72 + 55 + 10 + 95) / 6, 1))
+    assert (agg["min_similarity"], agg["max_similarity"]) == (10, 100)
+    assert agg["buckets"] == {"≥85": 3, "70–84": 1, "50–69": 1, "<50": 1}
+    assert agg["pass_rate"] == 50.0  # 3 of 6 rows ≥ 85
+    assert agg["passed"] is False  # mean 70.3 < 85
+    assert agg["topic_accuracy"] == 50.0  # answerable: vpn ok, leave ok, leave→vpn, badge→refusal
+    assert agg["answerable_refused"] == 25.0
+    assert agg["refusal_accuracy"] == 50.0  # unanswerable: one answered vpn, one refused
+    assert agg["sources"] == {"MODEL_GENERATED": 5, "REFUSAL": 1}
+    assert aggregate(rows, threshold=60)["passed"] is True
+
+
+def test_aggregate_without_unanswerable_rows_reports_none():
+    agg = aggregate([row(80)], 85)
+    assert agg["refusal_accuracy"] is None and agg["topic_accuracy"] == 100.0
+
+
+def test_confused_pairs_and_worst():
+    rows = [row(10, "a", "b", question="q1"), row(20, "a", "b", question="q2"), row(30, "c", REFUSAL),
+            row(99, "a", "a")]
+    pairs = confused_pairs(rows)
+    assert pairs[0] == {"expected": "a", "predicted": "b", "count": 2, "questions": ["q1", "q2"]}
+    assert pairs[1]["predicted"] == REFUSAL and len(pairs) == 2
+    assert [r["similarity"] for r in worst(rows, 2)] == [10, 20]
+
+
+def test_report_shape_and_files(tmp_path):
+    variants = {"retrieval": [row(90), row(40, REFUSAL, "vpn")], "tuned": [row(60), row(95, REFUSAL, REFUSAL)],
+                "base": [row(20), row(20, REFUSAL, "vpn")]}
+    measure = {"name": "char", "description": "chrF", "fallback": None, "char": "chrF"}
+    report = build_report(variants, "chatbot", measure, worst_n=1)
+    assert list(report["summary"]) == ["base", "tuned", "retrieval"]  # canonical order
+    for figures in report["summary"].values():
+        assert {"mean_similarity", "refusal_accuracy", "topic_accuracy"} <= set(figures)
+    assert report["summary"]["tuned"]["mean_similarity"] == 77.5
+    assert report["summary"]["tuned"]["refusal_accuracy"] == 100.0
+    assert report["threshold"] == {"name": "chatbot", "percent": 80.0}
+    assert len(report["variants"]["tuned"]["worst"]) == 1
+    write_report(report, tmp_path)
+    assert json.loads((tmp_path / "report.json").read_text())["summary"]["base"]["mean_similarity"] == 20.0
+    md = (tmp_path / "report.md").read_text()
+    assert "| tuned | 2 | 77.5 |" in md and "chrF" in md
+    assert "<svg" in (tmp_path / "report.html").read_text()
+
+
+def chat(question, answer, doc_id):
+    return Example([{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
+                   meta={"doc_id": doc_id, "answerable": doc_id is not None})
+
+
+def test_score_rows_fields_and_sources():
+    answers = {"vpn": "VPN:下載 client,以 SSO 登入。", "leave": "請假須於三天前在 HR 系統申請。"}
+    refusal = "抱歉,知識庫沒有這個資訊。"
+    char = CharScorer()
+    index = answer_index(char, answers, refusal)
+    examples = [chat("VPN?", answers["vpn"], "vpn"), chat("天氣?", refusal, None)]
+    generated = [answers["vpn"], Decision(answers["leave"], "RULE_OVERRIDE", {"rule": "x"})]
+    rows = score_rows(examples, generated, char, index)
+    assert rows[0]["similarity"] == 100.0 and rows[0]["bucket"] == BUCKETS[0]
+    assert rows[0]["source"] == "MODEL_GENERATED" and rows[0]["predicted_doc"] == "vpn"
+    assert rows[1]["expected_doc"] == REFUSAL and not rows[1]["answerable"]
+    assert rows[1]["source"] == "RULE_OVERRIDE" and rows[1]["detail"] == {"rule": "x"}
+    assert rows[1]["predicted_doc"] == "leave" and rows[1]["refused"] is False
+    assert rows[1]["similarity"] < 50
+
+
+@pytest.fixture()
+def tiny_splits(tmp_path, tiny_kb, tiny_questions):
+    from mlx_lora.dataset import build_splits, write_splits
+    from mlx_lora.kb import load_kb
+    from mlx_lora.questions import load_questions
+
+    kb = load_kb(tiny_kb)
+    cfg = DataConfig(valid_fraction=0.2, test_fraction=0.2)
+    write_splits(build_splits(kb, load_questions(tiny_questions, kb), cfg), tmp_path / "d", cfg)
+    return tmp_path / "d", kb
+
+
+def test_evaluate_run_with_given_answers_writes_report_and_audit(tmp_path, tiny_kb, tiny_splits):
+    data, kb = tiny_splits
+    test = read_examples(data / "test.jsonl")
+    cfg = Config()
+    cfg.eval.embedder = "char"
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules:\n  - id: vpn\n    doc_id: vpn\n    keywords: [VPN]\n", encoding="utf-8")
+    canonical = doc_answers(kb, test, cfg.data.answer_prefix)
+    refusal = refusal_text(test, cfg)
+    tuned = [e.answer for e in test]  # a perfect "model"
+    base = ["我不知道。"] * len(test)
+    report = evaluate_run(cfg, None, "unused-adapter", data / "test.jsonl", data / "valid.jsonl",
+                          data / "train.jsonl", tiny_kb, tmp_path / "out", rules_path=str(rules),
+                          answers={"tuned": tuned, "base": base}, progress=False)
+    summary = report["summary"]
+    assert list(summary) == ["base", "tuned", "tuned_rules", "retrieval"]
+    assert summary["tuned"]["mean_similarity"] == 100.0 and summary["tuned"]["topic_accuracy"] == 100.0
+    assert summary["tuned"]["refusal_accuracy"] == 100.0
+    assert summary["base"]["topic_accuracy"] == 0.0
+    assert report["measure"]["name"] == "char"
+    assert report["meta"]["refusal"] == refusal and set(canonical) == set(kb)
+    audit = [json.loads(line) for line in (tmp_path / "out" / "audit.jsonl").read_text().splitlines()]
+    assert len(audit) == len(test) and all(a["variant"] == "tuned_rules" for a in audit)
+    assert {a["source"] for a in audit} <= {"RULE_OVERRIDE", "KB_RETRIEVAL", "KB_MATCH", "REFUSAL", "MODEL_GENERATED"}
+    assert (tmp_path / "out" / "report.md").is_file() and (tmp_path / "out" / "report.html").is_file()
+
+
+def test_evaluate_run_needs_an_adapter_for_tuned(tmp_path, tiny_kb, tiny_splits):
+    data, _ = tiny_splits
+    with pytest.raises(UserError, match="adapter"):
+        evaluate_run(Config(), None, None, data / "test.jsonl", None, None, tiny_kb, tmp_path,
+                     variants=("tuned",), progress=False)
+
+
+class FakeBackend:
+    """Returns each prompt's length as its 'answer' tokens, recording the batches and the generation config."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.calls = tokenizer, []
+
+    def generate(self, loaded, prompts, cfg, stop_ids, on_token=None):
+        self.calls.append(([len(p) for p in prompts], cfg.temperature, list(stop_ids)))
+        return [self.tokenizer.encode(f"len {len(p)}") for p in prompts]
+
+
+def test_generate_answers_batches_by_length_greedy_and_keeps_order(qwen_tokenizer_dir):
+    from mlx_lora.render import ChatTokenizer
+
+    tok = ChatTokenizer.from_dir(qwen_tokenizer_dir)
+    examples = [chat("短", "a", None), chat("這是一個比較長的問題，需要更多的 token 來表示它的內容", "a", None),
+                chat("中等長度的問題", "a", None)]
+    cfg = Config()
+    cfg.generate.batch_size = 2
+    cfg.generate.temperature = 0.7  # evaluation must ignore it
+    backend = FakeBackend(tok)
+    answers = generate_answers(backend, None, tok, examples, cfg, system_prompt="你是助理。")
+    lengths = [len(tok.prompt_ids(e.prompt_messages(), "你是助理。")) for e in examples]
+    assert answers == [f"len {n}" for n in lengths]
+    assert [c[0] for c in backend.calls] == [sorted(lengths)[:2], sorted(lengths)[2:]]
+    assert all(c[1] == 0.0 for c in backend.calls) and backend.calls[0][2] == tok.stop_ids()
