@@ -15,6 +15,7 @@ from .textnorm import compact
 
 _CLAUSE = re.compile(r"[，。；;！？!?]")  # not ":" (9:30) nor "、" (lists)
 _LEADING = "並且或再"
+_NOUNS = ("請假", "請款", "請購", "請問", "請示", "請求")
 PROPOSAL_HEADER = """\
 # Extra training questions proposed by `mlx-lora diagnose` for the weakest topics.
 # They are machine-made drafts from the KB text: read them, fix or delete any that sound wrong,
@@ -47,7 +48,7 @@ def _clauses(text: str) -> list[str]:
 def _as_question(clause: str) -> str:
     """A KB statement clause as a yes/no question; an instruction ("請…") becomes "需要…嗎？"."""
     clause = clause.rstrip("。.").lstrip(_LEADING)
-    if clause.startswith("請"):
+    if clause.startswith("請") and not clause.startswith(_NOUNS):  # 請假 is a noun, 請攜帶 an instruction
         clause = "需要" + clause[1:].lstrip("於在")
     return f"{clause}嗎？"
 

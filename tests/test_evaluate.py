@@ -182,3 +182,88 @@ def test_generate_answers_batches_by_length_greedy_and_keeps_order(qwen_tokenize
     assert answers == [f"len {n}" for n in lengths]
     assert [c[0] for c in backend.calls] == [sorted(lengths)[:2], sorted(lengths)[2:]]
     assert all(c[1] == 0.0 for c in backend.calls) and backend.calls[0][2] == tok.stop_ids()
+
+
+def test_evaluate_run_end_to_end_with_a_tiny_torch_model(tmp_path, tiny_kb, tiny_splits, qwen_tokenizer_dir):
+    """Real orchestration: train 2 steps on a tiny random Qwen2, then base vs tuned vs tuned_rules vs retrieval."""
+    import shutil
+
+    torch = pytest.importorskip("torch")
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from mlx_lora.training import train_run
+
+    torch.set_num_threads(1)
+    data, _ = tiny_splits
+    model_dir = tmp_path / "model"
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=151669, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                 max_position_embeddings=256, eos_token_id=151645, pad_token_id=151643)
+                     ).save_pretrained(model_dir)
+    for f in qwen_tokenizer_dir.iterdir():
+        shutil.copy(f, model_dir / f.name)
+    cfg = Config()
+    cfg.model.path, cfg.backend.name = str(model_dir), "torch"
+    cfg.train.max_steps, cfg.train.batch_size, cfg.train.grad_accum, cfg.lora.rank = 2, 4, 1, 4
+    cfg.generate.max_new_tokens, cfg.eval.embedder = 4, "char"
+    train_run(cfg, data, tmp_path / "run", progress=False)
+    report = evaluate_run(cfg, None, tmp_path / "run", data / "test.jsonl", data / "valid.jsonl",
+                          data / "train.jsonl", tiny_kb, tmp_path / "eval", rules_path=None, progress=False)
+    test_rows = len(read_examples(data / "test.jsonl"))
+    assert list(report["summary"]) == ["base", "tuned", "tuned_rules", "retrieval"]
+    assert all(report["summary"][v]["rows"] == test_rows for v in report["summary"])
+    assert report["meta"]["timings"]["tuned_generate_s"] > 0 and report["meta"]["adapter"].endswith("run")
+    assert (tmp_path / "eval" / "audit.jsonl").read_text().count("\n") == test_rows
+
+
+def test_eval_and_diagnose_commands_without_a_model(tmp_path, tiny_kb, tiny_splits, capsys):
+    import yaml
+
+    from mlx_lora.cli import main
+    from mlx_lora.dataset import load_extra_questions
+    from mlx_lora.kb import load_kb
+
+    data, _ = tiny_splits
+    out = tmp_path / "eval"
+    main(["eval", "--data", str(data / "test.jsonl"), "--kb", str(tiny_kb), "--variants", "retrieval",
+          "--embedder", "char", "--rules", "none", "--threshold", "99", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "retrieval" in printed and "report:" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["threshold"]["percent"] == 99.0 and report["meta"]["train"].endswith("train.jsonl")
+    main(["diagnose", "--report", str(out / "report.json"), "--kb", str(tiny_kb), "--threshold", "99",
+          "--out", str(tmp_path / "diag")])
+    assert "proposal:" in capsys.readouterr().out
+    result = json.loads((tmp_path / "diag" / "diagnose.json").read_text())
+    assert result["variant"] == "retrieval" and result["topics"]
+    proposal_path = tmp_path / "diag" / "proposal.yaml"
+    proposal = yaml.safe_load(proposal_path.read_text())
+    train_questions = {e.question for e in read_examples(data / "train.jsonl")}
+    assert proposal and all(q not in train_questions for qs in proposal.values() for q in qs)
+    assert load_extra_questions(proposal_path, load_kb(tiny_kb)) == proposal
+    with pytest.raises(SystemExit):
+        main(["eval", "--data", str(data / "test.jsonl"), "--kb", str(tiny_kb), "--variants", "bogus",
+              "--out", str(out)])
+    assert "unknown 'bogus'" in capsys.readouterr().err
+
+
+def test_diagnose_ranks_weak_topics_and_drafts_new_questions():
+    from mlx_lora.diagnose import diagnose, draft_questions
+    from mlx_lora.kb import Doc
+
+    rows = [row(95, "vpn", "vpn", question="VPN?"), row(30, "leave", "vpn", question="請假?"),
+            row(40, "leave", REFUSAL, question="休假?"), row(90, REFUSAL, REFUSAL, question="天氣?")]
+    kb = {"vpn": Doc("vpn", "VPN 設定：下載 client，以 SSO 登入。", ""),
+          "leave": Doc("leave", "請假須於三天前在 HR 系統申請，並經主管核准。", "")}
+    result = diagnose(rows, kb, train_questions=["leave 的規定是什麼？"], threshold=85)
+    assert [t["doc_id"] for t in result["topics"]] == ["leave", REFUSAL, "vpn"]  # weakest first
+    leave = result["topics"][0]
+    assert leave == {"doc_id": "leave", "rows": 2, "mean_similarity": 35.0, "topic_accuracy": 0.0, "weak": True,
+                     "answered_as": [REFUSAL, "vpn"]}
+    assert [w["question"] for w in result["weak_questions"]] == ["請假?", "休假?"]
+    assert list(result["proposal"]) == ["leave"]  # only weak, answerable topics
+    assert "leave 的規定是什麼？" not in result["proposal"]["leave"]  # already in train
+    assert "需要假須於三天前在 HR 系統申請嗎？" not in result["proposal"]["leave"]
+    assert "請假須於三天前在 HR 系統申請嗎？" in result["proposal"]["leave"]
+    assert draft_questions("vpn", kb["vpn"].text)[:2] == ["vpn 的規定是什麼？", "VPN 設定要怎麼處理？"]
