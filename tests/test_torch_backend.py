@@ -187,23 +187,23 @@ def test_masked_positions_contribute_no_gradient(tiny, tok):
 
 
 def test_resumed_run_equals_uninterrupted_run(tiny, tok, tmp_path):
-    rows, valid = chat_rows(tok, 12), chat_rows(tok, 4, question="VPN 連線")
-    cfg = make_cfg(epochs=2, batch_size=2, grad_accum=2)
+    rows, valid = chat_rows(tok, 8), chat_rows(tok, 4, question="VPN 連線")
+    cfg = make_cfg(epochs=2, batch_size=2, grad_accum=2)  # 2 steps per epoch
     cfg.lora.dropout = 0.1  # dropout draws random numbers: the RNG state must be restored too
     whole, whole_events, *_ = train(tiny, rows, valid, cfg, tmp_path / "whole")
 
     def interrupt(event):
-        if event["type"] == "step" and event["step"] == 4:  # mid-epoch 2
+        if event["type"] == "step" and event["step"] == 3:  # mid-epoch 2
             raise KeyboardInterrupt
 
     first, first_events, *_ = train(tiny, rows, valid, cfg, tmp_path / "cut", on_event=interrupt)
-    assert first.stopped == "interrupted" and first.steps == 4
-    assert (tmp_path / "cut" / "checkpoints" / "step-4").is_dir()
+    assert first.stopped == "interrupted" and first.steps == 3
+    assert (tmp_path / "cut" / "checkpoints" / "step-3").is_dir()
     resumed, resumed_events, *_ = train(tiny, rows, valid, cfg, tmp_path / "cut",
-                                        resume=tmp_path / "cut" / "checkpoints" / "step-4")
-    assert resumed.stopped == "completed" and resumed.steps == whole.steps == 6
-    assert [e["step"] for e in resumed_events if e["type"] == "step"] == [5, 6]
-    for sub in ("adapter", "checkpoints/step-6/adapter"):
+                                        resume=tmp_path / "cut" / "checkpoints" / "step-3")
+    assert resumed.stopped == "completed" and resumed.steps == whole.steps == 4
+    assert [e["step"] for e in resumed_events if e["type"] == "step"] == [4]
+    for sub in ("adapter", "checkpoints/step-4/adapter"):
         a, b = adapter_tensors(tmp_path / "whole" / sub), adapter_tensors(tmp_path / "cut" / sub)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
     losses = lambda evs: [e["loss"] for e in evs if e["type"] == "step"]  # noqa: E731
