@@ -225,8 +225,8 @@ def finish(run_dir: str | Path, outcome) -> dict:
         "train_loss_first": steps[0]["loss"] if steps else None,
         "train_loss_last": steps[-1]["loss"] if steps else None,
         "eval_losses": [{"step": e["step"], "eval_loss": e["eval_loss"]} for e in evals],
-        "median_tokens_per_s": statistics.median(speeds) if speeds else None,
-        "median_supervised_tokens_per_s": statistics.median(sup_speeds) if sup_speeds else None,
+        "tokens_per_s": statistics.median(speeds) if speeds else None,  # medians over steps
+        "supervised_tokens_per_s": statistics.median(sup_speeds) if sup_speeds else None,
         "grad_norm": {"median": statistics.median(norms), "max": max(norms)} if norms else None,
         "peak_memory_mb": max(_finite(e.get("memory_mb") for e in steps), default=None),
         "warnings": [e["message"] for e in other if e.get("type") == "warning"],

@@ -56,7 +56,7 @@ def test_listeners_write_metrics_plots_and_summary(tmp_path, capsys):
     assert summary["health"] == {"verdict": "healthy", "flags": []}
     assert summary["train_loss_first"] == 3.0 and summary["train_loss_last"] == 0.9
     assert summary["eval_losses"] == [{"step": 4, "eval_loss": 1.8}, {"step": 8, "eval_loss": 1.2}]
-    assert summary["peak_memory_mb"] == 507.0 and summary["median_tokens_per_s"] == 1003.5
+    assert summary["peak_memory_mb"] == 507.0 and summary["tokens_per_s"] == 1003.5
     assert summary["trainable_params"] == 10 and summary["plots"] == [f"plots/{p}" for p in events.PLOTS]
 
 

@@ -11,7 +11,7 @@ from mlx_lora.backend import OnEvent, TrainOutcome
 from mlx_lora.config import Config, GenerateConfig
 from mlx_lora.render import Encoded
 
-from . import ddp, generate as gen, load as loading, lora
+from . import ddp, generate as gen, load as loading, lora, merge
 from .load import Loaded
 from .trainer import Trainer
 
@@ -55,3 +55,7 @@ class TorchBackend:
     def generate(self, loaded: Loaded, prompts: list[list[int]], cfg: GenerateConfig, stop_ids: list[int],
                  on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
         return gen.generate(loaded.model, prompts, cfg, stop_ids, loaded.pad_id, loaded.device, on_token)
+
+    def fuse(self, loaded: Loaded, out_dir: Path) -> Path:
+        """Merge the loaded adapter into the base weights and save an HF folder (with tokenizer and template)."""
+        return merge.fuse_loaded(loaded, out_dir)

@@ -75,18 +75,18 @@ def adapter_dir(path: str | Path) -> Path:
     return path
 
 
-def as_peft_dir(path: Path) -> Path:
-    """A PEFT-format copy of an MLX adapter (converted into a temp folder), or the folder itself."""
+def _attach_adapter(base, path: Path, trainable: bool):
+    """PeftModel over base; an MLX adapter is converted to PEFT in a temp folder first (weights are in memory
+    after loading, so the folder is removed)."""
+    from peft import PeftModel
+
     if adapter_format(path) == "peft":
-        return path
-    try:
-        from mlx_lora.adapters import mlx_to_peft
-    except ImportError:
-        raise UserError(f"{path}: MLX-format adapter, but this install cannot convert it to PEFT "
-                        "(mlx_lora.adapters.mlx_to_peft is missing)") from None
-    dst = Path(tempfile.mkdtemp(prefix="mlx-lora-peft-"))
-    mlx_to_peft(path, dst)
-    return dst
+        return PeftModel.from_pretrained(base, str(path), is_trainable=trainable)
+    from mlx_lora.adapters import mlx_to_peft
+
+    with tempfile.TemporaryDirectory(prefix="mlx-lora-peft-") as tmp:
+        mlx_to_peft(path, Path(tmp) / "adapter")
+        return PeftModel.from_pretrained(base, str(Path(tmp) / "adapter"), is_trainable=trainable)
 
 
 def _from_pretrained(source: str, dtype: torch.dtype):
@@ -122,10 +122,8 @@ def load(model: str | Path, adapter: str | Path | None, cfg: Config, trainable: 
     pad_id = pad if isinstance(pad, int) else (eos[0] if isinstance(eos, list) and eos else eos) or 0
     loaded = Loaded(base, device, dtype, str(model), pad_id=int(pad_id))
     if adapter is not None:
-        from peft import PeftModel
-
         loaded.adapter = adapter_dir(adapter)
-        loaded.model = PeftModel.from_pretrained(base, str(as_peft_dir(loaded.adapter)), is_trainable=trainable)
+        loaded.model = _attach_adapter(base, loaded.adapter, trainable)
     loaded.model.to(device)
     loaded.model.eval()
     return loaded

@@ -6,35 +6,42 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
-
 from mlx_lora.config import Config
 from mlx_lora.errors import UserError
 
 from . import load as loading
+from .load import Loaded
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json")
 
 
-def fuse(model_dir: str | Path, adapter: str | Path, out_dir: str | Path, cfg: Config | None = None) -> Path:
-    """merge_and_unload on CPU in fp32 (merging in bf16 would round the sum), then save weights + tokenizer."""
-    cfg = cfg or Config()
-    cfg.backend.device, cfg.model.dtype = "cpu", "float32"
+def fuse_loaded(loaded: Loaded, out_dir: str | Path) -> Path:
+    """merge_and_unload the loaded adapter, save safetensors weights, copy the tokenizer and chat template."""
+    if not hasattr(loaded.model, "merge_and_unload"):
+        raise UserError("fuse: no adapter loaded; pass --adapter with a run or adapter folder")
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"{out_dir}: output folder is not empty; choose a new --out")
-    loaded = loading.load(model_dir, adapter, cfg)
     merged = loaded.model.merge_and_unload()
-    merged.config.use_cache = True
+    loaded.model = merged
+    merged.config.use_cache = True  # the saved model is for inference
     out_dir.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(str(out_dir), safe_serialization=True)
-    source = Path(model_dir)
+    source = Path(loaded.source)
+    source = source if source.is_dir() else source.parent
     for name in TOKENIZER_FILES:
         if (source / name).is_file() and not (out_dir / name).exists():
             shutil.copy2(source / name, out_dir / name)
     add_top_level_rope_theta(out_dir / "config.json")
     return out_dir
+
+
+def fuse(model_dir: str | Path, adapter: str | Path, out_dir: str | Path, cfg: Config | None = None) -> Path:
+    """Load on CPU in fp32 (merging in bf16 would round the sum) and fuse."""
+    cfg = cfg or Config()
+    cfg.backend.device, cfg.model.dtype = "cpu", "float32"
+    return fuse_loaded(loading.load(model_dir, adapter, cfg), out_dir)
 
 
 def add_top_level_rope_theta(config_path: Path) -> None:
@@ -45,10 +52,3 @@ def add_top_level_rope_theta(config_path: Path) -> None:
     if theta is not None and "rope_theta" not in config:
         config["rope_theta"] = theta
         config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-
-
-def same_logits(a: torch.nn.Module, b: torch.nn.Module, ids: list[int]) -> float:
-    """Largest absolute logit difference between two models on one sequence (a check for fuse)."""
-    with torch.no_grad():
-        x = torch.tensor([ids])
-        return float((a(input_ids=x).logits - b(input_ids=x).logits).abs().max())
