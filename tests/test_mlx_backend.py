@@ -313,3 +313,19 @@ def test_fuse_through_mlx_lm(tiny, rows_and_vocab, tmp_path):
     backend.fuse(backend.load(tiny, tmp_path / "run" / "adapter", make_cfg()), tmp_path / "fused")
     fused, _ = load_model(tmp_path / "fused")
     assert mx.abs(fused(x) - expected).max().item() < 1e-5
+
+
+def test_dora_trains_and_loads_in_mlx_lm(tiny, rows_and_vocab, tmp_path):
+    from mlx_lm import load as mlx_lm_load
+
+    rows, _, _ = rows_and_vocab
+    cfg = make_cfg(max_steps=2)
+    cfg.lora.dora = True
+    _, loaded, outcome, events = run_training(tiny, rows, cfg, tmp_path / "run")
+    # DoRA adds a magnitude per output feature: q,o 64 and k,v 32 on each layer
+    lora_only = LAYERS * 4 * (2 * (64 + 64) + 2 * (64 + 32))
+    assert events[0]["trainable_params"] == lora_only + LAYERS * (64 + 32 + 32 + 64)
+    assert json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())["fine_tune_type"] == "dora"
+    theirs, _ = mlx_lm_load(str(tiny), adapter_path=str(tmp_path / "run" / "adapter"))
+    x = mx.array([rows[0].ids])
+    assert mx.abs(theirs(x) - loaded.model(x)).max().item() < 1e-5

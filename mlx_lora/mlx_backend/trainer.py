@@ -139,7 +139,7 @@ def train(loaded: MLXLoaded, train_rows: list[Encoded], valid_rows: list[Encoded
         attach_lora(loaded, cfg.lora)
     else:  # continue training a loaded adapter: only its LoRA matrices learn
         model.freeze()
-        model.unfreeze(keys=["lora_a", "lora_b"], strict=False)
+        model.unfreeze(keys=["lora_a", "lora_b", "m"], strict=False)  # m: DoRA magnitudes
     optimizer = optim.AdamW(learning_rate=t.lr, betas=[0.9, 0.999], eps=1e-8, weight_decay=t.weight_decay,
                             bias_correction=True)  # mlx defaults to no bias correction; torch's AdamW has it
     per_epoch = steps_per_epoch(len(train_rows), t.batch_size, t.grad_accum)
