@@ -160,9 +160,21 @@ def markdown(report: dict) -> str:
     lines = ["# Evaluation report", "",
              f"Similarity: **{m['name']}** — {m['description']}. Character score (always shown): {m['char']}.",
              f"Threshold: {t['name']} = {t['percent']:g}% mean similarity. All figures in percent."]
+    lines.append("Topic of an answer = its nearest KB answer or the refusal (same measure); it *is a refusal* when "
+                 "the refusal text is nearest. Topic accuracy counts answerable rows, refusal accuracy unanswerable ones.")
     if m.get("fallback"):
         lines.append(f"Note: {m['fallback']}.")
-    for key, value in (report.get("meta") or {}).get("notes", {}).items():
+    meta = report.get("meta") or {}
+    if meta.get("route"):
+        r, c = meta["route"], meta.get("calibration")
+        lines.append(f"Semantic route: refuse below similarity {r['low']:g}, answer from the KB "
+                     f"at vote confidence ≥ {r['high']:g} (k={r['k']}, {r['training_questions']} training questions, "
+                     f"{r['kb_texts']} KB texts)" + (f"; calibrated on {c['valid_rows']} valid rows at "
+                                                      f"{c['precision_target']:.0%} precision" if c else "") + ".")
+    if meta.get("rules"):
+        lines.append(f"Rules: {meta['rules']['count']} from {meta['rules']['path']}; KB_MATCH at ≥ "
+                     f"{meta['rules']['kb_match_threshold']:g} similarity.")
+    for key, value in meta.get("notes", {}).items():
         lines.append(f"- {key}: {value}")
     lines += ["", "| variant | rows | " + " | ".join(h for _, h in SUMMARY_COLUMNS) + " | buckets ≥85/70–84/50–69/<50 "
               "| verdict |", "|" + "---|" * (len(SUMMARY_COLUMNS) + 4)]

@@ -104,7 +104,7 @@ def _strings(node, value, path, what: str) -> list[tuple[str, int]]:
     return out
 
 
-def _rule(data, node, path, kb, order: int) -> Rule:
+def _rule(data, node, path, kb) -> Rule:
     line = node.start_mark.line + 1
     if not isinstance(data, dict) or not isinstance(node, yaml.MappingNode):
         raise located(path, line, "each rule must be a mapping with id, doc_id, keywords/regex, action, priority")
@@ -166,8 +166,8 @@ def load_rules(path: str | Path, kb: dict | None = None) -> list[Rule]:
     if not isinstance(data["rules"], list):
         raise located(path, rules_node.start_mark.line + 1, "`rules:` must be a list of rules (each starts with -)")
     rules, seen = [], {}
-    for order, (item, node) in enumerate(zip(data["rules"], rules_node.value)):
-        rule = _rule(item, node, path, kb, order)
+    for item, node in zip(data["rules"], rules_node.value):
+        rule = _rule(item, node, path, kb)
         if rule.id in seen:
             raise located(path, rule.line, f"duplicate rule id {rule.id!r} (first at line {seen[rule.id]})")
         seen[rule.id] = rule.line
