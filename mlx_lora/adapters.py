@@ -224,8 +224,9 @@ def _base_layers(base_model: str | None) -> int | None:
 def _publish(tmp: Path, dst: Path) -> None:
     """Replace dst with the finished temp folder (so a failed conversion never leaves half a folder)."""
     if dst.exists():
-        if not dst.is_dir():
-            raise UserError(f"{dst}: exists and is not a folder")
+        # Only ever replace an earlier adapter or an empty folder, never some other folder the user named.
+        if not dst.is_dir() or (any(dst.iterdir()) and not (dst / CONFIG).is_file()):
+            raise UserError(f"{dst}: exists and is not an adapter folder; choose another --out")
         shutil.rmtree(dst)
     tmp.rename(dst)
 

@@ -83,6 +83,11 @@ def test_rslora_and_bad_input(tmp_path):
         detect_format(tmp_path / "empty")
     with pytest.raises(UserError, match="must differ"):
         convert(tmp_path / "mlx", tmp_path / "mlx", "peft")
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match="not an adapter folder"):
+        convert(tmp_path / "mlx", tmp_path / "precious", "peft")
+    assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
     config_file.write_text("{not json")
     with pytest.raises(UserError, match="adapter_config.json:1"):
         info(tmp_path / "peft")
