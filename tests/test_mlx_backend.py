@@ -114,14 +114,32 @@ def run_training(model_dir, rows, cfg, run_dir, resume=None, on_event=None):
     return backend, loaded, outcome, events
 
 
-def test_available_names_the_blas_fix_on_linux():
-    from mlx_lora.mlx_backend import MLXBackend
-    from mlx_lora.mlx_backend.model import blas_note
+def test_available_names_the_blas_fix_on_linux(monkeypatch):
+    import sys
 
+    from mlx_lora.mlx_backend import MLXBackend
+
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
     ok, why = MLXBackend().available()
     assert ok and "mlx" in why
-    if blas_note():  # Linux without an optimised BLAS loaded
-        assert "reference BLAS" in why and "LD_PRELOAD" in why and "libopenblas0-pthread" in why
+    assert "reference BLAS" in why and "LD_PRELOAD" in why and "libopenblas0-pthread libgfortran5" in why
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3")
+    assert "reference BLAS" not in MLXBackend().available()[1]
+    monkeypatch.setattr(sys, "platform", "darwin")  # Metal: nothing to warn about
+    monkeypatch.delenv("LD_PRELOAD")
+    assert "reference BLAS" not in MLXBackend().available()[1]
+
+
+def test_training_on_linux_warns_about_blas_once(tiny, rows_and_vocab, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    rows, _, _ = rows_and_vocab
+    _, _, _, events = run_training(tiny, rows, make_cfg(max_steps=1), tmp_path / "run")
+    warnings = [e["message"] for e in events if e["type"] == "warning"]
+    assert len(warnings) == 1 and "LD_PRELOAD" in warnings[0]
 
 
 def test_contract_loss_falls_adapter_exists_param_count_exact(tiny, rows_and_vocab, tmp_path):

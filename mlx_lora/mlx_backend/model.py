@@ -43,14 +43,14 @@ class MLXLoaded:
 
 
 def blas_note() -> str | None:
-    """On Linux, mlx-cpu links the reference BLAS (~20x slower matmuls) unless an optimised one is preloaded."""
+    """On Linux, mlx-cpu links the reference BLAS (~20x slower matmuls) unless an optimised one is preloaded.
+
+    Only LD_PRELOAD interposes on mlx's BLAS symbols: numpy's own bundled OpenBLAS, though loaded in the same
+    process, stays private to numpy and changes nothing for mlx."""
     if not sys.platform.startswith("linux"):
         return None
-    try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:
-        maps = ""
-    if "openblas" in maps.lower() or "libmkl" in maps.lower():
+    preload = os.environ.get("LD_PRELOAD", "").lower()
+    if any(name in preload for name in ("openblas", "mkl", "blis")):
         return None
     return ("mlx-cpu on Linux uses the unoptimised reference BLAS (~20x slower matmuls than torch); "
             f"fine for tiny models. Fix: {OPENBLAS_FIX}")
