@@ -1,0 +1,1 @@
+"""Benchmarks across backends: training, generation and roofline, run by `mlx-lora bench` (see benchmarks/run.py)."""

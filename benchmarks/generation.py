@@ -1,0 +1,107 @@
+"""Generation speed: prefill and decode tokens/s of our backends' batched generate and of HF `generate`."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from mlx_lora.config import Config, GenerateConfig
+from mlx_lora.formats import read_examples
+from mlx_lora.render import ChatTokenizer
+
+from . import measure
+from .training import NativeMemory
+
+# Prefill and decode are separated by timing the same batch twice: once for 1 new token (prefill + one
+# step) and once for N (no stop token, so every row makes exactly N). Then
+#   prefill tok/s = prompt tokens / T(1),   decode tok/s = batch·(N−1) / (T(N) − T(1)).
+METHOD = "prefill = prompt tokens / T(1 new token); decode = batch·(N−1) / (T(N) − T(1)); no stop token"
+
+
+def prompts(model_dir: Path, data_dir: Path, batch: int) -> list[list[int]]:
+    """The first `batch` test questions, rendered as generation prompts (with the data's system prompt)."""
+    tokenizer = ChatTokenizer.from_dir(model_dir)
+    source = data_dir / "test.jsonl" if (data_dir / "test.jsonl").is_file() else data_dir / "valid.jsonl"
+    examples = read_examples(source)[:batch]
+    return [tokenizer.prompt_ids(e.prompt_messages()) for e in examples]
+
+
+def _ours(backend_name: str, device: str, model_dir: Path, cfg: Config):
+    from mlx_lora import backend as backends
+
+    if backend_name == "torch":
+        cfg.backend.device = device
+    backend = backends.get(backend_name)
+    loaded = backend.load(model_dir, None, cfg)
+
+    def run(batch: list[list[int]], new_tokens: int) -> list[list[int]]:
+        gen = GenerateConfig(max_new_tokens=new_tokens, temperature=0.0, batch_size=len(batch))
+        return backend.generate(loaded, batch, gen, stop_ids=[])
+
+    return run, loaded
+
+
+def _hf(device: str, model_dir: Path, pad_id: int):
+    """Plain transformers: AutoModelForCausalLM + generate (greedy, KV cache, left padding), as a user would."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, trust_remote_code=False)
+    model.to(device).eval()
+
+    @torch.no_grad()
+    def run(batch: list[list[int]], new_tokens: int) -> list[list[int]]:
+        width = max(len(p) for p in batch)
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch], device=device)
+        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+        config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=pad_id)
+        out = model.generate(input_ids=ids, attention_mask=attention, generation_config=config)
+        return out[:, width:].tolist()
+
+    return run, model
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def measure_generation(engine: str, backend_name: str, device: str, model_dir: Path, data_dir: Path, cfg: Config,
+                       batch: int, new_tokens: int, pad_id: int) -> dict:
+    """One repetition: warm up, then T(1) and T(N) on the same batch of prompts."""
+    batch_prompts = prompts(model_dir, data_dir, batch)
+    native = NativeMemory(backend_name, device)
+    measure.reset_peak_rss()
+    native.reset()
+    tic = time.perf_counter()
+    if engine == "hf-generate":
+        run, handle = _hf(device, model_dir, pad_id)
+    else:
+        run, handle = _ours(backend_name, device, model_dir, cfg)
+    load_s = time.perf_counter() - tic
+    run(batch_prompts, 2)  # warm-up: allocator, thread pools, lazy compilation
+    _sync(device)
+    tic = time.perf_counter()
+    run(batch_prompts, 1)
+    _sync(device)
+    t1 = time.perf_counter() - tic
+    tic = time.perf_counter()
+    out = run(batch_prompts, new_tokens)
+    _sync(device)
+    tn = time.perf_counter() - tic
+    made = sum(len(o) for o in out)
+    prompt_tokens = sum(len(p) for p in batch_prompts)
+    row = {"batch": len(batch_prompts), "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
+           "generated_tokens": made, "load_s": load_s, "t1_s": t1, "tn_s": tn,
+           "prefill_tokens_per_s": prompt_tokens / t1,
+           "decode_tokens_per_s": len(batch_prompts) * (new_tokens - 1) / (tn - t1) if tn > t1 else None,
+           "outputs_sha": hashlib.sha256(json.dumps(out).encode()).hexdigest()[:16],
+           "peak_rss_mb": measure.peak_rss_mb(), **native.read()}
+    del run, handle
+    gc.collect()
+    return row
