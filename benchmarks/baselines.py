@@ -46,17 +46,19 @@ def hf_trainer(model_dir: Path, rows: list[Encoded], cfg: Config, steps: int, wa
                eos_id: int) -> dict:
     """`warmup + steps` optimizer steps of transformers' Trainer + PEFT LoRA with the same hyper-parameters."""
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-    t, lora = cfg.train, cfg.lora
+    from torch_backend.lora import peft_config  # the same PEFT LoRA settings our torch backend uses
+
+    t = cfg.train
     native = NativeMemory("torch", device)
     measure.reset_peak_rss()
     native.reset()
     tic = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, trust_remote_code=False)
-    model = get_peft_model(model, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                             target_modules=list(lora.targets), task_type="CAUSAL_LM"))
+    torch.manual_seed(t.seed)
+    model = get_peft_model(model, peft_config(cfg.lora, model))
     load_s = time.perf_counter() - tic
     batches: list[dict] = []
     marks: list[tuple[float, float | None]] = []
@@ -103,14 +105,16 @@ def mlx_lm_lora(model_dir: Path, data_dir: Path, cfg: Config, steps: int, warmup
     from mlx_lm.tuner.datasets import load_dataset
     from mlx_lm.utils import load
 
-    t, lora = cfg.train, cfg.lora
+    from mlx_lora.mlx_backend.model import lora_settings  # our MLX backend's translation of the LoRA config
+
+    t = cfg.train
     native = NativeMemory("mlx", "cpu")
     measure.reset_peak_rss()
     native.reset()
     tic = time.perf_counter()
     model, tokenizer = load(str(model_dir))
     load_s = time.perf_counter() - tic
-    layers = len(model.layers)
+    lora = lora_settings(model, cfg.lora)  # rank, scale = alpha/rank, dropout, mlx-lm keys, num_layers
     shapes: list[dict] = []
     original_iterate = mlx_trainer.iterate_batches
 
@@ -133,14 +137,13 @@ def mlx_lm_lora(model_dir: Path, data_dir: Path, cfg: Config, steps: int, warmup
     with tempfile.TemporaryDirectory(prefix="mlx-lora-bench-mlxlm-") as out:
         args = types.SimpleNamespace(**{
             **mlx_lora_cli.CONFIG_DEFAULTS, "model": str(model_dir), "data": str(data_dir), "train": True,
-            "fine_tune_type": "lora", "mask_prompt": True, "num_layers": layers if lora.num_layers is None
-            else lora.num_layers, "batch_size": t.batch_size, "grad_accumulation_steps": t.grad_accum,
+            "fine_tune_type": "dora" if lora["dora"] else "lora", "mask_prompt": True,
+            "num_layers": lora["num_layers"], "batch_size": t.batch_size, "grad_accumulation_steps": t.grad_accum,
             "iters": (warmup + steps) * t.grad_accum, "learning_rate": t.lr, "max_seq_length": t.max_length,
             "steps_per_report": 1, "steps_per_eval": 10**9, "val_batches": 1, "save_every": 10**9,
             "adapter_path": out, "optimizer": "adamw", "seed": t.seed,
             "optimizer_config": {"adamw": {"weight_decay": t.weight_decay}},
-            "lora_parameters": {"rank": lora.rank, "scale": lora.alpha / lora.rank, "dropout": lora.dropout,
-                                "keys": [f"self_attn.{k}" for k in lora.targets]}})
+            "lora_parameters": {k: lora[k] for k in ("rank", "scale", "dropout", "keys")}})
         train_set, valid_set, _ = load_dataset(args, tokenizer)
         # train_model calls the module-level `train`; hand it mlx-lm's own iterator, wrapped to record shapes.
         original_train = mlx_lora_cli.train

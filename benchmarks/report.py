@@ -29,10 +29,11 @@ def _groups(rows: list[dict]) -> dict[tuple, list[dict]]:
     return out
 
 
-def peak_flops(rows: list[dict], engine: str, backend: str, threads: int) -> float | None:
-    """The fp32 matmul peak a training engine is compared with: same framework, same BLAS, same threads."""
+def peak_flops(rows: list[dict], engine: str, threads: int) -> float | None:
+    """The fp32 matmul peak a training engine is compared with: same framework and device, same BLAS, and for
+    torch on CPU the same thread count."""
     best = [r["flops_per_s"] for r in _ok(rows, "roofline") if r["engine"] == engine and r["dtype"] == "float32"
-            and (backend != "torch" or r["threads"] == threads)]
+            and r.get("threads") in (None, threads)]
     return max(best) if best else None
 
 
@@ -49,7 +50,7 @@ def summarize_training(rows: list[dict]) -> list[dict]:
                 "peak_mem_kind": first.get("peak_mem_kind"), "peak_rss_mb": spread([r.get("peak_rss_mb") for r in reps]),
                 "train_flops_per_s": spread([r.get("train_flops_per_s") for r in reps]),
                 "trainable_params": first.get("trainable_params")}
-        peak = peak_flops(rows, engine, first["backend"], first["threads"])
+        peak = peak_flops(rows, engine, first["threads"])
         achieved = item["train_flops_per_s"]["median"]
         item["matmul_peak_flops_per_s"] = peak
         item["fraction_of_peak"] = achieved / peak if achieved and peak else None

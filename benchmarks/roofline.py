@@ -53,7 +53,8 @@ def _affordable(n: int, once: float, budget: float) -> int:
     return size
 
 
-def torch_matmul(n: int, dtype_name: str, threads: int, reps: int, budget_s: float = 3.0) -> dict:
+def torch_matmul(n: int, dtype_name: str, threads: int | None, reps: int, budget_s: float = 3.0,
+                 device: str = "cpu") -> dict:
     """Median seconds of an n×n · n×n product through F.linear (what nn.Linear runs) → FLOP/s (2·n³ per product).
 
     A dtype the CPU has no fast kernel for (bf16 on an AVX2-only build: ~50× slower than fp32 here) would take
@@ -62,22 +63,31 @@ def torch_matmul(n: int, dtype_name: str, threads: int, reps: int, budget_s: flo
     import torch
     import torch.nn.functional as F
 
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+        elif device == "mps":
+            torch.mps.synchronize()
+
+    def once(a, b) -> float:
+        sync()
+        tic = time.perf_counter()
+        F.linear(a, b)
+        sync()
+        return time.perf_counter() - tic
+
     before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    if threads:
+        torch.set_num_threads(threads)
     try:
         dtype = getattr(torch, dtype_name)
-        small = torch.randn(512, 512).to(dtype)
-        F.linear(small, small)  # warm-up: thread pool, packing buffers
-        tic = time.perf_counter()
-        F.linear(small, small)
-        n = _affordable(n, time.perf_counter() - tic, budget_s)
-        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-        F.linear(a, b)
-        times = []
-        for _ in range(reps):
-            tic = time.perf_counter()
-            F.linear(a, b)
-            times.append(time.perf_counter() - tic)
+        small = torch.randn(512, 512).to(device=device, dtype=dtype)
+        once(small, small)  # warm-up: thread pool, packing buffers, kernels
+        n = _affordable(n, once(small, small), budget_s)
+        a = torch.randn(n, n).to(device=device, dtype=dtype)
+        b = torch.randn(n, n).to(device=device, dtype=dtype)
+        once(a, b)
+        times = [once(a, b) for _ in range(reps)]
     finally:
         torch.set_num_threads(before)
     return _row("torch", n, dtype_name, threads, times)

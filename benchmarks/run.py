@@ -157,9 +157,9 @@ def plan(engines: list[Engine], s: Settings) -> list[dict]:
                 for threads in sorted({1, s.threads}):
                     for dtype in ("float32", "bfloat16"):
                         tasks.append({**base, "n": 2048, "dtype": dtype, "threads": threads})
-            elif e.backend == "mlx" and e.device == "cpu":
-                for dtype in ("float32", "bfloat16"):  # sizes shrink where a product would take > 3 s
-                    tasks.append({**base, "n": 2048, "dtype": dtype, "threads": None})
+            else:  # mlx on CPU or GPU, torch on a GPU: sizes shrink where one product would exceed the budget
+                for dtype in ("float32", "bfloat16"):
+                    tasks.append({**base, "n": 4096 if e.device != "cpu" else 2048, "dtype": dtype, "threads": None})
     return tasks
 
 

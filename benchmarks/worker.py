@@ -73,7 +73,8 @@ def run_task(ctx: Context, task: dict) -> dict:
     suite, impl = task["suite"], task.get("impl")
     if suite == "roofline":
         if task["framework"] == "torch":
-            return roofline.torch_matmul(task["n"], task["dtype"], task["threads"], task["reps"], task["budget_s"])
+            return roofline.torch_matmul(task["n"], task["dtype"], task["threads"], task["reps"], task["budget_s"],
+                                         task["device"])
         return roofline.mlx_matmul(task["n"], task["dtype"], task["reps"], task["budget_s"])
     cfg = ctx.cfg()
     if suite == "generation":

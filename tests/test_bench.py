@@ -75,7 +75,7 @@ def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     env = {**__import__("os").environ, "MLX_LORA_CACHE": str(tmp_path_factory.mktemp("cache"))}
     done = subprocess.run([sys.executable, "-c", "from mlx_lora.cli import main; main()", "bench", "--quick",
-                           "--backends", "torch-cpu,mlx-cpu", "--reps", "1", "--steps", "2", "--threads", "1",
+                           "--backends", "torch-cpu,mlx-cpu", "--reps", "1", "--steps", "2", "--warmup", "0", "--threads", "1",
                            "--gen-batch", "2", "--gen-tokens", "3", "--out", str(out)],
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
