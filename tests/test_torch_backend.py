@@ -325,3 +325,33 @@ def test_fuse_writes_a_folder_transformers_loads(trained, tiny, tok, tmp_path):
     assert diff < 1e-4
     assert ChatTokenizer.from_dir(out).prompt_ids([{"role": "user", "content": "hi"}]) == tok.prompt_ids(
         [{"role": "user", "content": "hi"}])
+
+
+def test_cli_train_generate_fuse_end_to_end(tiny, tmp_path, capsys):
+    from mlx_lora.cli import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    chat = lambda q, a: json.dumps({"messages": [{"role": "user", "content": q},  # noqa: E731
+                                                 {"role": "assistant", "content": a}]}, ensure_ascii=False)
+    (data / "train.jsonl").write_text("\n".join(chat(f"VPN 問題 {i}", "依據公司規範:以 SSO 登入。") for i in range(8)))
+    (data / "valid.jsonl").write_text(chat("VPN 怎麼連?", "依據公司規範:以 SSO 登入。"))
+    run = tmp_path / "run"
+    main(["train", "--backend", "torch", "--model", str(tiny), "--data", str(data), "--out", str(run), "--epochs", "2",
+          "--no-progress", "--set", "lora.rank=4", "--set", "train.batch_size=4", "--set", "train.grad_accum=1"])
+    out = capsys.readouterr().out
+    assert "stopped: completed" in out and "steps: 4" in out
+    for name in ("manifest.json", "metrics.jsonl", "summary.json", "plots/loss.png", "adapter/adapter_config.json"):
+        assert (run / name).is_file(), name
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["backend"] == "torch" and "verdict" in summary["health"]
+    main(["generate", "--adapter", str(run), "--max-new-tokens", "5", "--no-progress", "VPN 怎麼連?"])
+    streamed = capsys.readouterr().out
+    from mlx_lora.training import load_for_generation
+
+    backend, loaded, tok, system = load_for_generation(None, run, Config(), progress=False)
+    prompt = tok.prompt_ids([{"role": "user", "content": "VPN 怎麼連?"}], system)
+    (ids,) = backend.generate(loaded, [prompt], GenerateConfig(max_new_tokens=5), tok.stop_ids())
+    assert streamed == tok.decode(ids) + "\n"
+    main(["fuse", "--adapter", str(run), "--out", str(tmp_path / "fused"), "--backend", "torch"])
+    assert (tmp_path / "fused" / "model.safetensors").is_file()

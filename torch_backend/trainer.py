@@ -104,12 +104,13 @@ class Trainer:
         return {"train_rows": len(self.train_rows), "batch_size": t.batch_size, "grad_accum": t.grad_accum,
                 "epochs": t.epochs, "seed": t.seed, "world_size": self.dist.world, "total_steps": self.total}
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, sync: bool = True) -> None:
         if self.dist.main:
             path = checkpoint.save(self.run_dir / "checkpoints", self.model, self.optimizer, self.names, self.pos,
                                    self.rng, self.fingerprint())
             self.emit({"type": "checkpoint", "step": self.pos.step, "path": str(path)})
-        ddp.barrier(self.dist)
+        if sync:
+            ddp.barrier(self.dist)
 
     def save_adapter(self) -> None:
         if self.dist.main:
@@ -265,7 +266,7 @@ class Trainer:
             stopped = "interrupted"
             self.optimizer.zero_grad(set_to_none=True)  # a half-accumulated group is dropped, its data redone
             self.pos.elapsed_s = time.perf_counter() - started
-            self.save_checkpoint()
+            self.save_checkpoint(sync=False)  # other ranks may be mid-collective: no barrier
         if not self.valid_rows or not (self.run_dir / "adapter").exists():
             self.save_adapter()  # no eval to pick a best one: the final (or last good) weights
         elapsed = time.perf_counter() - started

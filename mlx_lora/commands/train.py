@@ -45,6 +45,8 @@ def train(config_path, overrides, backend, model, data_dir, out, epochs, max_ste
         return
     best = f"{outcome.best_eval_loss:.4f} at step {outcome.best_step}" if outcome.best_eval_loss is not None else "-"
     click.echo(f"run: {run_dir}  stopped: {outcome.stopped}  steps: {outcome.steps}  best eval loss: {best}")
+    if outcome.stopped == "interrupted":
+        click.echo(f"resume with: mlx-lora train --out {run_dir} --resume {run_dir}  (same config and data)")
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
         health = json.loads(summary_path.read_text(encoding="utf-8")).get("health", {})

@@ -1,0 +1,146 @@
+"""Seconds per optimizer step: our torch loop vs a seed-style HF Trainer (pad to 192, every-token loss), same rows.
+
+    python benchmarks/train_vs_trainer.py --model ~/.cache/mlx-lora/hf/<model> --data DIR --threads 2 1
+
+Runs A B A B … per thread count (the machines are noisy) and prints medians; `--autocast` adds our loop under
+bf16 autocast. Batch 4, grad-accum 1, r 16 on q/k/v/o, the first --rows rows of DIR/train.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from mlx_lora.batching import epoch_batches
+from mlx_lora.config import Config
+from mlx_lora.formats import encode_all, read_examples
+from mlx_lora.render import ChatTokenizer
+from torch_backend import ddp, lora
+from torch_backend.load import load
+from torch_backend.trainer import Trainer
+
+
+class Autocast(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.inner(*args)
+
+
+def ours(base, rows, cfg, steps, autocast=False):
+    """Times of `steps` optimizer steps of our loop (after one warm-up step)."""
+    torch.manual_seed(0)
+    model = lora.attach(base, cfg.lora)
+    trainer = Trainer(model, rows, [], cfg, Path("/tmp/bench-unused"), lambda e: None, torch.device("cpu"), 0,
+                      ddp.Dist())
+    if autocast:
+        trainer.wrapped = Autocast(trainer.wrapped)
+    model.train()
+    batches = epoch_batches(rows, cfg.train.batch_size, cfg.train.seed, 0)
+    times, losses, tokens = [], [], []
+    for i in range(steps + 1):
+        trainer.set_lr()
+        tick = time.perf_counter()
+        result = trainer.step([batches[i % len(batches)]])
+        if i:
+            times.append(time.perf_counter() - tick)
+            tokens.append(result["tokens"])
+        losses.append(result["loss"])
+        trainer.pos.step += 1
+    return times, tokens, losses, model.unload()
+
+
+def seed_trainer(base, tokenizer, examples, cfg, steps):
+    """The seed's recipe: ChatML text padded to 192, LM collator (labels = input ids, pad → -100), HF Trainer."""
+    from peft import get_peft_model
+    from transformers import Trainer as HFTrainer, TrainerCallback, TrainingArguments
+
+    torch.manual_seed(0)
+    model = get_peft_model(base, lora.peft_config(cfg.lora, base))
+    pad = tokenizer.token_id("<|endoftext|>")
+    data = []
+    for example in examples:
+        ids = tokenizer.encode(tokenizer.apply_chat_template(example.messages))[:192]
+        data.append({"input_ids": ids + [pad] * (192 - len(ids)), "attention_mask": [1] * len(ids) + [0] * (192 - len(ids)),
+                     "labels": ids + [-100] * (192 - len(ids))})
+    times = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.tick = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - self.tick)
+
+    args = TrainingArguments(output_dir="/tmp/bench-hf", per_device_train_batch_size=4, gradient_accumulation_steps=1,
+                             max_steps=steps + 1, learning_rate=cfg.train.lr, warmup_steps=0, weight_decay=0.01,
+                             logging_strategy="no", save_strategy="no", report_to=[], use_cpu=True,
+                             dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True)
+    HFTrainer(model=model, args=args, train_dataset=data, callbacks=[Clock()]).train()
+    real_tokens = [sum(sum(data[(i * 4 + k) % len(data)]["attention_mask"]) for k in range(4)) for i in range(1, steps + 1)]
+    return times[1:], real_tokens, model.unload()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--rows", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per block (one warm-up step more)")
+    parser.add_argument("--rounds", type=int, default=2, help="A B rounds per thread count")
+    parser.add_argument("--threads", type=int, nargs="+", default=[2, 1])
+    parser.add_argument("--autocast", action="store_true", help="also time our loop under bf16 autocast")
+    parser.add_argument("--skip-trainer", action="store_true")
+    args = parser.parse_args()
+
+    cfg = Config()
+    cfg.train.batch_size, cfg.train.grad_accum, cfg.train.max_length = 4, 1, 192
+    cfg.lora.dropout = 0.05
+    tokenizer = ChatTokenizer.from_dir(args.model)
+    examples = read_examples(Path(args.data) / "train.jsonl")[:args.rows]
+    rows, _ = encode_all(tokenizer, examples, 192)
+    base = load(args.model, None, cfg).model
+    results = {}
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for _ in range(args.rounds):
+            variants = [("ours", lambda: ours(base, rows, cfg, args.steps))]
+            if args.autocast:
+                variants.append(("ours_bf16_autocast", lambda: ours(base, rows, cfg, args.steps, autocast=True)))
+            if not args.skip_trainer:
+                variants.append(("hf_trainer_pad192", lambda: seed_trainer(base, tokenizer, examples, cfg, args.steps)))
+            for name, fn in variants:
+                out = fn()
+                times, tokens, base = out[0], out[1], out[-1]
+                entry = results.setdefault(f"{name}@{threads}t", {"times": [], "tokens": [], "losses": []})
+                entry["times"] += times
+                entry["tokens"] += tokens
+                if name.startswith("ours"):
+                    entry["losses"].append(out[2])
+                print(f"{name} threads={threads}: " + " ".join(f"{t:.2f}s" for t in times), flush=True)
+    report = {}
+    for key, entry in results.items():
+        step = statistics.median(entry["times"])
+        report[key] = {"s_per_step": round(step, 3), "samples_per_s": round(4 / step, 3),
+                       "real_tokens_per_s": round(sum(entry["tokens"]) / sum(entry["times"]), 1),
+                       "first_losses": [round(x, 4) for x in entry["losses"][0]] if entry["losses"] else None}
+    for threads in args.threads:
+        a, b = report.get(f"ours@{threads}t"), report.get(f"hf_trainer_pad192@{threads}t")
+        if a and b:
+            report[f"speedup@{threads}t"] = round(b["s_per_step"] / a["s_per_step"], 2)
+        c = report.get(f"ours_bf16_autocast@{threads}t")
+        if a and c:
+            report[f"autocast_speedup@{threads}t"] = round(a["s_per_step"] / c["s_per_step"], 2)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
