@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import sys
 from dataclasses import asdict
@@ -93,8 +94,9 @@ def train_run(cfg: Config, data_dir: str | Path, run_dir: str | Path, resume: Pa
              "supervised_tokens": sum(r.supervised for r in train), "tokens": sum(len(r.ids) for r in train)}
     if resume is None and (run_dir / "adapter").exists():
         raise UserError(f"{run_dir}: already holds a trained adapter; choose another --out or pass --resume")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "manifest.json", manifest(cfg, backend.name, model_dir, [train_file, valid_file], stats))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 writes
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "manifest.json", manifest(cfg, backend.name, model_dir, [train_file, valid_file], stats))
     on_event = events.standard_listeners(run_dir, progress)
     loaded = backend.load(model_dir, None, cfg)
     outcome = backend.train(loaded, train, valid, cfg, run_dir, on_event, resume=resume)
