@@ -84,8 +84,8 @@ def hf_trainer(model_dir: Path, rows: list[Encoded], cfg: Config, steps: int, wa
     per_step = []
     for k in range(1, len(marks)):
         group = batches[(k - 1) * t.grad_accum:k * t.grad_accum]
-        per_step.append({"s": marks[k][0] - marks[k - 1][0], **{key: sum(b[key] for b in group)
-                                                               for key in ("tokens", "supervised", "computed", "head")}})
+        counts = {key: sum(b[key] for b in group) for key in ("tokens", "supervised", "computed", "head")}
+        per_step.append({"s": marks[k][0] - marks[k - 1][0], **counts})
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     row = {"load_s": load_s, "trainable_params": trainable, "total_params": sum(p.numel() for p in model.parameters()),
            "train_loss_mean": result.training_loss, "peak_rss_mb": measure.peak_rss_mb(), **native.read(),

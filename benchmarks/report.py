@@ -47,13 +47,19 @@ def summarize_training(rows: list[dict]) -> list[dict]:
                 "tokens_per_s": spread([r.get("tokens_per_s") for r in reps]),
                 "supervised_tokens_per_s": spread([r.get("supervised_tokens_per_s") for r in reps]),
                 "step_s": quantiles(steps), "peak_mem_mb": spread([r.get("peak_mem_mb") for r in reps]),
-                "peak_mem_kind": first.get("peak_mem_kind"), "peak_rss_mb": spread([r.get("peak_rss_mb") for r in reps]),
+                "peak_mem_kind": first.get("peak_mem_kind"),
+                "peak_rss_mb": spread([r.get("peak_rss_mb") for r in reps]),
                 "train_flops_per_s": spread([r.get("train_flops_per_s") for r in reps]),
                 "trainable_params": first.get("trainable_params")}
+        # Each task measured the fp32 matmul peak in its own process right after its steps (same load);
+        # rows without it fall back to the roofline suite's figure.
+        item["fraction_of_peak"] = spread([r.get("fraction_of_peak") for r in reps])
+        item["matmul_peak_flops_per_s"] = spread([(r.get("peak_matmul") or {}).get("flops_per_s") for r in reps])
         peak = peak_flops(rows, engine, first["threads"])
         achieved = item["train_flops_per_s"]["median"]
-        item["matmul_peak_flops_per_s"] = peak
-        item["fraction_of_peak"] = achieved / peak if achieved and peak else None
+        if item["fraction_of_peak"]["median"] is None and achieved and peak:
+            item["fraction_of_peak"] = spread([achieved / peak])
+            item["matmul_peak_flops_per_s"] = spread([peak])
         out.append(item)
     return out
 
@@ -123,6 +129,10 @@ def _num(v, digits=0) -> str:
     return f"{v:,.{digits}f}"
 
 
+def _pairs(d: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in d.items())
+
+
 def _load(values) -> str:
     return "/".join(f"{v:.1f}" for v in values) if values else "unknown"
 
@@ -146,20 +156,26 @@ def markdown(meta: dict, training: list[dict], gen: list[dict], roof: list[dict]
              f"{_load(hw['load_average_at_start'])}, at end {_load(meta['load_average_at_end'])}",
              f"- Threads: {meta['threads']} (torch.set_num_threads, OMP/OPENBLAS/MKL_NUM_THREADS)",
              f"- Versions: {versions}",
-             f"- Model: `{meta['model']['path']}` {meta['model']['shape']}",
-             f"- Data: {meta['data']}",
+             f"- Model: {meta['model']['label']} (`{meta['model']['path']}`): {_pairs(meta['model']['shape'])}",
+             f"- Data: {_pairs(meta['data'])}",
              f"- Settings: reps {s['reps']}, warm-up steps {s['warmup']} (dropped), measured steps {s['steps']}, "
              f"quick {s['quick']}, one process per task {s['isolate']}; generation batch {s['gen_batch']}, "
-             f"{s['gen_tokens']} new tokens", f"- Command: `{meta['command']}`", "",
+             f"{s['gen_tokens']} new tokens",
+             f"- Command: `{meta['command']}`; source: {meta.get('source') or 'unknown'}",
+             "",
              "Medians over repetitions; ±x% = half the min–max range of the repetitions' values. Repetitions ran "
              "interleaved (A B A B …) on a shared, noisy machine: compare ratios, not absolute numbers.", "",
              "## Training", "",
              "| engine | tokens/s | supervised tokens/s | step s, median [p25–p75] | peak memory MB | peak RSS MB | "
-             "achieved FLOP/s | of fp32 matmul peak |", "|---|---|---|---|---|---|---|---|"]
+             "achieved FLOP/s | of the fp32 matmul FLOP/s measured after it |", "|---|---|---|---|---|---|---|---|"]
     for t in training:
         q = t["step_s"]
         step = f"{q['median']:.3f} [{q['p25']:.3f}–{q['p75']:.3f}]" if q["median"] is not None else "–"
-        frac = f"{100 * t['fraction_of_peak']:.0f}%" if t["fraction_of_peak"] else "–"
+        f = t["fraction_of_peak"]
+        peak = _num(t["matmul_peak_flops_per_s"]["median"])
+        frac = "–" if f["median"] is None else f"{100 * f['median']:.0f}% of {peak}"
+        if f.get("n", 0) > 1:
+            frac += f" ({100 * f['min']:.0f}–{100 * f['max']:.0f}%)"
         lines.append(f"| {t['name']} | {_med(t['tokens_per_s'])} | {_med(t['supervised_tokens_per_s'])} | {step} | "
                      f"{_med(t['peak_mem_mb'])} ({t['peak_mem_kind']}) | {_med(t['peak_rss_mb'])} | "
                      f"{_med(t['train_flops_per_s'])} | {frac} |")
@@ -168,8 +184,8 @@ def markdown(meta: dict, training: list[dict], gen: list[dict], roof: list[dict]
         lines.append(f"| {r['title']} | {r['median']:.2f}× | {r['min']:.2f}–{r['max']:.2f} (n={r['n']}) |")
     if gen:
         lines += ["", "## Generation", "", f"Method: {meta['generation_method']}.", "",
-                  "| engine | batch | prompt tokens | new tokens | prefill tokens/s | decode tokens/s | peak memory MB |"
-                  " outputs |", "|---|---|---|---|---|---|---|---|"]
+                  "| engine | batch | prompt tokens | new tokens | prefill tokens/s | decode tokens/s | "
+                  "peak memory MB | outputs |", "|---|---|---|---|---|---|---|---|"]
         for g in gen:
             lines.append(f"| {g['name']} | {g['batch']} | {g['prompt_tokens']} | {g['new_tokens']} | "
                          f"{_med(g['prefill_tokens_per_s'])} | {_med(g['decode_tokens_per_s'], 1)} | "
@@ -181,8 +197,11 @@ def markdown(meta: dict, training: list[dict], gen: list[dict], roof: list[dict]
             lines.append(f"| {r['framework']} ({r['engine']}) | {r['n']}³ | {r['dtype']} | {r['threads'] or '–'} | "
                          f"{r['seconds_median']:.4f} | {_num(r['flops_per_s'])} |")
         lines += ["", f"Training FLOPs per step = {meta['flops_formula']}; N counted from config.json; "
-                  "achieved FLOP/s = that work / measured step time; compared with the same framework's fp32 "
-                  "matmul at the same thread count (mlx: the same BLAS)."]
+                  "achieved FLOP/s = that work / measured step time. Each training task then timed an fp32 "
+                  "2048³ product (smaller where that would exceed 1.5 s) in the same process, framework, BLAS "
+                  "and thread count: the training table's percentage is achieved / that figure, per repetition "
+                  "(median, range). The table above is the separate roofline suite (1 thread and all threads, "
+                  "fp32 and bf16)."]
     if errors:
         lines += ["", "## Failed tasks", ""] + [f"- {e['suite']} {label(e)} rep {e.get('rep')}: {e['error']}"
                                                for e in errors]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -168,7 +169,8 @@ def processes(tasks: list[dict], engines: list[Engine], isolate: bool) -> list[t
     by_name = {e.name: e for e in engines}
     if isolate:
         return [(by_name[t["engine"]], [t]) for t in tasks]
-    return [(e, [t for t in tasks if t["engine"] == e.name]) for e in engines if any(t["engine"] == e.name for t in tasks)]
+    grouped = [(e, [t for t in tasks if t["engine"] == e.name]) for e in engines]
+    return [(e, group) for e, group in grouped if group]
 
 
 def prepare_data(s: Settings, work: Path) -> Path:
@@ -248,7 +250,9 @@ def run_bench(s: Settings, cfg: Config | None = None, progress: bool = True) -> 
                 print(f"[{k}/{len(groups)}] {engine.name}: {what} ({time.perf_counter() - tic:.1f} s, {status})",
                       file=sys.stderr)
         rows = [json.loads(line) for line in rows_path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        meta = {"date": date.today().isoformat(), "command": " ".join(sys.argv), "settings": _settings_dict(s),
+        meta = {"date": date.today().isoformat(), "command": "mlx-lora " + shlex.join(sys.argv[1:]),
+                "source": _source(),
+                "settings": _settings_dict(s),
                 "hardware": hardware, "versions": measure.versions(), "threads": s.threads,
                 "engines": [asdict(e) for e in engines], "model": {"label": label, "path": str(model_dir),
                 "shape": _shape(model_dir)}, "data": _data_stats(data_dir, model_dir, cfg, s.data),
@@ -259,6 +263,20 @@ def run_bench(s: Settings, cfg: Config | None = None, progress: bool = True) -> 
         return out
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _source() -> str | None:
+    """The commit measured (and whether the tree had local edits), when run from a git checkout."""
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + (" (with uncommitted edits)" if dirty.stdout.strip() else "")
 
 
 def _settings_dict(s: Settings) -> dict:

@@ -135,7 +135,8 @@ def build(out: str | Path, data_dir: str | Path, seed: int = 0, **overrides) -> 
     save_file(weights(cfg, seed), str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "tokenizer.json").write_text(json.dumps(small, ensure_ascii=False), encoding="utf-8")
     tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-               "bos_token": None, "add_bos_token": False, "model_max_length": 32768, "clean_up_tokenization_spaces": False}
+               "bos_token": None, "add_bos_token": False, "model_max_length": 32768,
+               "clean_up_tokenization_spaces": False}
     (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=1), encoding="utf-8")
     (out / "chat_template.jinja").write_text(CHATML_TEMPLATE, encoding="utf-8")
     (out / "generation_config.json").write_text(json.dumps({"eos_token_id": [cfg["eos_token_id"], cfg["pad_token_id"]],

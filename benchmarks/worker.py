@@ -92,7 +92,18 @@ def run_task(ctx: Context, task: dict) -> dict:
         raise ValueError(f"unknown training implementation {impl!r}")
     lora = {"rank": cfg.lora.rank, "targets": cfg.lora.targets, "num_layers": cfg.lora.num_layers}
     raw = result.pop("steps_raw")
-    return {**result, **training.summarize(raw, warmup, ctx.shape, lora)}
+    row = {**result, **training.summarize(raw, warmup, ctx.shape, lora)}
+    # The machine's speed drifts with other users' load: take the matmul peak right here, in the same process
+    # and minute as the steps it is compared with.
+    if task["backend"] == "torch":
+        peak = roofline.torch_matmul(2048, "float32", ctx.threads if task["device"] == "cpu" else None, 3, 1.5,
+                                     task["device"])
+    else:
+        peak = roofline.mlx_matmul(2048, "float32", 3, 1.5)
+    row["peak_matmul"] = {k: peak[k] for k in ("n", "seconds_median", "flops_per_s")}
+    if row.get("train_flops_per_s"):
+        row["fraction_of_peak"] = row["train_flops_per_s"] / peak["flops_per_s"]
+    return row
 
 
 def main(argv: list[str]) -> int:

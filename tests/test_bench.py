@@ -21,7 +21,8 @@ from benchmarks import report, roofline, run, tiny  # noqa: E402
 def test_tiny_tokenizer_subset_tokenizes_identically_with_a_small_vocabulary():
     from tokenizers import Tokenizer
 
-    texts = ["<|im_start|>user\nVPN 連不上怎麼辦?<|im_end|>\n", "<|im_start|>assistant\n依據公司規範:請以 SSO 登入。<|im_end|>"]
+    texts = ["<|im_start|>user\nVPN 連不上怎麼辦?<|im_end|>\n",
+             "<|im_start|>assistant\n依據公司規範:請以 SSO 登入。<|im_end|>"]
     path = tiny.tokenizer_files() / "tokenizer.json"
     big = Tokenizer.from_file(str(path))
     used = {t for text in texts for t in big.encode(text, add_special_tokens=False).tokens}
@@ -75,8 +76,8 @@ def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     env = {**__import__("os").environ, "MLX_LORA_CACHE": str(tmp_path_factory.mktemp("cache"))}
     done = subprocess.run([sys.executable, "-c", "from mlx_lora.cli import main; main()", "bench", "--quick",
-                           "--backends", "torch-cpu,mlx-cpu", "--reps", "1", "--steps", "2", "--warmup", "0", "--threads", "1",
-                           "--gen-batch", "2", "--gen-tokens", "3", "--out", str(out)],
+                           "--backends", "torch-cpu,mlx-cpu", "--reps", "1", "--steps", "2", "--warmup", "0",
+                           "--threads", "1", "--gen-batch", "2", "--gen-tokens", "3", "--out", str(out)],
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return out, done
@@ -112,7 +113,7 @@ def test_quick_bench_rows_are_valid(quick):
             assert r["steps_measured"] == 2 and len(r["step_s"]) == 2 and min(r["step_s"]) > 0
             assert r["tokens_per_s"] > 0 and 0 < r["supervised_tokens"] <= r["tokens"] <= r["computed_tokens"]
             assert r["train_flops_per_s"] > 0 and r["peak_mem_mb"] > 0 and r["peak_rss_mb"] > 0
-            assert r["trainable_params"] > 0
+            assert r["trainable_params"] > 0 and r["peak_matmul"]["flops_per_s"] > 0 and r["fraction_of_peak"] > 0
             if r["impl"] == "ours":
                 assert r["replay_matches_events"]  # our FLOP accounting saw the batches the loop trained on
         elif r["suite"] == "generation":

@@ -37,7 +37,8 @@ def _steps(values: tuple[str, ...]) -> dict[str, int]:
 @click.command()
 @config_option
 @set_option
-@click.option("--quick", is_flag=True, help="Small, fast defaults (2 reps, 2 measured steps, tasks grouped per process).")
+@click.option("--quick", is_flag=True,
+              help="Small, fast defaults (2 reps, 2 measured steps, tasks grouped per process).")
 @click.option("--backends", help="Comma list: torch-cpu, torch-cuda, torch-mps, mlx-metal, mlx-cpu, "
                                  "mlx-cpu+openblas, mlx-cuda (default: every one available here).")
 @click.option("--model", "model", default="tiny", show_default=True,
