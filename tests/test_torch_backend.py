@@ -355,3 +355,15 @@ def test_cli_train_generate_fuse_end_to_end(tiny, tmp_path, capsys):
     assert streamed == tok.decode(ids) + "\n"
     main(["fuse", "--adapter", str(run), "--out", str(tmp_path / "fused"), "--backend", "torch"])
     assert (tmp_path / "fused" / "model.safetensors").is_file()
+
+
+def test_mlx_format_adapter_loads_with_identical_logits(trained, tiny, tok, tmp_path):
+    from mlx_lora.adapters import peft_to_mlx
+
+    peft_to_mlx(trained["run_dir"] / "adapter", tmp_path / "mlx", num_layers=2)
+    assert (tmp_path / "mlx" / "adapters.safetensors").is_file()
+    loaded = trained["backend"].load(tiny, tmp_path / "mlx", Config())
+    ids = torch.tensor([tok.prompt_ids([{"role": "user", "content": "VPN 怎麼連 2?"}])])
+    with torch.no_grad():
+        diff = (loaded.model(input_ids=ids).logits - trained["loaded"].model(input_ids=ids).logits).abs().max()
+    assert diff < 1e-5
