@@ -11,7 +11,11 @@ Two figures per run:
 - wall_s: the whole subprocess (imports, model load, eval, saving; ours also writes plots and a manifest).
 A word-level tokenizer with one token per word makes every row 32 tokens, so mlx-lm's padding to 32·k+1
 columns adds a single column; `--full-logits` makes ours compute logits at every position as mlx-lm does
-(by default ours computes them only where the loss is taken).
+(by default ours computes them only where the loss is taken). Like mlx-lm, ours compiles its step with
+mx.compile and pads batches to a multiple of 32 columns (its loss positions too, with zero weights).
+
+`--baseline DIR` also times our backend from another source tree (e.g. `git archive HEAD | tar -x -C DIR`),
+interleaved A B C A B C, so a change to our loop is measured against its previous version in the same run.
 
     .venv/bin/python benchmarks/mlx_vs_mlx_lm.py      # ~2-3 minutes on 2 CPU cores
 """
@@ -170,6 +174,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--full-logits", action="store_true", help="ours: logits at every position, as mlx-lm")
+    parser.add_argument("--baseline", type=Path, default=None, help="also time ours from this source tree")
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -181,26 +186,37 @@ def main() -> None:
     build_model(args.work / "model", args.hidden, args.layers)
     build_data(args.work / "data", args.rows, q_words=10, a_words=16)  # 32 tokens a row
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    runs = {"ours": [], "mlx-lm": []}
+    tools = ["ours", "mlx-lm"] + (["baseline"] if args.baseline else [])
+    runs = {tool: [] for tool in tools}
     for repeat in range(args.repeats):
-        for tool in ("ours", "mlx-lm"):  # A B A B …
+        for tool in tools:  # A B A B … (A B C with a baseline)
             run = args.work / f"{tool}-{repeat}"
-            cmd = [sys.executable, __file__, "--worker", f"{'ours' if tool == 'ours' else 'theirs'}:{args.steps}",
+            kind = "theirs" if tool == "mlx-lm" else "ours"
+            cmd = [sys.executable, __file__, "--worker", f"{kind}:{args.steps}",
                    "--work", str(args.work), "--out", str(run), "--rank", str(args.rank), "--batch", str(args.batch)]
             cmd += ["--full-logits"] if args.full_logits else []
-            runs[tool].append(timed(cmd, env, run.parent / f"{run.name}.json"))
-        print(f"repeat {repeat + 1}: train ours {runs['ours'][-1]['train_s']:.2f}s / mlx-lm "
-              f"{runs['mlx-lm'][-1]['train_s']:.2f}s; wall {runs['ours'][-1]['wall_s']:.1f}s / "
-              f"{runs['mlx-lm'][-1]['wall_s']:.1f}s", file=sys.stderr)
-    ratio = {key: [o[key] / t[key] for o, t in zip(runs["ours"], runs["mlx-lm"])] for key in ("train_s", "wall_s")}
+            # The baseline's mlx_lora comes first on the path (the editable install's finder comes after it).
+            extra = {"PYTHONPATH": str(args.baseline.resolve())} if tool == "baseline" else {}
+            runs[tool].append(timed(cmd, {**env, **extra}, run.parent / f"{run.name}.json"))
+        line = "; ".join(f"{tool} train {runs[tool][-1]['train_s']:.2f}s wall {runs[tool][-1]['wall_s']:.1f}s"
+                         for tool in tools)
+        print(f"repeat {repeat + 1}: {line}", file=sys.stderr)
+
+    def ratios(a: str, b: str) -> dict:
+        return {k: [x[k] / y[k] for x, y in zip(runs[a], runs[b])] for k in ("train_s", "wall_s")}
+
+    pairs = {"ours_over_mlx_lm": ratios("ours", "mlx-lm")}
+    if args.baseline:
+        pairs.update(baseline_over_mlx_lm=ratios("baseline", "mlx-lm"), ours_over_baseline=ratios("ours", "baseline"))
     result = {
         "job": {"hidden": args.hidden, "layers": args.layers, "rank": args.rank, "batch": args.batch,
                 "tokens_per_row": 32, "rows": args.rows, "steps": args.steps, "full_logits": args.full_logits},
         "repeats": args.repeats, "cpu_count": os.cpu_count(), "ld_preload": os.environ.get("LD_PRELOAD", ""),
+        "baseline": str(args.baseline) if args.baseline else None,
         "median_s": {tool: {k: statistics.median(r[k] for r in rs) for k in ("train_s", "wall_s")}
                      for tool, rs in runs.items()},
-        "ratio_ours_over_mlx_lm": {k: statistics.median(v) for k, v in ratio.items()},
-        "ratios": ratio,
+        "median_ratio": {name: {k: statistics.median(v) for k, v in r.items()} for name, r in pairs.items()},
+        "ratios": pairs,
     }
     print(json.dumps(result, indent=2))
     if args.out:

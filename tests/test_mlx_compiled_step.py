@@ -1,0 +1,88 @@
+"""The MLX backend's compiled step: bucketed shapes give the same loss, traces per shape, no non-finite update."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+mx = pytest.importorskip("mlx.core", reason="the mlx backend needs mlx: pip install -e '.[mlx]'")
+
+from test_mlx_backend import make_cfg, rows_and_vocab, run_training, tiny  # noqa: E402,F401  (shared fixtures)
+
+
+def lora_model(tiny):
+    from mlx_lora.mlx_backend.model import attach_lora, load
+
+    loaded = load(tiny, None, make_cfg())
+    mx.random.seed(0)
+    attach_lora(loaded, make_cfg().lora)
+    loaded.model.train()
+    return loaded
+
+
+def test_compiled_step_does_not_apply_a_non_finite_update(tiny, rows_and_vocab):
+    import mlx.optimizers as optim
+    from mlx.utils import tree_flatten
+
+    from mlx_lora.mlx_backend import trainer
+
+    model = lora_model(tiny).model
+    optimizer = optim.AdamW(learning_rate=1e-2, bias_correction=True)
+    optimizer.init(model.trainable_parameters())
+    state, _, step = trainer.compiled_step(model, optimizer, trainer.make_loss(model), 1.0)
+    batch = trainer.make_batch(rows_and_vocab[0][:2], 0, pad=True)[:4]
+    before = dict(tree_flatten(model.trainable_parameters()))
+    for norm, applied in ((0.0, 0), (batch[3].sum().item(), 1)):  # loss / 0 tokens: inf; then a good step
+        loss, grad_norm = step(*batch, mx.array(norm), None, None)
+        mx.eval(loss, grad_norm, state)
+        assert math.isfinite(loss.item()) == bool(applied) and optimizer.state["step"].item() == applied
+        same = [mx.array_equal(before[k], v).item() for k, v in tree_flatten(model.trainable_parameters())]
+        assert all(same) if not applied else not all(same)
+
+
+@pytest.mark.parametrize("full_logits", [False, True])
+def test_bucketed_batches_give_the_same_loss_and_gradients(tiny, rows_and_vocab, monkeypatch, full_logits):
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from mlx_lora.mlx_backend import trainer
+
+    assert [trainer.bucket(n, 8) for n in (1, 8, 9, 31, 127, 128, 255, 256, 257, 600, 1100)] == \
+        [8, 8, 16, 32, 128, 128, 256, 256, 272, 608, 1152]
+    assert [trainer.bucket(n, 32) for n in (1, 33, 300, 511, 512, 513)] == [32, 64, 320, 512, 512, 544]
+    rows, _, _ = rows_and_vocab
+    if full_logits:
+        monkeypatch.setattr(trainer, "split_head", lambda model: None)
+    loaded = lora_model(tiny)
+    value_and_grad = nn.value_and_grad(loaded.model, trainer.make_loss(loaded.model))
+    results = []
+    for pad in (False, True):
+        inputs, targets, positions, weights, n = trainer.make_batch([rows[0], rows[3], rows[5]], 0, pad=pad)
+        (value, _), grads = value_and_grad(loaded.model, inputs, targets, positions, weights, mx.array(float(n)))
+        results.append((value.item(), dict(tree_flatten(grads)), inputs.shape, positions.size))
+    (plain, g0, shape0, size0), (bucketed, g1, shape1, size1) = results
+    assert shape1[1] % 8 == 0 and shape1[1] > shape0[1] and size1 % 32 == 0 and size1 > size0
+    assert bucketed == pytest.approx(plain, abs=1e-6)
+    assert max(mx.abs(g0[k] - g1[k]).max().item() for k in g0) < 1e-6
+
+
+def test_step_is_traced_per_shape_not_per_step(tiny, rows_and_vocab, tmp_path, monkeypatch):
+    from mlx_lora.mlx_backend import trainer
+
+    traces, make_loss = [], trainer.make_loss
+
+    def counting(model):
+        loss_sum = make_loss(model)
+
+        def traced(model, *args):
+            if model.training:  # eval runs eagerly; in training this Python runs only while mx.compile traces
+                traces.append((args[0].shape, args[2].shape))
+            return loss_sum(model, *args)
+        return traced
+
+    monkeypatch.setattr(trainer, "make_loss", counting)
+    _, _, outcome, _ = run_training(tiny, rows_and_vocab[0], make_cfg(epochs=6, eval_every=0), tmp_path / "run")
+    # 12 steps, 18 batches. A shape is traced at most once per role: first or later batch of a group, last or not.
+    assert outcome.steps == 12 and len(traces) <= min(3 * len(set(traces)), 9)
+    assert all(inputs[1] % 8 == 0 and positions[0] % 32 == 0 for inputs, positions in traces)
