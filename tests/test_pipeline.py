@@ -1,0 +1,61 @@
+"""`mlx-lora run` end to end: on a tiny random model (fast), and on the real embedded 0.5B model (slow)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from test_torch_backend import build_tiny_model
+
+VARIANTS = {"base", "tuned", "tuned_rules", "retrieval"}
+
+
+def run_cli(*args, timeout=1800):
+    return subprocess.run([sys.executable, "-c", "from mlx_lora.cli import main; main()", *args],
+                          capture_output=True, text=True, cwd=REPO, timeout=timeout)
+
+
+def check_run(run_dir, out):
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((run_dir / "run_summary.json").read_text(encoding="utf-8"))
+    assert set(summary["variants"]) == VARIANTS
+    for row in summary["variants"].values():
+        for key in ("mean_similarity", "refusal_accuracy", "topic_accuracy"):
+            assert 0 <= row[key] <= 100
+    report = json.loads((run_dir / "eval" / "report.json").read_text(encoding="utf-8"))
+    assert set(report["summary"]) == VARIANTS
+    for name in ("manifest.json", "metrics.jsonl", "summary.json", "eval/report.md", "eval/audit.jsonl",
+                 "data/train.jsonl", "data/test.jsonl"):
+        assert (run_dir / name).is_file(), name
+    assert list((run_dir / "plots").glob("*.png"))
+    assert "== summary" in out.stdout and "tuned_rules" in out.stdout
+    return summary, report
+
+
+def test_main_job_on_a_tiny_model(tmp_path, qwen_tokenizer_dir):
+    model = build_tiny_model(tmp_path / "tiny", qwen_tokenizer_dir)
+    run_dir = tmp_path / "run"
+    out = run_cli("run", "--model", str(model), "--out", str(run_dir), "--max-steps", "2", "--no-progress",
+                  "--set", "eval.max_rows=8", "--set", "generate.max_new_tokens=8")
+    summary, _ = check_run(run_dir, out)
+    assert summary["train"]["steps"] == 2
+    # A second run into the same directory must not overwrite the first one's adapter.
+    again = run_cli("run", "--model", str(model), "--out", str(run_dir), "--max-steps", "1")
+    assert again.returncode == 2 and "already holds a run" in again.stderr
+
+
+@pytest.mark.slow
+def test_main_job_on_the_embedded_model(tmp_path):
+    """Prepare the real 0.5B model, train a step, generate Chinese answers, evaluate every variant."""
+    run_dir = tmp_path / "run"
+    out = run_cli("run", "--out", str(run_dir), "--max-steps", "1", "--no-progress",
+                  "--set", "eval.max_rows=4", "--set", "generate.max_new_tokens=24",
+                  "--set", "train.batch_size=2", "--set", "train.grad_accum=1")
+    _, report = check_run(run_dir, out)
+    answers = " ".join(row["generated"] for row in report["variants"]["tuned"]["rows"])
+    assert re.search(r"[\u4e00-\u9fff]", answers), f"the model should answer in Chinese: {answers!r}"
