@@ -49,7 +49,7 @@ def run_pipeline(cfg: Config, progress: bool = True) -> dict:
     t = time.perf_counter()
     data_dir = Path(cfg.data.dir)
     report = evaluate_run(cfg, None, run_dir, data_dir / "test.jsonl", data_dir / "valid.jsonl",
-                          data_dir / "train.jsonl", cfg.data.kb, run_dir / "eval")
+                          data_dir / "train.jsonl", cfg.data.kb, run_dir / "eval", progress=progress)
     timings["eval_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - started
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,8 +90,15 @@ def _attach_adapter(base, path: Path, trainable: bool):
         return PeftModel.from_pretrained(base, str(Path(tmp) / "adapter"), is_trainable=trainable)
 
 
+# PEFT 0.21 calls a transformers 5 API deprecated in favour of another name: nothing a user can act on.
+warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
 def _from_pretrained(source: str, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar for a local load is noise
 
     path = Path(source)
     kwargs = {"dtype": dtype, "trust_remote_code": False}
