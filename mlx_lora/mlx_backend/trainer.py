@@ -95,7 +95,7 @@ def compiled_step(model: nn.Module, optimizer: optim.Optimizer, loss_sum, max_gr
     """(state, accumulate, step), compiled with mx.compile as mlx-lm's tuner compiles its step.
 
     accumulate adds one batch's loss and gradients to the running sums; step does the same for the group's last
-    batch, clips, and applies AdamW unless the loss or grad-norm is not finite, in one graph (one eval a step).
+    batch, clips and applies AdamW, in one graph (one eval a step); it returns (loss, pre-clip grad-norm).
     A compiled function sees arrays only through its arguments and `state` (weights, AdamW moments and
     learning rate, the dropout RNG key); anything else would be frozen into the graph when traced. So build this
     after a resume has replaced optimizer.state, and keep the model in train mode while stepping. Dropout draws
@@ -118,18 +118,35 @@ def compiled_step(model: nn.Module, optimizer: optim.Optimizer, loss_sum, max_gr
         if max_grad_norm and max_grad_norm > 0:  # as optim.clip_grad_norm: scale down only above the limit
             scale = mx.where(grad_norm < max_grad_norm, 1.0, max_grad_norm / (grad_norm + 1e-6))
             grads = tree_map(lambda g: (g * scale).astype(g.dtype), grads)
-        ok = mx.isfinite(loss) & mx.isfinite(grad_norm)
-        # New containers: AdamW writes its moments into the nested state dicts in place.
-        params_before, moments_before = model.trainable_parameters(), tree_map(lambda x: x, optimizer.state)
         optimizer.update(model, grads)
-        # A non-finite step is reported and the run stops without it: keep weights and moments as they were.
-        keep = lambda new, old: mx.where(ok, new, old)  # noqa: E731
-        model.update(tree_map(keep, model.trainable_parameters(), params_before))
-        optimizer.state.update(tree_map(keep, optimizer.state, moments_before))  # in place: `state` holds it
         return loss, grad_norm
 
     return (state, partial(mx.compile, inputs=state, outputs=state)(add),
             partial(mx.compile, inputs=state, outputs=state)(step))
+
+
+def update_slots(model: nn.Module, optimizer: optim.Optimizer) -> list[tuple[dict | list, str | int]]:
+    """(container, key) of each trainable weight and optimizer-state array, found once.
+
+    The step writes new arrays into these same containers, so saving `[c[k] for c, k in slots]` before it and
+    writing them back undoes it (when its loss is not finite) without walking the module tree every step."""
+    slots: list[tuple[dict | list, str | int]] = []
+    for path, _ in tree_flatten(model.trainable_parameters()):
+        node = model
+        *parents, leaf = path.split(".")
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        slots.append((node, leaf))
+
+    def walk(node):
+        for key, value in (node.items() if isinstance(node, dict) else enumerate(node)):
+            if isinstance(value, mx.array):
+                slots.append((node, key))
+            elif isinstance(value, (dict, list)):
+                walk(value)
+
+    walk(optimizer.state)
+    return slots
 
 
 def evaluate(loaded: MLXLoaded, rows: list[Encoded], batch_size: int, loss_sum) -> float | None:
@@ -230,6 +247,7 @@ def train(loaded: MLXLoaded, train_rows: list[Encoded], valid_rows: list[Encoded
     loss_sum = make_loss(model)
     optimizer.init(model.trainable_parameters())  # no-op after a resume; the compiled update needs the moments
     compiled_state, accumulate, train_step = compiled_step(model, optimizer, loss_sum, t.max_grad_norm)
+    slots = update_slots(model, optimizer)
     started = time.perf_counter() - state["elapsed_s"]
     stopped = "completed"
     step = state["step"]
@@ -283,10 +301,13 @@ def train(loaded: MLXLoaded, train_rows: list[Encoded], valid_rows: list[Encoded
                 loss, grads = accumulate(inputs, targets, positions, weights, norm_array, loss, grads)
                 mx.eval(loss, grads)  # one batch's activations in memory at a time
             optimizer.learning_rate = lr = lr_at(step, t.lr, t.warmup_steps, total, t.schedule)
+            before = [container[key] for container, key in slots]
             loss, grad_norm = train_step(*prepared[-1][:4], norm_array, loss, grads)
             mx.eval(loss, grad_norm, compiled_state)
             loss_value, norm_value = loss.item(), grad_norm.item()
             if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+                for (container, key), value in zip(slots, before):  # undo the update: weights and moments
+                    container[key] = value
                 on_event({"type": "warning", "message": f"loss {loss_value} / grad-norm {norm_value} is not finite "
                           f"at step {step + 1}; stopped without applying it. Lower train.lr or check the data."})
                 stopped = "non_finite"
