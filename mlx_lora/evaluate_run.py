@@ -17,7 +17,7 @@ from .formats import read_examples
 from .jsonl import write_jsonl
 from .kb import load_kb
 from .route import SemanticRoute, calibrate_route, neighbours_from
-from .rules import Decision, RuleLayer, audit_records, load_rules
+from .rules import Decision, RuleLayer, audit_records, load_rules, match_rules
 from .similarity import REFUSAL, answer_index, describe, make_scorer
 
 DEFAULT_REFUSAL = "抱歉,公司知識庫中沒有這個問題的相關規範,請洽詢 HR 或 IT Helpdesk。"
@@ -97,19 +97,24 @@ def _read(path, what: str, required: bool = False):
 
 
 def build_layer(cfg: Config, scorer, kb, train, valid, answers, refusal, index, rules_path) -> tuple[RuleLayer, dict]:
-    """Rules + semantic route; thresholds not set in cfg.rules are calibrated on the valid split."""
+    """Keyword rules, then the semantic route (a topic classifier trained on the train split only).
+
+    Route thresholds not set in cfg.rules are calibrated on the valid split (route.calibrate_route), on the valid
+    rows no keyword rule answers: rules keep priority in the layer, so those are the rows the route decides.
+    refuse_at (P(REFUSAL) at which the route refuses) has no config key yet and is always calibrated.
+    """
     info: dict = {}
     route = None
+    rules = load_rules(rules_path, kb) if rules_path else []
     if train:
         route = SemanticRoute(scorer, neighbours_from(train, {d: doc.text for d, doc in kb.items()}, index),
                               cfg.rules.route_high, cfg.rules.route_low)
-        if (cfg.rules.route_high is None or cfg.rules.route_low is None) and valid:
-            user_high, user_low = cfg.rules.route_high, cfg.rules.route_low
-            info["calibration"] = calibrate_route(route, valid, index)
-            route.high = user_high if user_high is not None else route.high
-            route.low = user_low if user_low is not None else route.low
+        if valid:
+            claimed = [bool(match_rules(rules, e.question)) for e in valid]
+            info["calibration"] = calibrate_route(route, valid, index, claimed=claimed)
+            route.high = cfg.rules.route_high if cfg.rules.route_high is not None else route.high
+            route.low = cfg.rules.route_low if cfg.rules.route_low is not None else route.low
         info["route"] = route.describe()
-    rules = load_rules(rules_path, kb) if rules_path else []
     info["rules"] = {"path": str(rules_path) if rules_path else None, "count": len(rules),
                      "kb_match_threshold": cfg.rules.kb_match_threshold}
     return RuleLayer(rules, answers, index, refusal, cfg.rules.kb_match_threshold, route), info

@@ -1,15 +1,18 @@
-"""The semantic route: k-NN vote, thresholds, calibration on made-up neighbours, and its place in the rule layer."""
+"""The semantic route: topic classifier, thresholds, calibration on made-up rows, and its place in the rule layer."""
 
 from __future__ import annotations
+
+import sys
 
 import numpy as np
 import pytest
 
 from mlx_lora.evaluate_run import retrieval_decisions
 from mlx_lora.formats import Example
-from mlx_lora.route import Neighbour, SemanticRoute, calibrate, calibrate_route, neighbours_from
-from mlx_lora.rules import RuleLayer, Rule
-from mlx_lora.similarity import REFUSAL, EmbeddingScorer, answer_index
+from mlx_lora.route import (NEVER, Neighbour, SemanticRoute, TopicClassifier, calibrate, calibrate_route,
+                            kb_clauses, neighbours_from, training_texts)
+from mlx_lora.rules import Rule, RuleLayer
+from mlx_lora.similarity import REFUSAL, CharScorer, EmbeddingScorer, answer_index
 
 ANSWERS = {"vpn": "answer vpn", "leave": "answer leave"}
 REFUSAL_TEXT = "answer sorry"
@@ -22,10 +25,11 @@ def unit(angle_deg: float) -> list[float]:
 
 # Texts as 3-d vectors: cosine between two texts = cos(angle difference) (third axis = unlike everything).
 VECTORS = {
-    "vpn q1": unit(0), "vpn q2": unit(5), "vpn q3": unit(10),
-    "leave q1": unit(60), "leave q2": unit(65),
-    "weather q": unit(120),
+    "vpn setup": unit(0), "vpn client download": unit(5), "vpn cannot connect": unit(10),
+    "annual leave days": unit(60), "leave request form": unit(65),
+    "weather today": unit(120), "tell me a joke": unit(130),
     "ask vpn": unit(2), "ask between": unit(40), "ask leave": unit(62), "ask nothing": [0.1, 0.0, 0.995],
+    "weather tomorrow": unit(125),
     "answer vpn": unit(1), "answer leave": unit(61), "answer sorry": unit(121),
 }
 
@@ -34,59 +38,123 @@ def scorer() -> EmbeddingScorer:
     return EmbeddingScorer("fake", "fake", lambda texts: np.array([VECTORS[t] for t in texts]))
 
 
-NEIGHBOURS = [Neighbour("vpn q1", "vpn", "question"), Neighbour("vpn q2", "vpn", "question"),
-              Neighbour("vpn q3", "vpn", "question"), Neighbour("leave q1", "leave", "question"),
-              Neighbour("leave q2", "leave", "question"), Neighbour("weather q", REFUSAL, "question")]
+NEIGHBOURS = [Neighbour("vpn setup", "vpn", "question"), Neighbour("vpn client download", "vpn", "question"),
+              Neighbour("vpn cannot connect", "vpn", "question"), Neighbour("annual leave days", "leave", "question"),
+              Neighbour("leave request form", "leave", "question"), Neighbour("weather today", REFUSAL, "question"),
+              Neighbour("tell me a joke", REFUSAL, "question"), Neighbour("answer vpn", "vpn", "kb")]
 
 
-def test_vote_label_confidence_and_nearest():
-    route = SemanticRoute(scorer(), NEIGHBOURS, k=3)
-    vpn, between = route.vote(["ask vpn", "ask between"])
-    assert vpn.label == "vpn" and vpn.confidence == pytest.approx(1.0)
-    assert vpn.neighbour.text == "vpn q1" and vpn.score == pytest.approx(np.cos(np.radians(2)))
-    # 40°: the 3 nearest are leave q1 (20°), leave q2 (25°), vpn q3 (30°).
-    assert between.label == "leave" and 0.5 < between.confidence < 0.8
+@pytest.fixture(scope="module")
+def route() -> SemanticRoute:
+    return SemanticRoute(scorer(), NEIGHBOURS)
 
 
-def test_decide_retrieve_refuse_model():
-    route = SemanticRoute(scorer(), NEIGHBOURS, high=0.9, low=0.3, k=3)
-    kinds = [d.kind for d in route.decide(["ask vpn", "ask between", "ask nothing"])]
-    assert kinds == ["retrieve", "model", "refuse"]
-    uncalibrated = SemanticRoute(scorer(), NEIGHBOURS)
-    assert {d.kind for d in uncalibrated.decide(["ask vpn", "ask nothing"])} == {"model"}
+def test_classify_names_the_doc_its_probability_and_the_refusal_probability(route):
+    vpn, leave, weather, between = route.classify(["ask vpn", "ask leave", "weather tomorrow", "ask between"])
+    assert route.classifier.classes == sorted(["vpn", "leave", REFUSAL])
+    assert vpn.label == "vpn" and leave.label == "leave"
+    assert vpn.confidence > 0.5 and vpn.refusal_p < 0.3
+    assert weather.refusal_p > 0.5 and weather.refusal_p > weather.confidence  # label is the best *doc*
+    assert between.confidence < vpn.confidence  # halfway between two topics: less sure
+    # The detail names the class's nearest training question (not the nearer KB text "answer vpn", 1° away).
+    assert vpn.neighbour.text == "vpn setup" and vpn.score == pytest.approx(np.cos(np.radians(1)))
 
 
-def test_calibrate_on_made_up_neighbours():
-    conf = [1.0, 1.0, 0.9, 0.8, 0.6, 0.5, 0.4]
-    correct = [True, True, True, True, False, False, False]
-    scores = [0.9, 0.9, 0.8, 0.8, 0.5, 0.6, 0.2]
-    answerable = [True, True, True, True, False, True, False]
-    info = calibrate(conf, correct, scores, answerable, precision=0.95)
-    # Below 0.6 only unanswerable rows (0.5, 0.2); 0.6 itself is answerable: low midway 0.5–0.6.
-    assert info["low"] == pytest.approx(0.55)
-    # Of the rest, ≥ 0.8 is the lowest confidence whose upper set is all right: midway to 0.5 → 0.65.
-    assert info["high"] == pytest.approx(0.65)
-    assert (info["retrieved"], info["refused"], info["to_model"]) == (4, 2, 1)
+def test_decide_refuse_retrieve_model(route):
+    route.high, route.low, route.refuse_at = 0.5, 0.3, 0.5
+    try:
+        got = route.decide(["ask vpn", "ask nothing", "weather tomorrow", "ask between"])
+        assert [d.kind for d in got[:3]] == ["retrieve", "refuse", "retrieve"]
+        assert got[0].label == "vpn" and got[2].label == REFUSAL and got[2].confidence == got[2].refusal_p
+        assert got[2].neighbour.label == REFUSAL
+        route.high = 0.999  # nothing is that sure: the doc questions go to the model
+        assert [d.kind for d in route.decide(["ask vpn", "ask leave"])] == ["model", "model"]
+    finally:
+        route.high, route.low, route.refuse_at = NEVER, 0.0, NEVER
+    assert {d.kind for d in route.decide(["ask vpn", "ask nothing", "weather tomorrow"])} == {"model"}  # uncalibrated
+
+
+def test_kb_clauses_are_extra_examples_of_their_doc():
+    assert kb_clauses("VPN 設定：請下載 client，以 SSO 登入；連不上時重開機。") == [
+        "VPN 設定：請下載 client", "以 SSO 登入", "連不上時重開機"]
+    assert kb_clauses("短，也短。") == []  # pieces under 4 characters say too little
+    texts, labels = training_texts([Neighbour("q", "vpn", "question"), Neighbour("甲乙丙丁，戊己庚辛", "leave", "kb")])
+    assert texts == ["q", "甲乙丙丁，戊己庚辛", "甲乙丙丁", "戊己庚辛"] and labels == ["vpn", "leave", "leave", "leave"]
+
+
+def test_classifier_on_char_ngrams_alone():
+    # The character fallback scorer has no embeddings: TF-IDF n-grams still tell 請假 from VPN.
+    clf = TopicClassifier(CharScorer()).fit(["VPN 連不上", "VPN 怎麼設定", "請假怎麼請", "病假要證明嗎", "今天天氣"],
+                                            ["vpn", "vpn", "leave", "leave", REFUSAL])
+    proba = clf.predict_proba(["VPN 設定", "請病假"])
+    assert [clf.classes[int(k)] for k in proba.argmax(axis=1)] == ["vpn", "leave"]
+    assert clf.predict_proba([]).shape == (0, 3)
+
+
+def test_route_without_scikit_learn_only_refuses_below_low(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn.linear_model", None)  # import fails as if not installed
+    route = SemanticRoute(scorer(), NEIGHBOURS, high=0.0, low=0.3)
+    assert route.classifier is None and "scikit-learn" in route.missing
+    got = route.decide(["ask vpn", "ask nothing"])
+    assert got[0].label == "vpn" and got[0].confidence == 0.0 and got[1].kind == "refuse"
+    assert [n.text for n, _ in route.nearest(["ask vpn"], kinds=("question",))] == ["vpn setup"]
+
+
+def test_calibrate_floor_then_best_expected_accuracy():
+    conf = [0.9, 0.9, 0.8, 0.6, 0.5, 0.3, 0.2]
+    correct = [True, True, True, False, True, False, False]
+    scores = [0.9, 0.9, 0.8, 0.7, 0.7, 0.6, 0.2]
+    answerable = [True, True, True, True, True, False, False]
+    info = calibrate(conf, correct, scores, answerable, precision=0.95, model_accuracy=0.5)
+    # Below 0.7 only unanswerable rows (0.6, 0.2); 0.7 itself is answerable: low midway 0.6–0.7.
+    assert info["low"] == pytest.approx(0.65)
+    # Kept rows all answerable: refusing never pays. Routing all (4 right) ties with routing ≥ 0.8 (3 right +
+    # 0.5 + 0.5 for the two left to the model); ties go to the lower threshold: the lowest value itself.
+    assert info["refuse_at"] == NEVER and info["high"] == pytest.approx(0.5)
+    assert (info["retrieved"], info["refused"], info["to_model"]) == (5, 2, 0)
     assert info["retrieved_correct"] == 4 and info["refused_unanswerable"] == 2
 
 
+ROWS = dict(  # 0–1 answerable and right; 2 answerable, wrong doc; 3–6 unanswerable
+    confidence=[0.9, 0.8, 0.4, 0.5, 0.3, 0.6, 0.6], correct=[True, True, False, False, False, False, False],
+    scores=[0.9] * 7, answerable=[True, True, True, False, False, False, False],
+    refusal_p=[0.05, 0.1, 0.5, 0.6, 0.9, 0.45, 0.4])
+
+
+def test_calibrate_refusal_threshold_and_the_retrieval_budget():
+    free = calibrate(**ROWS)
+    # Refusing from P(REFUSAL) 0.25 up catches all four unanswerable rows at the price of answerable row 2.
+    assert free["low"] == 0.0 and free["refuse_at"] == pytest.approx(0.25) and free["high"] <= 0.8
+    assert free["refused"] == 5 and free["refused_unanswerable"] == 4 and free["retrieved"] == 2
+    # The retrieval baseline refused no answerable valid row: the route may not refuse one either.
+    held = calibrate(**ROWS, refusal_budget=0)
+    assert held["refuse_at"] == pytest.approx(0.55) and held["high"] == pytest.approx(0.7)
+    assert held["refused"] == 2 and held["to_model"] == 3 and held["retrieved"] == 2
+
+
 def test_calibrate_when_nothing_is_reliable():
-    info = calibrate([0.9, 0.8], [False, False], [0.9, 0.8], [True, True])
-    assert info["high"] == 1.01 and info["low"] == 0.0 and info["to_model"] == 2
+    info = calibrate([0.9, 0.8], [False, False], [0.9, 0.8], [True, True], refusal_p=[0.0, 0.1], refusal_budget=0)
+    assert info["high"] == NEVER and info["refuse_at"] == NEVER and info["low"] == 0.0 and info["to_model"] == 2
 
 
-def test_calibrate_precision_target_is_honoured():
+def test_calibrate_with_no_rows_left_never_retrieves_or_refuses():
+    info = calibrate([], [], [], [], refusal_p=[], refusal_budget=3)  # e.g. keyword rules claimed every valid row
+    assert (info["high"], info["low"], info["refuse_at"], info["valid_rows"]) == (NEVER, 0.0, NEVER, 0)
+
+
+def test_calibrate_is_right_at_least_as_often_as_the_model_alone():
     rng = np.random.default_rng(0)
     conf = rng.uniform(0.3, 1.0, 200)
     correct = rng.uniform(size=200) < conf  # more confident → more often right
-    scores = rng.uniform(0, 1, 200)
     answerable = rng.uniform(size=200) < 0.8
-    for target in (0.8, 0.9):
-        info = calibrate(conf, correct, scores, answerable, precision=target)
-        chosen = (conf >= info["high"]) & (scores >= info["low"])
-        refused = scores < info["low"]
-        assert not refused.any() or (~answerable[refused]).mean() >= target
-        assert chosen.any() and correct[chosen].mean() >= target
+    refusal_p = np.where(answerable, rng.uniform(0, 0.5, 200), rng.uniform(0.3, 1.0, 200))
+    scores = rng.uniform(0.5, 1, 200)
+    for m in (0.3, 0.7):
+        info = calibrate(conf, correct, scores, answerable, model_accuracy=m, refusal_p=refusal_p)
+        refused = refusal_p >= info["refuse_at"]
+        routed = ~refused & (conf >= info["high"])
+        gain = (refused & ~answerable).sum() + (routed & correct).sum() + m * (~refused & ~routed).sum()
+        assert gain >= m * 200 and gain >= correct.sum() - 1e-9  # beats "all to the model" and "no refusals"
 
 
 def chat(question, doc_id):
@@ -95,45 +163,62 @@ def chat(question, doc_id):
                    meta={"doc_id": doc_id, "answerable": doc_id is not None})
 
 
-def test_neighbours_from_examples_and_calibrate_route():
+def test_neighbours_from_examples_and_calibrate_route_on_unclaimed_rows(route):
     s = scorer()
     index = answer_index(s, ANSWERS, REFUSAL_TEXT)
-    train = [chat("vpn q1", "vpn"), chat("vpn q1", "vpn"), chat("leave q1", "leave"), chat("weather q", None)]
+    train = [chat("vpn setup", "vpn"), chat("vpn setup", "vpn"), chat("annual leave days", "leave"),
+             chat("weather today", None)]
     neighbours = neighbours_from(train, {"vpn": "answer vpn"}, index)
     assert [(n.text, n.label, n.kind) for n in neighbours] == [
-        ("vpn q1", "vpn", "question"), ("leave q1", "leave", "question"), ("weather q", REFUSAL, "question"),
-        ("answer vpn", "vpn", "kb")]
-    route = SemanticRoute(s, NEIGHBOURS, k=3)
-    valid = [chat("ask vpn", "vpn"), chat("ask leave", "leave"), chat("ask between", "vpn"), chat("ask nothing", None)]
-    info = calibrate_route(route, valid, index)
-    assert route.high == info["high"] and route.low == info["low"]
-    decided = {q: d.kind for q, d in zip(["ask vpn", "ask leave", "ask between", "ask nothing"],
-                                         route.decide(["ask vpn", "ask leave", "ask between", "ask nothing"]))}
-    assert decided["ask vpn"] == decided["ask leave"] == "retrieve"
-    assert decided["ask between"] == "model"  # its vote (leave) was wrong on valid: left to the model
-    assert decided["ask nothing"] == "refuse"
+        ("vpn setup", "vpn", "question"), ("annual leave days", "leave", "question"),
+        ("weather today", REFUSAL, "question"), ("answer vpn", "vpn", "kb")]
+    valid = [chat("ask vpn", "vpn"), chat("ask leave", "leave"), chat("ask nothing", None),
+             chat("weather tomorrow", None)]
+    try:
+        info = calibrate_route(route, valid, index, claimed=[False, True, False, False])
+        assert info["claimed_by_rules"] == 1 and info["valid_rows"] == 3  # "ask leave" is a rule's: left out
+        assert (route.high, route.low, route.refuse_at) == (info["high"], info["low"], info["refuse_at"])
+        kinds = {q: (d.kind, d.label) for q, d in zip(["ask vpn", "ask nothing", "weather tomorrow"],
+                                                      route.decide(["ask vpn", "ask nothing", "weather tomorrow"]))}
+        assert kinds["ask vpn"] == ("retrieve", "vpn")
+        # Both unanswerable rows are refused (here by the similarity floor, set just under "ask vpn").
+        assert all(kinds[q][0] == "refuse" or kinds[q][1] == REFUSAL for q in ("ask nothing", "weather tomorrow"))
+        assert info["refusal_budget"] == 0  # the baseline's nearest question for "ask vpn"/"ask leave" is a doc's
+    finally:
+        route.high, route.low, route.refuse_at = NEVER, 0.0, NEVER
 
 
-def test_route_in_the_rule_layer_and_rule_precedence():
+def test_route_in_the_rule_layer_and_rule_precedence(route):
     s = scorer()
     index = answer_index(s, ANSWERS, REFUSAL_TEXT)
-    route = SemanticRoute(s, NEIGHBOURS, high=0.9, low=0.3, k=3)
-    rule = Rule("leave-rule", "leave", ["vpn"], [], priority=1)
-    plain = RuleLayer([], ANSWERS, index, REFUSAL_TEXT, 0.8, route)
-    got = plain.decide(["ask vpn", "ask nothing", "ask between"], ["answer leave", "answer vpn", "answer leave"])
-    assert got[0].source == "KB_RETRIEVAL" and got[0].answer == "answer vpn"
-    assert got[0].detail["neighbour"] == "vpn q1" and got[0].detail["score"] == pytest.approx(np.cos(np.radians(2)),
-                                                                                            abs=1e-4)
-    assert got[1].source == "REFUSAL" and got[1].detail["by"] == "route" and got[1].answer == REFUSAL_TEXT
-    assert got[2].source == "KB_MATCH" and got[2].detail["route"] == "model"  # band: the model's answer, checked
-    with_rule = RuleLayer([rule], ANSWERS, index, REFUSAL_TEXT, 0.8, route)
-    d = with_rule.decide(["ask vpn"], ["answer vpn"])[0]
-    assert d.source == "RULE_OVERRIDE" and d.answer == "answer leave"  # an explicit rule beats the route
+    route.high, route.low, route.refuse_at = 0.5, 0.3, 0.5
+    try:
+        rule = Rule("leave-rule", "leave", ["vpn"], [], priority=1)
+        plain = RuleLayer([], ANSWERS, index, REFUSAL_TEXT, 0.8, route)
+        route.high = max(d.confidence for d in route.classify(["ask between"])) + 1e-6  # "ask between" → model
+        got = plain.decide(["ask vpn", "ask nothing", "ask between", "weather tomorrow"],
+                           ["answer leave", "answer vpn", "answer leave", "answer vpn"])
+        assert got[0].source == "KB_RETRIEVAL" and got[0].answer == "answer vpn"
+        assert got[0].detail["neighbour"] == "vpn setup" and got[0].detail["vote"] == "vpn"
+        assert got[1].source == "REFUSAL" and got[1].detail["by"] == "route" and got[1].answer == REFUSAL_TEXT
+        assert got[2].source == "KB_MATCH" and got[2].detail["route"] == "model"  # band: the model's answer, checked
+        assert got[3].source == "REFUSAL" and got[3].detail["vote"] == REFUSAL  # refused by P(REFUSAL)
+        with_rule = RuleLayer([rule], ANSWERS, index, REFUSAL_TEXT, 0.8, route)
+        d = with_rule.decide(["ask vpn"], ["answer vpn"])[0]
+        assert d.source == "RULE_OVERRIDE" and d.answer == "answer leave"  # an explicit rule beats the route
+    finally:
+        route.high, route.low, route.refuse_at = NEVER, 0.0, NEVER
 
 
-def test_retrieval_baseline_takes_the_nearest_training_question():
-    # A KB text nearer than any question (1° from "ask vpn") must not count: the baseline uses questions only.
-    route = SemanticRoute(scorer(), NEIGHBOURS + [Neighbour("answer vpn", "leave", "kb")])
-    got = retrieval_decisions(route, ["ask vpn", "ask between"], ANSWERS, REFUSAL_TEXT)
-    assert [d.answer for d in got] == ["answer vpn", "answer leave"]
-    assert all(d.source == "KB_RETRIEVAL" for d in got) and got[0].detail["neighbour"] == "vpn q1"
+def test_retrieval_baseline_takes_the_nearest_training_question(route):
+    # A KB text nearer than any question (1° from "ask vpn") must not count: the baseline uses questions only,
+    # and never the classifier.
+    got = retrieval_decisions(route, ["ask vpn", "ask between", "weather tomorrow"], ANSWERS, REFUSAL_TEXT)
+    assert [d.answer for d in got] == ["answer vpn", "answer leave", REFUSAL_TEXT]
+    assert all(d.source == "KB_RETRIEVAL" for d in got) and got[0].detail["neighbour"] == "vpn setup"
+
+
+def test_describe_names_the_classifier(route):
+    info = route.describe()
+    assert info["classes"] == 3 and info["training_questions"] == 7 and info["kb_texts"] == 1
+    assert "logistic regression" in info["classifier"] and "embeddings" in info["classifier"]
