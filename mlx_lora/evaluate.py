@@ -167,10 +167,11 @@ def markdown(report: dict) -> str:
     meta = report.get("meta") or {}
     if meta.get("route"):
         r, c = meta["route"], meta.get("calibration")
-        lines.append(f"Semantic route: refuse below similarity {r['low']:g}, answer from the KB "
-                     f"at vote confidence ≥ {r['high']:g} (k={r['k']}, {r['training_questions']} training questions, "
-                     f"{r['kb_texts']} KB texts)" + (f"; calibrated on {c['valid_rows']} valid rows at "
-                                                      f"{c['precision_target']:.0%} precision" if c else "") + ".")
+        lines.append(f"Semantic route ({r.get('classifier') or 'nearest neighbours'}, trained on "
+                     f"{r['training_questions']} training questions and {r['kb_texts']} KB texts): refuse below "
+                     f"similarity {r['low']:g} or at refusal probability ≥ {r.get('refuse_at', 1.01):g}; answer from "
+                     f"the KB at topic probability ≥ {r['high']:g}; otherwise the model answers"
+                     + (f"; thresholds calibrated on {c['valid_rows']} valid rows" if c else "") + ".")
     if meta.get("rules"):
         lines.append(f"Rules: {meta['rules']['count']} from {meta['rules']['path']}; KB_MATCH at ≥ "
                      f"{meta['rules']['kb_match_threshold']:g} similarity.")

@@ -211,7 +211,6 @@ class SemanticRoute:
                                                       f"{c.ngram_range[1]}-gram TF-IDF" +
                                                       (" + embeddings" if hasattr(self.scorer, "embed") else "")),
                 "classes": len(c.classes) if c is not None else 0, "missing": self.missing,
-                "k": "classifier",  # the report's route line predates the classifier and prints k
                 "training_questions": kinds.count("question"), "kb_texts": kinds.count("kb")}
 
 

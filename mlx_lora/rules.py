@@ -243,7 +243,7 @@ class RuleLayer:
                 if r.kind == "refuse":
                     out.append(Decision(self.refusal, "REFUSAL", {**detail, "by": "route", "low": self.route.low}))
                 elif r.label == REFUSAL:
-                    out.append(Decision(self.refusal, "REFUSAL", {**detail, "by": "route", "high": self.route.high}))
+                    out.append(Decision(self.refusal, "REFUSAL", {**detail, "by": "route", "refuse_at": self.route.refuse_at}))
                 else:
                     out.append(Decision(self.doc_answers[r.label], "KB_RETRIEVAL", {**detail, "doc_id": r.label}))
                 continue
