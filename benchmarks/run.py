@@ -57,7 +57,7 @@ class Settings:
     steps: dict[str, int] = field(default_factory=dict)  # {"": default, "mlx-cpu": 1, ...}
     gen_batch: int | None = None
     gen_tokens: int | None = None
-    threads: int = os.cpu_count() or 1
+    threads: int | None = None  # None: 1 in quick mode (small ops are erratic with more on a busy machine), else all
     isolate: bool | None = None  # one process per task (clean peak memory); default: not in quick mode
     out: Path | None = None
     data: Path | None = None
@@ -65,7 +65,8 @@ class Settings:
     def resolved(self) -> "Settings":
         quick = self.quick
         defaults = {"reps": 2 if quick else 3, "warmup": 1 if quick else 2, "gen_batch": 4 if quick else 8,
-                    "gen_tokens": 8 if quick else 32, "isolate": not quick}
+                    "gen_tokens": 8 if quick else 32, "isolate": not quick,
+                    "threads": 1 if quick else os.cpu_count() or 1}
         for key, value in defaults.items():
             if getattr(self, key) is None:
                 setattr(self, key, value)

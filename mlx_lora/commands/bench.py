@@ -38,7 +38,7 @@ def _steps(values: tuple[str, ...]) -> dict[str, int]:
 @config_option
 @set_option
 @click.option("--quick", is_flag=True,
-              help="Small, fast defaults (2 reps, 2 measured steps, tasks grouped per process).")
+              help="Small, fast defaults (2 reps, 2 measured steps, 1 thread, tasks grouped per process).")
 @click.option("--backends", help="Comma list: torch-cpu, torch-cuda, torch-mps, mlx-metal, mlx-cpu, "
                                  "mlx-cpu+openblas, mlx-cuda (default: every one available here).")
 @click.option("--model", "model", default="tiny", show_default=True,
@@ -50,7 +50,8 @@ def _steps(values: tuple[str, ...]) -> dict[str, int]:
               "BACKEND=N sets one backend's (and its baseline's), e.g. --steps mlx-cpu=1.")
 @click.option("--warmup", type=int, help="Steps run first and dropped (default 1 quick, 2 full).")
 @click.option("--reps", type=int, help="Repetitions, interleaved across engines (default 2 quick, 3 full).")
-@click.option("--threads", type=int, help="CPU threads for torch and BLAS (default: all cores).")
+@click.option("--threads", type=int, help="CPU threads for torch and BLAS (default: all cores; 1 with --quick, "
+                                          "where torch's small ops are erratic with more threads on a busy machine).")
 @click.option("--gen-batch", type=int, help="Prompts per generation batch (default 4 quick, 8 full).")
 @click.option("--gen-tokens", type=int, help="New tokens per prompt (default 8 quick, 32 full).")
 @click.option("--no-baselines", is_flag=True, help="Skip HF Trainer / mlx-lm / HF generate.")
@@ -64,8 +65,6 @@ def bench(config_path, overrides, quick, backends, model, out, data, steps, warm
 
     Training uses the config's LoRA/train settings (reference defaults) on the same data for every engine.
     """
-    import os
-
     run = _benchmarks()
     cfg = build_config(config_path, overrides)
     for name, value in (("--warmup", warmup), ("--reps", reps), ("--threads", threads), ("--gen-batch", gen_batch),
@@ -77,7 +76,7 @@ def bench(config_path, overrides, quick, backends, model, out, data, steps, warm
     settings = run.Settings(
         model=model, quick=quick, baselines=not no_baselines, generation=not no_generation,
         roofline=not no_roofline, reps=reps, warmup=warmup, steps=_steps(steps), gen_batch=gen_batch,
-        gen_tokens=gen_tokens, threads=threads or os.cpu_count() or 1, isolate=isolate,
+        gen_tokens=gen_tokens, threads=threads, isolate=isolate,
         out=Path(out) if out else None, data=Path(data) if data else None,
         backends=[b.strip() for b in backends.split(",") if b.strip()] if backends else None)
     folder = run.run_bench(settings, cfg)
