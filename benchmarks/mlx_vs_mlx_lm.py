@@ -3,11 +3,14 @@
 Same tiny random Qwen2, same chat data, batch, rank, LoRA keys, layers and number of optimizer steps. Every run
 is a fresh subprocess; ours and mlx-lm alternate (A B A B …) and ratios are medians over the repeats.
 
-Two figures per run:
+Three figures per run:
 - train_s: the training loop alone. Ours: `elapsed_s` of the last step event (everything from the start of
   train() to the end of the last step: batching, events, metrics.jsonl, progress). mlx-lm: the iterations/s its
   trainer reports at the last step (`python -m mlx_lm lora`'s code path — load, load_dataset, train_model — run
-  in-process so a TrainingCallback can read it; its per-step UI and the step-1 eval are outside its timer).
+  in-process so a TrainingCallback can read it). Its timer covers only the compiled step and its eval: batch
+  building, its progress bar and callbacks fall outside it.
+- loop_s: the same scope on both sides. Ours: train_s. mlx-lm: wall clock from the end of its step-1 eval to
+  its last step's report, less the eval it runs before the last step.
 - wall_s: the whole subprocess (imports, model load, eval, saving; ours also writes plots and a manifest).
 A word-level tokenizer with one token per word makes every row 32 tokens, so mlx-lm's padding to 32·k+1
 columns adds a single column; `--full-logits` makes ours compute logits at every position as mlx-lm does
@@ -35,6 +38,7 @@ from pathlib import Path
 
 WORDS = [f"w{i}" for i in range(200)]
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+FIGURES = ("train_s", "loop_s", "wall_s")
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
@@ -117,8 +121,17 @@ def theirs(args, steps: int, run_dir: Path) -> dict:
     from mlx_lm.utils import load
 
     class Timer(TrainingCallback):
+        start, val_s = None, 0.0
+
+        def on_val_loss_report(self, info):
+            if self.start is None:  # the step-1 eval has just ended: the loop proper starts
+                self.start = time.perf_counter()
+            else:
+                self.val_s += info["val_time"]
+
         def on_train_loss_report(self, info):
             self.train_s = info["iteration"] / info["iterations_per_second"]
+            self.loop_s = time.perf_counter() - self.start - self.val_s
 
     cli = ["--model", str(args.work / "model"), "--train", "--data", str(args.work / "data"), "--iters", str(steps),
            "--batch-size", str(args.batch), "--num-layers", "-1", "--mask-prompt", "--learning-rate", "1e-4",
@@ -136,12 +149,13 @@ def theirs(args, steps: int, run_dir: Path) -> dict:
     train_set, valid_set, _ = load_dataset(namespace, tokenizer)
     timer = Timer()
     lora.train_model(namespace, model, train_set, valid_set, timer)
-    return {"train_s": timer.train_s}
+    return {"train_s": timer.train_s, "loop_s": timer.loop_s}
 
 
 def ours_train_s(run_dir: Path) -> dict:
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {"train_s": [e for e in events if e["type"] == "step"][-1]["elapsed_s"]}
+    elapsed = [e for e in events if e["type"] == "step"][-1]["elapsed_s"]
+    return {"train_s": elapsed, "loop_s": elapsed}
 
 
 def worker(args) -> None:
@@ -198,12 +212,12 @@ def main() -> None:
             # The baseline's mlx_lora comes first on the path (the editable install's finder comes after it).
             extra = {"PYTHONPATH": str(args.baseline.resolve())} if tool == "baseline" else {}
             runs[tool].append(timed(cmd, {**env, **extra}, run.parent / f"{run.name}.json"))
-        line = "; ".join(f"{tool} train {runs[tool][-1]['train_s']:.2f}s wall {runs[tool][-1]['wall_s']:.1f}s"
-                         for tool in tools)
+        line = "; ".join(f"{tool} train {runs[tool][-1]['train_s']:.2f}s loop {runs[tool][-1]['loop_s']:.2f}s "
+                         f"wall {runs[tool][-1]['wall_s']:.1f}s" for tool in tools)
         print(f"repeat {repeat + 1}: {line}", file=sys.stderr)
 
     def ratios(a: str, b: str) -> dict:
-        return {k: [x[k] / y[k] for x, y in zip(runs[a], runs[b])] for k in ("train_s", "wall_s")}
+        return {k: [x[k] / y[k] for x, y in zip(runs[a], runs[b])] for k in FIGURES}
 
     pairs = {"ours_over_mlx_lm": ratios("ours", "mlx-lm")}
     if args.baseline:
@@ -213,7 +227,7 @@ def main() -> None:
                 "tokens_per_row": 32, "rows": args.rows, "steps": args.steps, "full_logits": args.full_logits},
         "repeats": args.repeats, "cpu_count": os.cpu_count(), "ld_preload": os.environ.get("LD_PRELOAD", ""),
         "baseline": str(args.baseline) if args.baseline else None,
-        "median_s": {tool: {k: statistics.median(r[k] for r in rs) for k in ("train_s", "wall_s")}
+        "median_s": {tool: {k: statistics.median(r[k] for r in rs) for k in FIGURES}
                      for tool, rs in runs.items()},
         "median_ratio": {name: {k: statistics.median(v) for k, v in r.items()} for name, r in pairs.items()},
         "ratios": pairs,
