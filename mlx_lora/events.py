@@ -66,13 +66,13 @@ class MetricsWriter:
 
 
 class PlotWriter:
-    """Redraws the PNGs at each eval and at the end, from metrics.jsonl (so a resumed run plots its whole history)."""
+    """Redraws the PNGs at each eval from metrics.jsonl (so a resumed run plots its whole history); `finish` draws the last."""
 
     def __init__(self, run_dir: Path):
         self.run_dir = Path(run_dir)
 
     def __call__(self, event: dict) -> None:
-        if event["type"] in ("eval", "done"):
+        if event["type"] == "eval":  # not on "done": finish() draws the final plots right after it
             write_plots(self.run_dir)
 
 
