@@ -8,7 +8,6 @@ import resource
 import statistics
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 VERSIONED = ("mlx-lora", "torch", "transformers", "peft", "accelerate", "mlx", "mlx-cpu", "mlx-metal", "mlx-cuda",
@@ -64,13 +63,9 @@ def quantiles(values: list[float]) -> dict:
 
 
 def versions() -> dict[str, str]:
-    found = {"python": platform.python_version()}
-    for name in VERSIONED:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return found
+    from mlx_lora.training import versions as installed_versions
+
+    return installed_versions(VERSIONED)
 
 
 def cpu_name() -> str:

@@ -22,9 +22,10 @@ from .render import ChatTokenizer
 _VERSIONED = ("mlx-lora", "torch", "transformers", "peft", "mlx", "mlx-lm", "tokenizers")
 
 
-def versions() -> dict[str, str]:
+def versions(names: tuple[str, ...] = _VERSIONED) -> dict[str, str]:
+    """Installed versions of `names` (absent packages are left out), plus Python's."""
     found = {"python": platform.python_version()}
-    for name in _VERSIONED:
+    for name in names:
         try:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
