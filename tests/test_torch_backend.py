@@ -367,3 +367,18 @@ def test_mlx_format_adapter_loads_with_identical_logits(trained, tiny, tok, tmp_
     with torch.no_grad():
         diff = (loaded.model(input_ids=ids).logits - trained["loaded"].model(input_ids=ids).logits).abs().max()
     assert diff < 1e-5
+
+
+def test_an_adapter_from_another_base_model_is_a_one_line_error(trained, tmp_path, qwen_tokenizer_dir):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from mlx_lora.errors import UserError
+    from torch_backend.backend import TorchBackend
+
+    other = tmp_path / "other"
+    config = Qwen2Config(vocab_size=151669, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0)
+    Qwen2ForCausalLM(config).save_pretrained(other)
+    with pytest.raises(UserError) as info:
+        TorchBackend().load(other, trained["run_dir"] / "adapter", trained["cfg"])
+    assert "adapter does not fit this model" in str(info.value) and "\n" not in str(info.value)

@@ -81,13 +81,20 @@ def _attach_adapter(base, path: Path, trainable: bool):
     after loading, so the folder is removed)."""
     from peft import PeftModel
 
-    if adapter_format(path) == "peft":
-        return PeftModel.from_pretrained(base, str(path), is_trainable=trainable)
-    from mlx_lora.adapters import mlx_to_peft
+    try:
+        if adapter_format(path) == "peft":
+            return PeftModel.from_pretrained(base, str(path), is_trainable=trainable)
+        from mlx_lora.adapters import mlx_to_peft
 
-    with tempfile.TemporaryDirectory(prefix="mlx-lora-peft-") as tmp:
-        mlx_to_peft(path, Path(tmp) / "adapter")
-        return PeftModel.from_pretrained(base, str(Path(tmp) / "adapter"), is_trainable=trainable)
+        with tempfile.TemporaryDirectory(prefix="mlx-lora-peft-") as tmp:
+            mlx_to_peft(path, Path(tmp) / "adapter")
+            return PeftModel.from_pretrained(base, str(Path(tmp) / "adapter"), is_trainable=trainable)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        # Typically "size mismatch": the adapter was trained on another base model.
+        first = str(exc).strip().splitlines()
+        reason = next((line.strip() for line in first if "mismatch" in line), first[0] if first else type(exc).__name__)
+        raise UserError(f"{path}: adapter does not fit this model ({reason[:160]}); "
+                        "use the base model it was trained on (see the run's manifest.json)") from None
 
 
 # PEFT 0.21 calls a transformers 5 API deprecated in favour of another name: nothing a user can act on.
