@@ -248,10 +248,15 @@ def mlx_to_peft(src: str | Path, dst: str | Path, base_model: str | None = None)
     targets = sorted({m.rsplit(".", 1)[-1] for m in src_info.modules})
     config = peft_config(src_info.rank, src_info.scale * src_info.rank, src_info.dropout, targets,
                          src_info.layers or None, base_model or src_info.base_model)
+    return _write_adapter(dst, PEFT_WEIGHTS, out, "pt", config)
+
+
+def _write_adapter(dst: str | Path, weights_name: str, tensors: dict, flavour: str, config: dict) -> AdapterInfo:
+    """Weights + adapter_config.json staged beside dst, then published in one rename (never half-written)."""
     dst = Path(dst)
     tmp = _staging(dst)
     try:
-        _write_safetensors(tmp / PEFT_WEIGHTS, out, "pt")
+        _write_safetensors(tmp / weights_name, tensors, flavour)
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         _publish(tmp, dst)
     finally:
@@ -280,15 +285,7 @@ def peft_to_mlx(src: str | Path, dst: str | Path, num_layers: int | None = None)
         raise UserError(f"num_layers must be at least 1, got {num_layers}")
     config = mlx_config(src_info.rank, src_info.scale, src_info.dropout, src_info.modules, num_layers,
                         alpha=src_info.scale * src_info.rank, base_model=src_info.base_model)
-    dst = Path(dst)
-    tmp = _staging(dst)
-    try:
-        _write_safetensors(tmp / MLX_WEIGHTS, out, "mlx")
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        _publish(tmp, dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return info(dst)
+    return _write_adapter(dst, MLX_WEIGHTS, out, "mlx", config)
 
 
 def convert(src: str | Path, dst: str | Path, to: str, num_layers: int | None = None,
