@@ -1,9 +1,11 @@
-"""JSONL reading with file:line errors, and atomic JSON/JSONL writing."""
+"""JSONL reading with file:line errors, and atomic writing of JSON/JSONL files and whole folders."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -49,3 +51,18 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
 
 def write_json(path: str | Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def staged_dir(dst: str | Path):
+    """Yield a temp folder beside dst; on success it replaces dst in one rename, on error it is removed."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        yield tmp
+        if dst.exists():
+            shutil.rmtree(dst)
+        tmp.rename(dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import mlx.core as mx
@@ -13,6 +12,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map_with_path
 
 from ..errors import UserError
+from ..jsonl import staged_dir
 from .model import MLXLoaded, adapter_weights, save_adapter
 
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -27,20 +27,13 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
 def save(loaded: MLXLoaded, optimizer: optim.Optimizer, run_dir: Path, step: int, state: dict) -> Path:
     """checkpoints/step-N/{adapter/, optimizer.safetensors, trainer_state.json}, via a temp dir + rename."""
     dst = checkpoint_dir(run_dir, step)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
+    with staged_dir(dst) as tmp:
         save_adapter(loaded, tmp / "adapter")
         # step and learning_rate go to JSON; the per-parameter moments (m, v) are the tensors.
         moments = {k: v for k, v in tree_flatten(optimizer.state) if k not in ("step", "learning_rate")}
         mx.save_safetensors(str(tmp / OPTIMIZER_FILE), moments, metadata={"format": "mlx"})
         scalars = {**state, "optimizer_step": int(optimizer.state["step"].item()), "backend": "mlx"}
         (tmp / STATE_FILE).write_text(json.dumps(scalars, indent=2) + "\n", encoding="utf-8")
-        if dst.exists():
-            shutil.rmtree(dst)
-        tmp.rename(dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return dst
 
 

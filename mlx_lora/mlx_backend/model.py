@@ -20,6 +20,7 @@ from mlx_lm.utils import load_model, save_config, save_model
 from .. import adapters
 from ..config import Config, GenerateConfig, LoraConfig
 from ..errors import UserError
+from ..jsonl import staged_dir
 
 OPENBLAS_FIX = ("apt-get install libopenblas0-pthread libgfortran5, then "
                 "export LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3")
@@ -130,19 +131,12 @@ def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
 def save_adapter(loaded: MLXLoaded, dst: Path, weights: dict[str, mx.array] | None = None) -> Path:
     """Write an mlx-lm adapter folder (adapters.safetensors + adapter_config.json) atomically."""
     lora = loaded.lora
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
+    with staged_dir(dst) as tmp:
         mx.save_safetensors(str(tmp / adapters.MLX_WEIGHTS), weights or adapter_weights(loaded.model),
                             metadata={"format": "mlx"})
         config = adapters.mlx_config(lora["rank"], lora["scale"], lora["dropout"], lora["keys"], lora["num_layers"],
                                      dora=lora["dora"], alpha=lora["alpha"], base_model=str(loaded.model_dir))
         (tmp / adapters.CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        if dst.exists():
-            shutil.rmtree(dst)
-        tmp.rename(dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return dst
 
 
