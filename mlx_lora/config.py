@@ -76,7 +76,7 @@ class GenerateConfig:
     temperature: float = 0.0  # 0 = greedy (evaluation is always greedy)
     top_p: float = 0.9
     repetition_penalty: float = 1.0
-    batch_size: int = 8
+    batch_size: int = 32
 
 
 @dataclass

@@ -171,7 +171,7 @@ def markdown(report: dict) -> str:
                      f"{r['training_questions']} training questions and {r['kb_texts']} KB texts): refuse below "
                      f"similarity {r['low']:g} or at refusal probability ≥ {r.get('refuse_at', 1.01):g}; answer from "
                      f"the KB at topic probability ≥ {r['high']:g}; otherwise the model answers"
-                     + (f"; thresholds calibrated on {c['valid_rows']} valid rows" if c else "") + ".")
+                     + (f"; thresholds calibrated by {c['method']}" if c and c.get("method") else "") + ".")
     if meta.get("rules"):
         lines.append(f"Rules: {meta['rules']['count']} from {meta['rules']['path']}; KB_MATCH at ≥ "
                      f"{meta['rules']['kb_match_threshold']:g} similarity.")

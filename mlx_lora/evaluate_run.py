@@ -17,7 +17,7 @@ from .formats import read_examples
 from .jsonl import write_jsonl
 from .kb import load_kb
 from .route import SemanticRoute, calibrate_route, neighbours_from
-from .rules import Decision, RuleLayer, audit_records, load_rules, match_rules
+from .rules import Decision, RuleLayer, audit_records, load_rules
 from .similarity import REFUSAL, answer_index, describe, make_scorer
 
 DEFAULT_REFUSAL = "抱歉,公司知識庫中沒有這個問題的相關規範,請洽詢 HR 或 IT Helpdesk。"
@@ -99,9 +99,8 @@ def _read(path, what: str, required: bool = False):
 def build_layer(cfg: Config, scorer, kb, train, valid, answers, refusal, index, rules_path) -> tuple[RuleLayer, dict]:
     """Keyword rules, then the semantic route (a topic classifier trained on the train split only).
 
-    Route thresholds not set in cfg.rules are calibrated on the valid split (route.calibrate_route), on the valid
-    rows no keyword rule answers: rules keep priority in the layer, so those are the rows the route decides.
-    refuse_at (P(REFUSAL) at which the route refuses) has no config key yet and is always calibrated.
+    Route thresholds not set in cfg.rules are calibrated out-of-fold on the train and valid questions
+    (route.calibrate_route); the test split is never used.
     """
     info: dict = {}
     route = None
@@ -109,11 +108,9 @@ def build_layer(cfg: Config, scorer, kb, train, valid, answers, refusal, index, 
     if train:
         route = SemanticRoute(scorer, neighbours_from(train, {d: doc.text for d, doc in kb.items()}, index),
                               cfg.rules.route_high, cfg.rules.route_low)
-        if valid:
-            claimed = [bool(match_rules(rules, e.question)) for e in valid]
-            info["calibration"] = calibrate_route(route, valid, index, claimed=claimed)
-            route.high = cfg.rules.route_high if cfg.rules.route_high is not None else route.high
-            route.low = cfg.rules.route_low if cfg.rules.route_low is not None else route.low
+        info["calibration"] = calibrate_route(route, train + valid, index)
+        route.high = cfg.rules.route_high if cfg.rules.route_high is not None else route.high
+        route.low = cfg.rules.route_low if cfg.rules.route_low is not None else route.low
         info["route"] = route.describe()
     info["rules"] = {"path": str(rules_path) if rules_path else None, "count": len(rules),
                      "kb_match_threshold": cfg.rules.kb_match_threshold}

@@ -188,8 +188,9 @@ def _r(x: float) -> float:
 class RuleLayer:
     """Final answer and source for each question, from keyword rules, the semantic route and the model's answer.
 
-    Order: a matching rule (highest priority) overrides the model unless the model's answer is already about the
-    rule's doc; else the route retrieves (KB_RETRIEVAL) or refuses (REFUSAL) when confident; else the model's
+    Order: the route refuses (REFUSAL) when confident the KB cannot answer, even where a keyword rule matches;
+    else a matching rule (highest priority) overrides the model unless the model's answer is already about the
+    rule's doc; else the route retrieves (KB_RETRIEVAL) when confident; else the model's
     answer is checked: nearest the refusal → REFUSAL; ≥ kb_match_threshold similar to a doc → KB_MATCH with that
     doc's KB answer (so a near-miss never keeps a wrong number); otherwise MODEL_GENERATED as written.
     """
@@ -225,7 +226,10 @@ class RuleLayer:
         for i, question in enumerate(questions):
             answer, found, r = model_answers[i], match_rules(self.rules, question), routed[i]
             detail: dict = {}
-            if found:
+            # A keyword names a topic, not an answerable question ("can the printer print in colour?" hits the
+            # printer rule, but the KB does not say): when the route is confident the KB cannot answer, it wins.
+            route_refuses = r is not None and (r.kind == "refuse" or (r.kind == "retrieve" and r.label == REFUSAL))
+            if found and not route_refuses:
                 rule, why = found[0]
                 detail = {"rule": rule.id, "doc_id": rule.doc_id, "matched": why, "priority": rule.priority,
                           "also_matched": [other.id for other, _ in found[1:]]}
@@ -240,6 +244,8 @@ class RuleLayer:
                 n = r.neighbour
                 detail = {"route": r.kind, "neighbour": n.text, "neighbour_kind": n.kind, "score": _r(r.score),
                           "vote": r.label, "confidence": _r(r.confidence)}
+                if found:
+                    detail["overrules"] = found[0][0].id
                 if r.kind == "refuse":
                     out.append(Decision(self.refusal, "REFUSAL", {**detail, "by": "route", "low": self.route.low}))
                 elif r.label == REFUSAL:

@@ -138,8 +138,8 @@ def test_calibrate_when_nothing_is_reliable():
 
 
 def test_calibrate_with_no_rows_left_never_retrieves_or_refuses():
-    info = calibrate([], [], [], [], refusal_p=[], refusal_budget=3)  # e.g. keyword rules claimed every valid row
-    assert (info["high"], info["low"], info["refuse_at"], info["valid_rows"]) == (NEVER, 0.0, NEVER, 0)
+    info = calibrate([], [], [], [], refusal_p=[], refusal_budget=3)  # no labelled questions at all
+    assert (info["high"], info["low"], info["refuse_at"], info["rows"]) == (NEVER, 0.0, NEVER, 0)
 
 
 def test_calibrate_is_right_at_least_as_often_as_the_model_alone():
@@ -163,7 +163,7 @@ def chat(question, doc_id):
                    meta={"doc_id": doc_id, "answerable": doc_id is not None})
 
 
-def test_neighbours_from_examples_and_calibrate_route_on_unclaimed_rows(route):
+def test_neighbours_from_examples(route):
     s = scorer()
     index = answer_index(s, ANSWERS, REFUSAL_TEXT)
     train = [chat("vpn setup", "vpn"), chat("vpn setup", "vpn"), chat("annual leave days", "leave"),
@@ -172,18 +172,25 @@ def test_neighbours_from_examples_and_calibrate_route_on_unclaimed_rows(route):
     assert [(n.text, n.label, n.kind) for n in neighbours] == [
         ("vpn setup", "vpn", "question"), ("annual leave days", "leave", "question"),
         ("weather today", REFUSAL, "question"), ("answer vpn", "vpn", "kb")]
-    valid = [chat("ask vpn", "vpn"), chat("ask leave", "leave"), chat("ask nothing", None),
-             chat("weather tomorrow", None)]
+
+
+def test_calibrate_route_out_of_fold_on_train_and_valid_questions(route):
+    index = answer_index(scorer(), ANSWERS, REFUSAL_TEXT)
+    examples = [chat("vpn setup", "vpn"), chat("vpn client download", "vpn"), chat("vpn cannot connect", "vpn"),
+                chat("ask vpn", "vpn"), chat("annual leave days", "leave"), chat("leave request form", "leave"),
+                chat("ask leave", "leave"), chat("weather today", None), chat("tell me a joke", None),
+                chat("weather tomorrow", None), chat("ask nothing", None), chat("vpn setup", "vpn")]
     try:
-        info = calibrate_route(route, valid, index, claimed=[False, True, False, False])
-        assert info["claimed_by_rules"] == 1 and info["valid_rows"] == 3  # "ask leave" is a rule's: left out
+        info = calibrate_route(route, examples, index, folds=3)
+        assert info["rows"] == 11  # distinct questions, each predicted by a fold route that never saw it
+        assert info["method"].startswith("3-fold")
         assert (route.high, route.low, route.refuse_at) == (info["high"], info["low"], info["refuse_at"])
-        kinds = {q: (d.kind, d.label) for q, d in zip(["ask vpn", "ask nothing", "weather tomorrow"],
-                                                      route.decide(["ask vpn", "ask nothing", "weather tomorrow"]))}
+        kinds = dict(zip(["ask vpn", "ask nothing", "weather tomorrow"],
+                         [(d.kind, d.label) for d in route.decide(["ask vpn", "ask nothing", "weather tomorrow"])]))
         assert kinds["ask vpn"] == ("retrieve", "vpn")
-        # Both unanswerable rows are refused (here by the similarity floor, set just under "ask vpn").
         assert all(kinds[q][0] == "refuse" or kinds[q][1] == REFUSAL for q in ("ask nothing", "weather tomorrow"))
-        assert info["refusal_budget"] == 0  # the baseline's nearest question for "ask vpn"/"ask leave" is a doc's
+        again = calibrate_route(route, examples, index, folds=3)
+        assert again == info  # the folds are seeded
     finally:
         route.high, route.low, route.refuse_at = NEVER, 0.0, NEVER
 
@@ -205,7 +212,15 @@ def test_route_in_the_rule_layer_and_rule_precedence(route):
         assert got[3].source == "REFUSAL" and got[3].detail["vote"] == REFUSAL  # refused by P(REFUSAL)
         with_rule = RuleLayer([rule], ANSWERS, index, REFUSAL_TEXT, 0.8, route)
         d = with_rule.decide(["ask vpn"], ["answer vpn"])[0]
-        assert d.source == "RULE_OVERRIDE" and d.answer == "answer leave"  # an explicit rule beats the route
+        assert d.source == "RULE_OVERRIDE" and d.answer == "answer leave"  # an explicit rule beats the route...
+        weather_rule = Rule("weather-is-leave", "leave", ["weather"], [], priority=1)
+        both = RuleLayer([weather_rule], ANSWERS, index, REFUSAL_TEXT, 0.8, route)
+        d = both.decide(["weather tomorrow"], ["answer vpn"])[0]
+        # ...except when the route is confident the KB cannot answer: a keyword names a topic, not a question.
+        assert d.source == "REFUSAL" and d.answer == REFUSAL_TEXT
+        assert d.detail["overrules"] == "weather-is-leave" and d.detail["by"] == "route"
+        route.refuse_at = NEVER
+        assert both.decide(["weather tomorrow"], ["answer vpn"])[0].source == "RULE_OVERRIDE"
     finally:
         route.high, route.low, route.refuse_at = NEVER, 0.0, NEVER
 

@@ -272,6 +272,19 @@ def test_batched_greedy_generation_equals_unbatched(lively, tok):
         assert hf[:len(ours)] == ours and (len(ours) == 12 or hf[len(ours)] in stops)
 
 
+def test_rows_that_stop_early_leave_the_batch_without_changing_the_others(lively, tok):
+    backend, loaded = lively
+    prompts = _prompts(tok)
+    free = backend.generate(loaded, prompts, GenerateConfig(max_new_tokens=12, batch_size=1), [])
+    # Stop on row 1's third token: row 1 (and any row that emits it) ends early, the rest run on in a shrunk batch.
+    stop = free[1][2]
+    assert any(stop not in out for out in free)
+    batched = backend.generate(loaded, prompts, GenerateConfig(max_new_tokens=12, batch_size=4), [stop])
+    expected = [out[:out.index(stop)] if stop in out else out for out in free]
+    assert batched == expected
+    assert len(batched[1]) == 2 and any(len(out) == 12 for out in batched)
+
+
 def test_sampling_options(lively, tok, trained):
     backend, loaded = lively
     prompts, stops = _prompts(tok), tok.stop_ids()

@@ -35,11 +35,23 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
+def _shrink(cache, keep: torch.Tensor) -> None:
+    """Drop finished rows from the KV cache in place, so later steps only compute the rows still writing."""
+    if hasattr(cache, "batch_select_indices"):
+        cache.batch_select_indices(keep)
+    else:  # legacy tuple-of-tuples cache
+        raise TypeError("this transformers version returns a cache that cannot drop rows")
+
+
 @torch.no_grad()
 def generate_batch(model, prompts: list[list[int]], cfg: GenerateConfig, stop_ids: list[int], pad_id: int,
                    device: torch.device, on_token: Callable[[int, int], None] | None = None, offset: int = 0,
                    generator: torch.Generator | None = None) -> list[list[int]]:
-    """One left-padded batch: prefill once, then one token per step from the cache until every row stops."""
+    """One left-padded batch: prefill once, then one token per step from the cache until every row stops.
+
+    A row that stops leaves the batch (and the cache): eval answers differ a lot in length, and without this the
+    longest answer would keep every finished row computing to the end.
+    """
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
     attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
@@ -51,8 +63,8 @@ def generate_batch(model, prompts: list[list[int]], cfg: GenerateConfig, stop_id
         seen = torch.zeros(len(prompts), vocab, dtype=torch.bool, device=device)
         seen.scatter_(1, ids, attention.bool())
     stops = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     out: list[list[int]] = [[] for _ in prompts]
+    active = list(range(len(prompts)))  # original row of each batch row still generating
     cache, cache_name = None, _cache_kwarg(model)
     step_ids, step_pos = ids, positions
     for _ in range(cfg.max_new_tokens):
@@ -63,18 +75,23 @@ def generate_batch(model, prompts: list[list[int]], cfg: GenerateConfig, stop_id
         if seen is not None:
             logits = _penalise(logits, seen, cfg.repetition_penalty)
         chosen = _pick(logits, cfg, generator)
-        chosen = torch.where(done, torch.full_like(chosen, pad_id), chosen)
-        stopped_now = torch.isin(chosen, stops) & ~done
-        for row, token in enumerate(chosen.tolist()):
-            if not done[row] and not stopped_now[row]:
-                out[row].append(token)
+        stopped = torch.isin(chosen, stops)
+        for row, (token, stop) in enumerate(zip(chosen.tolist(), stopped.tolist())):
+            if not stop:
+                out[active[row]].append(token)
                 if on_token is not None:
-                    on_token(offset + row, token)
-        done |= stopped_now
-        if bool(done.all()):
+                    on_token(offset + active[row], token)
+        if bool(stopped.all()):
             break
+        if bool(stopped.any()):
+            keep = (~stopped).nonzero().squeeze(-1)
+            _shrink(cache, keep)
+            active = [active[k] for k in keep.tolist()]
+            chosen, attention, step_pos = chosen[keep], attention[keep], step_pos[keep]
+            if seen is not None:
+                seen = seen[keep]
         if seen is not None:
-            seen.scatter_(1, chosen[:, None], ~done[:, None])
+            seen.scatter_(1, chosen[:, None], True)
         step_ids = chosen[:, None]
         step_pos = step_pos[:, -1:] + 1
         attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
