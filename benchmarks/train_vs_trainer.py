@@ -3,7 +3,7 @@
     python benchmarks/train_vs_trainer.py --model ~/.cache/mlx-lora/hf/<model> --data DIR --threads 2 1
 
 Runs A B A B … per thread count (the machines are noisy) and prints medians; `--autocast` adds our loop under
-bf16 autocast. Batch 4, grad-accum 1, r 16 on q/k/v/o, the first --rows rows of DIR/train.jsonl.
+bf16 autocast, `--no-sharing` our loop without the shared-prefix pass. Batch 4, grad-accum 1, r 16 on q/k/v/o, the first --rows rows of DIR/train.jsonl.
 """
 
 from __future__ import annotations
@@ -35,12 +35,13 @@ class Autocast(torch.nn.Module):
             return self.inner(*args)
 
 
-def ours(base, rows, cfg, steps, autocast=False):
+def ours(base, rows, cfg, steps, autocast=False, share_prefix=True):
     """Times of `steps` optimizer steps of our loop (after one warm-up step)."""
     torch.manual_seed(0)
     model = lora.attach(base, cfg.lora)
     trainer = Trainer(model, rows, [], cfg, Path("/tmp/bench-unused"), lambda e: None, torch.device("cpu"), 0,
                       ddp.Dist())
+    trainer.loss_fn.share_prefix = share_prefix
     if autocast:
         trainer.wrapped = Autocast(trainer.wrapped)
     model.train()
@@ -99,6 +100,7 @@ def main():
     parser.add_argument("--threads", type=int, nargs="+", default=[2, 1])
     parser.add_argument("--autocast", action="store_true", help="also time our loop under bf16 autocast")
     parser.add_argument("--skip-trainer", action="store_true")
+    parser.add_argument("--no-sharing", action="store_true", help="also time our loop without the shared-prefix pass")
     args = parser.parse_args()
 
     cfg = Config()
@@ -113,6 +115,8 @@ def main():
         torch.set_num_threads(threads)
         for _ in range(args.rounds):
             variants = [("ours", lambda: ours(base, rows, cfg, args.steps))]
+            if args.no_sharing:
+                variants.append(("ours_no_prefix_sharing", lambda: ours(base, rows, cfg, args.steps, share_prefix=False)))
             if args.autocast:
                 variants.append(("ours_bf16_autocast", lambda: ours(base, rows, cfg, args.steps, autocast=True)))
             if not args.skip_trainer:
@@ -136,6 +140,9 @@ def main():
         a, b = report.get(f"ours@{threads}t"), report.get(f"hf_trainer_pad192@{threads}t")
         if a and b:
             report[f"speedup@{threads}t"] = round(b["s_per_step"] / a["s_per_step"], 2)
+        d = report.get(f"ours_no_prefix_sharing@{threads}t")
+        if a and d:
+            report[f"prefix_sharing_speedup@{threads}t"] = round(d["s_per_step"] / a["s_per_step"], 2)
         c = report.get(f"ours_bf16_autocast@{threads}t")
         if a and c:
             report[f"autocast_speedup@{threads}t"] = round(a["s_per_step"] / c["s_per_step"], 2)

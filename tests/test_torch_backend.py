@@ -177,6 +177,40 @@ def test_masked_positions_contribute_no_gradient(tiny, tok):
     assert any(not torch.allclose(base[n], unmasked[n]) for n in base)
 
 
+def test_shared_prefix_pass_equals_the_plain_pass(tiny, tok):
+    from transformers import AutoModelForCausalLM
+
+    from mlx_lora.batching import pad_batch
+    from torch_backend.lora import attach
+    from torch_backend.trainer import MaskedLMLoss, shared_prefix
+
+    torch.manual_seed(2)
+    model = attach(AutoModelForCausalLM.from_pretrained(tiny), make_cfg().lora)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)
+    # Rows of different lengths (right padding) sharing the template + system prompt, plus one other question.
+    rows = chat_rows(tok, 3) + chat_rows(tok, 1, answer="依據公司規範:請假請走 eHR 系統並知會主管。", question="請假")
+    ids, mask, _ = (torch.tensor(x) for x in pad_batch(rows, 151643))
+    common = next(k for k in range(ids.shape[1]) if len(set(ids[:, k].tolist())) > 1)
+    assert shared_prefix(ids, mask) == common - 1 >= 8  # everything before the first differing token, less one
+    assert shared_prefix(ids[:1], mask[:1]) == 0  # one row: nothing to share
+
+    def loss_and_grads(share: bool):
+        model.zero_grad(set_to_none=True)
+        loss = MaskedLMLoss(model.get_base_model(), share_prefix=share)(ids, mask)
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain_loss, plain = loss_and_grads(False)
+    shared_loss, shared = loss_and_grads(True)
+    assert shared_loss == pytest.approx(plain_loss, rel=1e-5)
+    for name in plain:
+        assert torch.allclose(shared[name], plain[name], atol=1e-5, rtol=1e-4), name
+    # Gradients reach the adapters inside the shared prefix's pass (layer 0 sees only prefix and tail tokens).
+    assert all(g.abs().sum() > 0 for g in shared.values())
+
+
 def test_resumed_run_equals_uninterrupted_run(tiny, tok, tmp_path):
     rows, valid = chat_rows(tok, 8), chat_rows(tok, 4, question="VPN 連線")
     cfg = make_cfg(epochs=2, batch_size=2, grad_accum=2)  # 2 steps per epoch

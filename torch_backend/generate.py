@@ -29,7 +29,7 @@ def _pick(logits: torch.Tensor, cfg: GenerateConfig, generator: torch.Generator 
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _cache_kwarg(model) -> str:
+def cache_kwarg(model) -> str:
     """transformers 5.2x renamed `past_key_values` to `cache` (the old name still works, with a warning)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
@@ -65,7 +65,7 @@ def generate_batch(model, prompts: list[list[int]], cfg: GenerateConfig, stop_id
     stops = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
     out: list[list[int]] = [[] for _ in prompts]
     active = list(range(len(prompts)))  # original row of each batch row still generating
-    cache, cache_name = None, _cache_kwarg(model)
+    cache, cache_name = None, cache_kwarg(model)
     step_ids, step_pos = ids, positions
     for _ in range(cfg.max_new_tokens):
         result = model(input_ids=step_ids, attention_mask=attention, position_ids=step_pos, use_cache=True,
