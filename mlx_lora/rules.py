@@ -189,10 +189,16 @@ class RuleLayer:
     """Final answer and source for each question, from keyword rules, the semantic route and the model's answer.
 
     Order: the route refuses (REFUSAL) when confident the KB cannot answer, even where a keyword rule matches;
-    else a matching rule (highest priority) overrides the model unless the model's answer is already about the
-    rule's doc; else the route retrieves (KB_RETRIEVAL) when confident; else the model's
-    answer is checked: nearest the refusal → REFUSAL; ≥ kb_match_threshold similar to a doc → KB_MATCH with that
-    doc's KB answer (so a near-miss never keeps a wrong number); otherwise MODEL_GENERATED as written.
+    else a matching rule (highest priority) overrides the model unless the model's answer already reproduces the
+    rule's doc (≥ kb_match_threshold similar: KB_MATCH); else the route retrieves (KB_RETRIEVAL) when confident;
+    else the model's answer is checked: nearest the refusal → REFUSAL; ≥ kb_match_threshold similar to a doc →
+    KB_MATCH with that doc's KB answer (so a near-miss never keeps a wrong number); about the doc the route also
+    voted for, but not that similar → that doc's KB answer (KB_RETRIEVAL, "route and model agree"); otherwise
+    MODEL_GENERATED as written.
+
+    Why an on-topic answer does not stop a rule: a small tuned model answers the right topic with invented
+    details ("the VPN gateway is 10.8.0.1"); the KB text is on the same topic and right, so it wins unless the
+    model already says what the KB says.
     """
 
     def __init__(self, rules: Sequence[Rule], doc_answers: dict[str, str], index: LabelIndex, refusal: str,
@@ -200,13 +206,11 @@ class RuleLayer:
         self.rules, self.doc_answers, self.index = list(rules), doc_answers, index
         self.refusal, self.threshold, self.route = refusal, kb_match_threshold, route
 
-    def _about(self, scores, doc_id: str) -> bool:
-        """The model's answer is about doc_id: it is its nearest label, or it is ≥ threshold similar to it."""
-        best = self.index.labels[int(scores.argmax())]
-        doc_score = max((scores[j] for j, lab in enumerate(self.index.labels) if lab == doc_id), default=0.0)
-        return best == doc_id or doc_score >= self.threshold
+    def _reproduces(self, scores, doc_id: str) -> bool:
+        """The model's answer says what doc_id's KB answer says: ≥ threshold similar to it."""
+        return max((scores[j] for j, lab in enumerate(self.index.labels) if lab == doc_id), default=0.0) >= self.threshold
 
-    def _check_model(self, answer: str, scores, detail: dict) -> Decision:
+    def _check_model(self, answer: str, scores, detail: dict, vote: str | None = None) -> Decision:
         j = int(scores.argmax())
         label, score = self.index.labels[j], float(scores[j])
         detail = {**detail, "nearest": label, "score": _r(score)}
@@ -215,6 +219,9 @@ class RuleLayer:
                             {**detail, "by": "model"})
         if score >= self.threshold:
             return Decision(self.doc_answers[label], "KB_MATCH", {**detail, "doc_id": label, "model_answer": answer})
+        if label == vote:  # two independent signals name the same doc: its KB text beats the model's paraphrase
+            return Decision(self.doc_answers[label], "KB_RETRIEVAL",
+                            {**detail, "doc_id": label, "by": "route and model agree", "model_answer": answer})
         return Decision(answer, "MODEL_GENERATED", detail)
 
     def decide(self, questions: Sequence[str], model_answers: Sequence[str | None]) -> list[Decision]:
@@ -233,13 +240,13 @@ class RuleLayer:
                 rule, why = found[0]
                 detail = {"rule": rule.id, "doc_id": rule.doc_id, "matched": why, "priority": rule.priority,
                           "also_matched": [other.id for other, _ in found[1:]]}
-                if answer is None or not self._about(scores[i], rule.doc_id):
+                if answer is None or not self._reproduces(scores[i], rule.doc_id):
                     if answer is not None:
                         j = int(scores[i].argmax())
                         detail.update(model_topic=self.index.labels[j], model_score=_r(scores[i][j]))
                     out.append(Decision(self.doc_answers[rule.doc_id], "RULE_OVERRIDE", detail))
                     continue
-                detail = {"rule_checked": rule.id}  # the model already answers this doc: keep checking it
+                detail = {"rule_checked": rule.id}  # the model already says what the doc says: KB_MATCH below
             elif r is not None and r.kind != "model":
                 n = r.neighbour
                 detail = {"route": r.kind, "neighbour": n.text, "neighbour_kind": n.kind, "score": _r(r.score),
@@ -260,7 +267,7 @@ class RuleLayer:
                 out.append(Decision(None, "NO_ANSWER", {**detail, "why": "no rule or route decision; the model "
                                                                          "would answer"}))
             else:
-                out.append(self._check_model(answer, scores[i], detail))
+                out.append(self._check_model(answer, scores[i], detail, r.label if r is not None else None))
         return out
 
 

@@ -31,6 +31,8 @@ VECTORS = {
     "ask vpn": unit(2), "ask between": unit(40), "ask leave": unit(62), "ask nothing": [0.1, 0.0, 0.995],
     "weather tomorrow": unit(125),
     "answer vpn": unit(1), "answer leave": unit(61), "answer sorry": unit(121),
+    # Answers about a doc but only 0.75 similar to its KB answer (below the 0.8 KB_MATCH threshold).
+    "loose vpn": [0.75 * x for x in unit(1)[:2]] + [0.6614], "loose leave": [0.75 * x for x in unit(61)[:2]] + [0.6614],
 }
 
 
@@ -209,6 +211,14 @@ def test_route_in_the_rule_layer_and_rule_precedence(route):
         assert got[0].detail["neighbour"] == "vpn setup" and got[0].detail["vote"] == "vpn"
         assert got[1].source == "REFUSAL" and got[1].detail["by"] == "route" and got[1].answer == REFUSAL_TEXT
         assert got[2].source == "KB_MATCH" and got[2].detail["route"] == "model"  # band: the model's answer, checked
+        # In the band, a loose answer about the doc the route voted for gives way to that doc's KB text...
+        vote = got[2].detail["vote"]
+        loose = plain.decide(["ask between"], [f"loose {vote}"])[0]
+        assert loose.source == "KB_RETRIEVAL" and loose.answer == ANSWERS[vote]
+        assert loose.detail["by"] == "route and model agree"
+        # ...and one about another doc stays the model's own.
+        other = {"leave": "loose vpn", "vpn": "loose leave"}[vote]
+        assert plain.decide(["ask between"], [other])[0].source == "MODEL_GENERATED"
         assert got[3].source == "REFUSAL" and got[3].detail["vote"] == REFUSAL  # refused by P(REFUSAL)
         with_rule = RuleLayer([rule], ANSWERS, index, REFUSAL_TEXT, 0.8, route)
         d = with_rule.decide(["ask vpn"], ["answer vpn"])[0]

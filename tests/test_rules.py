@@ -126,13 +126,17 @@ def test_rule_overrides_off_topic_answer_with_attribution(rules):
     assert d.detail["also_matched"] == ["vpn-late"] and d.detail["model_topic"] == "leave"
 
 
-def test_rule_leaves_an_on_topic_answer_to_the_checks(rules):
+def test_rule_leaves_only_a_faithful_answer_to_the_checks(rules):
     close = "依據公司規範:VPN 設定:下載新版 client,以 SSO 登入"  # ≥ 0.8 similar: snapped to the KB text
     d = layer(rules).decide(["VPN 連不上"], [close])[0]
     assert d.source == "KB_MATCH" and d.answer == ANSWERS["vpn"]
     assert d.detail["rule_checked"] == "vpn" and d.detail["model_answer"] == close
-    loose = "VPN 請用 client 登入"  # about vpn, but not ≥ 0.8 similar: kept as written
+    loose = "VPN 請用 client 登入"  # about vpn, but not ≥ 0.8 similar: a paraphrase that may invent details
     d = layer(rules).decide(["VPN 連不上"], [loose])[0]
+    assert d.source == "RULE_OVERRIDE" and d.answer == ANSWERS["vpn"]
+    assert d.detail["model_topic"] == "vpn" and d.detail["model_score"] < 0.8
+    # Without a rule the same loose answer stays the model's own.
+    d = layer([]).decide(["VPN 連不上"], [loose])[0]
     assert d.source == "MODEL_GENERATED" and d.answer == loose and d.detail["nearest"] == "vpn"
 
 
