@@ -3,7 +3,8 @@
     python benchmarks/train_vs_trainer.py --model ~/.cache/mlx-lora/hf/<model> --data DIR --threads 2 1
 
 Runs A B A B … per thread count (the machines are noisy) and prints medians; `--autocast` adds our loop under
-bf16 autocast, `--no-sharing` our loop without the shared-prefix pass. Batch 4, grad-accum 1, r 16 on q/k/v/o, the first --rows rows of DIR/train.jsonl.
+bf16 autocast, `--no-sharing` our loop without the shared-prefix pass,
+`--compile` our loop under torch.compile. Batch 4, grad-accum 1, r 16 on q/k/v/o, the first --rows rows of DIR/train.jsonl.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ class Autocast(torch.nn.Module):
             return self.inner(*args)
 
 
-def ours(base, rows, cfg, steps, autocast=False, share_prefix=True):
-    """Times of `steps` optimizer steps of our loop (after one warm-up step)."""
+def ours(base, rows, cfg, steps, autocast=False, share_prefix=True, compile=False):
+    """Times of `steps` optimizer steps of our loop (after one warm-up step; three when compiling)."""
     torch.manual_seed(0)
     model = lora.attach(base, cfg.lora)
     trainer = Trainer(model, rows, [], cfg, Path("/tmp/bench-unused"), lambda e: None, torch.device("cpu"), 0,
@@ -44,14 +45,19 @@ def ours(base, rows, cfg, steps, autocast=False, share_prefix=True):
     trainer.loss_fn.share_prefix = share_prefix
     if autocast:
         trainer.wrapped = Autocast(trainer.wrapped)
+    warmup = 1
+    if compile:  # inductor, dynamic shapes (every batch pads to its own length); the KV-cache prefix pass is off
+        trainer.loss_fn.share_prefix = False
+        trainer.wrapped = torch.compile(trainer.wrapped, dynamic=True)
+        warmup = 3
     model.train()
     batches = epoch_batches(rows, cfg.train.batch_size, cfg.train.seed, 0)
     times, losses, tokens = [], [], []
-    for i in range(steps + 1):
+    for i in range(steps + warmup):
         trainer.set_lr()
         tick = time.perf_counter()
-        result = trainer.step([batches[i % len(batches)]])
-        if i:
+        result = trainer.step([batches[(i - warmup + 1) % len(batches)]])
+        if i >= warmup:
             times.append(time.perf_counter() - tick)
             tokens.append(result["tokens"])
         losses.append(result["loss"])
@@ -101,6 +107,8 @@ def main():
     parser.add_argument("--autocast", action="store_true", help="also time our loop under bf16 autocast")
     parser.add_argument("--skip-trainer", action="store_true")
     parser.add_argument("--no-sharing", action="store_true", help="also time our loop without the shared-prefix pass")
+    parser.add_argument("--compile", action="store_true", help="also time our loop under torch.compile (needs a C++ compiler)")
+    parser.add_argument("--only-ours", action="store_true", help="skip our default loop (time only the extra variants)")
     args = parser.parse_args()
 
     cfg = Config()
@@ -114,7 +122,9 @@ def main():
     for threads in args.threads:
         torch.set_num_threads(threads)
         for _ in range(args.rounds):
-            variants = [("ours", lambda: ours(base, rows, cfg, args.steps))]
+            variants = [] if args.only_ours else [("ours", lambda: ours(base, rows, cfg, args.steps))]
+            if args.compile:
+                variants.append(("ours_compiled", lambda: ours(base, rows, cfg, args.steps, compile=True)))
             if args.no_sharing:
                 variants.append(("ours_no_prefix_sharing", lambda: ours(base, rows, cfg, args.steps, share_prefix=False)))
             if args.autocast:
@@ -143,6 +153,9 @@ def main():
         d = report.get(f"ours_no_prefix_sharing@{threads}t")
         if a and d:
             report[f"prefix_sharing_speedup@{threads}t"] = round(d["s_per_step"] / a["s_per_step"], 2)
+        e = report.get(f"ours_compiled@{threads}t")
+        if d and e:
+            report[f"compile_vs_no_sharing@{threads}t"] = round(d["s_per_step"] / e["s_per_step"], 2)
         c = report.get(f"ours_bf16_autocast@{threads}t")
         if a and c:
             report[f"autocast_speedup@{threads}t"] = round(a["s_per_step"] / c["s_per_step"], 2)

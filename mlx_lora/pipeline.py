@@ -84,7 +84,9 @@ def print_summary(summary: dict) -> None:
                                             for c, w in zip(cells, (12, 13, 8))))
     train = summary["train"]
     speed = train.get("tokens_per_s")
-    click.echo(f"train: {train['steps']} steps ({train['stopped']}), best valid loss {train['best_eval_loss']}"
+    best = train.get("best_eval_loss")
+    click.echo(f"train: {train['steps']} steps ({train['stopped']})"
+               + (f", best valid loss {best:.4f}" if isinstance(best, (int, float)) else ", no valid loss")
                + (f", {speed:.0f} tok/s" if isinstance(speed, (int, float)) else ""))
     t = summary["timings_s"]
     click.echo(f"time: {t['total_s']:.0f} s (model {t['model_s']:.0f}, train {t['train_s']:.0f}, eval {t['eval_s']:.0f})")
