@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .errors import UserError
+from .jsonl import staged_dir
 
 MLX_WEIGHTS = "adapters.safetensors"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -221,21 +220,6 @@ def _base_layers(base_model: str | None) -> int | None:
     return data.get("num_hidden_layers")
 
 
-def _publish(tmp: Path, dst: Path) -> None:
-    """Replace dst with the finished temp folder (so a failed conversion never leaves half a folder)."""
-    if dst.exists():
-        # Only ever replace an earlier adapter or an empty folder, never some other folder the user named.
-        if not dst.is_dir() or (any(dst.iterdir()) and not (dst / CONFIG).is_file()):
-            raise UserError(f"{dst}: exists and is not an adapter folder; choose another --out")
-        shutil.rmtree(dst)
-    tmp.rename(dst)
-
-
-def _staging(dst: Path) -> Path:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-
-
 def mlx_to_peft(src: str | Path, dst: str | Path, base_model: str | None = None) -> AdapterInfo:
     """MLX adapter → PEFT: lora_a (in, r) → lora_A.weight (r, in); lora_b (r, out) → lora_B.weight (out, r)."""
     src_info, tensors = read_adapter(src)
@@ -254,13 +238,12 @@ def mlx_to_peft(src: str | Path, dst: str | Path, base_model: str | None = None)
 def _write_adapter(dst: str | Path, weights_name: str, tensors: dict, flavour: str, config: dict) -> AdapterInfo:
     """Weights + adapter_config.json staged beside dst, then published in one rename (never half-written)."""
     dst = Path(dst)
-    tmp = _staging(dst)
-    try:
+    # Only ever replace an earlier adapter or an empty folder, never some other folder the user named.
+    if dst.exists() and (not dst.is_dir() or (any(dst.iterdir()) and not (dst / CONFIG).is_file())):
+        raise UserError(f"{dst}: exists and is not an adapter folder; choose another --out")
+    with staged_dir(dst) as tmp:
         _write_safetensors(tmp / weights_name, tensors, flavour)
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        _publish(tmp, dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return info(dst)
 
 
