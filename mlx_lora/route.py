@@ -284,13 +284,7 @@ def calibrate_route(route: SemanticRoute, examples, index: LabelIndex, folds: in
     were ~20, almost all unanswerable — that taught the route to refuse at P(REFUSAL) 0.07 and it refused 10% of
     the answerable test questions. Out-of-fold over all ~500 questions gives thresholds for the route as a whole.
     """
-    labels = example_labels(examples, index)
-    seen, questions = set(), []
-    for example, label in zip(examples, labels):
-        key = compact(example.question)
-        if key and key not in seen:
-            seen.add(key)
-            questions.append(Neighbour(example.question, label, "question"))
+    questions = neighbours_from(examples, {}, index)
     kb = [n for n in route.neighbours if n.kind == "kb"]
     order = list(range(len(questions)))
     random.Random(seed).shuffle(order)
@@ -298,13 +292,13 @@ def calibrate_route(route: SemanticRoute, examples, index: LabelIndex, folds: in
     rows: list[tuple[Neighbour, RouteDecision, Neighbour]] = []
     for k in range(folds):
         held = set(order[k::folds])
-        rest = [q for i, q in enumerate(questions) if i not in held] + kb
-        if not held or not rest:
+        rest = [q for i, q in enumerate(questions) if i not in held]
+        if not held or not rest:  # too few questions to hold any out
             continue
-        fold_route = SemanticRoute(route.scorer, rest)
+        fold_route = SemanticRoute(route.scorer, rest + kb)
         asked = [questions[i] for i in sorted(held)]
         texts = [q.text for q in asked]
-        nearest = fold_route.nearest(texts, kinds=("question",)) if len(rest) > len(kb) else [(kb[0], 0.0)] * len(asked)
+        nearest = fold_route.nearest(texts, kinds=("question",))
         rows += [(q, d, n) for q, d, (n, _) in zip(asked, fold_route.classify(texts), nearest)]
     answerable = [q.label != REFUSAL for q, _, _ in rows]
     budget = sum(a and n.label == REFUSAL for a, (_, _, n) in zip(answerable, rows))
