@@ -313,9 +313,13 @@ def test_rows_that_stop_early_leave_the_batch_without_changing_the_others(lively
     # Stop on row 1's third token: row 1 (and any row that emits it) ends early, the rest run on in a shrunk batch.
     stop = free[1][2]
     assert any(stop not in out for out in free)
-    batched = backend.generate(loaded, prompts, GenerateConfig(max_new_tokens=12, batch_size=4), [stop])
+    streamed: list[tuple[int, int]] = []
+    batched = backend.generate(loaded, prompts, GenerateConfig(max_new_tokens=12, batch_size=4), [stop],
+                               on_token=lambda i, t: streamed.append((i, t)))
     expected = [out[:out.index(stop)] if stop in out else out for out in free]
     assert batched == expected
+    # Streaming still names each token's own row after the batch shrank.
+    assert [[t for i, t in streamed if i == k] for k in range(len(prompts))] == expected
     assert len(batched[1]) == 2 and any(len(out) == 12 for out in batched)
 
 
