@@ -41,7 +41,8 @@ def eval_options(func):
         click.option("--kb", help="KB JSONL (default data.kb)."),
         click.option("--rules", "rules_path", help="Rules YAML (default rules.path; 'none' for the route only)."),
         click.option("--train", help="Train JSONL for the retrieval baseline and route (default: beside --data)."),
-        click.option("--valid", help="Valid JSONL; with --train, calibrates the route out-of-fold (default: beside --data)."),
+        click.option("--valid", help="Valid JSONL; with --train, calibrates the route out-of-fold "
+                                     "(default: beside --data)."),
         click.option("--threshold", help="faq (85) | chatbot (80) | critical (90) | a number."),
         click.option("--embedder", help="use (default) | char | a sentence-transformers model folder or id."),
         click.option("--max-rows", type=int, help="Evaluate a seeded sample of this many test rows."),
