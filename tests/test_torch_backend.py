@@ -189,12 +189,18 @@ def test_shared_prefix_pass_equals_the_plain_pass(tiny, tok):
     for name, param in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.5)
-    # Rows of different lengths (right padding) sharing the template + system prompt, plus one other question.
-    rows = chat_rows(tok, 3) + chat_rows(tok, 1, answer="依據公司規範:請假請走 eHR 系統並知會主管。", question="請假")
+    # Rows of different lengths (right padding) sharing the template + a system prompt, with different questions.
+    system = "你是星河科技公司內部的 FAQ 助理,只依據公司規範回答,不知道就說不知道。"
+    rows = [encode_messages(tok, [{"role": "system", "content": system}, {"role": "user", "content": q},
+                                  {"role": "assistant", "content": a}], 96)
+            for q, a in [("VPN 怎麼連?", "依據公司規範:VPN 請以 SSO 登入。"), ("請假", "依據公司規範:請假請走 eHR 系統並知會主管。"),
+                         ("VPN 連不上", "依據公司規範:先重開 client。"), ("密碼多久換?", "依據公司規範:每 90 天。")]]
     ids, mask, _ = (torch.tensor(x) for x in pad_batch(rows, 151643))
     common = next(k for k in range(ids.shape[1]) if len(set(ids[:, k].tolist())) > 1)
-    assert shared_prefix(ids, mask) == common - 1 >= 8  # everything before the first differing token, less one
+    assert shared_prefix(ids, mask) == common - 1 >= 16  # everything before the first differing token, less one
     assert shared_prefix(ids[:1], mask[:1]) == 0  # one row: nothing to share
+    short = slice(common - 10, None)  # rows whose shared run is only 10 tokens: not worth a prefix pass
+    assert shared_prefix(ids[:, short], mask[:, short]) == 0
 
     def loss_and_grads(share: bool):
         model.zero_grad(set_to_none=True)

@@ -35,14 +35,6 @@ def cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
-def _shrink(cache, keep: torch.Tensor) -> None:
-    """Drop finished rows from the KV cache in place, so later steps only compute the rows still writing."""
-    if hasattr(cache, "batch_select_indices"):
-        cache.batch_select_indices(keep)
-    else:  # legacy tuple-of-tuples cache
-        raise TypeError("this transformers version returns a cache that cannot drop rows")
-
-
 @torch.no_grad()
 def generate_batch(model, prompts: list[list[int]], cfg: GenerateConfig, stop_ids: list[int], pad_id: int,
                    device: torch.device, on_token: Callable[[int, int], None] | None = None, offset: int = 0,
@@ -85,7 +77,7 @@ def generate_batch(model, prompts: list[list[int]], cfg: GenerateConfig, stop_id
             break
         if bool(stopped.any()):
             keep = (~stopped).nonzero().squeeze(-1)
-            _shrink(cache, keep)
+            cache.batch_select_indices(keep)  # in place: later steps compute only the rows still writing
             active = [active[k] for k in keep.tolist()]
             chosen, attention, step_pos = chosen[keep], attention[keep], step_pos[keep]
             if seen is not None:

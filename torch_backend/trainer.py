@@ -27,8 +27,8 @@ from .checkpoint import Position
 from .generate import cache_kwarg
 
 
-# Below this many shared tokens a separate prefix pass costs more in overhead than it saves.
-MIN_SHARED_PREFIX = 4
+# A short shared prefix is not worth a pass of its own: ~21 shared tokens of ~85 measured only 1.03x (batch 4).
+MIN_SHARED_PREFIX = 16
 
 
 def shared_prefix(ids: torch.Tensor, mask: torch.Tensor) -> int:
@@ -41,8 +41,8 @@ def shared_prefix(ids: torch.Tensor, mask: torch.Tensor) -> int:
         return 0
     same = (ids == ids[:1]).all(dim=0) & (mask == 0).all(dim=0)
     run = int(same.int().cumprod(dim=0).sum())
-    # Stop one short of the run: the prefix's last hidden state predicts the token after it, which may carry loss
-    # only in the tail's bookkeeping, never in the prefix's.
+    # Stop one short of the run: the hidden state at the run's last position predicts the first token after it,
+    # which may carry loss, and the loss is gathered from the tail's hidden states only.
     prefix = min(run - 1, ids.shape[1] - 1)
     return prefix if prefix >= MIN_SHARED_PREFIX else 0
 
