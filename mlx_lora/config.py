@@ -91,8 +91,9 @@ class EvalConfig:
 class RulesConfig:
     path: str | None = "configs/rules.yaml"
     kb_match_threshold: float = 0.8
-    route_high: float | None = None  # semantic route: KB answer at topic probability ≥ this; None = calibrate on valid
-    route_low: float | None = None  # refuse below this similarity to anything known; None = calibrate on valid
+    route_high: float | None = None  # semantic route: KB answer at topic probability ≥ this; None = calibrate
+    route_low: float | None = None  # refuse below this similarity to anything known; None = calibrate
+    # (calibration: out-of-fold on the train + valid questions, route.calibrate_route)
     audit_log: str = "audit.jsonl"
 
 

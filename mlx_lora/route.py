@@ -164,7 +164,10 @@ class SemanticRoute:
         `label`/`confidence` are the best *doc* (not REFUSAL) and its probability; decide() turns the label into
         REFUSAL when refusal_p reaches refuse_at. Without a classifier: the nearest neighbour's label, probability 0.
         """
-        questions = list(questions)
+        return self._classify(list(questions))[0]
+
+    def _classify(self, questions: list[str]) -> tuple[list[RouteDecision], np.ndarray, np.ndarray]:
+        """classify(), plus the question × neighbour similarities and the neighbours' labels it used."""
         scores = self.scorer.matrix(questions, [n.text for n in self.neighbours])
         labels = np.array([n.label for n in self.neighbours])
         proba = self.classifier.predict_proba(questions) if self.classifier is not None else None
@@ -180,7 +183,7 @@ class SemanticRoute:
                 label, confidence, refusal_p = str(labels[int(row.argmax())]), 0.0, 0.0
             out.append(RouteDecision("model", float(row.max()), self._neighbour(row, labels, label), label,
                                      confidence, refusal_p))
-        return out
+        return out, scores, labels
 
     def _neighbour(self, row: np.ndarray, labels: np.ndarray, label: str) -> Neighbour:
         """The class's nearest training question (a KB text only when the class has none), for the audit detail."""
@@ -189,15 +192,11 @@ class SemanticRoute:
         return self.neighbours[int(mine.argmax())] if np.isfinite(mine.max()) else self.neighbours[int(row.argmax())]
 
     def decide(self, questions: Sequence[str]) -> list[RouteDecision]:
-        out = self.classify(questions)
-        labels = np.array([n.label for n in self.neighbours])
-        scores = None
+        out, scores, labels = self._classify(list(questions))
         for i, d in enumerate(out):
             if d.score < self.low:
                 d.kind = "refuse"
             elif d.refusal_p >= self.refuse_at:
-                if scores is None:
-                    scores = self.scorer.matrix(list(questions), [n.text for n in self.neighbours])
                 d.kind, d.label, d.confidence = "retrieve", REFUSAL, d.refusal_p
                 d.neighbour = self._neighbour(scores[i], labels, REFUSAL)
             elif d.confidence >= self.high:

@@ -35,6 +35,11 @@ def cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
+def returned_cache(result, name: str):
+    """The KV cache a forward pass with use_cache=True returned, under either name."""
+    return result[name] if name in result else result.past_key_values
+
+
 @torch.no_grad()
 def generate_batch(model, prompts: list[list[int]], cfg: GenerateConfig, stop_ids: list[int], pad_id: int,
                    device: torch.device, on_token: Callable[[int, int], None] | None = None, offset: int = 0,
@@ -62,7 +67,7 @@ def generate_batch(model, prompts: list[list[int]], cfg: GenerateConfig, stop_id
     for _ in range(cfg.max_new_tokens):
         result = model(input_ids=step_ids, attention_mask=attention, position_ids=step_pos, use_cache=True,
                        logits_to_keep=1, **{cache_name: cache})
-        cache = result[cache_name] if cache_name in result else result.past_key_values
+        cache = returned_cache(result, cache_name)
         logits = result.logits[:, -1, :].float()
         if seen is not None:
             logits = _penalise(logits, seen, cfg.repetition_penalty)

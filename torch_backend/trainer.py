@@ -24,7 +24,7 @@ from mlx_lora.schedule import lr_at
 
 from . import checkpoint, ddp
 from .checkpoint import Position
-from .generate import cache_kwarg
+from .generate import cache_kwarg, returned_cache
 
 
 # A short shared prefix is not worth a pass of its own: ~21 shared tokens of ~85 measured only 1.03x (batch 4).
@@ -71,7 +71,7 @@ class MaskedLMLoss(torch.nn.Module):
         if prefix:
             name = cache_kwarg(decoder)
             head = decoder(input_ids=ids[:1, :prefix], use_cache=True)
-            cache = head[name] if name in head else head.past_key_values
+            cache = returned_cache(head, name)
             cache.batch_repeat_interleave(ids.shape[0])
             positions = torch.arange(prefix, ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
             hidden = decoder(input_ids=ids[:, prefix:], position_ids=positions, use_cache=True,
