@@ -17,8 +17,9 @@ from .similarity import REFUSAL, LabelIndex
 from .textnorm import compact
 
 SOURCES = ("RULE_OVERRIDE", "KB_RETRIEVAL", "KB_MATCH", "REFUSAL", "MODEL_GENERATED")
-ACTIONS = ("override",)
-PLANNED_ACTIONS = ("refuse", "append")
+# override: answer with doc_id's KB text; refuse: answer with the refusal (no doc_id); append: answer as if the rule
+# were absent, then add doc_id's KB text as the related policy.
+ACTIONS = ("override", "refuse", "append")
 RULE_KEYS = ("id", "doc_id", "keywords", "regex", "unless", "action", "priority", "note")
 MAX_PATTERN_CHARS = 300
 _RE2_MAX_MEM = 8 << 20  # bytes of compiled program per pattern; a pattern that needs more is rejected at load
@@ -27,7 +28,7 @@ _RE2_MAX_MEM = 8 << 20  # bytes of compiled program per pattern; a pattern that 
 @dataclass
 class Rule:
     id: str
-    doc_id: str
+    doc_id: str | None  # None only for refuse rules
     keywords: list[str]
     regex: list[tuple[str, object]]  # (source text, compiled re2 pattern)
     unless: list[str] = field(default_factory=list)
@@ -118,17 +119,19 @@ def _rule(data, node, path, kb) -> Rule:
     rule_id = data.get("id")
     if not isinstance(rule_id, str) or not rule_id.strip():
         raise located(path, line, "every rule needs an id (a short name such as vpn-setup)")
-    doc_id = data.get("doc_id")
-    if not isinstance(doc_id, str) or not doc_id.strip():
-        raise located(path, at("doc_id"), f"rule {rule_id!r} needs a doc_id from the knowledge base")
-    if kb is not None and doc_id not in kb:
-        raise located(path, at("doc_id"), f"rule {rule_id!r}: doc_id {doc_id!r} is not in the knowledge base")
     action = data.get("action", "override")
-    if action in PLANNED_ACTIONS:
-        raise located(path, at("action"), f"rule {rule_id!r}: action {action!r} is planned but not supported yet; "
-                                          "use override")
     if action not in ACTIONS:
-        raise located(path, at("action"), f"rule {rule_id!r}: unknown action {action!r}; use override")
+        raise located(path, at("action"), f"rule {rule_id!r}: unknown action {action!r}; use one of "
+                                          f"{', '.join(ACTIONS)}")
+    doc_id = data.get("doc_id")
+    if action == "refuse":
+        if doc_id is not None:
+            raise located(path, at("doc_id"), f"rule {rule_id!r}: a refuse rule answers with the refusal; "
+                                              "remove its doc_id")
+    elif not isinstance(doc_id, str) or not doc_id.strip():
+        raise located(path, at("doc_id"), f"rule {rule_id!r} needs a doc_id from the knowledge base")
+    elif kb is not None and doc_id not in kb:
+        raise located(path, at("doc_id"), f"rule {rule_id!r}: doc_id {doc_id!r} is not in the knowledge base")
     priority = data.get("priority", 0)
     if not isinstance(priority, int) or isinstance(priority, bool):
         raise located(path, at("priority"), f"rule {rule_id!r}: priority must be a whole number (higher wins)")
@@ -181,6 +184,12 @@ def match_rules(rules: Sequence[Rule], question: str) -> list[tuple[Rule, str]]:
     return sorted(found, key=lambda pair: -pair[0].priority)
 
 
+def _rule_detail(found: list[tuple[Rule, str]]) -> dict:
+    rule, why = found[0]
+    return {"rule": rule.id, **({"doc_id": rule.doc_id} if rule.doc_id else {}), "matched": why,
+            "priority": rule.priority, "also_matched": [other.id for other, _ in found[1:]]}
+
+
 def _r(x: float) -> float:
     return round(float(x), 4)
 
@@ -199,6 +208,10 @@ class RuleLayer:
     Why an on-topic answer does not stop a rule: a small tuned model answers the right topic with invented
     details ("the VPN gateway is 10.8.0.1"); the KB text is on the same topic and right, so it wins unless the
     model already says what the KB says.
+
+    Rule actions: override (above) and refuse compete by priority; a refuse rule is obeyed even against the
+    route (it is the author's explicit choice, and a refusal invents nothing). An append rule changes no
+    decision: the answer decided without it gets the rule's KB text added, unless it already is that text.
     """
 
     def __init__(self, rules: Sequence[Rule], doc_answers: dict[str, str], index: LabelIndex, refusal: str,
@@ -229,46 +242,58 @@ class RuleLayer:
         matrix = self.index.scores([model_answers[i] for i in given]) if given else None
         scores = {i: matrix[k] for k, i in enumerate(given)}
         routed = self.route.decide(list(questions)) if self.route is not None else [None] * len(questions)
-        out = []
+        decisions = []
         for i, question in enumerate(questions):
-            answer, found, r = model_answers[i], match_rules(self.rules, question), routed[i]
-            detail: dict = {}
-            # A keyword names a topic, not an answerable question ("can the printer print in colour?" hits the
-            # printer rule, but the KB does not say): when the route is confident the KB cannot answer, it wins.
-            route_refuses = r is not None and (r.kind == "refuse" or (r.kind == "retrieve" and r.label == REFUSAL))
-            if found and not route_refuses:
-                rule, why = found[0]
-                detail = {"rule": rule.id, "doc_id": rule.doc_id, "matched": why, "priority": rule.priority,
-                          "also_matched": [other.id for other, _ in found[1:]]}
-                if answer is None or not self._reproduces(scores[i], rule.doc_id):
-                    if answer is not None:
-                        j = int(scores[i].argmax())
-                        detail.update(model_topic=self.index.labels[j], model_score=_r(scores[i][j]))
-                    out.append(Decision(self.doc_answers[rule.doc_id], "RULE_OVERRIDE", detail))
-                    continue
-                detail = {"rule_checked": rule.id}  # the model already says what the doc says: KB_MATCH below
-            elif r is not None and r.kind != "model":
-                n = r.neighbour
-                detail = {"route": r.kind, "neighbour": n.text, "neighbour_kind": n.kind, "score": _r(r.score),
-                          "vote": r.label, "confidence": _r(r.confidence)}
-                if found:
-                    detail["overrules"] = found[0][0].id
-                if r.kind == "refuse":
-                    out.append(Decision(self.refusal, "REFUSAL", {**detail, "by": "route", "low": self.route.low}))
-                elif r.label == REFUSAL:
-                    out.append(Decision(self.refusal, "REFUSAL", {**detail, "by": "route", "refuse_at": self.route.refuse_at}))
-                else:
-                    out.append(Decision(self.doc_answers[r.label], "KB_RETRIEVAL", {**detail, "doc_id": r.label}))
-                continue
-            elif r is not None:
-                detail = {"route": "model", "route_score": _r(r.score), "vote": r.label,
-                          "confidence": _r(r.confidence)}
-            if answer is None:
-                out.append(Decision(None, "NO_ANSWER", {**detail, "why": "no rule or route decision; the model "
-                                                                         "would answer"}))
-            else:
-                out.append(self._check_model(answer, scores[i], detail, r.label if r is not None else None))
-        return out
+            found = match_rules(self.rules, question)
+            deciding = [(rule, why) for rule, why in found if rule.action != "append"]
+            decision = self._decide_one(model_answers[i], scores.get(i), routed[i], deciding)
+            appending = [(rule, why) for rule, why in found if rule.action == "append"]
+            decisions.append(self._append(decision, appending) if appending else decision)
+        return decisions
+
+    def _append(self, decision: Decision, found: list[tuple[Rule, str]]) -> Decision:
+        """The highest-priority append rule adds its KB text after the decided answer (once, never to itself)."""
+        rule, why = found[0]
+        text = self.doc_answers[rule.doc_id]
+        added = decision.answer is not None and decision.answer.strip() != text.strip()
+        detail = {**decision.detail, "append": {"rule": rule.id, "doc_id": rule.doc_id, "matched": why,
+                                                "added": added}}
+        return Decision(f"{decision.answer}\n{text}" if added else decision.answer, decision.source, detail)
+
+    def _decide_one(self, answer: str | None, scores, r, found: list[tuple[Rule, str]]) -> Decision:
+        """One question's decision from its model answer (and its similarity to each KB answer), route decision
+        and matching override/refuse rules, in the order the class docstring gives."""
+        detail: dict = {}
+        if found and found[0][0].action == "refuse":
+            return Decision(self.refusal, "REFUSAL", {**_rule_detail(found), "by": "rule"})
+        # A keyword names a topic, not an answerable question ("can the printer print in colour?" hits the
+        # printer rule, but the KB does not say): when the route is confident the KB cannot answer, it wins.
+        route_refuses = r is not None and (r.kind == "refuse" or (r.kind == "retrieve" and r.label == REFUSAL))
+        if found and not route_refuses:
+            rule = found[0][0]
+            detail = _rule_detail(found)
+            if answer is None or not self._reproduces(scores, rule.doc_id):
+                if answer is not None:
+                    j = int(scores.argmax())
+                    detail.update(model_topic=self.index.labels[j], model_score=_r(scores[j]))
+                return Decision(self.doc_answers[rule.doc_id], "RULE_OVERRIDE", detail)
+            detail = {"rule_checked": rule.id}  # the model already says what the doc says: KB_MATCH below
+        elif r is not None and r.kind != "model":
+            n = r.neighbour
+            detail = {"route": r.kind, "neighbour": n.text, "neighbour_kind": n.kind, "score": _r(r.score),
+                      "vote": r.label, "confidence": _r(r.confidence)}
+            if found:
+                detail["overrules"] = found[0][0].id
+            if r.kind == "refuse":
+                return Decision(self.refusal, "REFUSAL", {**detail, "by": "route", "low": self.route.low})
+            if r.label == REFUSAL:
+                return Decision(self.refusal, "REFUSAL", {**detail, "by": "route", "refuse_at": self.route.refuse_at})
+            return Decision(self.doc_answers[r.label], "KB_RETRIEVAL", {**detail, "doc_id": r.label})
+        elif r is not None:
+            detail = {"route": "model", "route_score": _r(r.score), "vote": r.label, "confidence": _r(r.confidence)}
+        if answer is None:
+            return Decision(None, "NO_ANSWER", {**detail, "why": "no rule or route decision; the model would answer"})
+        return self._check_model(answer, scores, detail, r.label if r is not None else None)
 
 
 def audit_records(questions: Sequence[str], model_answers: Sequence[str | None], decisions: Sequence[Decision],

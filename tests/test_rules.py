@@ -9,8 +9,11 @@ from pathlib import Path
 import pytest
 
 from mlx_lora.cli import main
+from mlx_lora.config import load_config
+from mlx_lora.dataset import build_splits
 from mlx_lora.errors import UserError
 from mlx_lora.kb import load_kb
+from mlx_lora.questions import load_questions
 from mlx_lora.rules import RuleLayer, append_audit, audit_records, compile_pattern, load_rules, match_rules
 from mlx_lora.similarity import REFUSAL, CharScorer, answer_index
 
@@ -81,7 +84,8 @@ def test_match_priority_then_file_order_and_unless(rules):
 @pytest.mark.parametrize("body, line, message", [
     ("rules:\n  - id: a\n    doc_id: vpn\n    keyword: [x]\n", 4, "unknown key 'keyword'"),
     ("rules:\n  - id: a\n    doc_id: nope\n    keywords: [x]\n", 3, "not in the knowledge base"),
-    ("rules:\n  - id: a\n    doc_id: vpn\n    keywords: [x]\n    action: refuse\n", 5, "planned but not supported"),
+    ("rules:\n  - id: a\n    doc_id: vpn\n    keywords: [x]\n    action: refuse\n", 3, "remove its doc_id"),
+    ("rules:\n  - id: a\n    keywords: [x]\n    action: append\n", 2, "needs a doc_id"),
     ("rules:\n  - id: a\n    doc_id: vpn\n    keywords: [x]\n    action: delete\n", 5, "unknown action"),
     ("rules:\n  - id: a\n    doc_id: vpn\n    regex:\n      - ok\n      - '(?=x)y'\n", 6, "not supported"),
     ("rules:\n  - id: a\n    doc_id: vpn\n    regex: ['(a)\\1']\n", 4, "back-references"),
@@ -155,6 +159,59 @@ def test_sources_without_rules(rules):
     assert decisions[1].detail["by"] == "model" and decisions[1].detail["nearest"] == REFUSAL
 
 
+REFUSE_RULES = """\
+  - id: no-pay
+    keywords: [獎金]
+    action: refuse
+    priority: 15
+  - id: no-leave-pay
+    keywords: [薪水]
+    action: refuse
+    priority: 1
+  - id: badge-note
+    doc_id: badge
+    keywords: [出差]
+    action: append
+"""
+
+
+class _RouteAlwaysRetrieves:
+    """A route confident that every question is about `doc`: a refuse rule must still win."""
+
+    def __init__(self, doc):
+        from mlx_lora.route import Neighbour, RouteDecision
+
+        self.low, self.refuse_at = 0.0, 1.0
+        self._decision = lambda: RouteDecision("retrieve", 0.9, Neighbour("q", doc, "question"), doc, 0.99, 0.0)
+
+    def decide(self, questions):
+        return [self._decision() for _ in questions]
+
+
+def test_refuse_rule_wins_by_priority_even_against_a_confident_route(tmp_path, kb):
+    rules = load_rules(write(tmp_path, RULES + REFUSE_RULES), kb)
+    assert [r.action for r in rules][-3:] == ["refuse", "refuse", "append"] and rules[-2].doc_id is None
+    d = layer(rules, route=_RouteAlwaysRetrieves("vpn")).decide(["VPN 獎金怎麼算"], [ANSWERS["vpn"]])[0]
+    assert d.source == "REFUSAL" and d.answer == REFUSAL_TEXT
+    assert d.detail["rule"] == "no-pay" and d.detail["by"] == "rule" and d.detail["also_matched"] == ["vpn", "vpn-late"]
+    assert "doc_id" not in d.detail
+    # A refuse rule below an override rule's priority loses to it.
+    d = layer(rules).decide(["請假時薪水怎麼算"], [None])[0]
+    assert d.source == "RULE_OVERRIDE" and d.detail["rule"] == "leave-regex" and d.detail["also_matched"] == ["no-leave-pay"]
+
+
+def test_append_rule_adds_its_doc_to_the_decided_answer(tmp_path, kb):
+    rules = load_rules(write(tmp_path, RULES + REFUSE_RULES), kb)
+    d = layer(rules).decide(["出差時 VPN 連不上"], [ANSWERS["leave"]])[0]
+    assert d.source == "RULE_OVERRIDE" and d.detail["rule"] == "vpn"  # the append rule decides nothing
+    assert d.answer == ANSWERS["vpn"] + "\n" + ANSWERS["badge"]
+    assert d.detail["append"] == {"rule": "badge-note", "doc_id": "badge", "matched": "keyword: 出差", "added": True}
+    d = layer(rules).decide(["出差?"], [ANSWERS["badge"]])[0]  # already that text: nothing to add
+    assert d.source == "KB_MATCH" and d.answer == ANSWERS["badge"] and d.detail["append"]["added"] is False
+    d = layer(rules).decide(["出差?"], ["我今天很開心"])[0]
+    assert d.source == "MODEL_GENERATED" and d.answer == "我今天很開心\n" + ANSWERS["badge"]
+
+
 def test_rule_without_model_answer_overrides(rules):
     d = layer(rules).decide(["請個假"], [None])[0]
     assert d.source == "RULE_OVERRIDE" and d.answer == ANSWERS["leave"] and "model_topic" not in d.detail
@@ -180,13 +237,27 @@ def test_audit_log_records_and_appends(tmp_path, rules):
 def test_sample_rules_file_is_valid_and_precise():
     kb = load_kb(REPO / "data" / "kb.jsonl")
     rules = load_rules(REPO / "configs" / "rules.yaml", kb)
-    assert {r.doc_id for r in rules} == set(kb)
+    assert {r.doc_id for r in rules if r.action == "override"} == set(kb)
     expect = {"VPN 連不上": "vpn-setup", "訪客 Wi-Fi 密碼": "guest-wifi", "印表機卡紙": "printer",
               "早上起床發燒沒辦法上班，要怎麼請假？": "sick-leave", "remote work 的時候 VPN 要全程 on 嗎？": "wfh-policy"}
     for question, doc_id in expect.items():
         assert match_rules(rules, question)[0][0].doc_id == doc_id, question
     for question in ("VPN 有沒有流量或頻寬上限？", "今天天氣如何？"):
         assert match_rules(rules, question) == [], question
+
+
+def test_sample_refuse_rules_touch_no_answerable_training_question():
+    # The promise in configs/rules.yaml's header: refuse rules were written from the train/valid unanswerable
+    # questions, and none of them matches an answerable train/valid question or a KB text.
+    cfg = load_config(REPO / "configs" / "default.yaml")
+    kb = load_kb(REPO / cfg.data.kb)
+    refuse = [r for r in load_rules(REPO / "configs" / "rules.yaml", kb) if r.action == "refuse"]
+    splits = build_splits(kb, load_questions(REPO / cfg.data.questions, kb), cfg.data)
+    seen = [item for name in ("train", "valid") for item in splits[name]]
+    assert refuse and all(match_rules(refuse, item.question) == [] for item in seen if item.doc_id), \
+        [item.question for item in seen if item.doc_id and match_rules(refuse, item.question)]
+    assert all(match_rules(refuse, doc.text) == [] for doc in kb.values())
+    assert sum(bool(match_rules(refuse, item.question)) for item in seen if item.doc_id is None) >= 20
 
 
 def test_cli_check_and_test(tmp_path, tiny_kb, capsys):

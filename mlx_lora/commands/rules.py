@@ -14,6 +14,11 @@ def rules():
     """Check and try the YAML rule layer."""
 
 
+def _target(rule) -> str:
+    """What a rule answers with: → doc (override), + doc (append), or refuse."""
+    return "refuse" if rule.action == "refuse" else f"{'+' if rule.action == 'append' else '→'} {rule.doc_id}"
+
+
 def _kb(config_path, overrides, kb):
     from ..kb import load_kb
 
@@ -27,15 +32,17 @@ def _kb(config_path, overrides, kb):
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--kb", help="KB JSONL whose doc ids the rules must use (default data.kb).")
 def check(config_path, overrides, file, kb):
-    """Validate FILE: syntax, known doc ids, supported actions, safe (RE2) patterns; errors name file:line."""
+    """Validate FILE: syntax, known doc ids, actions (override/refuse/append), safe (RE2) patterns; errors name file:line."""
     from ..rules import load_rules
 
     _, docs = _kb(config_path, overrides, kb)
     loaded = load_rules(file, docs)
-    covered = {r.doc_id for r in loaded}
-    click.echo(f"{file}: {len(loaded)} rules OK, covering {len(covered)} of {len(docs)} KB docs")
+    covered = {r.doc_id for r in loaded if r.action == "override"}
+    refusing = sum(r.action == "refuse" for r in loaded)
+    click.echo(f"{file}: {len(loaded)} rules OK, overriding with {len(covered)} of {len(docs)} KB docs"
+               + (f", {refusing} refusing" if refusing else ""))
     for rule in sorted(loaded, key=lambda r: -r.priority):
-        click.echo(f"  {rule.id:<24} → {rule.doc_id:<24} priority {rule.priority:>3}  "
+        click.echo(f"  {rule.id:<24} {_target(rule):<34} priority {rule.priority:>3}  "
                    f"{len(rule.keywords)} keywords, {len(rule.regex)} regex, {len(rule.unless)} unless")
     missing = [d for d in docs if d not in covered]
     if missing:
@@ -73,7 +80,7 @@ def test(config_path, overrides, file, question, model_answer, kb, embedder, as_
         return
     if found:
         for rule, why in found:
-            click.echo(f"match: {rule.id} → {rule.doc_id} (priority {rule.priority}; {why})")
+            click.echo(f"match: {rule.id} {_target(rule)} (priority {rule.priority}; {why})")
     else:
         click.echo("match: no rule")
     click.echo(f"source: {decision.source}")
