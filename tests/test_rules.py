@@ -197,7 +197,8 @@ def test_refuse_rule_wins_by_priority_even_against_a_confident_route(tmp_path, k
     assert "doc_id" not in d.detail
     # A refuse rule below an override rule's priority loses to it.
     d = layer(rules).decide(["請假時薪水怎麼算"], [None])[0]
-    assert d.source == "RULE_OVERRIDE" and d.detail["rule"] == "leave-regex" and d.detail["also_matched"] == ["no-leave-pay"]
+    assert d.source == "RULE_OVERRIDE" and d.detail["rule"] == "leave-regex"
+    assert d.detail["also_matched"] == ["no-leave-pay"]
 
 
 def test_append_rule_adds_its_doc_to_the_decided_answer(tmp_path, kb):

@@ -32,7 +32,9 @@ def _kb(config_path, overrides, kb):
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--kb", help="KB JSONL whose doc ids the rules must use (default data.kb).")
 def check(config_path, overrides, file, kb):
-    """Validate FILE: syntax, known doc ids, actions (override/refuse/append), safe (RE2) patterns; errors name file:line."""
+    """Validate FILE: syntax, known doc ids, actions (override/refuse/append), safe (RE2) patterns.
+
+    Every error names file:line."""
     from ..rules import load_rules
 
     _, docs = _kb(config_path, overrides, kb)
