@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,7 +163,88 @@ def _apply_section(section_obj, values: dict, section: str, source: str) -> None
         if key not in types:
             valid = ", ".join(types)
             raise UserError(f"{source}: unknown config key {section}.{key}; valid keys in {section}: {valid}")
-        setattr(section_obj, key, _coerce(value, types[key], f"{section}.{key}"))
+        try:
+            setattr(section_obj, key, _coerce(value, types[key], f"{section}.{key}"))
+        except UserError as exc:
+            raise UserError(f"{source}: {exc}") from None
+
+
+# Allowed values, checked once after every source is applied, so a bad value stops a command before any work.
+CHOICES = {
+    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "backend.name": ("auto", "torch", "mlx"),
+    "backend.device": ("auto", "cpu", "cuda", "mps"),
+    "train.schedule": ("cosine", "linear", "constant"),
+    "data.format": ("messages", "text"),
+}
+# key → (lowest, highest or None, whether the lowest itself is allowed, what the key is); the highest is excluded
+# unless the key is in _UPPER_INCLUSIVE.
+RANGES = {
+    "backend.threads": (1, None, True, "CPU threads"),
+    "lora.rank": (1, None, True, "LoRA rank"),
+    "lora.alpha": (0, None, False, "LoRA alpha (scale = alpha / rank)"),
+    "lora.dropout": (0, 1, True, "a probability"),
+    "lora.num_layers": (1, None, True, "the number of last layers that get LoRA"),
+    "train.epochs": (1, None, True, "epochs"),
+    "train.max_steps": (1, None, True, "optimizer steps"),
+    "train.batch_size": (1, None, True, "rows per micro-batch"),
+    "train.grad_accum": (1, None, True, "micro-batches per optimizer step"),
+    "train.lr": (0, None, False, "the learning rate"),
+    "train.warmup_steps": (0, None, True, "warm-up steps"),
+    "train.max_grad_norm": (0, None, True, "the gradient-norm clip (0 = off)"),
+    "train.weight_decay": (0, None, True, "weight decay"),
+    "train.max_length": (2, None, True, "tokens per row"),
+    "train.eval_every": (0, None, True, "optimizer steps between evals (0 = once per epoch)"),
+    "train.early_stopping_patience": (0, None, True, "evals without improvement (0 = off)"),
+    "data.answerable_ratio": (0, 1, False, "the share of answerable train rows"),
+    "data.valid_fraction": (0, 1, True, "the share of phrasings held out for validation"),
+    "data.test_fraction": (0, 1, True, "the share of phrasings held out for testing"),
+    "generate.max_new_tokens": (1, None, True, "tokens to generate"),
+    "generate.temperature": (0, None, True, "the sampling temperature (0 = greedy)"),
+    "generate.top_p": (0, 1, False, "nucleus sampling mass"),
+    "generate.repetition_penalty": (0, None, False, "the repetition penalty (1 = off)"),
+    "generate.batch_size": (1, None, True, "prompts decoded together"),
+    "eval.worst_n": (0, None, True, "worst cases listed"),
+    "eval.max_rows": (1, None, True, "test rows to sample; null = all"),
+    "rules.kb_match_threshold": (0, 1, True, "a similarity"),
+    "rules.route_high": (0, 1, True, "a probability; null = calibrate"),
+    "rules.route_low": (-1, 1, True, "a similarity; null = calibrate"),
+}
+_UPPER_INCLUSIVE = {"data.answerable_ratio", "generate.top_p", "rules.kb_match_threshold", "rules.route_high",
+                    "rules.route_low"}
+
+
+def validate(cfg: "Config") -> "Config":
+    """Enumerations and ranges of every key; the first problem is a one-line error naming the key."""
+    for dotted, allowed in CHOICES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value not in allowed:
+            raise UserError(f"config key {dotted}: {value!r} is not one of {', '.join(allowed)}")
+    for dotted, (low, high, low_ok, meaning) in RANGES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value is None:
+            continue
+        bad = not math.isfinite(value) or (value < low if low_ok else value <= low)
+        if high is not None:
+            bad = bad or (value > high if dotted in _UPPER_INCLUSIVE else value >= high)
+        if bad:
+            lower = f"{'≥' if low_ok else '>'} {low}"
+            wanted = lower if high is None else \
+                f"in {'[' if low_ok else '('}{low}, {high}{']' if dotted in _UPPER_INCLUSIVE else ')'}"
+            raise UserError(f"config key {dotted}: {value!r} must be {wanted} ({meaning})")
+    if cfg.data.valid_fraction + cfg.data.test_fraction >= 1:
+        raise UserError("config keys data.valid_fraction + data.test_fraction must add up to less than 1")
+    if not cfg.lora.targets:
+        raise UserError("config key lora.targets: name at least one module, e.g. [q_proj, v_proj]")
+    from .evaluate import parse_threshold  # the presets live with the evaluator
+
+    try:
+        parse_threshold(cfg.eval.threshold)
+    except UserError as exc:
+        raise UserError(f"config key eval.threshold: {exc}") from None
+    return cfg
 
 
 def apply_mapping(cfg: Config, mapping: dict, source: str) -> Config:
@@ -211,4 +293,4 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
     for text in overrides:
         section, key, value = parse_override(text)
         apply_mapping(cfg, {section: {key: value}}, f"--set {text}")
-    return cfg
+    return validate(cfg)

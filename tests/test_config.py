@@ -58,3 +58,28 @@ def test_reference_config_loads_and_equals_defaults():
 
     cfg = load_config(REPO / "configs" / "reference.yaml")
     assert cfg == Config()
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("train.schedule=foo", "train.schedule: 'foo' is not one of cosine, linear, constant"),
+    ("data.format=xml", "data.format: 'xml' is not one of messages, text"),
+    ("train.lr=-1", "train.lr: -1.0 must be > 0"),
+    ("train.lr=.nan", "train.lr: nan must be > 0"),
+    ("lora.dropout=1", "lora.dropout: 1.0 must be in [0, 1)"),
+    ("train.max_steps=0", "train.max_steps: 0 must be ≥ 1"),
+    ("generate.top_p=0", "generate.top_p: 0.0 must be in (0, 1]"),
+    ("data.test_fraction=-0.5", "data.test_fraction: -0.5 must be in [0, 1)"),
+    ("eval.threshold=bogus", "eval.threshold: threshold 'bogus'"),
+    ("data.valid_fraction=0.8", "must add up to less than 1"),  # with the default test_fraction 0.2
+])
+def test_values_out_of_range_stop_before_any_work(override, needle):
+    with pytest.raises(UserError) as info:
+        load_config(None, [override])
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_wrong_type_in_a_file_names_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs: three\n")
+    with pytest.raises(UserError, match=f"^{path}: config key train.epochs: expected int"):
+        load_config(path)

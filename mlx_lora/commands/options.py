@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..config import Config, apply_mapping, load_config
+from ..config import Config, apply_mapping, load_config, validate
 
 config_option = click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False),
                              default=None, help="YAML config (see configs/reference.yaml).")
@@ -20,4 +20,4 @@ def build_config(config_path: str | None, overrides: tuple[str, ...], **direct) 
         if value is not None:
             section, key = dotted.split("__", 1)
             mapping.setdefault(section, {})[key] = value
-    return apply_mapping(cfg, mapping, "command line")
+    return validate(apply_mapping(cfg, mapping, "command line"))
