@@ -282,13 +282,9 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
         path = Path(path)
         if not path.is_file():
             raise UserError(f"{path}: config file not found; see configs/reference.yaml for an example")
-        try:
-            mapping = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark is not None else ""
-            problem = getattr(exc, "problem", None) or "invalid YAML"
-            raise UserError(f"{path}{line}: {problem}; fix the YAML syntax") from None
+        from .userfiles import load_yaml
+
+        mapping = load_yaml(path, "YAML syntax")[0] or {}
         apply_mapping(cfg, mapping, str(path))
     for text in overrides:
         section, key, value = parse_override(text)

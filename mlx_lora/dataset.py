@@ -17,6 +17,7 @@ from .kb import Doc
 from .questions import QuestionBank
 from .render import chatml_text
 from .textnorm import compact
+from .userfiles import load_yaml
 
 SPLITS = ("train", "valid", "test")
 NEAR_DUPLICATE = 0.8  # character similarity of normalised questions at which two count as near-duplicates
@@ -62,14 +63,17 @@ def load_extra_questions(path: str | Path, kb: dict[str, Doc]) -> dict[str, list
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: extra questions file not found")
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    data, root = load_yaml(path)
+    if data is None:
+        return {}
     if not isinstance(data, dict):
-        raise located(path, None, "expected a mapping doc_id → list of questions")
+        raise located(path, 1, "expected a mapping doc_id → list of questions")
+    lines = {key.value: key.start_mark.line + 1 for key, _ in root.value}
     for doc_id, questions in data.items():
         if doc_id not in kb:
-            raise located(path, None, f"doc_id {doc_id!r} is not in the knowledge base")
+            raise located(path, lines.get(doc_id), f"doc_id {doc_id!r} is not in the knowledge base")
         if not isinstance(questions, list) or not all(isinstance(q, str) for q in questions):
-            raise located(path, None, f"{doc_id}: expected a list of questions")
+            raise located(path, lines.get(doc_id), f"{doc_id}: expected a list of questions")
     return data
 
 

@@ -18,8 +18,13 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: file not found")
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a leading BOM is not content
+            except UnicodeDecodeError as exc:
+                raise located(path, number, f"not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+                                            "re-save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:

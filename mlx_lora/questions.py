@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 
 from .errors import UserError, located
 from .kb import Doc
 from .textnorm import compact
+from .userfiles import load_yaml
 
 STYLES = ("short", "full", "formal", "mixed")
 
@@ -42,13 +42,7 @@ def load_questions(path: str | Path, kb: dict[str, Doc] | None = None) -> Questi
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: question bank not found")
-    text = path.read_text(encoding="utf-8")
-    try:
-        data = yaml.safe_load(text)
-        root = yaml.compose(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise located(path, mark.line + 1 if mark else None, f"{getattr(exc, 'problem', 'invalid YAML')}; fix the YAML") from None
+    data, root = load_yaml(path)
     if not isinstance(data, dict):
         raise located(path, None, "expected a mapping with keys refusal, docs, unanswerable")
     lines = {k.value: v for k, v in root.value}

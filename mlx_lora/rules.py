@@ -15,6 +15,7 @@ import yaml
 from .errors import UserError, located
 from .similarity import REFUSAL, LabelIndex
 from .textnorm import compact
+from .userfiles import load_yaml
 
 SOURCES = ("RULE_OVERRIDE", "KB_RETRIEVAL", "KB_MATCH", "REFUSAL", "MODEL_GENERATED")
 # override: answer with doc_id's KB text; refuse: answer with the refusal (no doc_id); append: answer as if the rule
@@ -153,13 +154,7 @@ def load_rules(path: str | Path, kb: dict | None = None) -> list[Rule]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: rules file not found")
-    text = path.read_text(encoding="utf-8")
-    try:
-        data, root = yaml.safe_load(text), yaml.compose(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise located(path, mark.line + 1 if mark else None,
-                      f"{getattr(exc, 'problem', None) or 'invalid YAML'}; fix the YAML syntax") from None
+    data, root = load_yaml(path, "YAML syntax")
     if not isinstance(data, dict) or "rules" not in data:
         raise located(path, 1, "expected a top-level `rules:` list")
     extra = [k for k in data if k != "rules"]

@@ -83,3 +83,19 @@ def test_a_wrong_type_in_a_file_names_the_file(tmp_path):
     path.write_text("train:\n  epochs: three\n")
     with pytest.raises(UserError, match=f"^{path}: config key train.epochs: expected int"):
         load_config(path)
+
+
+def test_a_key_given_twice_is_an_error_not_a_silent_overwrite(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  seed: 7\ntrain:\n  epochs: 1\ndata:\n  seed: 8\n")
+    with pytest.raises(UserError, match=rf"^{path}:5: duplicate key 'data' \(first at line 1\)"):
+        load_config(path)
+
+
+def test_non_utf8_bytes_name_the_line_and_a_bom_is_accepted(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes("train:\n  epochs: 2\n  # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(UserError, match=rf"^{path}:3: not UTF-8 \(byte 0xe9\)"):
+        load_config(path)
+    path.write_bytes(b"\xef\xbb\xbftrain:\n  epochs: 2\n")
+    assert load_config(path).train.epochs == 2

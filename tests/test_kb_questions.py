@@ -41,6 +41,15 @@ def test_malformed_json_line(tmp_path):
         load_kb(path)
 
 
+def test_non_utf8_jsonl_names_the_line_and_a_bom_is_accepted(tmp_path):
+    path = tmp_path / "kb.jsonl"
+    path.write_bytes(b'{"doc_id": "a", "text": "x"}\n{"doc_id": "b", "text": "caf\xe9"}\n')
+    with pytest.raises(UserError, match=r"kb.jsonl:2: not UTF-8 \(byte 0xe9 at column 29\)"):
+        load_kb(path)
+    path.write_bytes(b'\xef\xbb\xbf{"doc_id": "a", "text": "x"}\n')
+    assert list(load_kb(path)) == ["a"]
+
+
 def test_question_bank_loads(tiny_kb, tiny_questions):
     bank = load_questions(tiny_questions, load_kb(tiny_kb))
     assert len(bank.phrasings("vpn")) == 6 and len(bank.unanswerable) == 6 and bank.refusal.startswith("抱歉")
@@ -54,6 +63,8 @@ def test_question_bank_loads(tiny_kb, tiny_questions):
     ('refusal: "no"\ndocs:\n  vpn:\n    short: ["a"]\nextra: 1\n', "unknown key(s) ['extra']"),
     ('refusal: "no"\ndocs:\n  vpn:\n    short: [1, ""]\n', "vpn.short must be a list of non-empty strings"),
     ('refusal: "no"\ndocs: [\n', "questions.yaml:"),
+    ('refusal: "no"\ndocs:\n  vpn:\n    short: ["a"]\n  vpn:\n    full: ["b"]\n',
+     ":5: duplicate key 'vpn' (first at line 3)"),  # PyYAML alone would silently drop the first vpn block
 ])
 def test_bad_question_banks(tiny_kb, tmp_path, text, needle):
     path = tmp_path / "questions.yaml"
