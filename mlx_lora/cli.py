@@ -48,10 +48,14 @@ def cli():
     """mlx-lora: fine-tune a small chat model on your knowledge base, offline, and evaluate it honestly."""
 
 
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
+
+
 def main(argv=None):
     """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
     try:
-        cli.main(args=argv, standalone_mode=False)
+        cli.main(args=argv, prog_name="mlx-lora", standalone_mode=False)
     except UserError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
@@ -61,8 +65,16 @@ def main(argv=None):
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
+    except click.UsageError as exc:  # click prints a 4-line usage block; one line says the same
+        where = exc.ctx.command_path if exc.ctx is not None else "mlx-lora"
+        click.echo(f"error: {_one_line(exc.format_message())} (see {where} --help)", err=True)
         sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        click.echo(f"error: {_one_line(exc.format_message())}", err=True)
+        sys.exit(exc.exit_code)
+    except OSError as exc:  # e.g. --out names an existing file, a full disk, no permission
+        where = f"{exc.filename}: " if exc.filename else ""
+        click.echo(f"error: {where}{exc.strerror or exc}", err=True)
+        sys.exit(1)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)

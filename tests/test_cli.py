@@ -66,10 +66,13 @@ def test_core_modules_import_without_heavy_libraries():
     ({}, ["data", "check", "{tmp}/missing.jsonl"], "missing.jsonl: file not found"),
     ({"q.yaml": 'refusal: "x"\ndocs:\n  ghost:\n    short: ["a"]\n'},
      ["data", "build", "--questions", "{tmp}/q.yaml"], "q.yaml:3: doc_id 'ghost' is not in the knowledge base"),
+    ({}, ["data", "build", "--format", "xml"], "'xml' is not one of 'messages', 'text'. (see mlx-lora data build --help)"),
+    ({}, ["data", "build", "--set", "train.schedule=foo"], "train.schedule: 'foo' is not one of cosine"),
+    ({"q.yaml": 'refusal: "\xe9"\n'}, ["data", "build", "--questions", "{tmp}/q.yaml"], "q.yaml:1: not UTF-8"),
 ])
 def test_bad_input_is_one_line_without_traceback(tmp_path, files, args, needle):
     for name, text in files.items():
-        (tmp_path / name).write_text(text, encoding="utf-8")
+        (tmp_path / name).write_bytes(text.encode("latin-1" if name == "q.yaml" and "\xe9" in text else "utf-8"))
     out = cli(*[a.replace("{tmp}", str(tmp_path)) for a in args])
     assert out.returncode == 2
     assert "Traceback" not in out.stderr
