@@ -95,10 +95,19 @@ def train_run(cfg: Config, data_dir: str | Path, run_dir: str | Path, resume: Pa
              "supervised_tokens": sum(r.supervised for r in train), "tokens": sum(len(r.ids) for r in train)}
     if resume is None and (run_dir / "adapter").exists():
         raise UserError(f"{run_dir}: already holds a trained adapter; choose another --out or pass --resume")
-    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 writes
+    if os.environ.get("RANK", "0") == "0":
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "manifest.json", manifest(cfg, backend.name, model_dir, [train_file, valid_file], stats))
-    on_event = events.standard_listeners(run_dir, progress)
+    listeners = events.standard_listeners(run_dir, progress)
+
+    def on_event(event: dict) -> None:
+        # The manifest describes the run only once the model, LoRA and any resume check have passed: written
+        # earlier, a failed resume with other settings would leave the old adapter under a manifest that no
+        # longer fits it.
+        if event.get("type") == "start" and os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 writes
+            write_json(run_dir / "manifest.json",
+                       manifest(cfg, backend.name, model_dir, [train_file, valid_file], stats))
+        listeners(event)
+
     loaded = backend.load(model_dir, None, cfg)
     outcome = backend.train(loaded, train, valid, cfg, run_dir, on_event, resume=resume)
     events.finish(run_dir, outcome)

@@ -403,6 +403,16 @@ def test_cli_train_generate_fuse_end_to_end(tiny, tmp_path, capsys):
     assert streamed == tok.decode(ids) + "\n"
     main(["fuse", "--adapter", str(run), "--out", str(tmp_path / "fused"), "--backend", "torch"])
     assert (tmp_path / "fused" / "model.safetensors").is_file()
+    # Resuming with another LoRA shape fails in one line and leaves the run's manifest and adapter as they were.
+    before = {name: (run / name).read_bytes() for name in ("manifest.json", "adapter/adapter_model.safetensors")}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--backend", "torch", "--model", str(tiny), "--data", str(data), "--out", str(run), "--resume",
+              str(run), "--epochs", "2", "--no-progress", "--set", "lora.rank=8", "--set", "train.batch_size=4",
+              "--set", "train.grad_accum=1"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "checkpoint LoRA layout differs" in err and "\n" not in err, err
+    assert {name: (run / name).read_bytes() for name in before} == before
 
 
 def test_mlx_format_adapter_loads_with_identical_logits(trained, tiny, tok, tmp_path):

@@ -153,7 +153,12 @@ def resolve(path: str | Path) -> Path:
 
 def load(path: Path) -> tuple[Position, dict, dict, dict, dict, Path]:
     """(position, optimizer tensors, optimizer steps, rng tensors, fingerprint, adapter file)."""
-    state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    try:
+        state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+        state["position"], state["optimizer_steps"], state["fingerprint"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise UserError(f"{path / STATE_FILE}: unreadable checkpoint state ({exc}); resume from another "
+                        "checkpoint") from None
     return (Position(**state["position"]), load_file(str(path / "optimizer.safetensors")),
             state["optimizer_steps"], load_file(str(path / "rng.safetensors")), state["fingerprint"],
             path / "adapter" / "adapter_model.safetensors")

@@ -162,7 +162,11 @@ class Trainer:
         if mismatch:
             detail = ", ".join(f"{k} now {a} vs {b} in the checkpoint" for k, (a, b) in mismatch.items())
             raise UserError(f"{path}: cannot resume with different settings ({detail})")
-        result = set_peft_model_state_dict(self.model, load_file(str(adapter_file)))
+        try:
+            result = set_peft_model_state_dict(self.model, load_file(str(adapter_file)))
+        except RuntimeError:  # torch's size-mismatch report runs to dozens of lines
+            raise UserError(f"{path}: checkpoint LoRA layout differs from the lora.* settings of this run (or another "
+                            "base model); resume with the same model, rank, targets and num_layers") from None
         if getattr(result, "unexpected_keys", None):
             raise UserError(f"{adapter_file}: adapter does not match this model/LoRA config")
         checkpoint.load_optimizer(self.optimizer, self.names, tensors, steps)
