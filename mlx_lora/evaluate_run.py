@@ -168,8 +168,6 @@ def evaluate_run(cfg: Config, model, adapter_run, test_path, valid_path, train_p
         if f"{name}_rules" in variants:
             got[f"{name}_rules"] = layer.decide(questions, got[name])
             audit += audit_records(questions, got[name], got[f"{name}_rules"], variant=f"{name}_rules")
-    if audit and cfg.rules.audit_log:
-        write_jsonl(out_dir / cfg.rules.audit_log, audit)
     rows = {name: score_rows(test, got[name], scorer, index) for name in variants if name in got}
     timings["scoring_s"] = round(time.perf_counter() - start - sum(timings.values()), 1)
     meta = {"test": str(test_path), "train": str(train_path), "valid": str(valid_path), "kb": str(kb_path),
@@ -177,4 +175,6 @@ def evaluate_run(cfg: Config, model, adapter_run, test_path, valid_path, train_p
             "test_rows": len(test), "refusal": refusal, "timings": timings, "notes": notes, **layer_info}
     report = build_report(rows, cfg.eval.threshold, describe(scorer), cfg.eval.worst_n, meta)
     write_report(report, out_dir)
+    if audit and cfg.rules.audit_log:  # after the report: a failed evaluation never leaves a new log by an old report
+        write_jsonl(out_dir / cfg.rules.audit_log, audit)
     return report

@@ -246,6 +246,17 @@ def test_eval_and_diagnose_commands_without_a_model(tmp_path, tiny_kb, tiny_spli
         main(["eval", "--data", str(data / "test.jsonl"), "--kb", str(tiny_kb), "--variants", "bogus",
               "--out", str(out)])
     assert "unknown 'bogus'" in capsys.readouterr().err
+    # Not a report: one line, no traceback; the audit log and report of the earlier run stay as they were.
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (tmp_path / "other.json").write_text(json.dumps({"variants": {"tuned": {"rows": [{"question": "x"}]}}}))
+    with pytest.raises(SystemExit):
+        main(["diagnose", "--report", str(tmp_path / "other.json"), "--out", str(tmp_path / "diag2")])
+    assert "not an `mlx-lora eval` report.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "--data", str(data / "test.jsonl"), "--kb", str(tiny_kb), "--threshold", "bogus",
+              "--out", str(out)])
+    assert "eval.threshold" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_diagnose_ranks_weak_topics_and_drafts_new_questions():

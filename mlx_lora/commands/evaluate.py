@@ -40,9 +40,10 @@ def eval_options(func):
         click.option("--data", required=True, help="Test JSONL (chat rows; built data carries doc ids)."),
         click.option("--kb", help="KB JSONL (default data.kb)."),
         click.option("--rules", "rules_path", help="Rules YAML (default rules.path; 'none' for the route only)."),
-        click.option("--train", help="Train JSONL for the retrieval baseline and route (default: beside --data)."),
-        click.option("--valid", help="Valid JSONL; with --train, calibrates the route out-of-fold "
-                                     "(default: beside --data)."),
+        click.option("--train", type=click.Path(exists=True, dir_okay=False),
+                     help="Train JSONL for the retrieval baseline and route (default: beside --data)."),
+        click.option("--valid", type=click.Path(exists=True, dir_okay=False),
+                     help="Valid JSONL; with --train, calibrates the route out-of-fold (default: beside --data)."),
         click.option("--threshold", help="faq (85) | chatbot (80) | critical (90) | a number."),
         click.option("--embedder", help="use (default) | char | a sentence-transformers model folder or id."),
         click.option("--max-rows", type=int, help="Evaluate a seeded sample of this many test rows."),
@@ -95,6 +96,29 @@ def eval_cmd(config_path, overrides, model, adapter, data, kb, rules_path, train
     click.echo(f"report: {Path(out) / 'report.md'} (and report.json, report.html)")
 
 
+REPORT_ROW_KEYS = ("question", "expected_doc", "predicted_doc", "similarity")
+
+
+def _load_report(path) -> dict:
+    """An `mlx-lora eval` report.json, checked for what diagnose reads; anything else is a one-line error."""
+    from ..errors import UserError
+    from ..userfiles import read_text
+
+    try:
+        report = json.loads(read_text(path))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: not a readable report.json ({exc})") from None
+    variants = report.get("variants") if isinstance(report, dict) else None
+    rows_ok = isinstance(variants, dict) and variants and all(
+        isinstance(v, dict) and isinstance(v.get("rows"), list)
+        and all(isinstance(r, dict) and all(k in r for k in REPORT_ROW_KEYS) for r in v["rows"])
+        for v in variants.values())
+    if not rows_ok:
+        raise UserError(f"{path}: not an `mlx-lora eval` report.json (expected variants.<name>.rows with "
+                        f"{', '.join(REPORT_ROW_KEYS)}); pass the report.json that `mlx-lora eval --out DIR` wrote")
+    return report
+
+
 @click.command()
 @config_option
 @set_option
@@ -118,10 +142,7 @@ def diagnose(config_path, overrides, report_path, variant, model, adapter, data,
     from ..kb import load_kb
 
     if report_path:
-        try:
-            report = json.loads(Path(report_path).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UserError(f"{report_path}: not a readable report.json ({exc})") from None
+        report = _load_report(report_path)
         cfg = build_config(config_path, overrides, eval__threshold=threshold, data__kb=kb)
         train = train or report.get("meta", {}).get("train")
     elif data:
