@@ -12,7 +12,7 @@ import yaml
 
 from .config import DataConfig
 from .errors import UserError, located
-from .jsonl import write_json, write_jsonl
+from .jsonl import atomic_write_texts, json_text, jsonl_text
 from .kb import Doc
 from .questions import QuestionBank
 from .render import chatml_text
@@ -169,8 +169,7 @@ def split_stats(splits: dict[str, list[Item]]) -> dict:
 def write_splits(splits: dict[str, list[Item]], out_dir: str | Path, cfg: DataConfig) -> dict:
     """Write DIR/{train,valid,test}.jsonl and DIR/stats.json; return the stats."""
     out_dir = Path(out_dir)
-    for name, items in splits.items():
-        write_jsonl(out_dir / f"{name}.jsonl", (item.row(cfg) for item in items))
     stats = {"splits": split_stats(splits), "overlap": overlap_report(splits), "seed": cfg.seed}
-    write_json(out_dir / "stats.json", stats)
+    files = {out_dir / f"{name}.jsonl": jsonl_text(item.row(cfg) for item in items) for name, items in splits.items()}
+    atomic_write_texts({**files, out_dir / "stats.json": json_text(stats)})  # the four files change together
     return stats

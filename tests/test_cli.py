@@ -86,6 +86,14 @@ def test_a_failed_build_keeps_the_previous_files(tmp_path):
     (tmp_path / "bad.yaml").write_text("refusal: [\n", encoding="utf-8")
     assert cli("data", "build", "--out", str(tmp_path / "d"), "--questions", str(tmp_path / "bad.yaml")).returncode == 2
     assert (tmp_path / "d" / "train.jsonl").read_bytes() == before
+    # A write that fails half-way (here: test.jsonl is a folder) replaces none of the four files.
+    (tmp_path / "d" / "test.jsonl").unlink()
+    (tmp_path / "d" / "test.jsonl").mkdir()
+    out = cli("data", "build", "--out", str(tmp_path / "d"), "--seed", "7")
+    assert out.returncode == 2 and "test.jsonl: is a directory" in out.stderr
+    assert (tmp_path / "d" / "train.jsonl").read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["stats.json", "test.jsonl", "train.jsonl",
+                                                                 "valid.jsonl"]  # no temp file left behind
 
 
 def test_doctor_reports_backends_and_blas():
