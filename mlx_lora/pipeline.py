@@ -26,6 +26,7 @@ def run_pipeline(cfg: Config, progress: bool = True) -> dict:
         from .errors import UserError
 
         raise UserError(f"{run_dir}: already holds a run; pass --out with a new directory or delete it")
+    _preflight(cfg)
     timings = {}
     started = time.perf_counter()
 
@@ -63,6 +64,21 @@ def run_pipeline(cfg: Config, progress: bool = True) -> dict:
     write_json(run_dir / "run_summary.json", summary)
     print_summary(summary)
     return summary
+
+
+def _preflight(cfg: Config) -> None:
+    """What the later stages would reject, checked before minutes of training: backend, KB, rules, embedder."""
+    from . import backend
+    from .kb import load_kb
+    from .rules import load_rules
+    from .similarity import make_scorer
+
+    backend.resolve(cfg.backend.name)
+    kb = load_kb(cfg.data.kb)
+    if cfg.rules.path and Path(cfg.rules.path).is_file():
+        load_rules(cfg.rules.path, kb)
+    if cfg.eval.embedder not in ("use", "char"):  # a user-chosen model: load it once now rather than fail at eval
+        make_scorer(cfg.eval.embedder)
 
 
 def _train_speed(run_dir: Path) -> dict:

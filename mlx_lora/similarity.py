@@ -103,12 +103,17 @@ def _st_scorer(spec: str) -> EmbeddingScorer:
         from sentence_transformers import SentenceTransformer
     except ImportError:
         raise UserError(f"eval.embedder {spec!r} needs sentence-transformers: pip install -e '.[eval]'") from None
-    local = Path(spec).expanduser().exists()
+    path = Path(spec).expanduser()
+    if not path.exists() and (spec.startswith((".", "~", "/")) or "\\" in spec or spec.count("/") > 1):
+        raise UserError(f"eval.embedder {spec!r}: no such folder; give a sentence-transformers model folder, "
+                        "'use' or 'char'")
     try:
-        model = SentenceTransformer(str(Path(spec).expanduser()) if local else spec, local_files_only=local)
-    except Exception as exc:  # a missing hub id offline, a broken folder: one line, not a traceback
-        raise UserError(f"eval.embedder {spec!r}: cannot load the sentence-transformers model "
-                        f"({type(exc).__name__}: {str(exc)[:120]}); use a local model folder, 'use' or 'char'") from None
+        # Never the network: a hub id must already be in the local Hugging Face cache.
+        model = SentenceTransformer(str(path) if path.exists() else spec, local_files_only=True)
+    except Exception as exc:  # not cached, a broken folder: one line, not a traceback
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        raise UserError(f"eval.embedder {spec!r}: cannot load it offline ({type(exc).__name__}: {first}); "
+                        "use a local model folder (or a hub id already in the HF cache), 'use' or 'char'") from None
     encode = lambda texts: model.encode(list(texts), convert_to_numpy=True, show_progress_bar=False)  # noqa: E731
     return EmbeddingScorer(spec, f"sentence-transformers {spec}, cosine × 100", encode)
 

@@ -49,6 +49,16 @@ def test_main_job_on_a_tiny_model(tmp_path, qwen_tokenizer_dir):
     assert again.returncode == 2 and "already holds a run" in again.stderr
 
 
+def test_main_job_checks_rules_and_embedder_before_any_stage(tmp_path):
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules:\n  - id: a\n    doc_id: vpn-setup\n    regex: ['(?=x)']\n", encoding="utf-8")
+    for setting, needle in ((f"rules.path={rules}", f"{rules}:4: regex"),
+                            ("eval.embedder=./no_such_model", "no such folder")):
+        out = run_cli("run", "--out", str(tmp_path / "run"), "--set", setting, timeout=300)
+        assert out.returncode == 2 and needle in out.stderr and "Traceback" not in out.stderr, out.stderr
+        assert not (tmp_path / "run").exists()  # nothing built, nothing trained
+
+
 @pytest.mark.slow
 def test_main_job_on_the_embedded_model(tmp_path):
     """Prepare the real 0.5B model, train a step, generate Chinese answers, evaluate every variant."""
