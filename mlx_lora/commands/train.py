@@ -93,6 +93,11 @@ def generate(config_path, overrides, questions, model, adapter, rules_path, back
     cfg = build_config(config_path, overrides, backend__name=backend, generate__max_new_tokens=max_new_tokens,
                        generate__temperature=temperature, generate__top_p=top_p,
                        generate__repetition_penalty=repetition_penalty)
+    if rules_path:  # a broken rules file fails now, not after the model has loaded and answered
+        from ..kb import load_kb
+        from ..rules import load_rules
+
+        load_rules(rules_path, load_kb(cfg.data.kb))
     backend_, loaded, tokenizer, system_prompt = load_for_generation(model, adapter, cfg, progress=not no_progress)
     stops = tokenizer.stop_ids()
     answers = []
