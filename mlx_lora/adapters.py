@@ -45,26 +45,34 @@ class AdapterInfo:
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     """All tensors of a safetensors file as numpy arrays (BF16 widened to float32)."""
+    corrupt = f"{path}: not a readable safetensors file (corrupt or truncated); re-export or re-convert the adapter"
     try:
         with open(path, "rb") as f:
             (size,) = struct.unpack("<Q", f.read(8))
+            if size > path.stat().st_size - 8:  # a garbage header length would otherwise allocate gigabytes
+                raise UserError(corrupt)
             header = json.loads(f.read(size))
             data = f.read()
-    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: not a readable safetensors file ({exc})") from None
+    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(corrupt) from None
+    if not isinstance(header, dict):
+        raise UserError(corrupt)
     out = {}
     for name, spec in header.items():
         if name == "__metadata__":
             continue
-        start, end = spec["data_offsets"]
-        raw = data[start:end]
-        if spec["dtype"] == "BF16":
-            array = (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
-        elif spec["dtype"] in _DTYPES:
-            array = np.frombuffer(raw, dtype=np.dtype(_DTYPES[spec["dtype"]]).newbyteorder("<"))
-        else:
-            raise UserError(f"{path}: tensor {name} has unsupported dtype {spec['dtype']}")
-        out[name] = array.reshape(spec["shape"]).copy()
+        try:
+            start, end = spec["data_offsets"]
+            raw = data[start:end]
+            if spec["dtype"] == "BF16":
+                array = (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+            elif spec["dtype"] in _DTYPES:
+                array = np.frombuffer(raw, dtype=np.dtype(_DTYPES[spec["dtype"]]).newbyteorder("<"))
+            else:
+                raise UserError(f"{path}: tensor {name} has unsupported dtype {spec['dtype']}")
+            out[name] = array.reshape(spec["shape"]).copy()
+        except (KeyError, TypeError, ValueError):  # offsets past the data, a shape that does not fit, …
+            raise UserError(f"{corrupt} (tensor {name})") from None
     return out
 
 

@@ -91,6 +91,13 @@ def test_rslora_and_bad_input(tmp_path):
     config_file.write_text("{not json")
     with pytest.raises(UserError, match="adapter_config.json:1"):
         info(tmp_path / "peft")
+    # Corrupt weights: a random header length must not allocate gigabytes; a truncated file must not reshape.
+    weights = tmp_path / "mlx" / "adapters.safetensors"
+    good = weights.read_bytes()
+    for damaged in (bytes(range(256)) * 20, good[: len(good) // 2]):
+        weights.write_bytes(damaged)
+        with pytest.raises(UserError, match="not a readable safetensors file"):
+            read_safetensors(weights)
 
 
 def test_adapter_cli_convert_and_info(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -80,7 +81,14 @@ def _attach_adapter(base, path: Path, trainable: bool):
     """PeftModel over base; an MLX adapter is converted to PEFT in a temp folder first (weights are in memory
     after loading, so the folder is removed)."""
     from peft import PeftModel
+    from safetensors import SafetensorError
 
+    config_file = path / "adapter_config.json"
+    if config_file.is_file():  # else PEFT's JSON error would read as "does not fit this model"
+        try:
+            json.loads(config_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{config_file}: unreadable ({exc}); re-export the adapter") from None
     try:
         if adapter_format(path) == "peft":
             return PeftModel.from_pretrained(base, str(path), is_trainable=trainable)
@@ -89,6 +97,9 @@ def _attach_adapter(base, path: Path, trainable: bool):
         with tempfile.TemporaryDirectory(prefix="mlx-lora-peft-") as tmp:
             mlx_to_peft(path, Path(tmp) / "adapter")
             return PeftModel.from_pretrained(base, str(Path(tmp) / "adapter"), is_trainable=trainable)
+    except (SafetensorError, OSError):
+        raise UserError(f"{path}: the adapter weights are not a readable safetensors file (corrupt or truncated); "
+                        "re-export or re-convert the adapter") from None
     except (RuntimeError, ValueError, KeyError) as exc:
         # Typically "size mismatch": the adapter was trained on another base model.
         first = str(exc).strip().splitlines()
