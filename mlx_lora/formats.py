@@ -57,6 +57,12 @@ def _check_messages(messages, path, line) -> list[dict]:
 
 def parse_row(row: dict, path, line: int) -> Example:
     meta = row.get("meta") or {}
+    if not isinstance(meta, dict):
+        raise located(path, line, '"meta" must be an object, e.g. {"doc_id": "vpn-setup", "answerable": true}')
+    if not isinstance(meta.get("doc_id"), (str, type(None))):
+        raise located(path, line, 'meta "doc_id" must be a KB doc id (a string) or null')
+    if not isinstance(meta.get("answerable", True), bool):
+        raise located(path, line, 'meta "answerable" must be true or false')
     if "messages" in row:
         return Example(_check_messages(row["messages"], path, line), meta=meta, line=line)
     if "prompt" in row or "completion" in row:

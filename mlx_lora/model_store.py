@@ -128,6 +128,10 @@ def resolve_model(spec: str = "embedded", cache_dir=None, progress: bool = True)
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise UserError(f"{path}: not a model: give a Hugging Face model folder, a .gguf file, or 'embedded'")
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise UserError(f"{path}: not a GGUF file (it does not start with the GGUF magic bytes); "
+                                "re-download it or give a Hugging Face model folder")
         return _converted(path, _file_sha256(path), cache_dir, progress)
     # os.sep alone cannot tell a path from a hub id on POSIX ("Qwen/Qwen2.5-0.5B" has one), so anything that
     # is not shaped like "owner/name" counts as a path the user meant to exist.

@@ -117,9 +117,15 @@ def train_run(cfg: Config, data_dir: str | Path, run_dir: str | Path, resume: Pa
 def read_manifest(run_dir: Path) -> dict:
     path = run_dir / "manifest.json"
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        run = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise UserError(f"{path}: unreadable run manifest ({exc}); is {run_dir} a run directory?") from None
+    try:  # what generation and evaluation read from it
+        run["config"]["lora"], run["config"]["data"]["system_prompt"], run["base_model"]["path"]
+    except (KeyError, TypeError) as exc:
+        raise UserError(f"{path}: not a run manifest (no {exc}); pass a run directory that `mlx-lora train` "
+                        "wrote, or the adapter folder itself") from None
+    return run
 
 
 def adapter_location(adapter: str | Path) -> tuple[Path, dict | None]:

@@ -124,6 +124,15 @@ def _fake_converter(monkeypatch) -> list:
     return calls
 
 
+def test_resolve_a_file_that_is_not_gguf_is_one_line(tmp_path, monkeypatch):
+    calls = _fake_converter(monkeypatch)
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"<html>not found</html>")  # what a failed download often leaves behind
+    with pytest.raises(UserError, match="not a GGUF file"):
+        model_store.resolve_model(str(junk), cache_dir=tmp_path / "cache")
+    assert calls == []
+
+
 def test_resolve_gguf_converts_once_into_cache_keyed_by_sha(tmp_path, monkeypatch):
     calls = _fake_converter(monkeypatch)
     gguf = tmp_path / "my.gguf"
