@@ -29,9 +29,12 @@ def load_kb(path: str | Path) -> dict[str, Doc]:
         if not isinstance(doc_id, str) or not doc_id.strip():
             raise located(path, line, 'missing "doc_id" (a non-empty string)')
         if not isinstance(text, str) or not text.strip():
-            raise located(path, line, f'doc {doc_id!r} has an empty "text"')
+            missing = "missing" if "text" not in row else "empty"
+            unknown = sorted(set(row) - {"doc_id", "text", "text_hash"})
+            raise located(path, line, f'doc {doc_id!r}: "text" is {missing}'
+                          + (f"; unknown key(s) {unknown} (a KB row has doc_id, text, text_hash)" if unknown else ""))
         if doc_id in docs:
-            raise located(path, line, f"duplicate doc_id {doc_id!r}; each rule needs its own id")
+            raise located(path, line, f"duplicate doc_id {doc_id!r}; each document needs its own id")
         actual = text_sha256(text)
         stated = row.get("text_hash")
         if stated is not None and stated != actual:

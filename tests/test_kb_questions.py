@@ -24,7 +24,8 @@ def test_hash_is_verified_and_computed_when_missing(tmp_path):
 
 @pytest.mark.parametrize("rows, needle", [
     ([{"doc_id": "a", "text": "x"}, {"doc_id": "a", "text": "y"}], "kb.jsonl:2: duplicate doc_id 'a'"),
-    ([{"doc_id": "a", "text": "  "}], "kb.jsonl:1: doc 'a' has an empty"),
+    ([{"doc_id": "a", "text": "  "}], "kb.jsonl:1: doc 'a': \"text\" is empty"),
+    ([{"doc_id": "a", "txt": "x"}], "kb.jsonl:1: doc 'a': \"text\" is missing; unknown key(s) ['txt']"),
     ([{"doc_id": "a", "text": "x", "text_hash": "0" * 64}], "kb.jsonl:1: text_hash of 'a' does not match"),
     ([{"text": "x"}], "kb.jsonl:1: missing \"doc_id\""),
 ])

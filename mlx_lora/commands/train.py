@@ -53,6 +53,8 @@ def train(config_path, overrides, backend, model, data_dir, out, epochs, max_ste
         click.echo(f"health: {health.get('verdict', '?')}")
         for flag in health.get("flags", []):
             click.echo(f"  - {flag['code']}: {flag['message']}")
+    if outcome.stopped == "interrupted":  # checkpointed, but not finished: scripts must not read it as success
+        raise SystemExit(130)
 
 
 class _Streamer:
