@@ -440,3 +440,20 @@ def test_an_adapter_from_another_base_model_is_a_one_line_error(trained, tmp_pat
     with pytest.raises(UserError) as info:
         TorchBackend().load(other, trained["run_dir"] / "adapter", trained["cfg"])
     assert "adapter does not fit this model" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_an_adapter_whose_tensors_name_no_lora_layer_is_an_error(trained, tiny, tmp_path):
+    # PEFT alone only warns and returns the base model unchanged: answers would silently be the base model's.
+    from safetensors.torch import load_file, save_file
+
+    from mlx_lora.errors import UserError
+    from torch_backend.backend import TorchBackend
+
+    renamed = tmp_path / "renamed"
+    shutil.copytree(trained["run_dir"] / "adapter", renamed)
+    tensors = load_file(str(renamed / "adapter_model.safetensors"))
+    save_file({k.replace("lora_A", "lora_X").replace("lora_B", "lora_Y"): v for k, v in tensors.items()},
+              str(renamed / "adapter_model.safetensors"))
+    with pytest.raises(UserError, match="missing adapter keys"):
+        TorchBackend().load(tiny, renamed, trained["cfg"])
+    TorchBackend().load(tiny, trained["run_dir"] / "adapter", trained["cfg"])  # the intact adapter still loads

@@ -77,6 +77,20 @@ def adapter_dir(path: str | Path) -> Path:
     return path
 
 
+def _peft_from_pretrained(peft_model, base, path: Path, trainable: bool):
+    """PeftModel.from_pretrained, but LoRA weights that name none of this model's layers are an error: PEFT only
+    warns ("missing adapter keys") and the result would silently be the base model."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = peft_model.from_pretrained(base, str(path), is_trainable=trainable)
+    for warning in caught:
+        if "missing adapter keys" in str(warning.message).lower():
+            raise UserError(f"{path}: the adapter's weights do not match this model's LoRA layers (PEFT found "
+                            "missing adapter keys); use the adapter with the model and settings it was trained on")
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return model
+
+
 def _attach_adapter(base, path: Path, trainable: bool):
     """PeftModel over base; an MLX adapter is converted to PEFT in a temp folder first (weights are in memory
     after loading, so the folder is removed)."""
@@ -91,12 +105,12 @@ def _attach_adapter(base, path: Path, trainable: bool):
             raise UserError(f"{config_file}: unreadable ({exc}); re-export the adapter") from None
     try:
         if adapter_format(path) == "peft":
-            return PeftModel.from_pretrained(base, str(path), is_trainable=trainable)
+            return _peft_from_pretrained(PeftModel, base, path, trainable)
         from mlx_lora.adapters import mlx_to_peft
 
         with tempfile.TemporaryDirectory(prefix="mlx-lora-peft-") as tmp:
             mlx_to_peft(path, Path(tmp) / "adapter")
-            return PeftModel.from_pretrained(base, str(Path(tmp) / "adapter"), is_trainable=trainable)
+            return _peft_from_pretrained(PeftModel, base, Path(tmp) / "adapter", trainable)
     except (SafetensorError, OSError):
         raise UserError(f"{path}: the adapter weights are not a readable safetensors file (corrupt or truncated); "
                         "re-export or re-convert the adapter") from None
