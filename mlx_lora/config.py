@@ -131,6 +131,8 @@ def _coerce(value, annotation, key: str):
         if not isinstance(value, list):
             raise UserError(f"config key {key}: expected a list, got {value!r}")
         (item,) = typing.get_args(annotation)
+        if item is str and not all(isinstance(v, str) for v in value):  # [1, 2] for module names is a slip
+            raise UserError(f"config key {key}: expected a list of names, got {value!r}")
         return [_coerce(v, item, key) for v in value]
     if annotation is bool:
         if isinstance(value, bool):

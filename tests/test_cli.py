@@ -64,6 +64,7 @@ def test_core_modules_import_without_heavy_libraries():
     ({"c.yaml": "train: [\n"}, ["data", "build", "-c", "{tmp}/c.yaml"], "c.yaml:"),
     ({}, ["data", "build", "--set", "data.seed=abc"], "data.seed: expected int"),
     ({}, ["data", "check", "{tmp}/missing.jsonl"], "missing.jsonl: file not found"),
+    ({}, ["data", "build", "--kb", "{tmp}"], "is a directory, not a JSONL file"),
     ({"m.jsonl": '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], '
                  '"meta": "x"}\n'}, ["data", "check", "{tmp}/m.jsonl"], 'm.jsonl:1: "meta" must be an object'),
     ({"q.yaml": 'refusal: "x"\ndocs:\n  ghost:\n    short: ["a"]\n'},

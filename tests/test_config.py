@@ -32,6 +32,7 @@ def test_override_parses_floats_lists_and_null():
     ("train:\n  epochs: three\n", "train.epochs: expected int"),
     ("lora:\n  dora: maybe\n", "lora.dora: expected bool"),
     ("train: [1, 2]\n", "section train must be a mapping"),
+    ("lora:\n  targets: [1, 2]\n", "lora.targets: expected a list of names"),
     ("train:\n  lr: [1\n", "c.yaml:"),
 ])
 def test_errors_are_one_line_and_name_the_key(tmp_path, text, needle):

@@ -41,7 +41,9 @@ def build_data(data_cfg) -> dict:
     kb = load_kb(data_cfg.kb)
     bank = load_questions(data_cfg.questions, kb)
     extra = load_extra_questions(data_cfg.extra_questions, kb) if data_cfg.extra_questions else None
-    return write_splits(build_splits(kb, bank, data_cfg, extra), data_cfg.dir, data_cfg)
+    stats = write_splits(build_splits(kb, bank, data_cfg, extra), data_cfg.dir, data_cfg)
+    stats["docs_without_questions"] = [d for d in kb if not bank.phrasings(d) and not (extra or {}).get(d)]
+    return stats
 
 
 def print_stats(stats: dict, out_dir) -> None:
@@ -52,6 +54,9 @@ def print_stats(stats: dict, out_dir) -> None:
     for name, o in stats["overlap"].items():
         click.echo(f"{name} vs train: exact overlap {o['exact_overlap']}, near-duplicates (≥80% chars) "
                    f"{o['near_duplicates']}/{o['rows']} ({o['near_duplicate_pct']}%)")
+    if stats.get("docs_without_questions"):
+        click.echo(f"warning: no questions for {', '.join(stats['docs_without_questions'])} in the question bank: "
+                   "the model never learns these docs; add phrasings under docs:", err=True)
 
 
 @data.command()
