@@ -102,3 +102,14 @@ def test_no_normalised_question_is_in_two_splits(banks, pool, seed):
     assert not keys["train"] & keys["test"]
     assert not keys["valid"] & keys["test"]
     random.Random(seed)  # the split is seeded; nothing global is consumed
+
+
+def test_build_data_names_kb_docs_that_no_question_asks_about(tiny_kb, tiny_questions, tmp_path):
+    from mlx_lora.commands.data import build_data
+
+    stats = build_data(DataConfig(kb=str(tiny_kb), questions=str(tiny_questions), dir=str(tmp_path / "a")))
+    assert stats["docs_without_questions"] == []
+    text = tiny_questions.read_text(encoding="utf-8")
+    tiny_questions.write_text(text[:text.index("  badge:")] + text[text.index("unanswerable:"):], encoding="utf-8")
+    stats = build_data(DataConfig(kb=str(tiny_kb), questions=str(tiny_questions), dir=str(tmp_path / "b")))
+    assert stats["docs_without_questions"] == ["badge"]
