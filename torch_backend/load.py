@@ -81,7 +81,7 @@ def _peft_from_pretrained(peft_model, base, path: Path, trainable: bool):
     """PeftModel.from_pretrained, but LoRA weights that name none of this model's layers are an error: PEFT only
     warns ("missing adapter keys") and the result would silently be the base model."""
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+        warnings.filterwarnings("always", message=r"(?i).*missing adapter keys")  # even if shown before
         model = peft_model.from_pretrained(base, str(path), is_trainable=trainable)
     for warning in caught:
         if "missing adapter keys" in str(warning.message).lower():
