@@ -94,6 +94,8 @@ class RulesConfig:
     kb_match_threshold: float = 0.8
     route_high: float | None = None  # semantic route: KB answer at topic probability ≥ this; None = calibrate
     route_low: float | None = None  # refuse below this similarity to anything known; None = calibrate
+    answerability: bool = True  # refuse a KB answer whose doc does not answer the question (answerability.py)
+    answer_floor: float | None = None  # answerability score below which it refuses; None = calibrate
     # (calibration: out-of-fold on the train + valid questions, route.calibrate_route)
     audit_log: str = "audit.jsonl"
 

@@ -111,6 +111,10 @@ def build_layer(cfg: Config, scorer, kb, train, valid, answers, refusal, index, 
         info["calibration"] = calibrate_route(route, train + valid, index)
         route.high = cfg.rules.route_high if cfg.rules.route_high is not None else route.high
         route.low = cfg.rules.route_low if cfg.rules.route_low is not None else route.low
+        if cfg.rules.answer_floor is not None:
+            route.answer_floor = cfg.rules.answer_floor
+        if not cfg.rules.answerability:
+            route.answer_floor = None
         info["route"] = route.describe()
     info["rules"] = {"path": str(rules_path) if rules_path else None, "count": len(rules),
                      "kb_match_threshold": cfg.rules.kb_match_threshold}

@@ -15,6 +15,8 @@ from .textnorm import compact, normalize
 # The share of held-out questions the model is assumed to answer right when the route leaves them to it. FACTS.md
 # measured the 0.5B LoRA model's topic accuracy at 25–67% on reworded questions: 0.5 is a middle estimate.
 MODEL_ACCURACY = 0.5
+# Out-of-fold, the answerability floor may refuse at most this share of answerable questions.
+ANSWER_FLOOR_BUDGET = 0.01
 NEVER = 1.01  # a probability threshold no probability reaches: the uncalibrated route never retrieves or refuses
 
 
@@ -144,6 +146,7 @@ class SemanticRoute:
         self.refuse_at = NEVER if refuse_at is None else refuse_at
         self.missing: str | None = None
         self.classifier = classifier
+        self.answerability, self.answer_floor = None, None  # floor None: the answerability check is off
         if classifier is None:
             try:
                 self.classifier = TopicClassifier(scorer).fit(*training_texts(self.neighbours))
@@ -151,6 +154,15 @@ class SemanticRoute:
                 self.missing = "scikit-learn is not installed (pip install -e '.[eval]'): no topic classifier"
             except ValueError as exc:  # one class only (e.g. no unanswerable training question and one doc)
                 self.missing = str(exc)
+            if self.classifier is not None and hasattr(scorer, "embed"):
+                from .answerability import AnswerabilityModel
+
+                try:
+                    self.answerability = AnswerabilityModel(scorer).fit(
+                        [(n.text, n.label) for n in self.neighbours if n.kind == "question"],
+                        {n.label: n.text for n in self.neighbours if n.kind == "kb"})
+                except ValueError:  # no unanswerable or no answerable training question: nothing to learn
+                    self.answerability = None
 
     def nearest(self, questions: Sequence[str], kinds=("question", "kb")) -> list[tuple[Neighbour, float]]:
         pool = [n for n in self.neighbours if n.kind in kinds]
@@ -203,10 +215,24 @@ class SemanticRoute:
                 d.kind = "retrieve"
         return out
 
+    def answer_scores(self, questions: Sequence[str], doc_ids: Sequence[str]) -> list[float | None]:
+        """Answerability of each (question, doc) pair; None where there is no model or no such KB doc."""
+        model = self.answerability
+        if model is None:
+            return [None] * len(questions)
+        known = [i for i, d in enumerate(doc_ids) if d in model.kb]
+        scores = model.score([questions[i] for i in known], [doc_ids[i] for i in known])
+        out: list[float | None] = [None] * len(questions)
+        for i, score in zip(known, scores):
+            out[i] = float(score)
+        return out
+
     def describe(self) -> dict:
         kinds = [n.kind for n in self.neighbours]
         c = self.classifier
+        floor = None if self.answer_floor is None else round(self.answer_floor, 4)
         return {"high": round(self.high, 4), "low": round(self.low, 4), "refuse_at": round(self.refuse_at, 4),
+                "answer_floor": floor,
                 "classifier": None if c is None else (f"logistic regression on char {c.ngram_range[0]}–"
                                                       f"{c.ngram_range[1]}-gram TF-IDF" +
                                                       (" + embeddings" if hasattr(self.scorer, "embed") else "")),
@@ -289,6 +315,7 @@ def calibrate_route(route: SemanticRoute, examples, index: LabelIndex, folds: in
     random.Random(seed).shuffle(order)
     folds = max(2, min(folds, len(questions)))
     rows: list[tuple[Neighbour, RouteDecision, Neighbour]] = []
+    answer_scores: list[float | None] = []
     for k in range(folds):
         held = set(order[k::folds])
         rest = [q for i, q in enumerate(questions) if i not in held]
@@ -298,7 +325,9 @@ def calibrate_route(route: SemanticRoute, examples, index: LabelIndex, folds: in
         asked = [questions[i] for i in sorted(held)]
         texts = [q.text for q in asked]
         nearest = fold_route.nearest(texts, kinds=("question",))
-        rows += [(q, d, n) for q, d, (n, _) in zip(asked, fold_route.classify(texts), nearest)]
+        decided = fold_route.classify(texts)
+        rows += [(q, d, n) for q, d, (n, _) in zip(asked, decided, nearest)]
+        answer_scores += fold_route.answer_scores(texts, [d.label for d in decided])
     answerable = [q.label != REFUSAL for q, _, _ in rows]
     budget = sum(a and n.label == REFUSAL for a, (_, _, n) in zip(answerable, rows))
     has_refusal = route.classifier is not None and REFUSAL in route.classifier.classes
@@ -309,4 +338,27 @@ def calibrate_route(route: SemanticRoute, examples, index: LabelIndex, folds: in
         info["high"] = info["refuse_at"] = NEVER
     info["method"] = f"{folds}-fold out-of-fold decisions on {len(rows)} distinct train+valid questions"
     route.high, route.low, route.refuse_at = info["high"], info["low"], info["refuse_at"]
+    if route.answerability is not None:
+        info.update(calibrate_answer_floor(answer_scores, answerable))
+        route.answer_floor = info["answer_floor"]
     return info
+
+
+def calibrate_answer_floor(scores: Sequence[float | None], answerable: Sequence[bool],
+                           budget: float = ANSWER_FLOOR_BUDGET) -> dict:
+    """The answerability score below which the layer refuses a doc answer, from out-of-fold scores of each
+    question against the doc the classifier named: the highest cut that refuses at most `budget` of the answerable
+    questions — kept only if it refuses more unanswerable than answerable ones (else None: the check stays off)."""
+    pairs = [(s, a) for s, a in zip(scores, answerable) if s is not None]
+    ok = np.sort([s for s, a in pairs if a])
+    bad = np.array([s for s, a in pairs if not a])
+    floor = None
+    if len(ok) and len(bad):
+        allowed = int(budget * len(ok))
+        cut = float(ok[allowed])  # exactly `allowed` answerable scores lie below it
+        caught = int((bad < cut).sum())
+        floor = cut if caught > allowed else None
+    refused_ok = int((ok < floor).sum()) if floor is not None else 0
+    refused_bad = int((bad < floor).sum()) if floor is not None else 0
+    return {"answer_floor": floor, "answer_floor_budget": budget, "answer_floor_refused_answerable": refused_ok,
+            "answer_floor_refused_unanswerable": refused_bad}

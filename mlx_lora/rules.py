@@ -204,6 +204,9 @@ class RuleLayer:
     details ("the VPN gateway is 10.8.0.1"); the KB text is on the same topic and right, so it wins unless the
     model already says what the KB says.
 
+    Last, any KB answer (rule, route or matched model answer) whose doc the route's answerability model says
+    does not answer the question (score below the calibrated answer_floor) becomes the refusal.
+
     Rule actions: override (above) and refuse compete by priority; a refuse rule is obeyed even against the
     route (it is the author's explicit choice, and a refusal invents nothing). An append rule changes no
     decision: the answer decided without it gets the rule's KB text added, unless it already is that text.
@@ -237,13 +240,32 @@ class RuleLayer:
         matrix = self.index.scores([model_answers[i] for i in given]) if given else None
         scores = {i: matrix[k] for k, i in enumerate(given)}
         routed = self.route.decide(list(questions)) if self.route is not None else [None] * len(questions)
-        decisions = []
+        decisions, appending = [], []
         for i, question in enumerate(questions):
             found = match_rules(self.rules, question)
             deciding = [(rule, why) for rule, why in found if rule.action != "append"]
-            decision = self._decide_one(model_answers[i], scores.get(i), routed[i], deciding)
-            appending = [(rule, why) for rule, why in found if rule.action == "append"]
-            decisions.append(self._append(decision, appending) if appending else decision)
+            decisions.append(self._decide_one(model_answers[i], scores.get(i), routed[i], deciding))
+            appending.append([(rule, why) for rule, why in found if rule.action == "append"])
+        decisions = self._check_answerable(list(questions), decisions)
+        return [self._append(d, a) if a else d for d, a in zip(decisions, appending)]
+
+    def _check_answerable(self, questions: list[str], decisions: list[Decision]) -> list[Decision]:
+        """A KB answer (from a keyword rule, the route or a model answer that matched it) whose doc, by the
+        route's answerability model, does not answer the question becomes the refusal: a topic word is not an
+        answer ("can the printer print in colour?" is about the printer doc, which does not say)."""
+        floor = getattr(self.route, "answer_floor", None)
+        checked = [i for i, d in enumerate(decisions)
+                   if d.source in ("RULE_OVERRIDE", "KB_RETRIEVAL", "KB_MATCH") and d.detail.get("doc_id")]
+        if floor is None or not checked:
+            return decisions
+        scores = self.route.answer_scores([questions[i] for i in checked],
+                                          [decisions[i].detail["doc_id"] for i in checked])
+        for i, score in zip(checked, scores):
+            if score is not None and score < floor:
+                d = decisions[i]
+                decisions[i] = Decision(self.refusal, "REFUSAL", {**d.detail, "by": "answerability",
+                                                                  "instead_of": d.source, "answerability": _r(score),
+                                                                  "answer_floor": _r(floor)})
         return decisions
 
     def _append(self, decision: Decision, found: list[tuple[Rule, str]]) -> Decision:

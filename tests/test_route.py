@@ -194,7 +194,7 @@ def test_calibrate_route_out_of_fold_on_train_and_valid_questions(route):
         again = calibrate_route(route, examples, index, folds=3)
         assert again == info  # the folds are seeded
     finally:
-        route.high, route.low, route.refuse_at = NEVER, 0.0, NEVER
+        route.high, route.low, route.refuse_at, route.answer_floor = NEVER, 0.0, NEVER, None
 
 
 def test_route_in_the_rule_layer_and_rule_precedence(route):
