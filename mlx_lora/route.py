@@ -132,7 +132,9 @@ class SemanticRoute:
     high and refuse_at are probabilities (0–1); low is in the scorer's units (cosine 0–1 for embedders).
     Uncalibrated (None) thresholds never retrieve and never refuse. `nearest()` (the retrieval baseline's
     nearest training question) never uses the classifier. Without scikit-learn the route can only refuse below
-    `low`; `missing` says why.
+    `low`; `missing` says why. Beside the classifier the route fits an AnswerabilityModel (answerability.py) on the
+    same questions; the rule layer asks it (`answer_scores`) whether the doc it is about to answer with answers the
+    question, and refuses below `answer_floor` (None, the default until calibrated: never).
     """
 
     def __init__(self, scorer, neighbours: Sequence[Neighbour], high: float | None = None,
