@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError
+from .schedule import SCHEDULES
 
 
 @dataclass
@@ -178,44 +179,41 @@ CHOICES = {
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "backend.name": ("auto", "torch", "mlx"),
     "backend.device": ("auto", "cpu", "cuda", "mps"),
-    "train.schedule": ("cosine", "linear", "constant"),
+    "train.schedule": SCHEDULES,
     "data.format": ("messages", "text"),
 }
-# key → (lowest, highest or None, whether the lowest itself is allowed, what the key is); the highest is excluded
-# unless the key is in _UPPER_INCLUSIVE.
+# key → (lowest, highest or None, whether each end itself is allowed, what the key is).
 RANGES = {
-    "backend.threads": (1, None, True, "CPU threads"),
-    "lora.rank": (1, None, True, "LoRA rank"),
-    "lora.alpha": (0, None, False, "LoRA alpha (scale = alpha / rank)"),
-    "lora.dropout": (0, 1, True, "a probability"),
-    "lora.num_layers": (1, None, True, "the number of last layers that get LoRA"),
-    "train.epochs": (1, None, True, "epochs"),
-    "train.max_steps": (1, None, True, "optimizer steps"),
-    "train.batch_size": (1, None, True, "rows per micro-batch"),
-    "train.grad_accum": (1, None, True, "micro-batches per optimizer step"),
-    "train.lr": (0, None, False, "the learning rate"),
-    "train.warmup_steps": (0, None, True, "warm-up steps"),
-    "train.max_grad_norm": (0, None, True, "the gradient-norm clip (0 = off)"),
-    "train.weight_decay": (0, None, True, "weight decay"),
-    "train.max_length": (2, None, True, "tokens per row"),
-    "train.eval_every": (0, None, True, "optimizer steps between evals (0 = once per epoch)"),
-    "train.early_stopping_patience": (0, None, True, "evals without improvement (0 = off)"),
-    "data.answerable_ratio": (0, 1, False, "the share of answerable train rows"),
-    "data.valid_fraction": (0, 1, True, "the share of phrasings held out for validation"),
-    "data.test_fraction": (0, 1, True, "the share of phrasings held out for testing"),
-    "generate.max_new_tokens": (1, None, True, "tokens to generate"),
-    "generate.temperature": (0, None, True, "the sampling temperature (0 = greedy)"),
-    "generate.top_p": (0, 1, False, "nucleus sampling mass"),
-    "generate.repetition_penalty": (0, None, False, "the repetition penalty (1 = off)"),
-    "generate.batch_size": (1, None, True, "prompts decoded together"),
-    "eval.worst_n": (0, None, True, "worst cases listed"),
-    "eval.max_rows": (1, None, True, "test rows to sample; null = all"),
-    "rules.kb_match_threshold": (0, 1, True, "a similarity"),
-    "rules.route_high": (0, 1, True, "a probability; null = calibrate"),
-    "rules.route_low": (-1, 1, True, "a similarity; null = calibrate"),
+    "backend.threads": (1, None, (True, False), "CPU threads"),
+    "lora.rank": (1, None, (True, False), "LoRA rank"),
+    "lora.alpha": (0, None, (False, False), "LoRA alpha (scale = alpha / rank)"),
+    "lora.dropout": (0, 1, (True, False), "a probability"),
+    "lora.num_layers": (1, None, (True, False), "the number of last layers that get LoRA"),
+    "train.epochs": (1, None, (True, False), "epochs"),
+    "train.max_steps": (1, None, (True, False), "optimizer steps"),
+    "train.batch_size": (1, None, (True, False), "rows per micro-batch"),
+    "train.grad_accum": (1, None, (True, False), "micro-batches per optimizer step"),
+    "train.lr": (0, None, (False, False), "the learning rate"),
+    "train.warmup_steps": (0, None, (True, False), "warm-up steps"),
+    "train.max_grad_norm": (0, None, (True, False), "the gradient-norm clip (0 = off)"),
+    "train.weight_decay": (0, None, (True, False), "weight decay"),
+    "train.max_length": (2, None, (True, False), "tokens per row"),
+    "train.eval_every": (0, None, (True, False), "optimizer steps between evals (0 = once per epoch)"),
+    "train.early_stopping_patience": (0, None, (True, False), "evals without improvement (0 = off)"),
+    "data.answerable_ratio": (0, 1, (False, True), "the share of answerable train rows"),
+    "data.valid_fraction": (0, 1, (True, False), "the share of phrasings held out for validation"),
+    "data.test_fraction": (0, 1, (True, False), "the share of phrasings held out for testing"),
+    "generate.max_new_tokens": (1, None, (True, False), "tokens to generate"),
+    "generate.temperature": (0, None, (True, False), "the sampling temperature (0 = greedy)"),
+    "generate.top_p": (0, 1, (False, True), "nucleus sampling mass"),
+    "generate.repetition_penalty": (0, None, (False, False), "the repetition penalty (1 = off)"),
+    "generate.batch_size": (1, None, (True, False), "prompts decoded together"),
+    "eval.worst_n": (0, None, (True, False), "worst cases listed"),
+    "eval.max_rows": (1, None, (True, False), "test rows to sample; null = all"),
+    "rules.kb_match_threshold": (0, 1, (True, True), "a similarity"),
+    "rules.route_high": (0, 1, (True, True), "a probability; null = calibrate"),
+    "rules.route_low": (-1, 1, (True, True), "a similarity; null = calibrate"),
 }
-_UPPER_INCLUSIVE = {"data.answerable_ratio", "generate.top_p", "rules.kb_match_threshold", "rules.route_high",
-                    "rules.route_low"}
 
 
 def validate(cfg: "Config") -> "Config":
@@ -225,18 +223,18 @@ def validate(cfg: "Config") -> "Config":
         value = getattr(getattr(cfg, section), key)
         if value not in allowed:
             raise UserError(f"config key {dotted}: {value!r} is not one of {', '.join(allowed)}")
-    for dotted, (low, high, low_ok, meaning) in RANGES.items():
+    for dotted, (low, high, (low_ok, high_ok), meaning) in RANGES.items():
         section, key = dotted.split(".")
         value = getattr(getattr(cfg, section), key)
         if value is None:
             continue
         bad = not math.isfinite(value) or (value < low if low_ok else value <= low)
         if high is not None:
-            bad = bad or (value > high if dotted in _UPPER_INCLUSIVE else value >= high)
+            bad = bad or (value > high if high_ok else value >= high)
         if bad:
             lower = f"{'≥' if low_ok else '>'} {low}"
             wanted = lower if high is None else \
-                f"in {'[' if low_ok else '('}{low}, {high}{']' if dotted in _UPPER_INCLUSIVE else ')'}"
+                f"in {'[' if low_ok else '('}{low}, {high}{']' if high_ok else ')'}"
             raise UserError(f"config key {dotted}: {value!r} must be {wanted} ({meaning})")
     if cfg.data.valid_fraction + cfg.data.test_fraction >= 1:
         raise UserError("config keys data.valid_fraction + data.test_fraction must add up to less than 1")

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from .errors import UserError, located
+from .userfiles import not_utf8
 
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
@@ -23,8 +24,7 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
             try:
                 line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a leading BOM is not content
             except UnicodeDecodeError as exc:
-                raise located(path, number, f"not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
-                                            "re-save the file as UTF-8") from None
+                raise not_utf8(path, number, raw[exc.start], exc.start + 1) from None
             if not line.strip():
                 continue
             try:

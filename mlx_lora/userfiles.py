@@ -9,6 +9,12 @@ import yaml
 from .errors import located
 
 
+def not_utf8(path, line: int, byte: int, column: int | None = None):
+    """The one error for bytes that are not UTF-8, wherever a file is decoded."""
+    where = f"byte 0x{byte:02x}" + (f" at column {column}" if column is not None else "")
+    return located(path, line, f"not UTF-8 ({where}); re-save the file as UTF-8")
+
+
 def read_text(path: str | Path) -> str:
     """The file as text; bytes that are not UTF-8 are a file:line error (the line holding the first bad byte)."""
     path = Path(path)
@@ -16,8 +22,7 @@ def read_text(path: str | Path) -> str:
     try:
         return data.decode("utf-8-sig")  # a BOM, as some Windows editors write, is not part of the content
     except UnicodeDecodeError as exc:
-        line = data[:exc.start].count(b"\n") + 1
-        raise located(path, line, f"not UTF-8 (byte 0x{data[exc.start]:02x}); re-save the file as UTF-8") from None
+        raise not_utf8(path, data[:exc.start].count(b"\n") + 1, data[exc.start]) from None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
