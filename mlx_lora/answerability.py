@@ -36,17 +36,11 @@ class AnswerabilityModel:
             raise ValueError("the answerability model needs a sentence embedder (eval.embedder use or a model)")
         self.scorer, self.C = scorer, C
 
-    def _embed(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
-        texts = [t for t in dict.fromkeys(texts) if t not in self._cache]
-        if texts:
-            self._cache.update(zip(texts, self.scorer.embed(texts)))
-        return self._cache
-
     def _features(self, question: str, doc_id: str) -> np.ndarray:
-        e = self._cache
-        eq, ed = e[question], e[self.kb[doc_id]]
+        # The scorer caches embeddings by text, so these lookups embed each text once per process.
+        eq, ed = self.scorer.embed([question, self.kb[doc_id]])
         others = [q for q in self.by_doc.get(doc_id, []) if q != question]  # never the question itself
-        sims = sorted((float(e[q] @ eq) for q in others), reverse=True) or [0.0]
+        sims = sorted((self.scorer.embed(others) @ eq).tolist(), reverse=True) if others else [0.0]
         asked, doc = _grams(question), _grams(self.kb[doc_id])
         known = doc.union(*(self._grams_of[q] for q in others))
         scalars = [float(eq @ ed), sims[0], float(np.mean(sims[:3])), len(asked & doc) / max(len(asked), 1),
@@ -59,20 +53,19 @@ class AnswerabilityModel:
 
         from .route import _one_thread
 
-        self.kb, self._cache = dict(kb_texts), {}
+        self.kb = dict(kb_texts)
         docs = list(self.kb)
         self.by_doc: dict[str, list[str]] = {d: [] for d in docs}
         for text, label in questions:
             if label in self.by_doc:
                 self.by_doc[label].append(text)
         self._grams_of = {text: _grams(text) for text, _ in questions}
-        e = self._embed([t for t, _ in questions] + [self.kb[d] for d in docs])
-        doc_matrix = np.stack([e[self.kb[d]] for d in docs])
+        doc_matrix = self.scorer.embed([self.kb[d] for d in docs])
         features, targets = [], []
         for text, label in questions:
             if label != REFUSAL and label not in self.kb:  # a doc without KB text: nothing to pair it with
                 continue
-            by_similarity = [docs[j] for j in np.argsort(-(doc_matrix @ e[text]))]
+            by_similarity = [docs[j] for j in np.argsort(-(doc_matrix @ self.scorer.embed([text])[0]))]
             if label == REFUSAL:
                 pairs = [(by_similarity[0], 0)]
             else:
@@ -93,7 +86,6 @@ class AnswerabilityModel:
             return np.zeros(0)
         for question in questions:
             self._grams_of.setdefault(question, _grams(question))
-        self._embed(list(questions))
         from .route import _one_thread
 
         with _one_thread():
