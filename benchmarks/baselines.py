@@ -9,11 +9,11 @@ import time
 import types
 from pathlib import Path
 
-from mlx_lora.config import Config
-from mlx_lora.render import Encoded
+from mlx_lora.core.config import Config
+from mlx_lora.data.render import Encoded
 
-from . import measure
-from .training import NativeMemory
+from benchmarks import measure
+from benchmarks.training import NativeMemory
 
 SEED_PAD_TO = 192  # the seed tokenized with padding="max_length", max_length=192
 HF_SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
@@ -49,7 +49,7 @@ def hf_trainer(model_dir: Path, rows: list[Encoded], cfg: Config, steps: int, wa
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-    from torch_backend.lora import peft_config  # the same PEFT LoRA settings our torch backend uses
+    from mlx_lora.backends.torch.lora import peft_config  # the same PEFT LoRA settings our torch backend uses
 
     t = cfg.train
     native = NativeMemory("torch", device)
@@ -105,7 +105,7 @@ def mlx_lm_lora(model_dir: Path, data_dir: Path, cfg: Config, steps: int, warmup
     from mlx_lm.tuner.datasets import load_dataset
     from mlx_lm.utils import load
 
-    from mlx_lora.mlx_backend.model import lora_settings  # our MLX backend's translation of the LoRA config
+    from mlx_lora.backends.mlx.model import lora_settings  # our MLX backend's translation of the LoRA config
 
     t = cfg.train
     native = NativeMemory("mlx", "cpu")

@@ -8,12 +8,12 @@ import json
 import time
 from pathlib import Path
 
-from mlx_lora.config import Config, GenerateConfig
-from mlx_lora.formats import read_examples
-from mlx_lora.render import ChatTokenizer
+from mlx_lora.core.config import Config, GenerateConfig
+from mlx_lora.data.formats import read_examples
+from mlx_lora.data.render import ChatTokenizer
 
-from . import measure
-from .training import NativeMemory
+from benchmarks import measure
+from benchmarks.training import NativeMemory
 
 # Prefill and decode are separated by timing the same batch twice: once for 1 new token (prefill + one
 # step) and once for N (no stop token, so every row makes exactly N). Then
@@ -36,7 +36,7 @@ def prompts(model_dir: Path, data_dir: Path, batch: int) -> list[list[int]]:
 
 
 def _ours(backend_name: str, device: str, model_dir: Path, cfg: Config):
-    from mlx_lora import backend as backends
+    from mlx_lora import backends
 
     if backend_name == "torch":
         cfg.backend.device = device

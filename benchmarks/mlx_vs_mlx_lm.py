@@ -1,4 +1,4 @@
-"""Our MLX backend (`mlx_lora.training.train_run`) against mlx-lm's own `lora` path, on the same job.
+"""Our MLX backend (`mlx_lora.training.run.train_run`) against mlx-lm's own `lora` path, on the same job.
 
 Same tiny random Qwen2, same chat data, batch, rank, LoRA keys, layers and number of optimizer steps. Every run
 is a fresh subprocess; ours and mlx-lm alternate (A B A B …) and ratios are medians over the repeats.
@@ -93,11 +93,11 @@ def build_data(folder: Path, rows: int, q_words: int, a_words: int) -> None:
 
 def ours(args, steps: int, run_dir: Path) -> None:
     """Worker: our product path (manifest, listeners, metrics.jsonl, plots) with the MLX backend."""
-    from mlx_lora.config import Config
-    from mlx_lora.training import train_run
+    from mlx_lora.core.config import Config
+    from mlx_lora.training.run import train_run
 
     if args.full_logits:
-        from mlx_lora.mlx_backend import trainer
+        from mlx_lora.backends.mlx import engine as trainer
         trainer.split_head = lambda model: None
     cfg = Config()
     cfg.model.path = str(args.work / "model")

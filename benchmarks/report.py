@@ -6,9 +6,9 @@ import json
 import os
 from pathlib import Path
 
-from mlx_lora.jsonl import atomic_write_text, write_json
+from mlx_lora.core.files import atomic_write_text, write_json
 
-from .measure import quantiles, spread
+from benchmarks.measure import quantiles, spread
 
 NAMES = {"ours": "{engine} (ours)", "hf-trainer": "HF Trainer, seed-style ({engine})",
          "mlx-lm": "mlx-lm lora ({engine})", "hf-generate": "HF generate ({engine})"}

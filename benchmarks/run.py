@@ -15,10 +15,10 @@ from dataclasses import asdict, dataclass, field
 from datetime import date
 from pathlib import Path
 
-from mlx_lora.config import Config
-from mlx_lora.errors import UserError
+from mlx_lora.core.config import Config
+from mlx_lora.core.errors import UserError
 
-from . import generation, measure, report, roofline
+from benchmarks import generation, measure, report, roofline
 
 REPO = Path(__file__).resolve().parent.parent
 OPENBLAS = Path("/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3")
@@ -194,12 +194,12 @@ def prepare_data(s: Settings, work: Path) -> Path:
 
 def prepare_model(spec: str, data_dir: Path) -> tuple[str, Path]:
     if spec == "tiny":
-        from mlx_lora.model_store import default_cache_dir
+        from mlx_lora.core.model_store import default_cache_dir
 
-        from . import tiny
+        from benchmarks import tiny
 
         return "tiny", tiny.build(default_cache_dir() / "bench" / "tiny-qwen2", data_dir)
-    from mlx_lora.model_store import resolve_model
+    from mlx_lora.core.model_store import resolve_model
 
     resolved = resolve_model(spec)
     if not isinstance(resolved, Path) or not (resolved / "config.json").is_file():
@@ -297,8 +297,8 @@ def _shape(model_dir: Path) -> dict:
 
 def _data_stats(data_dir: Path, model_dir: Path, cfg: Config, given: Path | None) -> dict:
     """Where the rows came from, and their token counts under this model's tokenizer."""
-    from mlx_lora.formats import encode_all, read_examples
-    from mlx_lora.render import ChatTokenizer
+    from mlx_lora.data.formats import encode_all, read_examples
+    from mlx_lora.data.render import ChatTokenizer
 
     out = {"source": str(given) if given else "data/ via `mlx-lora data build` (default seed)"}
     stats = data_dir / "stats.json"

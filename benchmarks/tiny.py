@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlx_lora.errors import UserError
+from mlx_lora.core.errors import UserError
 
 # Small enough that every backend (even mlx-cpu on the reference BLAS) runs a step in about a second.
 TINY = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -95,8 +95,8 @@ def weights(cfg: dict, seed: int) -> dict[str, np.ndarray]:
 
 def data_texts(data_dir: Path) -> list[str]:
     """Every conversation of the data folder rendered with the ChatML template (what any engine will tokenize)."""
-    from mlx_lora.formats import read_examples
-    from mlx_lora.render import chatml_text
+    from mlx_lora.data.formats import read_examples
+    from mlx_lora.data.render import chatml_text
 
     texts = []
     for name in ("train.jsonl", "valid.jsonl", "test.jsonl"):
@@ -113,7 +113,7 @@ def build(out: str | Path, data_dir: str | Path, seed: int = 0, **overrides) -> 
     from safetensors.numpy import save_file
     from tokenizers import Tokenizer
 
-    from mlx_lora.render import CHATML_TEMPLATE
+    from mlx_lora.data.render import CHATML_TEMPLATE
 
     out, data_dir = Path(out), Path(data_dir)
     texts = data_texts(data_dir)

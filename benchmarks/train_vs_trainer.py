@@ -17,13 +17,14 @@ from pathlib import Path
 
 import torch
 
-from mlx_lora.batching import epoch_batches
-from mlx_lora.config import Config
-from mlx_lora.formats import encode_all, read_examples
-from mlx_lora.render import ChatTokenizer
-from torch_backend import ddp, lora
-from torch_backend.load import load
-from torch_backend.trainer import Trainer
+from mlx_lora.data.batching import epoch_batches
+from mlx_lora.core.config import Config
+from mlx_lora.data.formats import encode_all, read_examples
+from mlx_lora.data.render import ChatTokenizer
+from mlx_lora.backends.torch import ddp
+from mlx_lora.backends.torch import lora
+from mlx_lora.backends.torch.model import load
+from mlx_lora.backends.torch.engine import Trainer
 
 
 class Autocast(torch.nn.Module):

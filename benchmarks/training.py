@@ -6,11 +6,11 @@ import gc
 import tempfile
 from pathlib import Path
 
-from mlx_lora.batching import epoch_batches, steps_per_epoch
-from mlx_lora.config import Config
-from mlx_lora.render import Encoded
+from mlx_lora.data.batching import epoch_batches, steps_per_epoch
+from mlx_lora.core.config import Config
+from mlx_lora.data.render import Encoded
 
-from . import measure, roofline
+from benchmarks import measure, roofline
 
 
 def replay_steps(rows: list[Encoded], cfg: Config, n_steps: int) -> list[dict]:
@@ -70,7 +70,7 @@ def _steps_from_events(events: list[dict], replay: list[dict]) -> tuple[list[dic
 def run_ours(backend_name: str, device: str, model_dir: Path, rows: list[Encoded], cfg: Config, steps: int,
              warmup: int) -> dict:
     """Train `warmup + steps` optimizer steps with our loop on one backend/device; no eval set (speed only)."""
-    from mlx_lora import backend as backends
+    from mlx_lora import backends
 
     cfg.train.max_steps = warmup + steps
     cfg.train.eval_every = 0

@@ -13,9 +13,9 @@ import time
 import traceback
 from pathlib import Path
 
-from mlx_lora.config import Config, apply_mapping
+from mlx_lora.core.config import Config, apply_mapping
 
-from . import roofline
+from benchmarks import roofline
 
 
 class Context:
@@ -35,8 +35,8 @@ class Context:
 
     def rows(self):
         if self._rows is None:
-            from mlx_lora.formats import encode_all, read_examples
-            from mlx_lora.render import ChatTokenizer
+            from mlx_lora.data.formats import encode_all, read_examples
+            from mlx_lora.data.render import ChatTokenizer
 
             tokenizer = ChatTokenizer.from_dir(self.model_dir)
             self._rows, _ = encode_all(tokenizer, read_examples(self.data_dir / "train.jsonl"),
@@ -44,7 +44,7 @@ class Context:
         return self._rows
 
     def eos_id(self) -> int:
-        from mlx_lora.render import ChatTokenizer
+        from mlx_lora.data.render import ChatTokenizer
 
         return ChatTokenizer.from_dir(self.model_dir).token_id("<|im_end|>")
 
@@ -67,7 +67,7 @@ def setup_frameworks(task: dict, threads: int) -> None:
 
 
 def run_task(ctx: Context, task: dict) -> dict:
-    from . import baselines, generation, training
+    from benchmarks import baselines, generation, training
 
     setup_frameworks(task, ctx.threads)
     suite, impl = task["suite"], task.get("impl")

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from .errors import UserError
+from mlx_lora.core.errors import UserError
 
 # name → (module under mlx_lora.commands, attribute, one-line help shown before the module is imported)
 COMMANDS = {

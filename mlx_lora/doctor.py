@@ -7,8 +7,8 @@ import platform
 import sys
 from pathlib import Path
 
-from . import backend as backends
-from .training import versions
+from mlx_lora import backends
+from mlx_lora.training.run import versions
 
 OPENBLAS_FIX = ("apt-get install libopenblas0-pthread libgfortran5, then "
                 "export LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from .config import Config
-from .jsonl import write_json
+from mlx_lora.core.config import Config
+from mlx_lora.core.files import write_json
 
 
 def _stage(name: str) -> None:
@@ -17,13 +17,13 @@ def _stage(name: str) -> None:
 
 def run_pipeline(cfg: Config, progress: bool = True) -> dict:
     """Run every stage into cfg.train.out; returns the summary that is also written to run_summary.json."""
-    from .commands.data import build_data, print_stats
-    from .evaluate_run import evaluate_run
-    from .training import model_dir_for, train_run
+    from mlx_lora.commands.data import build_data, print_stats
+    from mlx_lora.evaluation.run import evaluate_run
+    from mlx_lora.training.run import model_dir_for, train_run
 
     run_dir = Path(cfg.train.out)
     if (run_dir / "adapter").exists():
-        from .errors import UserError
+        from mlx_lora.core.errors import UserError
 
         raise UserError(f"{run_dir}: already holds a run; pass --out with a new directory or delete it")
     _preflight(cfg)
@@ -68,10 +68,10 @@ def run_pipeline(cfg: Config, progress: bool = True) -> dict:
 
 def _preflight(cfg: Config) -> None:
     """What the later stages would reject, checked before minutes of training: backend, KB, rules, embedder."""
-    from . import backend
-    from .kb import load_kb
-    from .rules import load_rules
-    from .similarity import make_scorer
+    from mlx_lora import backends as backend
+    from mlx_lora.data.kb import load_kb
+    from mlx_lora.answer.rules import load_rules
+    from mlx_lora.data.similarity import make_scorer
 
     backend.resolve(cfg.backend.name)
     kb = load_kb(cfg.data.kb)

@@ -37,7 +37,7 @@ def qwen_tokenizer_files() -> Path:
 @pytest.fixture(scope="session")
 def qwen_tokenizer_dir(tmp_path_factory) -> Path:
     """A model-less folder with the real Qwen tokenizer and the plain ChatML template of Qwen2.5-class models."""
-    from mlx_lora.render import CHATML_TEMPLATE
+    from mlx_lora.data.render import CHATML_TEMPLATE
 
     out = tmp_path_factory.mktemp("qwen-tok")
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
@@ -48,7 +48,7 @@ def qwen_tokenizer_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture()
 def tiny_kb(tmp_path) -> Path:
-    from mlx_lora.kb import text_sha256
+    from mlx_lora.data.kb import text_sha256
 
     import json
 

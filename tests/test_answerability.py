@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mlx_lora.answerability import AnswerabilityModel
-from mlx_lora.route import calibrate_answer_floor
-from mlx_lora.rules import Rule, RuleLayer
-from mlx_lora.similarity import REFUSAL, CharScorer, answer_index, make_scorer
+from mlx_lora.answer.answerability import AnswerabilityModel
+from mlx_lora.answer.route import calibrate_answer_floor
+from mlx_lora.answer.rules import Rule, RuleLayer
+from mlx_lora.data.similarity import REFUSAL, CharScorer, answer_index, make_scorer
 
 KB = {"vpn": "VPN 設定：請從 IT 入口網站下載 GlobalProtect client，閘道填 vpn.xinghe.tw 並以公司 SSO 帳號登入。",
       "printer": "各樓層事務機採 Follow-Me Print，送出列印後須在機器上刷員工證才會印出；卡紙請撥分機 2200。",

@@ -59,7 +59,7 @@ def test_ratios_pair_repetitions():
 
 
 def test_unknown_or_missing_backend_is_a_user_error():
-    from mlx_lora.errors import UserError
+    from mlx_lora.core.errors import UserError
 
     engines = {"torch-cpu": run.Engine("torch-cpu", "torch", "cpu")}
     with pytest.raises(UserError, match="unknown tpu"):

@@ -2,8 +2,8 @@
 
 import pytest
 
-from mlx_lora.config import Config, load_config
-from mlx_lora.errors import UserError
+from mlx_lora.core.config import Config, load_config
+from mlx_lora.core.errors import UserError
 
 
 def test_defaults_match_the_reference_hyper_parameters():

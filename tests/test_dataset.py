@@ -6,11 +6,11 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlx_lora.config import DataConfig
-from mlx_lora.dataset import build_splits, overlap_report, write_splits
-from mlx_lora.kb import Doc, load_kb
-from mlx_lora.questions import QuestionBank, load_questions
-from mlx_lora.textnorm import compact, normalize
+from mlx_lora.core.config import DataConfig
+from mlx_lora.data.dataset import build_splits, overlap_report, write_splits
+from mlx_lora.data.kb import Doc, load_kb
+from mlx_lora.data.questions import QuestionBank, load_questions
+from mlx_lora.core.textnorm import compact, normalize
 
 
 def test_normalize_folds_width_case_punctuation_and_space():
@@ -66,7 +66,7 @@ def test_extra_questions_go_to_train_only_and_never_leak(tiny_kb, tiny_questions
 
 
 def test_overlap_report_counts_near_duplicates():
-    from mlx_lora.dataset import Item
+    from mlx_lora.data.dataset import Item
 
     splits = {
         "train": [Item("請問 VPN 要怎麼設定才可以連線", "a", "vpn", "full")],

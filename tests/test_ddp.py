@@ -13,7 +13,7 @@ pytest.importorskip("peft")
 
 from test_torch_backend import adapter_tensors, build_tiny_model, chat_rows, make_cfg, train  # noqa: E402
 
-from mlx_lora.render import ChatTokenizer  # noqa: E402
+from mlx_lora.data.render import ChatTokenizer  # noqa: E402
 
 
 def _free_port() -> int:

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from mlx_lora import model_store
+from mlx_lora.core import model_store
 
 pytestmark = pytest.mark.slow
 

@@ -6,14 +6,14 @@ import json
 
 import pytest
 
-from mlx_lora.config import Config, DataConfig
-from mlx_lora.errors import UserError
-from mlx_lora.evaluate import (BUCKETS, aggregate, bucket, build_report, confused_pairs, parse_threshold,
+from mlx_lora.core.config import Config, DataConfig
+from mlx_lora.core.errors import UserError
+from mlx_lora.evaluation.scoring import (BUCKETS, aggregate, bucket, build_report, confused_pairs, parse_threshold,
                                score_rows, worst, write_report)
-from mlx_lora.evaluate_run import doc_answers, evaluate_run, generate_answers, refusal_text
-from mlx_lora.formats import Example, read_examples
-from mlx_lora.rules import Decision
-from mlx_lora.similarity import REFUSAL, CharScorer, answer_index
+from mlx_lora.evaluation.run import doc_answers, evaluate_run, generate_answers, refusal_text
+from mlx_lora.data.formats import Example, read_examples
+from mlx_lora.answer.rules import Decision
+from mlx_lora.data.similarity import REFUSAL, CharScorer, answer_index
 
 
 def row(sim, expected="vpn", predicted="vpn", source="MODEL_GENERATED", char=None, question="q"):
@@ -112,9 +112,9 @@ def test_score_rows_fields_and_sources():
 
 @pytest.fixture()
 def tiny_splits(tmp_path, tiny_kb, tiny_questions):
-    from mlx_lora.dataset import build_splits, write_splits
-    from mlx_lora.kb import load_kb
-    from mlx_lora.questions import load_questions
+    from mlx_lora.data.dataset import build_splits, write_splits
+    from mlx_lora.data.kb import load_kb
+    from mlx_lora.data.questions import load_questions
 
     kb = load_kb(tiny_kb)
     cfg = DataConfig(valid_fraction=0.2, test_fraction=0.2)
@@ -168,7 +168,7 @@ class FakeBackend:
 
 
 def test_generate_answers_batches_by_length_greedy_and_keeps_order(qwen_tokenizer_dir):
-    from mlx_lora.render import ChatTokenizer
+    from mlx_lora.data.render import ChatTokenizer
 
     tok = ChatTokenizer.from_dir(qwen_tokenizer_dir)
     examples = [chat("短", "a", None), chat("這是一個比較長的問題，需要更多的 token 來表示它的內容", "a", None),
@@ -191,7 +191,7 @@ def test_evaluate_run_end_to_end_with_a_tiny_torch_model(tmp_path, tiny_kb, tiny
     torch = pytest.importorskip("torch")
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from mlx_lora.training import train_run
+    from mlx_lora.training.run import train_run
 
     torch.set_num_threads(1)
     data, _ = tiny_splits
@@ -221,8 +221,8 @@ def test_eval_and_diagnose_commands_without_a_model(tmp_path, tiny_kb, tiny_spli
     import yaml
 
     from mlx_lora.cli import main
-    from mlx_lora.dataset import load_extra_questions
-    from mlx_lora.kb import load_kb
+    from mlx_lora.data.dataset import load_extra_questions
+    from mlx_lora.data.kb import load_kb
 
     data, _ = tiny_splits
     out = tmp_path / "eval"
@@ -260,8 +260,8 @@ def test_eval_and_diagnose_commands_without_a_model(tmp_path, tiny_kb, tiny_spli
 
 
 def test_diagnose_ranks_weak_topics_and_drafts_new_questions():
-    from mlx_lora.diagnose import diagnose, draft_questions
-    from mlx_lora.kb import Doc
+    from mlx_lora.evaluation.diagnose import diagnose, draft_questions
+    from mlx_lora.data.kb import Doc
 
     rows = [row(95, "vpn", "vpn", question="VPN?"), row(30, "leave", "vpn", question="請假?"),
             row(40, "leave", REFUSAL, question="休假?"), row(90, REFUSAL, REFUSAL, question="天氣?")]

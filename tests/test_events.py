@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import math
 
-from mlx_lora import events
-from mlx_lora.backend import TrainOutcome
+from mlx_lora.training import events
+from mlx_lora.backends import TrainOutcome
 
 
 def _steps(losses, lrs=None, norms=None):

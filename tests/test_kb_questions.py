@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from mlx_lora.errors import UserError
-from mlx_lora.kb import load_kb, text_sha256
-from mlx_lora.questions import load_questions
+from mlx_lora.core.errors import UserError
+from mlx_lora.data.kb import load_kb, text_sha256
+from mlx_lora.data.questions import load_questions
 
 
 def write(path, rows):

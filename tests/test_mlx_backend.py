@@ -14,9 +14,9 @@ import pytest
 mx = pytest.importorskip("mlx.core", reason="the mlx backend needs mlx: pip install -e '.[mlx]'")
 
 from conftest import EVENT_SCHEMA as SCHEMA  # noqa: E402
-from mlx_lora.config import Config, GenerateConfig  # noqa: E402
-from mlx_lora.errors import UserError  # noqa: E402
-from mlx_lora.render import ChatTokenizer, Encoded, encode_messages  # noqa: E402
+from mlx_lora.core.config import Config, GenerateConfig  # noqa: E402
+from mlx_lora.core.errors import UserError  # noqa: E402
+from mlx_lora.data.render import ChatTokenizer, Encoded, encode_messages  # noqa: E402
 
 QA = [("VPN 怎麼設定?", "依據公司規範:VPN 設定:下載新版 client,以 SSO 登入。"),
       ("怎麼請假", "依據公司規範:請假須於三天前在 HR 系統申請。"),
@@ -89,7 +89,7 @@ def make_cfg(**train) -> Config:
 
 
 def run_training(model_dir, rows, cfg, run_dir, resume=None, on_event=None):
-    from mlx_lora.mlx_backend import MLXBackend
+    from mlx_lora.backends.mlx import MLXBackend
 
     backend = MLXBackend()
     loaded = backend.load(model_dir, None, cfg)
@@ -108,7 +108,7 @@ def run_training(model_dir, rows, cfg, run_dir, resume=None, on_event=None):
 def test_available_names_the_blas_fix_on_linux(monkeypatch):
     import sys
 
-    from mlx_lora.mlx_backend import MLXBackend
+    from mlx_lora.backends.mlx import MLXBackend
 
     monkeypatch.setattr(sys, "platform", "linux")
     monkeypatch.delenv("LD_PRELOAD", raising=False)
@@ -172,7 +172,7 @@ def done_event(events):
 
 
 def test_targets_and_num_layers(tiny, rows_and_vocab, tmp_path):
-    from mlx_lora.mlx_backend.model import attach_lora, load
+    from mlx_lora.backends.mlx.model import attach_lora, load
 
     cfg = make_cfg()
     cfg.lora.targets, cfg.lora.num_layers = ["q_proj", "v_proj"], 1
@@ -221,7 +221,7 @@ def test_resume_refuses_other_settings(tiny, rows_and_vocab, tmp_path):
 
 
 def test_early_stopping_keeps_the_best_adapter(tiny, rows_and_vocab, tmp_path, monkeypatch):
-    from mlx_lora.mlx_backend import trainer
+    from mlx_lora.backends.mlx import engine as trainer
 
     rows, _, _ = rows_and_vocab
     scripted = iter([3.0, 2.0, 2.5, 2.6, 2.7, 2.8])  # the stopping logic under test, not the model's loss
@@ -239,7 +239,7 @@ def test_early_stopping_keeps_the_best_adapter(tiny, rows_and_vocab, tmp_path, m
     assert all(mx.array_equal(final[k], kept[2][k]).item() for k in final)
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-2", "step-4"]
     # the loaded model now holds the best weights too (later generation uses what the run dir holds)
-    from mlx_lora.mlx_backend.model import adapter_weights
+    from mlx_lora.backends.mlx.model import adapter_weights
     assert all(mx.array_equal(adapter_weights(loaded.model)[k], final[k]).item() for k in final)
 
 
@@ -261,7 +261,7 @@ def greedy_reference(model, prompt, steps):
 
 
 def test_generate_batched_greedy_matches_reference_and_stops(tiny, rows_and_vocab):
-    from mlx_lora.mlx_backend import MLXBackend
+    from mlx_lora.backends.mlx import MLXBackend
 
     rows, _, _ = rows_and_vocab
     backend = MLXBackend()
@@ -280,7 +280,7 @@ def test_generate_batched_greedy_matches_reference_and_stops(tiny, rows_and_voca
 def test_rope_theta_trap_is_handled(rows_and_vocab, tmp_path):
     from mlx_lm.utils import load_model
 
-    from mlx_lora.mlx_backend.model import load, rope_override
+    from mlx_lora.backends.mlx.model import load, rope_override
 
     rows, vocab, _ = rows_and_vocab
     top = build_model(tmp_path / "top", vocab, seed=1, rope_theta=10000.0)
@@ -295,8 +295,8 @@ def test_rope_theta_trap_is_handled(rows_and_vocab, tmp_path):
 
 
 def test_adapter_of_either_format_loads(tiny, rows_and_vocab, tmp_path):
-    from mlx_lora.adapters import mlx_to_peft
-    from mlx_lora.mlx_backend import MLXBackend
+    from mlx_lora.backends.adapters import mlx_to_peft
+    from mlx_lora.backends.mlx import MLXBackend
 
     rows, _, _ = rows_and_vocab
     backend, trained, _, _ = run_training(tiny, rows, make_cfg(max_steps=2), tmp_path / "run")
@@ -313,7 +313,7 @@ def test_adapter_of_either_format_loads(tiny, rows_and_vocab, tmp_path):
 def test_fuse_through_mlx_lm(tiny, rows_and_vocab, tmp_path):
     from mlx_lm.utils import load_model
 
-    from mlx_lora.mlx_backend import MLXBackend
+    from mlx_lora.backends.mlx import MLXBackend
 
     rows, _, _ = rows_and_vocab
     backend, trained, _, _ = run_training(tiny, rows, make_cfg(max_steps=2), tmp_path / "run")

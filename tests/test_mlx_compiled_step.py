@@ -12,7 +12,7 @@ from test_mlx_backend import make_cfg, rows_and_vocab, run_training, tiny  # noq
 
 
 def lora_model(tiny):
-    from mlx_lora.mlx_backend.model import attach_lora, load
+    from mlx_lora.backends.mlx.model import attach_lora, load
 
     loaded = load(tiny, None, make_cfg())
     mx.random.seed(0)
@@ -22,7 +22,7 @@ def lora_model(tiny):
 
 
 def test_a_non_finite_step_is_not_applied(tiny, rows_and_vocab, tmp_path, monkeypatch):
-    from mlx_lora.mlx_backend import trainer
+    from mlx_lora.backends.mlx import engine as trainer
 
     rows = rows_and_vocab[0]
     run_training(tiny, rows, make_cfg(max_steps=1), tmp_path / "one")
@@ -48,7 +48,7 @@ def test_update_slots_cover_every_weight_and_moment(tiny):
     import mlx.optimizers as optim
     from mlx.utils import tree_flatten
 
-    from mlx_lora.mlx_backend.trainer import update_slots
+    from mlx_lora.backends.mlx.engine import update_slots
 
     model = lora_model(tiny).model
     optimizer = optim.AdamW(learning_rate=1e-2)
@@ -63,7 +63,7 @@ def test_bucketed_batches_give_the_same_loss_and_gradients(tiny, rows_and_vocab,
     import mlx.nn as nn
     from mlx.utils import tree_flatten
 
-    from mlx_lora.mlx_backend import trainer
+    from mlx_lora.backends.mlx import engine as trainer
 
     assert [trainer.bucket(n, 8) for n in (1, 8, 9, 31, 127, 128, 255, 256, 257, 600, 1100)] == \
         [8, 8, 16, 32, 128, 128, 256, 256, 272, 608, 1152]
@@ -85,7 +85,7 @@ def test_bucketed_batches_give_the_same_loss_and_gradients(tiny, rows_and_vocab,
 
 
 def test_step_is_traced_per_shape_not_per_step(tiny, rows_and_vocab, tmp_path, monkeypatch):
-    from mlx_lora.mlx_backend import trainer
+    from mlx_lora.backends.mlx import engine as trainer
 
     traces, make_loss = [], trainer.make_loss
 

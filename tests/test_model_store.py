@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from mlx_lora import model_store
-from mlx_lora.errors import UserError
+from mlx_lora.core import model_store
+from mlx_lora.core.errors import UserError
 
 
 def _install_fake_parts(monkeypatch, tmp_path: Path, chunks: list[bytes]) -> bytes:
@@ -118,7 +118,7 @@ def _fake_converter(monkeypatch) -> list:
         (Path(out_dir) / "config.json").write_text("{}")
         return Path(out_dir)
 
-    import torch_backend.gguf_convert as gguf_convert
+    import mlx_lora.core.gguf_convert as gguf_convert
 
     monkeypatch.setattr(gguf_convert, "convert_gguf_to_hf", convert)
     return calls
@@ -159,7 +159,7 @@ def test_resolve_embedded_joins_then_converts(fake_parts, tmp_path, monkeypatch)
 def test_model_store_imports_no_heavy_libraries():
     import subprocess
 
-    code = ("import sys, mlx_lora.model_store; "
+    code = ("import sys, mlx_lora.core.model_store; "
             "print([m for m in ('torch', 'transformers', 'mlx', 'tqdm') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from mlx_lora.adapters import convert, detect_format, info, mlx_to_peft, peft_to_mlx, read_safetensors
-from mlx_lora.config import Config
-from mlx_lora.errors import UserError
+from mlx_lora.backends.adapters import convert, detect_format, info, mlx_to_peft, peft_to_mlx, read_safetensors
+from mlx_lora.core.config import Config
+from mlx_lora.core.errors import UserError
 
 N_STEPS = 8
 # After 8 AdamW steps the float32 rounding of the two frameworks has compounded: measured max gap 9.5e-7 on
@@ -175,7 +175,7 @@ def start_adapter(tmp_path_factory, hf_model) -> Path:
     """PEFT's own LoRA init, with lora_B made non-zero (a zero B hides any A/B mix-up at step 1)."""
     from transformers import AutoModelForCausalLM
 
-    from torch_backend.lora import attach
+    from mlx_lora.backends.torch.lora import attach
 
     cfg = parity_cfg()
     torch.manual_seed(11)
@@ -191,8 +191,8 @@ def start_adapter(tmp_path_factory, hf_model) -> Path:
 
 
 def train_both(hf_model, start_adapter, rows, tmp: Path):
-    from mlx_lora.mlx_backend import MLXBackend
-    from torch_backend.backend import TorchBackend
+    from mlx_lora.backends.mlx import MLXBackend
+    from mlx_lora.backends.torch import TorchBackend
 
     results = {}
     for backend in (TorchBackend(), MLXBackend()):
@@ -273,7 +273,7 @@ def test_fusing_a_converted_adapter_through_mlx_lm(trained, hf_model, rows_and_v
     """The torch adapter, converted, fused by mlx-lm's fuse, loads in transformers with PEFT's logits."""
     from transformers import AutoModelForCausalLM
 
-    from mlx_lora.mlx_backend import MLXBackend
+    from mlx_lora.backends.mlx import MLXBackend
 
     rows, _, _ = rows_and_vocab
     ids = rows[3].ids
@@ -292,7 +292,7 @@ def test_rope_theta_only_nested_still_matches_torch(rows_and_vocab, tmp_path):
     """transformers 5 writes rope_theta only under rope_parameters; our MLX loader must still match torch."""
     from transformers import AutoModelForCausalLM
 
-    from mlx_lora.mlx_backend.model import load
+    from mlx_lora.backends.mlx.model import load
 
     rows, vocab, _ = rows_and_vocab
     folder = save_hf_model(tmp_path / "nested", vocab, top_level_rope=False)

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from mlx_lora.formats import encode_example, parse_row, read_examples
-from mlx_lora.render import ChatTokenizer, encode_messages, encode_text
-from mlx_lora.errors import UserError
+from mlx_lora.data.formats import encode_example, parse_row, read_examples
+from mlx_lora.data.render import ChatTokenizer, encode_messages, encode_text
+from mlx_lora.core.errors import UserError
 
 CHAT = [
     {"role": "system", "content": "你是 FAQ 助理。"},
@@ -62,7 +62,7 @@ def test_plain_text_rows_train_every_token(tok):
 def test_shipped_qwen3_template_masks_the_same_answer(qwen_tokenizer_dir):
     """The package's own (Qwen3) template renders differently but the trained text is still exactly the answers."""
     from conftest import qwen_tokenizer_files
-    from mlx_lora.render import read_chat_template
+    from mlx_lora.data.render import read_chat_template
 
     template = read_chat_template(qwen_tokenizer_files())
     assert template and "im_start" in template

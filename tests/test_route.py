@@ -7,12 +7,12 @@ import sys
 import numpy as np
 import pytest
 
-from mlx_lora.evaluate_run import retrieval_decisions
-from mlx_lora.formats import Example
-from mlx_lora.route import (NEVER, Neighbour, SemanticRoute, TopicClassifier, calibrate, calibrate_route,
+from mlx_lora.evaluation.run import retrieval_decisions
+from mlx_lora.data.formats import Example
+from mlx_lora.answer.route import (NEVER, Neighbour, SemanticRoute, TopicClassifier, calibrate, calibrate_route,
                             kb_clauses, neighbours_from, training_texts)
-from mlx_lora.rules import Rule, RuleLayer
-from mlx_lora.similarity import REFUSAL, CharScorer, EmbeddingScorer, answer_index
+from mlx_lora.answer.rules import Rule, RuleLayer
+from mlx_lora.data.similarity import REFUSAL, CharScorer, EmbeddingScorer, answer_index
 
 ANSWERS = {"vpn": "answer vpn", "leave": "answer leave"}
 REFUSAL_TEXT = "answer sorry"

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 
 from mlx_lora.cli import main
-from mlx_lora.config import load_config
-from mlx_lora.dataset import build_splits
-from mlx_lora.errors import UserError
-from mlx_lora.kb import load_kb
-from mlx_lora.questions import load_questions
-from mlx_lora.rules import RuleLayer, append_audit, audit_records, compile_pattern, load_rules, match_rules
-from mlx_lora.similarity import REFUSAL, CharScorer, answer_index
+from mlx_lora.core.config import load_config
+from mlx_lora.data.dataset import build_splits
+from mlx_lora.core.errors import UserError
+from mlx_lora.data.kb import load_kb
+from mlx_lora.data.questions import load_questions
+from mlx_lora.answer.rules import RuleLayer, append_audit, audit_records, compile_pattern, load_rules, match_rules
+from mlx_lora.data.similarity import REFUSAL, CharScorer, answer_index
 
 REPO = Path(__file__).resolve().parent.parent
 ANSWERS = {"vpn": "依據公司規範:VPN 設定:下載新版 client,以 SSO 登入。",
@@ -179,7 +179,7 @@ class _RouteAlwaysRetrieves:
     """A route confident that every question is about `doc`: a refuse rule must still win."""
 
     def __init__(self, doc):
-        from mlx_lora.route import Neighbour, RouteDecision
+        from mlx_lora.answer.route import Neighbour, RouteDecision
 
         self.low, self.refuse_at = 0.0, 1.0
         self._decision = lambda: RouteDecision("retrieve", 0.9, Neighbour("q", doc, "question"), doc, 0.99, 0.0)

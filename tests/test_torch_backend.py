@@ -13,8 +13,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
 from conftest import EVENT_SCHEMA as SCHEMA  # noqa: E402
-from mlx_lora.config import Config, GenerateConfig, LoraConfig  # noqa: E402
-from mlx_lora.render import ChatTokenizer, Encoded, encode_messages  # noqa: E402
+from mlx_lora.core.config import Config, GenerateConfig, LoraConfig  # noqa: E402
+from mlx_lora.data.render import ChatTokenizer, Encoded, encode_messages  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -53,7 +53,7 @@ def make_cfg(**train) -> Config:
 
 
 def train(model_dir, rows, valid, cfg, run_dir, on_event=None, resume=None):
-    from torch_backend.backend import TorchBackend
+    from mlx_lora.backends.torch import TorchBackend
 
     events: list[dict] = []
 
@@ -120,7 +120,7 @@ def test_loss_falls_and_events_follow_the_schema(trained):
 def test_trainable_parameter_count_is_exact(tiny, lora):
     from transformers import AutoModelForCausalLM
 
-    from torch_backend.lora import attach
+    from mlx_lora.backends.torch.lora import attach
 
     model = attach(AutoModelForCausalLM.from_pretrained(tiny), lora)
     h, kv, inter = 64, 2 * 16, 128  # hidden, kv heads × head_dim, intermediate
@@ -141,7 +141,7 @@ def test_start_event_counts_trainable_params(trained):
 
 
 def _lora_grads(model, ids, mask):
-    from torch_backend.trainer import MaskedLMLoss
+    from mlx_lora.backends.torch.engine import MaskedLMLoss
 
     model.zero_grad(set_to_none=True)
     MaskedLMLoss(model.get_base_model())(torch.tensor([ids]), torch.tensor([mask])).backward()
@@ -151,7 +151,7 @@ def _lora_grads(model, ids, mask):
 def test_masked_positions_contribute_no_gradient(tiny, tok):
     from transformers import AutoModelForCausalLM
 
-    from torch_backend.lora import attach
+    from mlx_lora.backends.torch.lora import attach
 
     torch.manual_seed(1)
     model = attach(AutoModelForCausalLM.from_pretrained(tiny), make_cfg().lora)
@@ -180,9 +180,9 @@ def test_masked_positions_contribute_no_gradient(tiny, tok):
 def test_shared_prefix_pass_equals_the_plain_pass(tiny, tok):
     from transformers import AutoModelForCausalLM
 
-    from mlx_lora.batching import pad_batch
-    from torch_backend.lora import attach
-    from torch_backend.trainer import MaskedLMLoss, shared_prefix
+    from mlx_lora.data.batching import pad_batch
+    from mlx_lora.backends.torch.lora import attach
+    from mlx_lora.backends.torch.engine import MaskedLMLoss, shared_prefix
 
     torch.manual_seed(2)
     model = attach(AutoModelForCausalLM.from_pretrained(tiny), make_cfg().lora)
@@ -243,7 +243,7 @@ def test_resumed_run_equals_uninterrupted_run(tiny, tok, tmp_path):
 
 
 def test_early_stopping_keeps_the_best_adapter(tiny, tok, tmp_path):
-    from torch_backend.trainer import MaskedLMLoss
+    from mlx_lora.backends.torch.engine import MaskedLMLoss
 
     # Valid asks the same questions with another answer: learning the train answer makes valid worse.
     rows = chat_rows(tok, 8, answer="答案是甲甲甲甲甲甲")
@@ -292,7 +292,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tok, tmp
 def test_fuse_writes_a_folder_transformers_loads(trained, tiny, tok, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from torch_backend.merge import fuse
+    from mlx_lora.backends.torch.fuse import fuse
 
     out = fuse(tiny, trained["run_dir"], tmp_path / "fused")
     config = json.loads((out / "config.json").read_text())
@@ -327,7 +327,7 @@ def test_cli_train_generate_fuse_end_to_end(tiny, tmp_path, capsys):
     assert summary["steps"] == 4 and summary["backend"] == "torch" and "verdict" in summary["health"]
     main(["generate", "--adapter", str(run), "--max-new-tokens", "5", "--no-progress", "VPN 怎麼連?"])
     streamed = capsys.readouterr().out
-    from mlx_lora.training import load_for_generation
+    from mlx_lora.training.run import load_for_generation
 
     backend, loaded, tok, system = load_for_generation(None, run, Config(), progress=False)
     prompt = tok.prompt_ids([{"role": "user", "content": "VPN 怎麼連?"}], system)
@@ -348,7 +348,7 @@ def test_cli_train_generate_fuse_end_to_end(tiny, tmp_path, capsys):
 
 
 def test_mlx_format_adapter_loads_with_identical_logits(trained, tiny, tok, tmp_path):
-    from mlx_lora.adapters import peft_to_mlx
+    from mlx_lora.backends.adapters import peft_to_mlx
 
     peft_to_mlx(trained["run_dir"] / "adapter", tmp_path / "mlx", num_layers=2)
     assert (tmp_path / "mlx" / "adapters.safetensors").is_file()
@@ -362,8 +362,8 @@ def test_mlx_format_adapter_loads_with_identical_logits(trained, tiny, tok, tmp_
 def test_an_adapter_from_another_base_model_is_a_one_line_error(trained, tmp_path, qwen_tokenizer_dir):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from mlx_lora.errors import UserError
-    from torch_backend.backend import TorchBackend
+    from mlx_lora.core.errors import UserError
+    from mlx_lora.backends.torch import TorchBackend
 
     other = tmp_path / "other"
     config = Qwen2Config(vocab_size=151669, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -378,8 +378,8 @@ def test_an_adapter_whose_tensors_name_no_lora_layer_is_an_error(trained, tiny, 
     # PEFT alone only warns and returns the base model unchanged: answers would silently be the base model's.
     from safetensors.torch import load_file, save_file
 
-    from mlx_lora.errors import UserError
-    from torch_backend.backend import TorchBackend
+    from mlx_lora.core.errors import UserError
+    from mlx_lora.backends.torch import TorchBackend
 
     renamed = tmp_path / "renamed"
     shutil.copytree(trained["run_dir"] / "adapter", renamed)

@@ -7,8 +7,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from mlx_lora.config import Config, GenerateConfig  # noqa: E402
-from mlx_lora.render import ChatTokenizer  # noqa: E402
+from mlx_lora.core.config import Config, GenerateConfig  # noqa: E402
+from mlx_lora.data.render import ChatTokenizer  # noqa: E402
 from test_torch_backend import build_tiny_model, chat_rows, make_cfg, train  # noqa: E402
 
 torch.set_num_threads(1)
@@ -17,7 +17,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def lively(tmp_path_factory, qwen_tokenizer_dir):
     """A random model with large weights, so greedy output varies from token to token."""
-    from torch_backend.backend import TorchBackend
+    from mlx_lora.backends.torch import TorchBackend
 
     path = build_tiny_model(tmp_path_factory.mktemp("lively"), qwen_tokenizer_dir, seed=3, init=0.3)
     backend = TorchBackend()

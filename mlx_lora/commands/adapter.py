@@ -22,7 +22,7 @@ def adapter():
 @click.option("--base-model", default=None, help="To peft: base model recorded in the PEFT config.")
 def convert(src, to, out, num_layers, base_model):
     """Convert the adapter in SRC (a folder or a run directory) to --to format in --out."""
-    from ..adapters import convert as do_convert, detect_format
+    from mlx_lora.backends.adapters import convert as do_convert, detect_format
 
     source = detect_format(src)
     if source == to:
@@ -37,7 +37,7 @@ def convert(src, to, out, num_layers, base_model):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def info(path, as_json):
     """Describe the adapter in PATH (a folder or a run directory)."""
-    from ..adapters import info as read_info
+    from mlx_lora.backends.adapters import info as read_info
 
     result = read_info(path)
     if as_json:

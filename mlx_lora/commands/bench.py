@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from ..errors import UserError
-from .options import build_config, config_option, set_option
+from mlx_lora.core.errors import UserError
+from mlx_lora.commands.options import build_config, config_option, set_option
 
 
 def _benchmarks():

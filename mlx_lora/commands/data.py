@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .options import build_config, config_option, set_option
+from mlx_lora.commands.options import build_config, config_option, set_option
 
 
 @click.group()
@@ -34,9 +34,9 @@ def build(config_path, overrides, kb, questions, out, seed, fmt, extra_questions
 
 def build_data(data_cfg) -> dict:
     """Load and validate the KB and bank, split, write; returns the statistics."""
-    from ..dataset import build_splits, load_extra_questions, write_splits
-    from ..kb import load_kb
-    from ..questions import load_questions
+    from mlx_lora.data.dataset import build_splits, load_extra_questions, write_splits
+    from mlx_lora.data.kb import load_kb
+    from mlx_lora.data.questions import load_questions
 
     kb = load_kb(data_cfg.kb)
     bank = load_questions(data_cfg.questions, kb)
@@ -65,12 +65,12 @@ def print_stats(stats: dict, out_dir) -> None:
 @click.option("--max-length", type=int, default=192, show_default=True)
 def check(path, model, max_length):
     """Validate a JSONL dataset (text / messages / prompt-completion / OpenAI chat) and print stats."""
-    from ..formats import describe, encode_all, read_examples
+    from mlx_lora.data.formats import describe, encode_all, read_examples
 
     examples = read_examples(path)
     stats = describe(examples)
     if model:
-        from ..render import ChatTokenizer
+        from mlx_lora.data.render import ChatTokenizer
 
         rows, dropped = encode_all(ChatTokenizer.from_dir(Path(model)), examples, max_length)
         lengths = sorted(len(r.ids) for r in rows)

@@ -6,7 +6,7 @@ import click
 @click.command()
 def doctor():
     """Show platform, usable backends, versions, threads and BLAS."""
-    from ..doctor import report
+    from mlx_lora.doctor import report
 
     rows = report()
     width = max(len(k) for k in rows)

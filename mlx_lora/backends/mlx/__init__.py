@@ -1,0 +1,51 @@
+"""The MLX backend (mlx + mlx-lm): the only package that imports mlx; its modules load only when used."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from mlx_lora.backends import TrainOutcome
+from mlx_lora.core.config import Config, GenerateConfig
+from mlx_lora.data.render import Encoded
+
+
+class MLXBackend:
+    """Backend protocol on mlx-lm: its loader, LoRA layers and BatchGenerator; our own training loop."""
+
+    name = "mlx"
+
+    def available(self) -> tuple[bool, str]:
+        try:
+            import mlx.core as mx
+            import mlx_lm  # noqa: F401
+        except ImportError as exc:
+            return False, f"mlx/mlx-lm not importable ({exc}); pip install -e '.[mlx]'"
+        from mlx_lora.backends.mlx.model import blas_note
+
+        where = f"mlx {mx.__version__} on {mx.default_device()}"
+        note = blas_note()
+        return True, f"{where}; {note}" if note else where
+
+    def load(self, model_dir: Path, adapter: Path | None, cfg: Config):
+        from mlx_lora.backends.mlx.model import load
+
+        return load(model_dir, adapter, cfg)
+
+    def train(self, loaded, train: list[Encoded], valid: list[Encoded], cfg: Config, run_dir: Path,
+              on_event: Callable[[dict], None], resume: Path | None = None) -> TrainOutcome:
+        from mlx_lora.backends.mlx.engine import train as run_training
+
+        return run_training(loaded, train, valid, cfg, Path(run_dir), on_event, resume)
+
+    def generate(self, loaded, prompts: list[list[int]], cfg: GenerateConfig, stop_ids: list[int],
+                 on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+        from mlx_lora.backends.mlx.model import generate
+
+        return generate(loaded, prompts, cfg, stop_ids, on_token)
+
+    def fuse(self, loaded, out_dir: Path) -> Path:
+        """Merge the loaded adapter into the base weights and save an HF-style folder."""
+        from mlx_lora.backends.mlx.model import fuse
+
+        return fuse(loaded, Path(out_dir))

@@ -1,0 +1,54 @@
+"""Fuse an adapter into its base model and save an HF folder that transformers and mlx-lm both load."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from mlx_lora.core.config import Config
+from mlx_lora.core.errors import UserError
+
+from mlx_lora.backends.torch import model as loading
+from mlx_lora.backends.torch.model import Loaded
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json")
+
+
+def fuse_loaded(loaded: Loaded, out_dir: str | Path) -> Path:
+    """merge_and_unload the loaded adapter, save safetensors weights, copy the tokenizer and chat template."""
+    if not hasattr(loaded.model, "merge_and_unload"):
+        raise UserError("fuse: no adapter loaded; pass --adapter with a run or adapter folder")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise UserError(f"{out_dir}: output folder is not empty; choose a new --out")
+    merged = loaded.model.merge_and_unload()
+    loaded.model = merged
+    merged.config.use_cache = True  # the saved model is for inference
+    out_dir.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(str(out_dir), safe_serialization=True)
+    source = Path(loaded.source)
+    source = source if source.is_dir() else source.parent
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file() and not (out_dir / name).exists():
+            shutil.copy2(source / name, out_dir / name)
+    add_top_level_rope_theta(out_dir / "config.json")
+    return out_dir
+
+
+def fuse(model_dir: str | Path, adapter: str | Path, out_dir: str | Path, cfg: Config | None = None) -> Path:
+    """Load on CPU in fp32 (merging in bf16 would round the sum) and fuse."""
+    cfg = cfg or Config()
+    cfg.backend.device, cfg.model.dtype = "cpu", "float32"
+    return fuse_loaded(loading.load(model_dir, adapter, cfg), out_dir)
+
+
+def add_top_level_rope_theta(config_path: Path) -> None:
+    """transformers 5 writes rope_theta only inside rope_parameters; mlx-lm reads the top-level key and
+    silently falls back to 1e6 without it."""
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    theta = (config.get("rope_parameters") or {}).get("rope_theta")
+    if theta is not None and "rope_theta" not in config:
+        config["rope_theta"] = theta
+        config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

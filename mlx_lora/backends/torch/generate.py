@@ -1,0 +1,115 @@
+"""Batched generation with left padding and a KV cache: greedy by default, or temperature/top-p sampling."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+import torch
+
+from mlx_lora.core.config import GenerateConfig
+
+
+def _penalise(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style repetition penalty (as in HF): shrink the logit of every token already in the sequence."""
+    scaled = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, scaled, logits)
+
+
+def _pick(logits: torch.Tensor, cfg: GenerateConfig, generator: torch.Generator | None) -> torch.Tensor:
+    if cfg.temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / cfg.temperature, dim=-1)
+    if 0 < cfg.top_p < 1:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Drop a token when the tokens ranked above it already cover top_p; the top token always stays.
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs > cfg.top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def cache_kwarg(model) -> str:
+    """transformers 5.2x renamed `past_key_values` to `cache` (the old name still works, with a warning)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def returned_cache(result, name: str):
+    """The KV cache a forward pass with use_cache=True returned, under either name."""
+    return result[name] if name in result else result.past_key_values
+
+
+@torch.no_grad()
+def generate_batch(model, prompts: list[list[int]], cfg: GenerateConfig, stop_ids: list[int], pad_id: int,
+                   device: torch.device, on_token: Callable[[int, int], None] | None = None, offset: int = 0,
+                   generator: torch.Generator | None = None) -> list[list[int]]:
+    """One left-padded batch: prefill once, then one token per step from the cache until every row stops.
+
+    A row that stops leaves the batch (and the cache): eval answers differ a lot in length, and without this the
+    longest answer would keep every finished row computing to the end.
+    """
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    # Positions count real tokens only, so a left-padded row sees the same positions as it would alone.
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    seen = None
+    if cfg.repetition_penalty != 1.0:
+        vocab = model.get_output_embeddings().weight.shape[0]
+        seen = torch.zeros(len(prompts), vocab, dtype=torch.bool, device=device)
+        seen.scatter_(1, ids, attention.bool())
+    stops = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
+    out: list[list[int]] = [[] for _ in prompts]
+    active = list(range(len(prompts)))  # original row of each batch row still generating
+    cache, cache_name = None, cache_kwarg(model)
+    step_ids, step_pos = ids, positions
+    for _ in range(cfg.max_new_tokens):
+        result = model(input_ids=step_ids, attention_mask=attention, position_ids=step_pos, use_cache=True,
+                       logits_to_keep=1, **{cache_name: cache})
+        cache = returned_cache(result, cache_name)
+        logits = result.logits[:, -1, :].float()
+        if seen is not None:
+            logits = _penalise(logits, seen, cfg.repetition_penalty)
+        chosen = _pick(logits, cfg, generator)
+        stopped = torch.isin(chosen, stops)
+        for row, (token, stop) in enumerate(zip(chosen.tolist(), stopped.tolist())):
+            if not stop:
+                out[active[row]].append(token)
+                if on_token is not None:
+                    on_token(offset + active[row], token)
+        if bool(stopped.all()):
+            break
+        if bool(stopped.any()):
+            keep = (~stopped).nonzero().squeeze(-1)
+            cache.batch_select_indices(keep)  # in place: later steps compute only the rows still writing
+            active = [active[k] for k in keep.tolist()]
+            chosen, attention, step_pos = chosen[keep], attention[keep], step_pos[keep]
+            if seen is not None:
+                seen = seen[keep]
+        if seen is not None:
+            seen.scatter_(1, chosen[:, None], True)
+        step_ids = chosen[:, None]
+        step_pos = step_pos[:, -1:] + 1
+        attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
+    return out
+
+
+def generate(model, prompts: list[list[int]], cfg: GenerateConfig, stop_ids: list[int], pad_id: int,
+             device: torch.device, on_token: Callable[[int, int], None] | None = None,
+             seed: int = 0) -> list[list[int]]:
+    """New token ids per prompt (stop token excluded), in batches of cfg.batch_size; on_token streams them."""
+    was_training = model.training
+    model.eval()
+    generator = None
+    if cfg.temperature > 0:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    results: list[list[int]] = []
+    size = max(1, cfg.batch_size)
+    try:
+        for start in range(0, len(prompts), size):
+            results += generate_batch(model, prompts[start:start + size], cfg, stop_ids, pad_id, device, on_token,
+                                      offset=start, generator=generator)
+    finally:
+        model.train(was_training)
+    return results

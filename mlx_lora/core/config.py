@@ -1,0 +1,294 @@
+"""Typed run configuration: dataclasses loaded from YAML, with `--set section.key=value` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from mlx_lora.core.errors import UserError
+from mlx_lora.training.schedule import SCHEDULES
+
+
+@dataclass
+class ModelConfig:
+    path: str = "embedded"  # "embedded" (Qwen2.5-Coder-0.5B from PyPI wheels), an HF folder, a .gguf file or a hub id
+    cache_dir: str | None = None  # where prepared models live; None → $MLX_LORA_CACHE or ~/.cache/mlx-lora
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+
+
+@dataclass
+class BackendConfig:
+    name: str = "auto"  # auto | torch | mlx
+    device: str = "auto"  # auto | cpu | cuda | mps (torch only)
+    threads: int | None = None  # CPU threads; None keeps the library default
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 16
+    alpha: float = 32.0  # PEFT's lora_alpha; MLX's scale is alpha / rank
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    num_layers: int | None = None  # LoRA on the last N layers only; None = all layers
+    dora: bool = False
+    rslora: bool = False
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 3
+    max_steps: int | None = None  # optimizer steps; stops earlier than epochs when set
+    batch_size: int = 4
+    grad_accum: int = 2
+    lr: float = 3e-4
+    warmup_steps: int = 10
+    schedule: str = "cosine"  # cosine | linear | constant
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.01
+    max_length: int = 192
+    eval_every: int = 0  # optimizer steps between evals; 0 = once per epoch
+    early_stopping_patience: int = 0  # evals without improvement before stopping; 0 = off
+    seed: int = 42
+    out: str = "runs/latest"
+
+
+@dataclass
+class DataConfig:
+    kb: str = "data/kb.jsonl"
+    questions: str = "data/questions.yaml"
+    dir: str = "runs/data"  # where `data build` writes train/valid/test.jsonl
+    seed: int = 42
+    answerable_ratio: float = 0.75  # share of answerable rows in train
+    valid_fraction: float = 0.1  # of each doc's phrasings (and of the unanswerable pool)
+    test_fraction: float = 0.2
+    system_prompt: str | None = "你是公司內部 FAQ 助理,只依據公司規範回答。"
+    answer_prefix: str = "依據公司規範:"
+    format: str = "messages"  # messages | text (ChatML text rows)
+    extra_questions: str | None = None  # YAML of extra training questions (e.g. from `diagnose`)
+
+
+@dataclass
+class GenerateConfig:
+    max_new_tokens: int = 150
+    temperature: float = 0.0  # 0 = greedy (evaluation is always greedy)
+    top_p: float = 0.9
+    repetition_penalty: float = 1.0
+    batch_size: int = 32
+
+
+@dataclass
+class EvalConfig:
+    threshold: str = "faq"  # faq (85) | chatbot (80) | critical (90) | a number
+    embedder: str = "use"  # use (multilingual USE v3, offline) | char | a sentence-transformers model path/id
+    worst_n: int = 10
+    max_rows: int | None = None  # evaluate a seeded sample of the test split; None = all rows
+
+
+@dataclass
+class RulesConfig:
+    path: str | None = "configs/rules.yaml"
+    kb_match_threshold: float = 0.8
+    route_high: float | None = None  # semantic route: KB answer at topic probability ≥ this; None = calibrate
+    route_low: float | None = None  # refuse below this similarity to anything known; None = calibrate
+    answerability: bool = True  # refuse a KB answer whose doc does not answer the question (answerability.py)
+    answer_floor: float | None = None  # answerability score below which it refuses; None = calibrate
+    # (calibration: out-of-fold on the train + valid questions, route.calibrate_route)
+    audit_log: str = "audit.jsonl"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    rules: RulesConfig = field(default_factory=RulesConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _field_types(cls) -> dict[str, typing.Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value, annotation, key: str):
+    """Check/convert one YAML value against its annotation; YAML 1.1 reads `3e-4` as a string, so floats parse."""
+    args = typing.get_args(annotation)
+    if type(None) in args:
+        if value is None:
+            return None
+        (annotation,) = [a for a in args if a is not type(None)]
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise UserError(f"config key {key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(annotation)
+        if item is str and not all(isinstance(v, str) for v in value):  # [1, 2] for module names is a slip
+            raise UserError(f"config key {key}: expected a list of names, got {value!r}")
+        return [_coerce(v, item, key) for v in value]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif annotation is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    name = getattr(annotation, "__name__", str(annotation))
+    raise UserError(f"config key {key}: expected {name}, got {value!r}")
+
+
+def _apply_section(section_obj, values: dict, section: str, source: str) -> None:
+    types = _field_types(type(section_obj))
+    for key, value in values.items():
+        if key not in types:
+            valid = ", ".join(types)
+            raise UserError(f"{source}: unknown config key {section}.{key}; valid keys in {section}: {valid}")
+        try:
+            setattr(section_obj, key, _coerce(value, types[key], f"{section}.{key}"))
+        except UserError as exc:
+            raise UserError(f"{source}: {exc}") from None
+
+
+# Allowed values, checked once after every source is applied, so a bad value stops a command before any work.
+CHOICES = {
+    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "backend.name": ("auto", "torch", "mlx"),
+    "backend.device": ("auto", "cpu", "cuda", "mps"),
+    "train.schedule": SCHEDULES,
+    "data.format": ("messages", "text"),
+}
+# key → (lowest, highest or None, whether each end itself is allowed, what the key is).
+RANGES = {
+    "backend.threads": (1, None, (True, False), "CPU threads"),
+    "lora.rank": (1, None, (True, False), "LoRA rank"),
+    "lora.alpha": (0, None, (False, False), "LoRA alpha (scale = alpha / rank)"),
+    "lora.dropout": (0, 1, (True, False), "a probability"),
+    "lora.num_layers": (1, None, (True, False), "the number of last layers that get LoRA"),
+    "train.epochs": (1, None, (True, False), "epochs"),
+    "train.max_steps": (1, None, (True, False), "optimizer steps"),
+    "train.batch_size": (1, None, (True, False), "rows per micro-batch"),
+    "train.grad_accum": (1, None, (True, False), "micro-batches per optimizer step"),
+    "train.lr": (0, None, (False, False), "the learning rate"),
+    "train.warmup_steps": (0, None, (True, False), "warm-up steps"),
+    "train.max_grad_norm": (0, None, (True, False), "the gradient-norm clip (0 = off)"),
+    "train.weight_decay": (0, None, (True, False), "weight decay"),
+    "train.max_length": (2, None, (True, False), "tokens per row"),
+    "train.eval_every": (0, None, (True, False), "optimizer steps between evals (0 = once per epoch)"),
+    "train.early_stopping_patience": (0, None, (True, False), "evals without improvement (0 = off)"),
+    "data.answerable_ratio": (0, 1, (False, True), "the share of answerable train rows"),
+    "data.valid_fraction": (0, 1, (True, False), "the share of phrasings held out for validation"),
+    "data.test_fraction": (0, 1, (True, False), "the share of phrasings held out for testing"),
+    "generate.max_new_tokens": (1, None, (True, False), "tokens to generate"),
+    "generate.temperature": (0, None, (True, False), "the sampling temperature (0 = greedy)"),
+    "generate.top_p": (0, 1, (False, True), "nucleus sampling mass"),
+    "generate.repetition_penalty": (0, None, (False, False), "the repetition penalty (1 = off)"),
+    "generate.batch_size": (1, None, (True, False), "prompts decoded together"),
+    "eval.worst_n": (0, None, (True, False), "worst cases listed"),
+    "eval.max_rows": (1, None, (True, False), "test rows to sample; null = all"),
+    "rules.kb_match_threshold": (0, 1, (True, True), "a similarity"),
+    "rules.route_high": (0, 1, (True, True), "a probability; null = calibrate"),
+    "rules.route_low": (-1, 1, (True, True), "a similarity; null = calibrate"),
+}
+
+
+def validate(cfg: "Config") -> "Config":
+    """Enumerations and ranges of every key; the first problem is a one-line error naming the key."""
+    for dotted, allowed in CHOICES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value not in allowed:
+            raise UserError(f"config key {dotted}: {value!r} is not one of {', '.join(allowed)}")
+    for dotted, (low, high, (low_ok, high_ok), meaning) in RANGES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value is None:
+            continue
+        bad = not math.isfinite(value) or (value < low if low_ok else value <= low)
+        if high is not None:
+            bad = bad or (value > high if high_ok else value >= high)
+        if bad:
+            lower = f"{'≥' if low_ok else '>'} {low}"
+            wanted = lower if high is None else \
+                f"in {'[' if low_ok else '('}{low}, {high}{']' if high_ok else ')'}"
+            raise UserError(f"config key {dotted}: {value!r} must be {wanted} ({meaning})")
+    if cfg.data.valid_fraction + cfg.data.test_fraction >= 1:
+        raise UserError("config keys data.valid_fraction + data.test_fraction must add up to less than 1")
+    if not cfg.lora.targets:
+        raise UserError("config key lora.targets: name at least one module, e.g. [q_proj, v_proj]")
+    from mlx_lora.evaluation.scoring import parse_threshold  # the presets live with the evaluator
+
+    try:
+        parse_threshold(cfg.eval.threshold)
+    except UserError as exc:
+        raise UserError(f"config key eval.threshold: {exc}") from None
+    return cfg
+
+
+def apply_mapping(cfg: Config, mapping: dict, source: str) -> Config:
+    sections = _field_types(Config)
+    if not isinstance(mapping, dict):
+        raise UserError(f"{source}: expected a mapping of sections ({', '.join(sections)})")
+    for section, values in mapping.items():
+        if section not in sections:
+            raise UserError(f"{source}: unknown config section {section!r}; valid sections: {', '.join(sections)}")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise UserError(f"{source}: section {section} must be a mapping of keys, got {values!r}")
+        _apply_section(getattr(cfg, section), values, section, source)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, str, object]:
+    """`train.lr=3e-4` → ("train", "lr", "3e-4" parsed as YAML)."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise UserError(f"--set {text!r}: expected section.key=value, e.g. --set train.lr=3e-4")
+    dotted, raw = text.split("=", 1)
+    section, key = dotted.strip().split(".", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return section, key, value
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> Config:
+    """Defaults, then the YAML file (if any), then each `section.key=value` override in order."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"{path}: config file not found; see configs/reference.yaml for an example")
+        from mlx_lora.core.userfiles import load_yaml
+
+        mapping = load_yaml(path, "YAML syntax")[0] or {}
+        apply_mapping(cfg, mapping, str(path))
+    for text in overrides:
+        section, key, value = parse_override(text)
+        apply_mapping(cfg, {section: {key: value}}, f"--set {text}")
+    return validate(cfg)

@@ -1,0 +1,45 @@
+"""Deterministic length-grouped batches and optimizer-step accounting, shared so both backends see the same data order."""
+
+from __future__ import annotations
+
+import math
+import random
+
+from mlx_lora.data.render import Encoded
+
+
+def epoch_batches(rows: list[Encoded], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Row indices per batch for one epoch.
+
+    Rows are shuffled, cut into windows of 50 batches, sorted by length inside each window (so a batch pads
+    little), then the batches themselves are shuffled: the order is random yet padding stays small.
+    """
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(len(rows)))
+    rng.shuffle(order)
+    window = batch_size * 50
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start:start + window], key=lambda i: len(rows[i].ids))
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def steps_per_epoch(n_rows: int, batch_size: int, grad_accum: int) -> int:
+    """Optimizer steps in one epoch; a last partial accumulation group still makes a step."""
+    return math.ceil(math.ceil(n_rows / batch_size) / grad_accum)
+
+
+def total_steps(n_rows: int, batch_size: int, grad_accum: int, epochs: int, max_steps: int | None) -> int:
+    steps = steps_per_epoch(n_rows, batch_size, grad_accum) * epochs
+    return min(steps, max_steps) if max_steps else steps
+
+
+def pad_batch(rows: list[Encoded], pad_id: int) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+    """(ids, mask, attention) padded on the right to the batch's own longest row."""
+    width = max(len(r.ids) for r in rows)
+    ids = [r.ids + [pad_id] * (width - len(r.ids)) for r in rows]
+    mask = [r.mask + [0] * (width - len(r.mask)) for r in rows]
+    attention = [[1] * len(r.ids) + [0] * (width - len(r.ids)) for r in rows]
+    return ids, mask, attention

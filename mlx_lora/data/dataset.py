@@ -1,0 +1,175 @@
+"""KB + question bank → ChatML train/valid/test rows that never share a question, with split statistics."""
+
+from __future__ import annotations
+
+import difflib
+import random
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from mlx_lora.core.config import DataConfig
+from mlx_lora.core.errors import UserError, located
+from mlx_lora.core.files import atomic_write_texts, json_text, jsonl_text
+from mlx_lora.data.kb import Doc
+from mlx_lora.data.questions import QuestionBank
+from mlx_lora.data.render import chatml_text
+from mlx_lora.core.textnorm import compact
+from mlx_lora.core.userfiles import load_yaml
+
+SPLITS = ("train", "valid", "test")
+NEAR_DUPLICATE = 0.8  # character similarity of normalised questions at which two count as near-duplicates
+
+
+@dataclass
+class Item:
+    question: str
+    answer: str
+    doc_id: str | None  # None for unanswerable questions
+    style: str
+
+    def row(self, cfg: DataConfig) -> dict:
+        messages = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
+        messages += [{"role": "user", "content": self.question}, {"role": "assistant", "content": self.answer}]
+        meta = {"doc_id": self.doc_id, "style": self.style, "answerable": self.doc_id is not None}
+        if cfg.format == "text":
+            return {"text": chatml_text(messages), "meta": meta}
+        return {"messages": messages, "meta": meta}
+
+
+def _split_counts(n: int, cfg: DataConfig) -> tuple[int, int]:
+    """(valid, test) sizes for a group of n questions; each held-out split gets ≥ 1 once there are ≥ 3."""
+    n_test = round(n * cfg.test_fraction)
+    n_valid = round(n * cfg.valid_fraction)
+    if n >= 3:
+        n_test = max(n_test, 1 if cfg.test_fraction > 0 else 0)
+        n_valid = max(n_valid, 1 if cfg.valid_fraction > 0 else 0)
+    return n_valid, n_test
+
+
+def _unique(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    seen, out = set(), []
+    for style, question in pairs:
+        if compact(question) not in seen:
+            seen.add(compact(question))
+            out.append((style, question))
+    return out
+
+
+def load_extra_questions(path: str | Path, kb: dict[str, Doc]) -> dict[str, list[str]]:
+    """Extra training questions, `{doc_id: [question, ...]}` (what `diagnose` proposes)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: extra questions file not found")
+    data, root = load_yaml(path)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise located(path, 1, "expected a mapping doc_id → list of questions")
+    lines = {key.value: key.start_mark.line + 1 for key, _ in root.value}
+    for doc_id, questions in data.items():
+        if doc_id not in kb:
+            raise located(path, lines.get(doc_id), f"doc_id {doc_id!r} is not in the knowledge base")
+        if not isinstance(questions, list) or not all(isinstance(q, str) for q in questions):
+            raise located(path, lines.get(doc_id), f"{doc_id}: expected a list of questions")
+    return data
+
+
+def build_splits(kb: dict[str, Doc], bank: QuestionBank, cfg: DataConfig,
+                 extra: dict[str, list[str]] | None = None) -> dict[str, list[Item]]:
+    """Split each doc's phrasings (and the unanswerable pool) by question, seeded; train gets the set ratio."""
+    if not 0 < cfg.answerable_ratio <= 1:
+        raise UserError(f"data.answerable_ratio must be in (0, 1], got {cfg.answerable_ratio}")
+    if cfg.valid_fraction + cfg.test_fraction >= 1:
+        raise UserError("data.valid_fraction + data.test_fraction must be below 1")
+    rng = random.Random(cfg.seed)
+    splits: dict[str, list[Item]] = {name: [] for name in SPLITS}
+    for doc_id, doc in kb.items():
+        pairs = _unique(bank.phrasings(doc_id))
+        rng.shuffle(pairs)
+        n_valid, n_test = _split_counts(len(pairs), cfg)
+        answer = cfg.answer_prefix + doc.text
+        for i, (style, question) in enumerate(pairs):
+            name = "test" if i < n_test else "valid" if i < n_test + n_valid else "train"
+            splits[name].append(Item(question, answer, doc_id, style))
+
+    held_out = {compact(item.question) for name in ("valid", "test") for item in splits[name]}
+    for doc_id, questions in (extra or {}).items():
+        known = {compact(item.question) for item in splits["train"]}
+        for question in questions:
+            key = compact(question)
+            if key and key not in held_out and key not in known:
+                splits["train"].append(Item(question, cfg.answer_prefix + kb[doc_id].text, doc_id, "extra"))
+                known.add(key)
+
+    pool = [q for _, q in _unique([("none", q) for q in bank.unanswerable])]
+    rng.shuffle(pool)
+    n_valid, n_test = _split_counts(len(pool), cfg)
+    refuse = lambda q: Item(q, bank.refusal, None, "unanswerable")  # noqa: E731
+    splits["test"] += [refuse(q) for q in pool[:n_test]]
+    splits["valid"] += [refuse(q) for q in pool[n_test:n_test + n_valid]]
+    train_pool = pool[n_test + n_valid:]
+    answerable = len(splits["train"])
+    wanted = round(answerable * (1 - cfg.answerable_ratio) / cfg.answerable_ratio)
+    if wanted and not train_pool:
+        raise UserError("no unanswerable questions left for train: add more to the question bank's unanswerable list")
+    # Fewer unique refusals than the ratio needs: repeat some (within train only, never across splits).
+    splits["train"] += [refuse(train_pool[i % len(train_pool)]) for i in range(wanted)] if wanted else []
+    for name in SPLITS:
+        rng.shuffle(splits[name])
+    return splits
+
+
+def overlap_report(splits: dict[str, list[Item]]) -> dict:
+    """Exact (normalised) and near-duplicate question overlap of valid/test against train."""
+    train_keys = sorted({compact(item.question) for item in splits["train"]})
+    report = {}
+    for name in ("valid", "test"):
+        keys = [compact(item.question) for item in splits[name]]
+        train_set = set(train_keys)
+        exact = sum(key in train_set for key in keys)
+        near, scores = 0, []
+        for key in keys:
+            matcher = difflib.SequenceMatcher(None, autojunk=False)
+            matcher.set_seq2(key)  # difflib caches details about the second sequence: keep it fixed
+            best = 0.0
+            for other in train_keys:
+                matcher.set_seq1(other)
+                if matcher.real_quick_ratio() > best and matcher.quick_ratio() > best:
+                    best = max(best, matcher.ratio())
+            scores.append(best)
+            near += best >= NEAR_DUPLICATE
+        report[name] = {
+            "rows": len(keys),
+            "exact_overlap": exact,
+            "near_duplicates": near,
+            "near_duplicate_pct": round(100 * near / max(len(keys), 1), 1),
+            "mean_max_similarity": round(sum(scores) / max(len(scores), 1), 3),
+        }
+    return report
+
+
+def split_stats(splits: dict[str, list[Item]]) -> dict:
+    stats = {}
+    for name, items in splits.items():
+        answerable = [item for item in items if item.doc_id is not None]
+        stats[name] = {
+            "rows": len(items),
+            "answerable": len(answerable),
+            "unanswerable": len(items) - len(answerable),
+            "unique_questions": len({compact(item.question) for item in items}),
+            "per_doc": dict(sorted(Counter(item.doc_id for item in answerable).items())),
+            "per_style": dict(sorted(Counter(item.style for item in items).items())),
+        }
+    return stats
+
+
+def write_splits(splits: dict[str, list[Item]], out_dir: str | Path, cfg: DataConfig) -> dict:
+    """Write DIR/{train,valid,test}.jsonl and DIR/stats.json; return the stats."""
+    out_dir = Path(out_dir)
+    stats = {"splits": split_stats(splits), "overlap": overlap_report(splits), "seed": cfg.seed}
+    files = {out_dir / f"{name}.jsonl": jsonl_text(item.row(cfg) for item in items) for name, items in splits.items()}
+    atomic_write_texts({**files, out_dir / "stats.json": json_text(stats)})  # the four files change together
+    return stats

@@ -1,0 +1,240 @@
+"""Score answers against expected ones and aggregate them into report.json / report.md / report.html."""
+
+from __future__ import annotations
+
+import html
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from mlx_lora.core.errors import UserError
+from mlx_lora.core.files import atomic_write_text, write_json
+from mlx_lora.data.similarity import REFUSAL, CharScorer, LabelIndex, example_labels
+
+PRESETS = {"faq": 85.0, "chatbot": 80.0, "critical": 90.0}
+BUCKETS = ("≥85", "70–84", "50–69", "<50")
+VARIANT_ORDER = ("base", "tuned", "tuned_rules", "base_rules", "retrieval")
+
+
+def parse_threshold(value) -> tuple[str, float]:
+    """A preset name (faq 85, chatbot 80, critical 90) or a number in 0–100 → (label, percent)."""
+    text = str(value).strip().lower()
+    if text in PRESETS:
+        return text, PRESETS[text]
+    try:
+        number = float(text)
+    except ValueError:
+        raise UserError(f"threshold {value!r}: use faq (85), chatbot (80), critical (90) or a number 0–100") from None
+    if not 0 <= number <= 100:
+        raise UserError(f"threshold {value!r}: a number must be between 0 and 100 (percent similarity)")
+    return f"{number:g}", number
+
+
+def bucket(similarity: float) -> str:
+    return BUCKETS[0] if similarity >= 85 else BUCKETS[1] if similarity >= 70 else BUCKETS[2] if similarity >= 50 \
+        else BUCKETS[3]
+
+
+def _pct(value: float) -> float:
+    return round(100.0 * value, 1)
+
+
+def score_rows(examples, answers, scorer, index: LabelIndex, char: CharScorer | None = None) -> list[dict]:
+    """One row per (example, answer). `answers` holds strings or Decision-like objects (answer/source/detail).
+
+    A generated answer *is a refusal* when its nearest neighbour among {each KB doc's answer, the refusal text}
+    is the refusal; its *topic* is that nearest label. Both use the primary measure.
+    """
+    char = char or CharScorer()
+    texts = [a if isinstance(a, str) else (a.answer or "") for a in answers]
+    expected = [e.answer for e in examples]
+    if hasattr(scorer, "embed"):  # one batched encode instead of one call per row
+        scorer.embed(texts + expected)
+    primary = [float(scorer.matrix([t], [x])[0, 0]) for t, x in zip(texts, expected)]
+    chars = [char.pair(t, x) for t, x in zip(texts, expected)]
+    labels = example_labels(examples, index)
+    nearest = index.nearest(texts)
+    rows = []
+    for i, example in enumerate(examples):
+        answer = answers[i]
+        similarity = _pct(primary[i])
+        j, score = nearest[i]
+        rows.append({
+            "question": example.question,
+            "expected": expected[i],
+            "generated": texts[i],
+            "expected_doc": labels[i],
+            "answerable": labels[i] != REFUSAL,
+            "similarity": similarity,
+            "char": _pct(chars[i]),
+            "bucket": bucket(similarity),
+            "predicted_doc": index.labels[j],
+            "predicted_score": _pct(score),
+            "refused": index.labels[j] == REFUSAL,
+            "source": "MODEL_GENERATED" if isinstance(answer, str) else answer.source,
+            "detail": {} if isinstance(answer, str) else answer.detail,
+        })
+    return rows
+
+
+def _mean(values) -> float | None:
+    values = list(values)
+    return round(sum(values) / len(values), 1) if values else None
+
+
+def _share(flags) -> float | None:
+    flags = list(flags)
+    return _pct(sum(flags) / len(flags)) if flags else None
+
+
+def aggregate(rows: list[dict], threshold: float) -> dict:
+    """Summary figures of one variant, all in percent (None where the rows give no basis, e.g. no refusals)."""
+    sims = [r["similarity"] for r in rows]
+    answerable = [r for r in rows if r["answerable"]]
+    unanswerable = [r for r in rows if not r["answerable"]]
+    counts = Counter(r["bucket"] for r in rows)
+    return {
+        "rows": len(rows),
+        "mean_similarity": _mean(sims),
+        "min_similarity": min(sims) if sims else None,
+        "max_similarity": max(sims) if sims else None,
+        "mean_char": _mean(r["char"] for r in rows),
+        "refusal_accuracy": _share(r["refused"] for r in unanswerable),
+        "topic_accuracy": _share(r["predicted_doc"] == r["expected_doc"] for r in answerable),
+        "answerable_refused": _share(r["refused"] for r in answerable),
+        "pass_rate": _share(s >= threshold for s in sims),
+        "passed": bool(sims) and sum(sims) / len(sims) >= threshold,
+        "buckets": {name: counts.get(name, 0) for name in BUCKETS},
+        "sources": dict(Counter(r["source"] for r in rows).most_common()),
+    }
+
+
+def confused_pairs(rows: list[dict], top: int = 10) -> list[dict]:
+    """(expected, predicted) label pairs that differ, most frequent first, with up to 3 example questions."""
+    groups: dict[tuple, list[str]] = defaultdict(list)
+    for r in rows:
+        if r["predicted_doc"] != r["expected_doc"]:
+            groups[(r["expected_doc"], r["predicted_doc"])].append(r["question"])
+    ranked = sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+    return [{"expected": e, "predicted": p, "count": len(qs), "questions": qs[:3]} for (e, p), qs in ranked[:top]]
+
+
+def worst(rows: list[dict], n: int) -> list[dict]:
+    return sorted(rows, key=lambda r: r["similarity"])[:n]
+
+
+def build_report(variant_rows: dict[str, list[dict]], threshold_spec, measure: dict, worst_n: int = 10,
+                 meta: dict | None = None) -> dict:
+    """report.json's content: `summary` {variant: figures}, then per-variant aggregate, confusions, worst and rows."""
+    label, value = parse_threshold(threshold_spec)
+    order = [v for v in VARIANT_ORDER if v in variant_rows] + [v for v in variant_rows if v not in VARIANT_ORDER]
+    variants = {}
+    for name in order:
+        rows = variant_rows[name]
+        variants[name] = {"aggregate": aggregate(rows, value), "confused_pairs": confused_pairs(rows),
+                          "worst": worst(rows, worst_n), "rows": rows}
+    return {
+        "summary": {name: variants[name]["aggregate"] for name in order},
+        "threshold": {"name": label, "percent": value},
+        "measure": measure,
+        "meta": meta or {},
+        "variants": variants,
+    }
+
+
+def _fmt(value) -> str:
+    return "–" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _cell(text: str, limit: int = 60) -> str:
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+SUMMARY_COLUMNS = (("mean_similarity", "mean sim"), ("mean_char", "mean char"), ("min_similarity", "min"),
+                   ("max_similarity", "max"), ("pass_rate", "pass rate"), ("topic_accuracy", "topic acc"),
+                   ("refusal_accuracy", "refusal acc"), ("answerable_refused", "answerable refused"))
+
+
+def markdown(report: dict) -> str:
+    m, t = report["measure"], report["threshold"]
+    lines = ["# Evaluation report", "",
+             f"Similarity: **{m['name']}** — {m['description']}. Character score (always shown): {m['char']}.",
+             f"Threshold: {t['name']} = {t['percent']:g}% mean similarity. All figures in percent."]
+    lines.append("Topic of an answer = its nearest KB answer or the refusal (same measure); it *is a refusal* when "
+                 "the refusal text is nearest. Topic accuracy counts answerable rows, refusal accuracy unanswerable ones.")
+    if m.get("fallback"):
+        lines.append(f"Note: {m['fallback']}.")
+    meta = report.get("meta") or {}
+    if meta.get("route"):
+        r, c = meta["route"], meta.get("calibration")
+        lines.append(f"Semantic route ({r.get('classifier') or 'nearest neighbours'}, trained on "
+                     f"{r['training_questions']} training questions and {r['kb_texts']} KB texts): refuse below "
+                     f"similarity {r['low']:g} or at refusal probability ≥ {r.get('refuse_at', 1.01):g}; answer from "
+                     f"the KB at topic probability ≥ {r['high']:g}; otherwise the model answers"
+                     + (f"; thresholds calibrated by {c['method']}" if c and c.get("method") else "") + ".")
+    if meta.get("rules"):
+        lines.append(f"Rules: {meta['rules']['count']} from {meta['rules']['path']}; KB_MATCH at ≥ "
+                     f"{meta['rules']['kb_match_threshold']:g} similarity.")
+    for key, value in meta.get("notes", {}).items():
+        lines.append(f"- {key}: {value}")
+    lines += ["", "| variant | rows | " + " | ".join(h for _, h in SUMMARY_COLUMNS) + " | buckets ≥85/70–84/50–69/<50 "
+              "| verdict |", "|" + "---|" * (len(SUMMARY_COLUMNS) + 4)]
+    for name, s in report["summary"].items():
+        cells = [_fmt(s[k]) for k, _ in SUMMARY_COLUMNS]
+        buckets = "/".join(str(s["buckets"][b]) for b in BUCKETS)
+        lines.append(f"| {name} | {s['rows']} | " + " | ".join(cells) + f" | {buckets} | "
+                     f"{'PASS' if s['passed'] else 'FAIL'} |")
+    for name, v in report["variants"].items():
+        sources = ", ".join(f"{k} {n}" for k, n in v["aggregate"]["sources"].items())
+        lines += ["", f"## {name}", "", f"Sources: {sources}", ""]
+        if v["confused_pairs"]:
+            lines += ["Confused topics (expected → answered):", ""]
+            lines += [f"- {c['expected']} → {c['predicted']}: {c['count']} (e.g. {_cell(c['questions'][0], 40)})"
+                      for c in v["confused_pairs"]]
+            lines.append("")
+        lines += ["| sim | char | question | generated | source |", "|---|---|---|---|---|"]
+        lines += [f"| {r['similarity']:g} | {r['char']:g} | {_cell(r['question'], 40)} | {_cell(r['generated'])} "
+                  f"| {r['source']} |" for r in v["worst"]]
+    return "\n".join(lines) + "\n"
+
+
+def _bar_chart(summary: dict) -> str:
+    """Inline SVG: mean similarity, topic and refusal accuracy per variant (no plotting library needed)."""
+    metrics = (("mean_similarity", "#4472c4"), ("topic_accuracy", "#70ad47"), ("refusal_accuracy", "#ed7d31"))
+    width, row_h, left = 640, 16, 110
+    parts, y = [], 10
+    for name, s in summary.items():
+        parts.append(f'<text x="4" y="{y + 2 * row_h}" font-size="13">{html.escape(name)}</text>')
+        for key, colour in metrics:
+            value = s.get(key) or 0.0
+            w = (width - left - 60) * value / 100
+            parts.append(f'<rect x="{left}" y="{y}" width="{w:.1f}" height="{row_h - 3}" fill="{colour}"/>'
+                         f'<text x="{left + w + 4:.1f}" y="{y + row_h - 5}" font-size="11">{key} {_fmt(s.get(key))}'
+                         "</text>")
+            y += row_h
+        y += 12
+    return f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{y}">{"".join(parts)}</svg>'
+
+
+def html_page(report: dict) -> str:
+    rows = []
+    for name, v in report["variants"].items():
+        rows.append(f"<h2>{html.escape(name)}</h2><table><tr><th>sim</th><th>char</th><th>question</th>"
+                    "<th>expected</th><th>generated</th><th>source</th></tr>")
+        rows += [f"<tr><td>{r['similarity']:g}</td><td>{r['char']:g}</td><td>{html.escape(r['question'])}</td>"
+                 f"<td>{html.escape(r['expected'])}</td><td>{html.escape(r['generated'])}</td>"
+                 f"<td>{html.escape(r['source'])}</td></tr>" for r in v["worst"]]
+        rows.append("</table>")
+    body = markdown(report).split("\n## ")[0]
+    return ("<!doctype html><meta charset='utf-8'><title>mlx-lora evaluation</title>"
+            "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}td,th{border:1px solid #ccc;"
+            "padding:3px;font-size:13px;vertical-align:top}table{border-collapse:collapse}</style>"
+            f"<pre>{html.escape(body)}</pre>{_bar_chart(report['summary'])}{''.join(rows)}")
+
+
+def write_report(report: dict, out_dir: str | Path) -> Path:
+    out_dir = Path(out_dir)
+    write_json(out_dir / "report.json", report)
+    atomic_write_text(out_dir / "report.md", markdown(report))
+    atomic_write_text(out_dir / "report.html", html_page(report))
+    return out_dir / "report.json"
