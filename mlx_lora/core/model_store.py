@@ -107,7 +107,7 @@ def _converted(gguf: Path, sha256: str, cache_dir: Path, progress: bool) -> Path
     # The converter renames a finished folder into place, so config.json present means complete.
     if (out_dir / "config.json").is_file():
         return out_dir
-    from mlx_lora.core.gguf_convert import convert_gguf_to_hf  # torch is needed only to convert
+    from mlx_lora.core.gguf_convert import convert_gguf_to_hf  # numpy + gguf only: no backend needed
 
     return convert_gguf_to_hf(gguf, out_dir, progress=progress)
 
