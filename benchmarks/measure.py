@@ -63,7 +63,7 @@ def quantiles(values: list[float]) -> dict:
 
 
 def versions() -> dict[str, str]:
-    from mlx_lora.training.run import versions as installed_versions
+    from mlx_lora.core.environment import versions as installed_versions
 
     return installed_versions(VERSIONED)
 

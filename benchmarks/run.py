@@ -180,7 +180,7 @@ def prepare_data(s: Settings, work: Path) -> Path:
         if not (s.data / "train.jsonl").is_file():
             raise UserError(f"{s.data}: no train.jsonl; pass a folder built by `mlx-lora data build`")
         return s.data
-    from mlx_lora.commands.data import build_data
+    from mlx_lora.data.dataset import build_data
 
     cfg = Config()
     for key in ("kb", "questions"):

@@ -60,7 +60,7 @@ def config(vocab: int, specials: dict[str, int], **overrides) -> dict:
     shape = {**TINY, **overrides}
     rope = {"rope_type": "default", "rope_theta": 10000.0}
     eos, pad = specials["<|im_end|>"], specials["<|endoftext|>"]
-    # mlx-lm reads a top-level rope_theta, transformers 5 rope_parameters: write both (FACTS.md).
+    # mlx-lm reads a top-level rope_theta, transformers 5 reads rope_parameters: write both so both load it.
     return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", **shape, "vocab_size": vocab,
             "rms_norm_eps": 1e-6, "max_position_embeddings": 512, "tie_word_embeddings": True,
             "rope_parameters": rope, "rope_theta": rope["rope_theta"], "hidden_act": "silu",

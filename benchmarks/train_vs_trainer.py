@@ -21,10 +21,9 @@ from mlx_lora.data.batching import epoch_batches
 from mlx_lora.core.config import Config
 from mlx_lora.data.formats import encode_all, read_examples
 from mlx_lora.data.render import ChatTokenizer
-from mlx_lora.backends.torch import ddp
 from mlx_lora.backends.torch import lora
 from mlx_lora.backends.torch.model import load
-from mlx_lora.backends.torch.engine import Trainer
+from mlx_lora.backends.torch.engine import TorchEngine
 
 
 class Autocast(torch.nn.Module):
@@ -38,31 +37,32 @@ class Autocast(torch.nn.Module):
 
 
 def ours(base, rows, cfg, steps, autocast=False, share_prefix=True, compile=False):
-    """Times of `steps` optimizer steps of our loop (after one warm-up step; three when compiling)."""
-    torch.manual_seed(0)
-    model = lora.attach(base, cfg.lora)
-    trainer = Trainer(model, rows, [], cfg, Path("/tmp/bench-unused"), lambda e: None, torch.device("cpu"), 0,
-                      ddp.Dist())
-    trainer.loss_fn.share_prefix = share_prefix
+    """Times of `steps` optimizer steps of our engine (after one warm-up step; three when compiling)."""
+    from mlx_lora.backends.torch.model import Loaded
+    from mlx_lora.training.schedule import lr_at
+
+    loaded = Loaded(base, torch.device("cpu"), torch.float32, "bench", pad_id=0)
+    engine = TorchEngine(loaded, cfg)  # seeds torch and attaches LoRA as training does
+    model = engine.model
+    engine.loss_fn.share_prefix = share_prefix
     if autocast:
-        trainer.wrapped = Autocast(trainer.wrapped)
+        engine.wrapped = Autocast(engine.wrapped)
     warmup = 1
     if compile:  # inductor, dynamic shapes (every batch pads to its own length); the KV-cache prefix pass is off
-        trainer.loss_fn.share_prefix = False
-        trainer.wrapped = torch.compile(trainer.wrapped, dynamic=True)
+        engine.loss_fn.share_prefix = False
+        engine.wrapped = torch.compile(engine.wrapped, dynamic=True)
         warmup = 3
-    model.train()
     batches = epoch_batches(rows, cfg.train.batch_size, cfg.train.seed, 0)
     times, losses, tokens = [], [], []
+    t = cfg.train
     for i in range(steps + warmup):
-        trainer.set_lr()
+        lr = lr_at(i, t.lr, t.warmup_steps, steps + warmup, t.schedule)
         tick = time.perf_counter()
-        result = trainer.step([batches[(i - warmup + 1) % len(batches)]])
+        result = engine.step([[rows[j] for j in batches[(i - warmup + 1) % len(batches)]]], lr, i)
         if i >= warmup:
             times.append(time.perf_counter() - tick)
-            tokens.append(result["tokens"])
-        losses.append(result["loss"])
-        trainer.pos.step += 1
+            tokens.append(result.tokens)
+        losses.append(result.loss)
     return times, tokens, losses, model.unload()
 
 

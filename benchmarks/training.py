@@ -1,4 +1,4 @@
-"""Training throughput of our two backends (torch+PEFT, MLX) through their real Backend.train loops."""
+"""Training throughput of our two backends (torch+PEFT, MLX) through the real shared training loop."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 from mlx_lora.data.batching import epoch_batches, steps_per_epoch
 from mlx_lora.core.config import Config
 from mlx_lora.data.render import Encoded
+from mlx_lora.training import loop
 
 from benchmarks import measure, roofline
 
@@ -83,7 +84,7 @@ def run_ours(backend_name: str, device: str, model_dir: Path, rows: list[Encoded
     events: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="mlx-lora-bench-") as run_dir:
         load_s, loaded = measure.timed(backend.load, model_dir, None, cfg)
-        backend.train(loaded, rows, [], cfg, Path(run_dir), events.append)
+        loop.train(backend, loaded, rows, [], cfg, Path(run_dir), lambda e: events.append(e.to_dict()))
     replay = replay_steps(rows, cfg, warmup + steps)
     measured, consistent = _steps_from_events(events, replay)
     start = next(e for e in events if e["type"] == "start")

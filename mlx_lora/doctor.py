@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from mlx_lora import backends
-from mlx_lora.training.run import versions
+from mlx_lora.core.environment import versions
+from mlx_lora.core.model_store import default_cache_dir
 
 OPENBLAS_FIX = ("apt-get install libopenblas0-pthread libgfortran5, then "
                 "export LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3")
@@ -34,7 +35,9 @@ def report() -> dict:
     for name in backends.names():
         rows[f"backend {name}"] = "installed" if backends.installed(name) else f"not installed (pip install -e '.[{name}]')"
     if backends.installed("torch"):
-        rows["torch devices"] = _torch_devices()
+        from mlx_lora.backends.torch import devices  # on request only: importing torch takes seconds
+
+        rows["torch devices"] = devices()
     if backends.installed("mlx"):
         rows["mlx device"] = "Metal (Apple Silicon)" if backends.is_apple_silicon() else "CPU (mlx-cpu)"
     blas = mlx_blas()
@@ -42,7 +45,7 @@ def report() -> dict:
         rows["mlx BLAS"] = blas
     rows["versions"] = ", ".join(f"{k} {v}" for k, v in versions().items())
     rows["threads"] = ", ".join(f"{k}={os.environ[k]}" for k in _THREAD_VARS if k in os.environ) or "library defaults"
-    rows["model cache"] = str(Path(os.environ.get("MLX_LORA_CACHE", Path.home() / ".cache" / "mlx-lora")))
+    rows["model cache"] = str(default_cache_dir())
     return rows
 
 
@@ -51,14 +54,3 @@ def _auto() -> str:
         return backends.auto_name()
     except Exception as exc:  # noqa: BLE001 - doctor reports problems instead of failing on them
         return f"none ({exc})"
-
-
-def _torch_devices() -> str:
-    import torch  # doctor is allowed to look: it runs on request, never at import
-
-    found = [f"cpu ({torch.get_num_threads()} threads)"]
-    if torch.cuda.is_available():
-        found.append(f"cuda ({torch.cuda.get_device_name(0)})")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        found.append("mps")
-    return ", ".join(found)

@@ -17,14 +17,15 @@ def _stage(name: str) -> None:
 
 def run_pipeline(cfg: Config, progress: bool = True) -> dict:
     """Run every stage into cfg.train.out; returns the summary that is also written to run_summary.json."""
-    from mlx_lora.commands.data import build_data, print_stats
+    from mlx_lora.core.model_store import local_model_dir
+    from mlx_lora.data.dataset import build_data, format_stats, stats_warnings
     from mlx_lora.evaluation.run import evaluate_run
-    from mlx_lora.training.run import model_dir_for, train_run
+    from mlx_lora.core.errors import UserError
+    from mlx_lora.training.loop import EXIT_CODES
+    from mlx_lora.training.run import train_run
 
     run_dir = Path(cfg.train.out)
     if (run_dir / "adapter").exists():
-        from mlx_lora.core.errors import UserError
-
         raise UserError(f"{run_dir}: already holds a run; pass --out with a new directory or delete it")
     _preflight(cfg)
     timings = {}
@@ -33,18 +34,26 @@ def run_pipeline(cfg: Config, progress: bool = True) -> dict:
     _stage("1/4 data")
     cfg.data.dir = str(run_dir / "data")
     stats = build_data(cfg.data)
-    print_stats(stats, cfg.data.dir)
+    click.echo(format_stats(stats, cfg.data.dir))
+    for warning in stats_warnings(stats):
+        click.echo(warning, err=True)
     timings["data_s"] = time.perf_counter() - started
 
     _stage("2/4 model")
     t = time.perf_counter()
-    model_dir_for(cfg, progress)  # prepares the embedded model once (join + verify + convert), cached after
+    # Prepares the embedded model once (join + verify + convert); cached after.
+    local_model_dir(cfg.model.path, cfg.model.cache_dir, progress)
     timings["model_s"] = time.perf_counter() - t
 
     _stage("3/4 train")
     t = time.perf_counter()
     outcome = train_run(cfg, cfg.data.dir, run_dir, progress=progress)
     timings["train_s"] = time.perf_counter() - t
+    if outcome.stopped in EXIT_CODES:  # an unfinished adapter is not worth evaluating
+        error = UserError(outcome.extra.get("error") or f"training {outcome.stopped} at step {outcome.steps}; resume "
+                          f"it with `mlx-lora train --out {run_dir} --resume {run_dir}`, then `mlx-lora eval`")
+        error.exit_code = EXIT_CODES[outcome.stopped]
+        raise error
 
     _stage("4/4 evaluate")
     t = time.perf_counter()

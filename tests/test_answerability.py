@@ -1,4 +1,4 @@
-"""Answerability: the pairwise model on real multilingual embeddings, its out-of-fold floor, its place in the layer."""
+"""Answerability: the pairwise model on real multilingual embeddings, its out-of-fold floor, its place in the decider."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import pytest
 
 from mlx_lora.answer.answerability import AnswerabilityModel
 from mlx_lora.answer.route import calibrate_answer_floor
-from mlx_lora.answer.rules import Rule, RuleLayer
+from mlx_lora.answer.decide import Decider
+from mlx_lora.answer.rules import Rule
 from mlx_lora.data.similarity import REFUSAL, CharScorer, answer_index, make_scorer
 
 KB = {"vpn": "VPN 設定：請從 IT 入口網站下載 GlobalProtect client，閘道填 vpn.xinghe.tw 並以公司 SSO 帳號登入。",
@@ -70,9 +71,9 @@ ANSWERS = {"vpn": "依據公司規範:VPN 以 SSO 登入。", "printer": "依據
 REFUSAL_TEXT = "抱歉,知識庫沒有這個資訊。"
 
 
-def _layer(route, rules=()):
+def _decider(route, rules=()):
     char = CharScorer()
-    return RuleLayer(list(rules), ANSWERS, answer_index(char, ANSWERS, REFUSAL_TEXT), REFUSAL_TEXT, 0.8, route)
+    return Decider(list(rules), ANSWERS, answer_index(char, ANSWERS, REFUSAL_TEXT), REFUSAL_TEXT, 0.8, route)
 
 
 def test_a_kb_answer_whose_doc_does_not_answer_becomes_the_refusal():
@@ -80,7 +81,7 @@ def test_a_kb_answer_whose_doc_does_not_answer_becomes_the_refusal():
     no_pay = Rule("no-pay", None, ["獎金"], [], action="refuse", priority=2)
     route = _Route(-1.0, {("事務機可以印彩色嗎？", "printer"): -3.0, ("事務機卡紙", "printer"): 2.0,
                           ("VPN?", "vpn"): -2.0})
-    got = _layer(route, [printer, no_pay]).decide(
+    got = _decider(route, [printer, no_pay]).decide(
         ["事務機可以印彩色嗎？", "事務機卡紙", "VPN?", "事務機獎金"], [None, None, ANSWERS["vpn"], None])
     assert got[0].source == "REFUSAL" and got[0].answer == REFUSAL_TEXT
     assert got[0].detail["by"] == "answerability" and got[0].detail["instead_of"] == "RULE_OVERRIDE"
@@ -88,5 +89,5 @@ def test_a_kb_answer_whose_doc_does_not_answer_becomes_the_refusal():
     assert got[1].source == "RULE_OVERRIDE" and got[1].answer == ANSWERS["printer"]  # above the floor: kept
     assert got[2].source == "REFUSAL" and got[2].detail["instead_of"] == "KB_MATCH"  # a matched model answer too
     assert got[3].source == "REFUSAL" and got[3].detail["by"] == "rule"  # refuse rules are not re-checked
-    off = _layer(_Route(None, route.scores), [printer]).decide(["事務機可以印彩色嗎？"], [None])[0]
+    off = _decider(_Route(None, route.scores), [printer]).decide(["事務機可以印彩色嗎？"], [None])[0]
     assert off.source == "RULE_OVERRIDE"  # no calibrated floor: the check is off

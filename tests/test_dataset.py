@@ -105,7 +105,7 @@ def test_no_normalised_question_is_in_two_splits(banks, pool, seed):
 
 
 def test_build_data_names_kb_docs_that_no_question_asks_about(tiny_kb, tiny_questions, tmp_path):
-    from mlx_lora.commands.data import build_data
+    from mlx_lora.data.dataset import build_data
 
     stats = build_data(DataConfig(kb=str(tiny_kb), questions=str(tiny_questions), dir=str(tmp_path / "a")))
     assert stats["docs_without_questions"] == []

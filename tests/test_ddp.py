@@ -11,7 +11,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from test_torch_backend import adapter_tensors, build_tiny_model, chat_rows, make_cfg, train  # noqa: E402
+from conftest import build_tiny_model  # noqa: E402
+from test_torch_backend import adapter_tensors, chat_rows, make_cfg, train  # noqa: E402
 
 from mlx_lora.data.render import ChatTokenizer  # noqa: E402
 
@@ -47,7 +48,7 @@ def test_two_cpu_processes_train_data_parallel(tmp_path, qwen_tokenizer_dir):
     import torch.multiprocessing as mp
     from safetensors.torch import load_file
 
-    model_dir = build_tiny_model(tmp_path / "tiny", qwen_tokenizer_dir)
+    model_dir = build_tiny_model(tmp_path / "tiny", tokenizer_dir=qwen_tokenizer_dir)
     # fork: the children inherit the imported torch/transformers instead of paying ~5 s each to import them again.
     mp.start_processes(_worker, args=(2, _free_port(), model_dir, tmp_path), nprocs=2, join=True,
                        start_method="fork")

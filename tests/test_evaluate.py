@@ -6,13 +6,15 @@ import json
 
 import pytest
 
-from mlx_lora.core.config import Config, DataConfig
+from mlx_lora.answer.build import doc_answers, refusal_text
+from mlx_lora.answer.decide import Decision
+from mlx_lora.core.config import Config, DataConfig, parse_threshold
 from mlx_lora.core.errors import UserError
-from mlx_lora.evaluation.scoring import (BUCKETS, aggregate, bucket, build_report, confused_pairs, parse_threshold,
-                               score_rows, worst, write_report)
-from mlx_lora.evaluation.run import doc_answers, evaluate_run, generate_answers, refusal_text
+from mlx_lora.evaluation.scoring import (BUCKETS, aggregate, bucket, build_report, confused_pairs, score_rows, worst,
+                                         write_report)
+from mlx_lora.evaluation.run import evaluate_run, generate_answers
+from mlx_lora.evaluation.variants import NEED_ADAPTER, VARIANTS, default_variants, models_for
 from mlx_lora.data.formats import Example, read_examples
-from mlx_lora.answer.rules import Decision
 from mlx_lora.data.similarity import REFUSAL, CharScorer, answer_index
 
 
@@ -32,6 +34,15 @@ def test_thresholds_presets_numbers_and_errors():
     for bad in ("strict", "101", "-1"):
         with pytest.raises(UserError):
             parse_threshold(bad)
+
+
+def test_variants_defaults_and_the_models_they_need():
+    assert VARIANTS == ("base", "tuned", "tuned_rules", "base_rules", "retrieval")  # the report's order
+    assert default_variants("runs/x") == ("base", "tuned", "tuned_rules", "retrieval")
+    assert default_variants(None) == ("base", "base_rules", "retrieval")
+    assert NEED_ADAPTER == ("tuned", "tuned_rules")
+    assert models_for(("retrieval", "base_rules", "tuned_rules")) == ("tuned", "base")
+    assert models_for(("retrieval",)) == ()
 
 
 def test_bucket_edges():

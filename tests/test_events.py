@@ -6,7 +6,9 @@ import json
 import math
 
 from mlx_lora.training import events
-from mlx_lora.backends import TrainOutcome
+from mlx_lora.training import summary as run_summary
+from mlx_lora.training.listeners import standard_listeners
+from mlx_lora.training.loop import TrainOutcome
 
 
 def _steps(losses, lrs=None, norms=None):
@@ -29,9 +31,9 @@ def _evals(pairs):
 
 
 def _run(run_dir, stream, capsys=None, progress=False):
-    on_event = events.standard_listeners(run_dir, progress)
+    on_event = standard_listeners(run_dir, progress)
     for event in stream:
-        on_event(event)
+        on_event(events.from_dict(event))
     return on_event
 
 
@@ -48,20 +50,20 @@ def test_listeners_write_metrics_plots_and_summary(tmp_path, capsys):
     assert lines == stream
     err = capsys.readouterr().err
     assert "eval loss 1.8000 (best)" in err and "8/8" in err
-    for name in events.PLOTS:
+    for name in run_summary.PLOTS:
         data = (tmp_path / "plots" / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
-    summary = events.finish(tmp_path, TrainOutcome(tmp_path, 8, 1.2, 8, "completed"))
+    summary = run_summary.finish(tmp_path, TrainOutcome(tmp_path, 8, 1.2, 8, "completed"))
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     assert summary["health"] == {"verdict": "healthy", "flags": []}
     assert summary["train_loss_first"] == 3.0 and summary["train_loss_last"] == 0.9
     assert summary["eval_losses"] == [{"step": 4, "eval_loss": 1.8}, {"step": 8, "eval_loss": 1.2}]
     assert summary["peak_memory_mb"] == 507.0 and summary["tokens_per_s"] == 1003.5
-    assert summary["trainable_params"] == 10 and summary["plots"] == [f"plots/{p}" for p in events.PLOTS]
+    assert summary["trainable_params"] == 10 and summary["plots"] == [f"plots/{p}" for p in run_summary.PLOTS]
 
 
 def _codes(steps, evals=(), schedule=None):
-    return {f["code"] for f in events.health(list(steps), list(evals), schedule)["flags"]}
+    return {f["code"] for f in run_summary.health(list(steps), list(evals), schedule)["flags"]}
 
 
 def test_health_flags_each_problem_and_only_that():
@@ -82,13 +84,13 @@ def test_resumed_history_keeps_the_latest_record_per_step(tmp_path):
     first = _steps([3.0, 2.5, 2.0, 1.5])
     redo = _steps([9.0, 9.0, 1.9, 1.4])[2:]  # a resume from step 2 re-runs steps 3 and 4
     _run(tmp_path, first + redo)
-    steps, _, _ = events.read_metrics(tmp_path)
+    steps, _, _ = run_summary.read_metrics(tmp_path)
     assert [s["loss"] for s in steps] == [3.0, 2.5, 1.9, 1.4]
 
 
 def test_interrupted_and_non_finite_runs_still_get_a_summary(tmp_path):
     _run(tmp_path, _steps([3.0, 2.0]) + [{"type": "warning", "message": "loss nan at step 3"}])
-    summary = events.finish(tmp_path, TrainOutcome(tmp_path, 2, None, None, "non_finite"))
+    summary = run_summary.finish(tmp_path, TrainOutcome(tmp_path, 2, None, None, "non_finite"))
     assert summary["stopped"] == "non_finite" and summary["warnings"] == ["loss nan at step 3"]
     assert "non_finite" in {f["code"] for f in summary["health"]["flags"]}
     assert (tmp_path / "plots" / "loss.png").is_file()
@@ -97,5 +99,5 @@ def test_interrupted_and_non_finite_runs_still_get_a_summary(tmp_path):
 def test_only_rank_zero_writes(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     _run(tmp_path, _steps([3.0, 2.0]))
-    assert events.finish(tmp_path, TrainOutcome(tmp_path, 2, None, None, "completed")) == {}
+    assert run_summary.finish(tmp_path, TrainOutcome(tmp_path, 2, None, None, "completed")) == {}
     assert list(tmp_path.iterdir()) == []

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import build_tiny_model
 from click.testing import CliRunner
 
 from mlx_lora.backends.adapters import convert, detect_format, info, mlx_to_peft, peft_to_mlx, read_safetensors
@@ -132,25 +133,9 @@ if BOTH:
 
 
 def save_hf_model(folder: Path, vocab: int, top_level_rope: bool = True) -> Path:
-    """A tiny random Qwen2 saved by transformers (safetensors); transformers 5 nests rope_theta, we may lift it."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         rope_theta=10000.0, tie_word_embeddings=True, eos_token_id=2, pad_token_id=0)
-    model = Qwen2ForCausalLM(config)
-    with torch.no_grad():  # q/k/v biases are zero at init: make them matter, as in a trained model
-        for name, param in model.named_parameters():
-            if name.endswith("bias"):
-                param.normal_(0.0, 0.1)
-    model.save_pretrained(folder, safe_serialization=True)
-    data = json.loads((folder / "config.json").read_text())
-    data.pop("rope_theta", None)
-    if top_level_rope:
-        data["rope_theta"] = data["rope_parameters"]["rope_theta"]
-    (folder / "config.json").write_text(json.dumps(data))
-    return folder
+    """A tiny random Qwen2 with non-zero q/k/v biases (as in a trained model); rope_theta nested as transformers 5
+    writes it, and lifted to the top level unless asked not to."""
+    return build_tiny_model(folder, vocab, layers=3, bias=0.1, top_level_rope=top_level_rope)
 
 
 @pytest.fixture(scope="module")
@@ -193,13 +178,15 @@ def start_adapter(tmp_path_factory, hf_model) -> Path:
 def train_both(hf_model, start_adapter, rows, tmp: Path):
     from mlx_lora.backends.mlx import MLXBackend
     from mlx_lora.backends.torch import TorchBackend
+    from mlx_lora.training import loop
 
     results = {}
     for backend in (TorchBackend(), MLXBackend()):
         cfg = parity_cfg()
         events = []
         loaded = backend.load(hf_model, start_adapter, cfg)  # both continue training the same adapter
-        backend.train(loaded, rows[:4] + rows[5:], rows[4:5], cfg, tmp / backend.name, events.append)
+        loop.train(backend, loaded, rows[:4] + rows[5:], rows[4:5], cfg, tmp / backend.name,
+                   lambda e: events.append(e.to_dict()))
         results[backend.name] = (loaded, events, tmp / backend.name)
     return results
 

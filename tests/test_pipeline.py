@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from conftest import REPO
-from test_torch_backend import build_tiny_model
+from conftest import build_tiny_model
 
 VARIANTS = {"base", "tuned", "tuned_rules", "retrieval"}
 
@@ -38,7 +38,7 @@ def check_run(run_dir, out):
 
 
 def test_main_job_on_a_tiny_model(tmp_path, qwen_tokenizer_dir):
-    model = build_tiny_model(tmp_path / "tiny", qwen_tokenizer_dir)
+    model = build_tiny_model(tmp_path / "tiny", tokenizer_dir=qwen_tokenizer_dir)
     run_dir = tmp_path / "run"
     out = run_cli("run", "--model", str(model), "--out", str(run_dir), "--max-steps", "2", "--no-progress",
                   "--set", "eval.max_rows=8", "--set", "generate.max_new_tokens=8")

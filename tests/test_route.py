@@ -1,4 +1,4 @@
-"""The semantic route: topic classifier, thresholds, calibration on made-up rows, and its place in the rule layer."""
+"""The semantic route: topic classifier, thresholds, calibration on made-up rows, and its place in the answer decider."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import sys
 import numpy as np
 import pytest
 
-from mlx_lora.evaluation.run import retrieval_decisions
 from mlx_lora.data.formats import Example
 from mlx_lora.answer.route import (NEVER, Neighbour, SemanticRoute, TopicClassifier, calibrate, calibrate_route,
                             kb_clauses, neighbours_from, training_texts)
-from mlx_lora.answer.rules import Rule, RuleLayer
+from mlx_lora.answer.build import retrieval_decisions
+from mlx_lora.answer.decide import Decider
+from mlx_lora.answer.rules import Rule
 from mlx_lora.data.similarity import REFUSAL, CharScorer, EmbeddingScorer, answer_index
 
 ANSWERS = {"vpn": "answer vpn", "leave": "answer leave"}
@@ -197,13 +198,13 @@ def test_calibrate_route_out_of_fold_on_train_and_valid_questions(route):
         route.high, route.low, route.refuse_at, route.answer_floor = NEVER, 0.0, NEVER, None
 
 
-def test_route_in_the_rule_layer_and_rule_precedence(route):
+def test_route_in_the_decider_and_rule_precedence(route):
     s = scorer()
     index = answer_index(s, ANSWERS, REFUSAL_TEXT)
     route.high, route.low, route.refuse_at = 0.5, 0.3, 0.5
     try:
         rule = Rule("leave-rule", "leave", ["vpn"], [], priority=1)
-        plain = RuleLayer([], ANSWERS, index, REFUSAL_TEXT, 0.8, route)
+        plain = Decider([], ANSWERS, index, REFUSAL_TEXT, 0.8, route)
         route.high = max(d.confidence for d in route.classify(["ask between"])) + 1e-6  # "ask between" → model
         got = plain.decide(["ask vpn", "ask nothing", "ask between", "weather tomorrow"],
                            ["answer leave", "answer vpn", "answer leave", "answer vpn"])
@@ -220,11 +221,11 @@ def test_route_in_the_rule_layer_and_rule_precedence(route):
         other = {"leave": "loose vpn", "vpn": "loose leave"}[vote]
         assert plain.decide(["ask between"], [other])[0].source == "MODEL_GENERATED"
         assert got[3].source == "REFUSAL" and got[3].detail["vote"] == REFUSAL  # refused by P(REFUSAL)
-        with_rule = RuleLayer([rule], ANSWERS, index, REFUSAL_TEXT, 0.8, route)
+        with_rule = Decider([rule], ANSWERS, index, REFUSAL_TEXT, 0.8, route)
         d = with_rule.decide(["ask vpn"], ["answer vpn"])[0]
         assert d.source == "RULE_OVERRIDE" and d.answer == "answer leave"  # an explicit rule beats the route...
         weather_rule = Rule("weather-is-leave", "leave", ["weather"], [], priority=1)
-        both = RuleLayer([weather_rule], ANSWERS, index, REFUSAL_TEXT, 0.8, route)
+        both = Decider([weather_rule], ANSWERS, index, REFUSAL_TEXT, 0.8, route)
         d = both.decide(["weather tomorrow"], ["answer vpn"])[0]
         # ...except when the route is confident the KB cannot answer: a keyword names a topic, not a question.
         assert d.source == "REFUSAL" and d.answer == REFUSAL_TEXT

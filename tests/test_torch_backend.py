@@ -12,27 +12,15 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from conftest import EVENT_SCHEMA as SCHEMA  # noqa: E402
+from conftest import build_tiny_model  # noqa: E402
+
 from mlx_lora.core.config import Config, GenerateConfig, LoraConfig  # noqa: E402
 from mlx_lora.data.render import ChatTokenizer, Encoded, encode_messages  # noqa: E402
+from mlx_lora.training import loop  # noqa: E402
+from mlx_lora.training.events import Event  # noqa: E402
 
 torch.set_num_threads(1)
 
-
-
-def build_tiny_model(out: Path, tokenizer_dir: Path, seed: int = 0, init: float = 0.02) -> Path:
-    """A 2-layer Qwen2 with the real vocabulary, saved as an HF folder beside the tokenizer files."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(vocab_size=151669, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                         max_position_embeddings=256, rope_theta=10000.0, initializer_range=init,
-                         eos_token_id=151645, pad_token_id=151643)
-    torch.manual_seed(seed)
-    Qwen2ForCausalLM(config).save_pretrained(out)
-    for f in tokenizer_dir.iterdir():
-        shutil.copy(f, out / f.name)
-    return out
 
 
 def chat_rows(tok, n: int, answer: str = "依據公司規範:VPN 請以 SSO 登入。", question: str = "VPN 怎麼連") -> list[Encoded]:
@@ -58,13 +46,14 @@ def train(model_dir, rows, valid, cfg, run_dir, on_event=None, resume=None):
     events: list[dict] = []
 
     def record(event):
-        events.append(event)
+        assert isinstance(event, Event), event  # the loop emits typed events only
+        events.append(event.to_dict())
         if on_event:
-            on_event(event)
+            on_event(events[-1])
 
     backend = TorchBackend()
     loaded = backend.load(model_dir, None, cfg)
-    outcome = backend.train(loaded, rows, valid, cfg, run_dir, record, resume=resume)
+    outcome = loop.train(backend, loaded, rows, valid, cfg, run_dir, record, resume=resume)
     return outcome, events, backend, loaded
 
 
@@ -76,7 +65,7 @@ def adapter_tensors(path: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, qwen_tokenizer_dir) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), qwen_tokenizer_dir)
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), tokenizer_dir=qwen_tokenizer_dir)
 
 
 @pytest.fixture(scope="module")
@@ -93,22 +82,6 @@ def trained(tiny, tok, tmp_path_factory):
                                              run_dir)
     return {"run_dir": run_dir, "cfg": cfg, "outcome": outcome, "events": events, "backend": backend,
             "loaded": loaded}
-
-
-def test_loss_falls_and_events_follow_the_schema(trained):
-    events, outcome = trained["events"], trained["outcome"]
-    for event in events:
-        assert set(event) == SCHEMA[event["type"]], event
-    assert events[0]["type"] == "start" and events[-1]["type"] == "done"
-    steps = [e for e in events if e["type"] == "step"]
-    assert [e["step"] for e in steps] == list(range(1, 10)) and outcome.steps == 9
-    assert outcome.stopped == "completed"
-    first, last = sum(e["loss"] for e in steps[:3]) / 3, sum(e["loss"] for e in steps[-3:]) / 3
-    assert last < first - 0.05, (first, last)
-    evals = [e["eval_loss"] for e in events if e["type"] == "eval"]
-    assert len(evals) == 3 and evals[-1] < evals[0]
-    assert all(s["supervised_tokens"] < s["tokens"] for s in steps)  # the prompt is not trained on
-    assert (trained["run_dir"] / "adapter" / "adapter_model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("lora", [
@@ -217,52 +190,6 @@ def test_shared_prefix_pass_equals_the_plain_pass(tiny, tok):
     assert all(g.abs().sum() > 0 for g in shared.values())
 
 
-def test_resumed_run_equals_uninterrupted_run(tiny, tok, tmp_path):
-    rows, valid = chat_rows(tok, 8), chat_rows(tok, 4, question="VPN 連線")
-    cfg = make_cfg(epochs=2, batch_size=2, grad_accum=2)  # 2 steps per epoch
-    cfg.lora.dropout = 0.1  # dropout draws random numbers: the RNG state must be restored too
-    whole, whole_events, *_ = train(tiny, rows, valid, cfg, tmp_path / "whole")
-
-    def interrupt(event):
-        if event["type"] == "step" and event["step"] == 3:  # mid-epoch 2
-            raise KeyboardInterrupt
-
-    first, first_events, *_ = train(tiny, rows, valid, cfg, tmp_path / "cut", on_event=interrupt)
-    assert first.stopped == "interrupted" and first.steps == 3
-    assert (tmp_path / "cut" / "checkpoints" / "step-3").is_dir()
-    resumed, resumed_events, *_ = train(tiny, rows, valid, cfg, tmp_path / "cut",
-                                        resume=tmp_path / "cut" / "checkpoints" / "step-3")
-    assert resumed.stopped == "completed" and resumed.steps == whole.steps == 4
-    assert [e["step"] for e in resumed_events if e["type"] == "step"] == [4]
-    for sub in ("adapter", "checkpoints/step-4/adapter"):
-        a, b = adapter_tensors(tmp_path / "whole" / sub), adapter_tensors(tmp_path / "cut" / sub)
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
-    losses = lambda evs: [e["loss"] for e in evs if e["type"] == "step"]  # noqa: E731
-    assert losses(first_events) + losses(resumed_events) == losses(whole_events)
-    assert resumed.best_eval_loss == whole.best_eval_loss
-
-
-def test_early_stopping_keeps_the_best_adapter(tiny, tok, tmp_path):
-    from mlx_lora.backends.torch.engine import MaskedLMLoss
-
-    # Valid asks the same questions with another answer: learning the train answer makes valid worse.
-    rows = chat_rows(tok, 8, answer="答案是甲甲甲甲甲甲")
-    valid = chat_rows(tok, 4, answer="回覆為乙乙乙乙乙乙")
-    cfg = make_cfg(epochs=30, batch_size=4, lr=5e-2, eval_every=1, early_stopping_patience=2, warmup_steps=0)
-    cfg.lora.targets = ["all-linear"]
-    outcome, events, backend, loaded = train(tiny, rows, valid, cfg, tmp_path / "run")
-    evals = [e for e in events if e["type"] == "eval"]
-    assert outcome.stopped == "early_stopped" and outcome.steps < 60
-    assert [e["best"] for e in evals[-2:]] == [False, False]
-    assert outcome.best_eval_loss == min(e["eval_loss"] for e in evals)
-    # adapter/ is the best one, not the last: reloaded, it scores the best eval loss again.
-    reloaded = backend.load(tiny, tmp_path / "run", cfg).model
-    loss_fn = MaskedLMLoss(reloaded.get_base_model())
-    with torch.no_grad():
-        total = sum(loss_fn(torch.tensor([r.ids]), torch.tensor([r.mask])).item() for r in valid)
-    assert math.isclose(total / sum(sum(r.mask[1:]) for r in valid), outcome.best_eval_loss, rel_tol=1e-4)
-
-
 def test_adapter_loads_in_plain_peft_with_identical_logits(trained, tiny, tok):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -276,17 +203,6 @@ def test_adapter_loads_in_plain_peft_with_identical_logits(trained, tiny, tok):
     assert torch.equal(ours, theirs)
     config = json.loads((trained["run_dir"] / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["lora_alpha"] == 8.0 and config["peft_type"] == "LORA"
-
-
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tok, tmp_path):
-    cfg = make_cfg(epochs=4, lr=1e30, eval_every=1, warmup_steps=0)
-    outcome, events, *_ = train(tiny, chat_rows(tok, 8), chat_rows(tok, 4), cfg, tmp_path / "run")
-    assert outcome.stopped == "non_finite"
-    warnings = [e["message"] for e in events if e["type"] == "warning"]
-    assert warnings and "not finite" in warnings[0]
-    kept = sorted(int(p.name[5:]) for p in (tmp_path / "run" / "checkpoints").glob("step-*"))
-    assert kept and kept[-1] == outcome.steps  # the last checkpoint is the last good step, none after it
-    assert all(math.isfinite(e["loss"]) for e in events if e["type"] == "step")
 
 
 def test_fuse_writes_a_folder_transformers_loads(trained, tiny, tok, tmp_path):
@@ -327,7 +243,7 @@ def test_cli_train_generate_fuse_end_to_end(tiny, tmp_path, capsys):
     assert summary["steps"] == 4 and summary["backend"] == "torch" and "verdict" in summary["health"]
     main(["generate", "--adapter", str(run), "--max-new-tokens", "5", "--no-progress", "VPN 怎麼連?"])
     streamed = capsys.readouterr().out
-    from mlx_lora.training.run import load_for_generation
+    from mlx_lora.backends.loading import load_for_generation
 
     backend, loaded, tok, system = load_for_generation(None, run, Config(), progress=False)
     prompt = tok.prompt_ids([{"role": "user", "content": "VPN 怎麼連?"}], system)
@@ -343,7 +259,7 @@ def test_cli_train_generate_fuse_end_to_end(tiny, tmp_path, capsys):
               str(run), "--epochs", "2", "--no-progress", "--set", "lora.rank=8", "--set", "train.batch_size=4",
               "--set", "train.grad_accum=1"])
     err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and "checkpoint LoRA layout differs" in err and "\n" not in err, err
+    assert exit_info.value.code == 2 and "lora.rank now 8 vs 4" in err and "\n" not in err, err
     assert {name: (run / name).read_bytes() for name in before} == before
 
 

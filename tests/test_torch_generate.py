@@ -9,7 +9,8 @@ pytest.importorskip("peft")
 
 from mlx_lora.core.config import Config, GenerateConfig  # noqa: E402
 from mlx_lora.data.render import ChatTokenizer  # noqa: E402
-from test_torch_backend import build_tiny_model, chat_rows, make_cfg, train  # noqa: E402
+from conftest import build_tiny_model  # noqa: E402
+from test_torch_backend import chat_rows, make_cfg, train  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -19,7 +20,7 @@ def lively(tmp_path_factory, qwen_tokenizer_dir):
     """A random model with large weights, so greedy output varies from token to token."""
     from mlx_lora.backends.torch import TorchBackend
 
-    path = build_tiny_model(tmp_path_factory.mktemp("lively"), qwen_tokenizer_dir, seed=3, init=0.3)
+    path = build_tiny_model(tmp_path_factory.mktemp("lively"), tokenizer_dir=qwen_tokenizer_dir, seed=3, init=0.3)
     backend = TorchBackend()
     return backend, backend.load(path, None, Config()), path
 
@@ -37,7 +38,7 @@ def tok(lively):
 @pytest.fixture(scope="module")
 def barely_trained(tmp_path_factory, qwen_tokenizer_dir):
     """A tiny model after 3 short epochs: it still repeats one token, which the repetition penalty must stop."""
-    model = build_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), qwen_tokenizer_dir)
+    model = build_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), tokenizer_dir=qwen_tokenizer_dir)
     rows_tok = ChatTokenizer.from_dir(model)
     _, _, backend, loaded = train(model, chat_rows(rows_tok, 12), chat_rows(rows_tok, 4, question="VPN 連線"),
                                   make_cfg(epochs=3), tmp_path_factory.mktemp("run"))

@@ -16,8 +16,9 @@ from typing import Sequence
 
 import numpy as np
 
-from mlx_lora.data.similarity import REFUSAL
 from mlx_lora.core.textnorm import compact
+from mlx_lora.core.threads import one_thread
+from mlx_lora.data.similarity import REFUSAL
 
 HARD_NEGATIVES = 2  # other docs paired with each answerable training question
 SCALAR_WEIGHT = 5.0  # the few scalar features against 1,024 embedding columns
@@ -51,8 +52,6 @@ class AnswerabilityModel:
         """`questions`: (text, doc id or REFUSAL) training questions."""
         from sklearn.linear_model import LogisticRegression
 
-        from mlx_lora.answer.route import _one_thread
-
         self.kb = dict(kb_texts)
         docs = list(self.kb)
         self.by_doc: dict[str, list[str]] = {d: [] for d in docs}
@@ -75,7 +74,7 @@ class AnswerabilityModel:
                 targets.append(target)
         if len(set(targets)) < 2:
             raise ValueError("the answerability model needs answerable and unanswerable pairs")
-        with _one_thread():
+        with one_thread():
             self._model = LogisticRegression(C=self.C, class_weight="balanced", max_iter=3000)
             self._model.fit(np.array(features), targets)
         return self
@@ -86,7 +85,5 @@ class AnswerabilityModel:
             return np.zeros(0)
         for question in questions:
             self._grams_of.setdefault(question, _grams(question))
-        from mlx_lora.answer.route import _one_thread
-
-        with _one_thread():
+        with one_thread():
             return self._model.decision_function(np.array([self._features(q, d) for q, d in zip(questions, doc_ids)]))

@@ -9,11 +9,14 @@ from typing import Sequence
 
 import numpy as np
 
-from mlx_lora.data.similarity import REFUSAL, LabelIndex, example_labels
+from mlx_lora.answer.answerability import AnswerabilityModel
 from mlx_lora.core.textnorm import compact, normalize
+from mlx_lora.core.threads import one_thread
+from mlx_lora.data.similarity import REFUSAL, LabelIndex, example_labels
 
-# The share of held-out questions the model is assumed to answer right when the route leaves them to it. FACTS.md
-# measured the 0.5B LoRA model's topic accuracy at 25–67% on reworded questions: 0.5 is a middle estimate.
+# The share of held-out questions the model is assumed to answer right when the route leaves them to it. The 0.5B
+# LoRA model's topic accuracy on reworded questions measured 25–67% (48.1% on the 40 test rows of README.md's
+# measured section): 0.5 is a middle estimate.
 MODEL_ACCURACY = 0.5
 # Out-of-fold, the answerability floor may refuse at most this share of answerable questions.
 ANSWER_FLOOR_BUDGET = 0.01
@@ -65,14 +68,6 @@ def training_texts(neighbours: Sequence[Neighbour]) -> tuple[list[str], list[str
     return texts, labels
 
 
-def _one_thread():
-    # A few hundred rows fit in about a second on one core; two BLAS threads on a shared 2-core machine are
-    # erratic and slower (FACTS.md), so the classifier always runs single-threaded.
-    from threadpoolctl import threadpool_limits
-
-    return threadpool_limits(1)
-
-
 class TopicClassifier:
     """Char n-gram TF-IDF ⊕ sentence embeddings → multinomial logistic regression over doc ids and REFUSAL.
 
@@ -107,7 +102,7 @@ class TopicClassifier:
         self._vectorizer = TfidfVectorizer(analyzer="char_wb", ngram_range=self.ngram_range, preprocessor=normalize,
                                            sublinear_tf=True)
         self._vectorizer.fit(list(texts))
-        with _one_thread():
+        with one_thread():
             self._model = LogisticRegression(C=self.C, class_weight="balanced", max_iter=2000)
             self._model.fit(self._features(texts), list(labels))
         self.classes = [str(c) for c in self._model.classes_]
@@ -117,7 +112,7 @@ class TopicClassifier:
         """Probabilities, one row per text, columns in `self.classes` order."""
         if not len(texts):
             return np.zeros((0, len(self.classes)))
-        with _one_thread():
+        with one_thread():
             return self._model.predict_proba(self._features(texts))
 
 
@@ -128,13 +123,13 @@ class SemanticRoute:
         refuse, whatever the classifier says (kind "refuse");
       - else P(REFUSAL) ≥ refuse_at → the refusal (kind "retrieve", label REFUSAL);
       - else the most probable doc's probability ≥ high → that doc's KB answer (kind "retrieve");
-      - else the model answers (kind "model": checked by KB_MATCH and the keyword rules in the rule layer).
+      - else the model answers (kind "model": checked by KB_MATCH and the keyword rules in the answer decider).
     high and refuse_at are probabilities (0–1); low is in the scorer's units (cosine 0–1 for embedders).
     Uncalibrated (None) thresholds never retrieve and never refuse. `nearest()` (the retrieval baseline's
     nearest training question) never uses the classifier. Without scikit-learn the route can only refuse below
     `low`; `missing` says why. Beside the classifier the route fits an AnswerabilityModel (answerability.py) on the
-    same questions; the rule layer asks it (`answer_scores`) whether the doc it is about to answer with answers the
-    question, and refuses below `answer_floor` (None, the default until calibrated: never).
+    same questions; the answer decider (decide.py) asks it (`answer_scores`) whether the doc it is about to answer
+    with answers the question, and refuses below `answer_floor` (None, the default until calibrated: never).
     """
 
     def __init__(self, scorer, neighbours: Sequence[Neighbour], high: float | None = None,
@@ -157,8 +152,6 @@ class SemanticRoute:
             except ValueError as exc:  # one class only (e.g. no unanswerable training question and one doc)
                 self.missing = str(exc)
             if self.classifier is not None and hasattr(scorer, "embed"):
-                from mlx_lora.answer.answerability import AnswerabilityModel
-
                 try:
                     self.answerability = AnswerabilityModel(scorer).fit(
                         [(n.text, n.label) for n in self.neighbours if n.kind == "question"],

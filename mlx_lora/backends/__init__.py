@@ -1,4 +1,4 @@
-"""The Backend protocol every training/generation engine implements, the registry, and `auto` resolution."""
+"""The backend registry: which backends exist, which are installed, and what `auto` picks here."""
 
 from __future__ import annotations
 
@@ -6,45 +6,9 @@ import importlib
 import importlib.util
 import platform
 import sys
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Protocol
 
-from mlx_lora.core.config import Config, GenerateConfig
+from mlx_lora.backends.protocol import Backend
 from mlx_lora.core.errors import UserError
-from mlx_lora.data.render import Encoded
-
-Event = dict  # {"type": "step"|"eval"|"epoch"|"checkpoint"|"done"|..., ...}; see events.py
-OnEvent = Callable[[Event], None]
-
-
-@dataclass
-class TrainOutcome:
-    run_dir: Path
-    steps: int
-    best_eval_loss: float | None
-    best_step: int | None
-    stopped: str  # completed | max_steps | early_stopped | interrupted | non_finite
-    extra: dict = field(default_factory=dict)
-
-
-class Backend(Protocol):
-    name: str
-
-    def available(self) -> tuple[bool, str]:
-        """(usable here?, one line why or why not) — must not import the heavy library when it is absent."""
-
-    def load(self, model_dir: Path, adapter: Path | None, cfg: Config) -> Any:
-        """Load the base model (and an adapter of either format) for training or generation."""
-
-    def train(self, loaded: Any, train: list[Encoded], valid: list[Encoded], cfg: Config,
-              run_dir: Path, on_event: OnEvent, resume: Path | None = None) -> TrainOutcome:
-        """LoRA-train on ids+mask rows; write run_dir/adapter and checkpoints; report through on_event."""
-
-    def generate(self, loaded: Any, prompts: list[list[int]], cfg: GenerateConfig, stop_ids: list[int],
-                 on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
-        """New token ids for each prompt (batched); on_token(prompt_index, token_id) streams them."""
-
 
 _REGISTRY = {
     "torch": ("mlx_lora.backends.torch", "TorchBackend", "torch"),

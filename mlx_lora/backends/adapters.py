@@ -95,19 +95,7 @@ def _read_config(folder: Path) -> dict:
     return config
 
 
-def adapter_dir(path: str | Path) -> Path:
-    """An adapter folder, or a run directory holding one in adapter/."""
-    path = Path(path)
-    if not path.is_dir():
-        raise UserError(f"{path}: adapter folder not found")
-    if not (path / CONFIG).is_file() and (path / "adapter" / CONFIG).is_file():
-        return path / "adapter"
-    return path
-
-
-def detect_format(path: str | Path) -> str:
-    """"mlx" (adapters.safetensors, mlx-lm config) or "peft" (adapter_model.safetensors, PEFT config)."""
-    folder = adapter_dir(path)
+def _format(folder: Path) -> str:
     if (folder / MLX_WEIGHTS).is_file():
         return "mlx"
     if (folder / PEFT_WEIGHTS).is_file():
@@ -115,7 +103,24 @@ def detect_format(path: str | Path) -> str:
     if (folder / "adapter_model.bin").is_file():
         raise UserError(f"{folder}: adapter_model.bin is a pickle; re-save it as safetensors "
                         "(PeftModel.save_pretrained(..., safe_serialization=True))")
-    raise UserError(f"{folder}: neither {MLX_WEIGHTS} (MLX) nor {PEFT_WEIGHTS} (PEFT) found")
+    raise UserError(f"{folder}: not an adapter folder: neither {MLX_WEIGHTS} (MLX) nor {PEFT_WEIGHTS} (PEFT) found")
+
+
+def adapter_dir(path: str | Path) -> Path:
+    """What an adapter argument means, decided here only: an adapter folder of either format, or a run folder
+    holding one in adapter/. The folder must hold adapter weights."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path}: adapter folder not found; pass a run folder or an adapter folder")
+    if not (path / CONFIG).is_file() and (path / "adapter").is_dir():
+        path = path / "adapter"
+    _format(path)
+    return path
+
+
+def detect_format(path: str | Path) -> str:
+    """"mlx" (adapters.safetensors, mlx-lm config) or "peft" (adapter_model.safetensors, PEFT config)."""
+    return _format(adapter_dir(path))
 
 
 def _layer_parts(module: str) -> tuple[int | None, str]:

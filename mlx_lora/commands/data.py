@@ -26,37 +26,14 @@ def data():
 @click.option("--extra-questions", help="YAML {doc_id: [question]} of extra training questions (from diagnose).")
 def build(config_path, overrides, kb, questions, out, seed, fmt, extra_questions):
     """Write train/valid/test.jsonl (no question shared between splits) and stats.json."""
+    from mlx_lora.data.dataset import build_data, format_stats, stats_warnings
+
     cfg = build_config(config_path, overrides, data__kb=kb, data__questions=questions, data__dir=out,
                        data__seed=seed, data__format=fmt, data__extra_questions=extra_questions)
     stats = build_data(cfg.data)
-    print_stats(stats, cfg.data.dir)
-
-
-def build_data(data_cfg) -> dict:
-    """Load and validate the KB and bank, split, write; returns the statistics."""
-    from mlx_lora.data.dataset import build_splits, load_extra_questions, write_splits
-    from mlx_lora.data.kb import load_kb
-    from mlx_lora.data.questions import load_questions
-
-    kb = load_kb(data_cfg.kb)
-    bank = load_questions(data_cfg.questions, kb)
-    extra = load_extra_questions(data_cfg.extra_questions, kb) if data_cfg.extra_questions else None
-    stats = write_splits(build_splits(kb, bank, data_cfg, extra), data_cfg.dir, data_cfg)
-    stats["docs_without_questions"] = [d for d in kb if not bank.phrasings(d) and not (extra or {}).get(d)]
-    return stats
-
-
-def print_stats(stats: dict, out_dir) -> None:
-    click.echo(f"wrote {out_dir}/train.jsonl, valid.jsonl, test.jsonl, stats.json")
-    click.echo(f"{'split':<6} {'rows':>5} {'answerable':>10} {'unanswerable':>12} {'docs':>5}")
-    for name, s in stats["splits"].items():
-        click.echo(f"{name:<6} {s['rows']:>5} {s['answerable']:>10} {s['unanswerable']:>12} {len(s['per_doc']):>5}")
-    for name, o in stats["overlap"].items():
-        click.echo(f"{name} vs train: exact overlap {o['exact_overlap']}, near-duplicates (≥80% chars) "
-                   f"{o['near_duplicates']}/{o['rows']} ({o['near_duplicate_pct']}%)")
-    if stats.get("docs_without_questions"):
-        click.echo(f"warning: no questions for {', '.join(stats['docs_without_questions'])} in the question bank: "
-                   "the model never learns these docs; add phrasings under docs:", err=True)
+    click.echo(format_stats(stats, cfg.data.dir))
+    for warning in stats_warnings(stats):
+        click.echo(warning, err=True)
 
 
 @data.command()

@@ -8,8 +8,7 @@ from pathlib import Path
 import click
 
 from mlx_lora.commands.options import build_config, config_option, set_option
-
-VARIANTS = ("base", "tuned", "tuned_rules", "base_rules", "retrieval")
+from mlx_lora.evaluation.variants import DIAGNOSE_PREFERENCE, VARIANTS
 
 
 def _sibling(data: str | None, name: str, given: str | None) -> str | None:
@@ -137,7 +136,7 @@ def diagnose(config_path, overrides, report_path, variant, model, adapter, data,
     """Rank weak questions and confused topics; write proposal.yaml for `data build --extra-questions`."""
     from mlx_lora.evaluation.diagnose import diagnose as run_diagnosis, write_diagnosis
     from mlx_lora.core.errors import UserError
-    from mlx_lora.evaluation.scoring import parse_threshold
+    from mlx_lora.core.config import parse_threshold
     from mlx_lora.data.formats import read_examples
     from mlx_lora.data.kb import load_kb
 
@@ -153,7 +152,7 @@ def diagnose(config_path, overrides, report_path, variant, model, adapter, data,
     else:
         raise UserError("diagnose needs --report REPORT.json, or --data EVAL.jsonl (with --model/--adapter)")
     variants = report.get("variants", {})
-    name = variant or next((v for v in ("tuned", "base", "tuned_rules", "retrieval") if v in variants), None)
+    name = variant or next((v for v in DIAGNOSE_PREFERENCE if v in variants), None)
     if name not in variants:
         raise UserError(f"variant {name!r} is not in the report; it has: {', '.join(variants) or 'none'}")
     kb_docs = load_kb(cfg.data.kb)

@@ -1,4 +1,4 @@
-"""Options shared by several commands: the config file and `--set` overrides."""
+"""Options shared by several commands: the config file, `--set` overrides and the backend choice."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ config_option = click.option("-c", "--config", "config_path", type=click.Path(di
                              default=None, help="YAML config (see configs/reference.yaml).")
 set_option = click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
                           help="Override a config key, e.g. --set train.lr=3e-4 (repeatable).")
+backend_choice = click.Choice(["auto", "torch", "mlx"])
 
 
 def build_config(config_path: str | None, overrides: tuple[str, ...], **direct) -> Config:

@@ -61,9 +61,11 @@ def check(config_path, overrides, file, kb):
 @click.option("--embedder", help="use (default) | char | a sentence-transformers model: for KB_MATCH.")
 @click.option("--json", "as_json", is_flag=True, help="Print the decision as JSON (as in the audit log).")
 def test(config_path, overrides, file, question, model_answer, kb, embedder, as_json):
-    """Which rules match QUESTION, and what the rule layer answers given MODEL_ANSWER (optional)."""
-    from mlx_lora.evaluation.run import doc_answers, refusal_text
-    from mlx_lora.answer.rules import RuleLayer, audit_records, load_rules, match_rules
+    """Which rules match QUESTION, and what the answer decider answers given MODEL_ANSWER (optional)."""
+    from mlx_lora.answer.audit import audit_records
+    from mlx_lora.answer.build import doc_answers, refusal_text
+    from mlx_lora.answer.decide import Decider
+    from mlx_lora.answer.rules import load_rules, match_rules
     from mlx_lora.data.similarity import answer_index, make_scorer
 
     cfg, docs = _kb(config_path, overrides, kb)
@@ -74,9 +76,9 @@ def test(config_path, overrides, file, question, model_answer, kb, embedder, as_
     answers = doc_answers(docs, [], cfg.data.answer_prefix)
     refusal = refusal_text([], cfg)
     scorer = make_scorer(cfg.eval.embedder) if model_answer is not None else make_scorer("char")
-    layer = RuleLayer(loaded, answers, answer_index(scorer, answers, refusal), refusal,
+    decider = Decider(loaded, answers, answer_index(scorer, answers, refusal), refusal,
                       cfg.rules.kb_match_threshold)
-    decision = layer.decide([question], [model_answer])[0]
+    decision = decider.decide([question], [model_answer])[0]
     if as_json:
         click.echo(json.dumps(audit_records([question], [model_answer], [decision])[0], ensure_ascii=False))
         return

@@ -11,7 +11,24 @@ from pathlib import Path
 import yaml
 
 from mlx_lora.core.errors import UserError
-from mlx_lora.training.schedule import SCHEDULES
+
+SCHEDULES = ("cosine", "linear", "constant")  # learning-rate decay after warm-up (training/schedule.py computes it)
+# eval.threshold presets: the mean similarity (percent) a variant needs to pass.
+PRESETS = {"faq": 85.0, "chatbot": 80.0, "critical": 90.0}
+
+
+def parse_threshold(value) -> tuple[str, float]:
+    """A preset name (faq 85, chatbot 80, critical 90) or a number in 0–100 → (label, percent)."""
+    text = str(value).strip().lower()
+    if text in PRESETS:
+        return text, PRESETS[text]
+    try:
+        number = float(text)
+    except ValueError:
+        raise UserError(f"threshold {value!r}: use faq (85), chatbot (80), critical (90) or a number 0–100") from None
+    if not 0 <= number <= 100:
+        raise UserError(f"threshold {value!r}: a number must be between 0 and 100 (percent similarity)")
+    return f"{number:g}", number
 
 
 @dataclass
@@ -240,8 +257,6 @@ def validate(cfg: "Config") -> "Config":
         raise UserError("config keys data.valid_fraction + data.test_fraction must add up to less than 1")
     if not cfg.lora.targets:
         raise UserError("config key lora.targets: name at least one module, e.g. [q_proj, v_proj]")
-    from mlx_lora.evaluation.scoring import parse_threshold  # the presets live with the evaluator
-
     try:
         parse_threshold(cfg.eval.threshold)
     except UserError as exc:

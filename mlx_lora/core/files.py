@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -99,3 +101,45 @@ def staged_dir(dst: str | Path):
         tmp.rename(dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish_dir(src: str | Path, dst: str | Path) -> None:
+    """Copy the folder src to dst, replacing dst whole (staged beside it, then renamed in)."""
+    with staged_dir(dst) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+
+
+def sha256_of_files(paths: list[Path]) -> str:
+    """sha256 over the files' names and contents (streamed: model weights can be GBs)."""
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        digest.update(path.name.encode())
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def locked(folder: str | Path, what: str):
+    """Hold an exclusive lock on folder while the block runs; a second holder gets a one-line error naming the
+    first one's pid. flock() dies with its process, so a lock left by a killed run is simply free again."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise UserError(f"{folder}: in use by another {what} (pid {holder}); wait for it to finish or choose "
+                        "another folder") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from mlx_lora.core.errors import UserError
+from mlx_lora.core.hf_config import rope_override
 
 # Qwen2.5's ChatML template (tool calls left out), used only if a GGUF carries no template of its own.
 QWEN25_CHAT_TEMPLATE = (
@@ -195,10 +196,7 @@ def _config(reader, arch: str, vocab_size: int, tied: bool, ids: dict, where: Pa
         "num_key_value_heads": int(key("attention.head_count_kv")),
         # Stored as float32 in the file; widening it unrounded keeps the value transformers reads from it.
         "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon")),
-        # transformers 5 reads rope_parameters; mlx-lm reads the top-level rope_theta and otherwise silently
-        # assumes 1e6, so both are spelled out.
         "rope_parameters": {"rope_theta": rope_theta, "rope_type": "default"},
-        "rope_theta": rope_theta,
         "sliding_window": None,
         "tie_word_embeddings": tied,
         "use_cache": True,
@@ -209,7 +207,7 @@ def _config(reader, arch: str, vocab_size: int, tied: bool, ids: dict, where: Pa
     name = _field(reader, "general.name")
     if name:
         config["_model_name_or_path"] = name
-    return config
+    return {**config, **rope_override(config)}  # mlx-lm reads the top-level rope_theta
 
 
 def _ensure_chat_template(folder: Path) -> None:

@@ -140,3 +140,12 @@ def resolve_model(spec: str = "embedded", cache_dir=None, progress: bool = True)
         raise UserError(f"model not found: {spec}: give an existing folder or .gguf file, 'embedded', "
                         f"or a hub id such as Qwen/Qwen2.5-0.5B-Instruct")
     return spec
+
+
+def local_model_dir(spec: str, cache_dir=None, progress: bool = True) -> Path:
+    """The local HF folder for a model spec (preparing the embedded model once); a hub id is an error."""
+    resolved = resolve_model(spec, cache_dir, progress=progress)
+    if not isinstance(resolved, Path) or not (resolved / "config.json").is_file():
+        raise UserError(f"model {spec!r}: not a local model folder; run `mlx-lora model prepare` "
+                        "or pass --model with an HF folder or a .gguf file")
+    return resolved

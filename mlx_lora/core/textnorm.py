@@ -1,4 +1,4 @@
-"""Text normalisation shared by the split-leakage check, the evaluator and the rule layer."""
+"""Text normalisation shared by the split-leakage check, the evaluator and the keyword rules."""
 
 import re
 import unicodedata

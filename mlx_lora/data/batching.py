@@ -26,13 +26,23 @@ def epoch_batches(rows: list[Encoded], batch_size: int, seed: int, epoch: int) -
     return batches
 
 
-def steps_per_epoch(n_rows: int, batch_size: int, grad_accum: int) -> int:
-    """Optimizer steps in one epoch; a last partial accumulation group still makes a step."""
-    return math.ceil(math.ceil(n_rows / batch_size) / grad_accum)
+def rank_share(batches: list, rank: int, world: int) -> list:
+    """One data-parallel rank's share of an epoch's batches. Every rank gets the same count (so collectives line
+    up): when the batches do not divide evenly, the short ranks wrap around to the epoch's first batches."""
+    if world <= 1:
+        return batches
+    per_rank = math.ceil(len(batches) / world)
+    return [batches[(rank + k * world) % len(batches)] for k in range(per_rank)]
 
 
-def total_steps(n_rows: int, batch_size: int, grad_accum: int, epochs: int, max_steps: int | None) -> int:
-    steps = steps_per_epoch(n_rows, batch_size, grad_accum) * epochs
+def steps_per_epoch(n_rows: int, batch_size: int, grad_accum: int, world: int = 1) -> int:
+    """Optimizer steps in one epoch (each rank's share, see rank_share); a last partial group still makes a step."""
+    return math.ceil(math.ceil(math.ceil(n_rows / batch_size) / world) / grad_accum)
+
+
+def total_steps(n_rows: int, batch_size: int, grad_accum: int, epochs: int, max_steps: int | None,
+                world: int = 1) -> int:
+    steps = steps_per_epoch(n_rows, batch_size, grad_accum, world) * epochs
     return min(steps, max_steps) if max_steps else steps
 
 

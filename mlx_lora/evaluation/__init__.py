@@ -1,0 +1,1 @@
+"""Evaluation: scoring answers, the variants compared, the eval run and its reports, diagnosis."""

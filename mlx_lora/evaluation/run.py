@@ -1,4 +1,4 @@
-"""Evaluation orchestration: generate per variant (base, tuned), apply rules + route, retrieval baseline, report."""
+"""Evaluation orchestration: generate per model (base, tuned), decide, add the retrieval baseline, report."""
 
 from __future__ import annotations
 
@@ -7,53 +7,18 @@ import gc
 import random
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
+from mlx_lora.answer.audit import audit_records
+from mlx_lora.answer.build import build_decider, doc_answers, refusal_text, retrieval_decisions
 from mlx_lora.core.config import Config
 from mlx_lora.core.errors import UserError
-from mlx_lora.evaluation.scoring import build_report, score_rows, write_report
-from mlx_lora.data.formats import read_examples
 from mlx_lora.core.files import write_jsonl
+from mlx_lora.data.formats import read_examples
 from mlx_lora.data.kb import load_kb
-from mlx_lora.answer.route import SemanticRoute, calibrate_route, neighbours_from
-from mlx_lora.answer.rules import Decision, RuleLayer, audit_records, load_rules
-from mlx_lora.data.similarity import REFUSAL, answer_index, describe, make_scorer
-
-DEFAULT_REFUSAL = "抱歉,公司知識庫中沒有這個問題的相關規範,請洽詢 HR 或 IT Helpdesk。"
-MODEL_VARIANTS = ("base", "tuned", "tuned_rules", "base_rules")
-
-
-def doc_answers(kb: dict, examples, prefix: str) -> dict[str, str]:
-    """Each doc's canonical answer: as the data rows wrote it (prefix + KB text), else prefix + text."""
-    answers = {doc_id: prefix + doc.text for doc_id, doc in kb.items()}
-    for example in examples:
-        doc_id = (example.meta or {}).get("doc_id")
-        if doc_id in kb and example.answer.endswith(kb[doc_id].text):
-            answers[doc_id] = example.answer
-    return answers
-
-
-def refusal_text(examples, cfg: Config) -> str:
-    """The refusal the data taught: most common expected answer of unanswerable rows; else the question bank's."""
-    seen = Counter(e.answer for e in examples if (e.meta or {}).get("answerable") is False)
-    if seen:
-        return seen.most_common(1)[0][0]
-    if cfg.data.questions and Path(cfg.data.questions).is_file():
-        from mlx_lora.data.questions import load_questions
-
-        return load_questions(cfg.data.questions).refusal
-    return DEFAULT_REFUSAL
-
-
-def retrieval_decisions(route: SemanticRoute, questions, answers: dict[str, str], refusal: str) -> list[Decision]:
-    """The no-LLM baseline: the answer of the nearest training question, whatever its score."""
-    out = []
-    for neighbour, score in route.nearest(questions, kinds=("question",)):
-        text = refusal if neighbour.label == REFUSAL else answers[neighbour.label]
-        out.append(Decision(text, "KB_RETRIEVAL", {"neighbour": neighbour.text, "neighbour_doc": neighbour.label,
-                                                   "score": round(score, 4)}))
-    return out
+from mlx_lora.data.similarity import answer_index, describe, make_scorer
+from mlx_lora.evaluation.scoring import build_report, score_rows, write_report
+from mlx_lora.evaluation.variants import DECIDED, MODEL_OF, NEED_ADAPTER, default_variants, models_for
 
 
 def generate_answers(backend, loaded, tokenizer, examples, cfg: Config, system_prompt: str | None,
@@ -77,7 +42,7 @@ def generate_answers(backend, loaded, tokenizer, examples, cfg: Config, system_p
 
 
 def _generate_variant(cfg: Config, model, adapter, examples, progress: bool) -> tuple[list[str], float]:
-    from mlx_lora.training.run import load_for_generation
+    from mlx_lora.backends.loading import load_for_generation
 
     backend, loaded, tokenizer, system_prompt = load_for_generation(model, adapter, cfg, progress=progress)
     start = time.perf_counter()
@@ -96,35 +61,6 @@ def _read(path, what: str, required: bool = False):
     return read_examples(path)
 
 
-def build_layer(cfg: Config, scorer, kb, train, valid, answers, refusal, index, rules_path) -> tuple[RuleLayer, dict]:
-    """Keyword rules, then the semantic route (a topic classifier trained on the train split only).
-
-    Route thresholds not set in cfg.rules are calibrated out-of-fold on the train and valid questions
-    (route.calibrate_route); the test split is never used.
-    """
-    info: dict = {}
-    route = None
-    rules = load_rules(rules_path, kb) if rules_path else []
-    if train:
-        route = SemanticRoute(scorer, neighbours_from(train, {d: doc.text for d, doc in kb.items()}, index),
-                              cfg.rules.route_high, cfg.rules.route_low)
-        info["calibration"] = calibrate_route(route, train + valid, index)
-        route.high = cfg.rules.route_high if cfg.rules.route_high is not None else route.high
-        route.low = cfg.rules.route_low if cfg.rules.route_low is not None else route.low
-        if cfg.rules.answer_floor is not None:
-            route.answer_floor = cfg.rules.answer_floor
-        if not cfg.rules.answerability:
-            route.answer_floor = None
-        info["route"] = route.describe()
-    info["rules"] = {"path": str(rules_path) if rules_path else None, "count": len(rules),
-                     "kb_match_threshold": cfg.rules.kb_match_threshold}
-    return RuleLayer(rules, answers, index, refusal, cfg.rules.kb_match_threshold, route), info
-
-
-def default_variants(adapter) -> tuple[str, ...]:
-    return ("base", "tuned", "tuned_rules", "retrieval") if adapter else ("base", "base_rules", "retrieval")
-
-
 def evaluate_run(cfg: Config, model, adapter_run, test_path, valid_path, train_path, kb_path, out_dir,
                  variants=None, rules_path="config", progress: bool = True, answers: dict | None = None) -> dict:
     """Evaluate variants on the test split and write out_dir/report.{json,md,html} and the audit log.
@@ -134,9 +70,8 @@ def evaluate_run(cfg: Config, model, adapter_run, test_path, valid_path, train_p
     """
     out_dir = Path(out_dir)
     variants = tuple(variants or default_variants(adapter_run))
-    if any(v in ("tuned", "tuned_rules") for v in variants) and adapter_run is None and not (answers or {}).get(
-            "tuned"):
-        raise UserError("variants tuned / tuned_rules need --adapter (a run directory or adapter folder)")
+    if any(v in NEED_ADAPTER for v in variants) and adapter_run is None and not (answers or {}).get("tuned"):
+        raise UserError(f"variants {' / '.join(NEED_ADAPTER)} need --adapter (a run directory or adapter folder)")
     kb = load_kb(kb_path)
     test = _read(test_path, "test data", required=True)
     if cfg.eval.max_rows and cfg.eval.max_rows < len(test):
@@ -154,29 +89,29 @@ def evaluate_run(cfg: Config, model, adapter_run, test_path, valid_path, train_p
     canonical = doc_answers(kb, train + valid + test, cfg.data.answer_prefix)
     refusal = refusal_text(train + valid + test, cfg)
     index = answer_index(scorer, canonical, refusal)
-    layer, layer_info = build_layer(cfg, scorer, kb, train, valid, canonical, refusal, index, rules_path)
+    decider, decider_info = build_decider(cfg, scorer, kb, train, valid, canonical, refusal, index, rules_path)
     questions = [e.question for e in test]
     got: dict[str, list] = dict(answers or {})
     timings: dict[str, float] = {}
     if "retrieval" in variants:
-        if layer.route is None:
+        if decider.route is None:
             notes["retrieval"] = "no train split given: retrieval baseline skipped"
         else:
-            got["retrieval"] = retrieval_decisions(layer.route, questions, canonical, refusal)
-    for name, adapter in (("tuned", adapter_run), ("base", None)):
-        wanted = name in variants or f"{name}_rules" in variants
-        if wanted and name not in got:
-            got[name], timings[f"{name}_generate_s"] = _generate_variant(cfg, model, adapter, test, progress)
+            got["retrieval"] = retrieval_decisions(decider.route, questions, canonical, refusal)
+    adapters = {"tuned": adapter_run, "base": None}
+    for name in models_for(variants):
+        if name not in got:
+            got[name], timings[f"{name}_generate_s"] = _generate_variant(cfg, model, adapters[name], test, progress)
     audit = []
-    for name in ("tuned", "base"):
-        if f"{name}_rules" in variants:
-            got[f"{name}_rules"] = layer.decide(questions, got[name])
-            audit += audit_records(questions, got[name], got[f"{name}_rules"], variant=f"{name}_rules")
+    for name in DECIDED:
+        if name in variants:
+            got[name] = decider.decide(questions, got[MODEL_OF[name]])
+            audit += audit_records(questions, got[MODEL_OF[name]], got[name], variant=name)
     rows = {name: score_rows(test, got[name], scorer, index) for name in variants if name in got}
     timings["scoring_s"] = round(time.perf_counter() - start - sum(timings.values()), 1)
     meta = {"test": str(test_path), "train": str(train_path), "valid": str(valid_path), "kb": str(kb_path),
             "model": str(model or cfg.model.path), "adapter": str(adapter_run) if adapter_run else None,
-            "test_rows": len(test), "refusal": refusal, "timings": timings, "notes": notes, **layer_info}
+            "test_rows": len(test), "refusal": refusal, "timings": timings, "notes": notes, **decider_info}
     report = build_report(rows, cfg.eval.threshold, describe(scorer), cfg.eval.worst_n, meta)
     write_report(report, out_dir)
     if audit and cfg.rules.audit_log:  # after the report: a failed evaluation never leaves a new log by an old report

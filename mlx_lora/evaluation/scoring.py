@@ -6,27 +6,12 @@ import html
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from mlx_lora.core.errors import UserError
+from mlx_lora.core.config import parse_threshold
 from mlx_lora.core.files import atomic_write_text, write_json
 from mlx_lora.data.similarity import REFUSAL, CharScorer, LabelIndex, example_labels
+from mlx_lora.evaluation.variants import VARIANTS
 
-PRESETS = {"faq": 85.0, "chatbot": 80.0, "critical": 90.0}
 BUCKETS = ("≥85", "70–84", "50–69", "<50")
-VARIANT_ORDER = ("base", "tuned", "tuned_rules", "base_rules", "retrieval")
-
-
-def parse_threshold(value) -> tuple[str, float]:
-    """A preset name (faq 85, chatbot 80, critical 90) or a number in 0–100 → (label, percent)."""
-    text = str(value).strip().lower()
-    if text in PRESETS:
-        return text, PRESETS[text]
-    try:
-        number = float(text)
-    except ValueError:
-        raise UserError(f"threshold {value!r}: use faq (85), chatbot (80), critical (90) or a number 0–100") from None
-    if not 0 <= number <= 100:
-        raise UserError(f"threshold {value!r}: a number must be between 0 and 100 (percent similarity)")
-    return f"{number:g}", number
 
 
 def bucket(similarity: float) -> str:
@@ -126,7 +111,7 @@ def build_report(variant_rows: dict[str, list[dict]], threshold_spec, measure: d
                  meta: dict | None = None) -> dict:
     """report.json's content: `summary` {variant: figures}, then per-variant aggregate, confusions, worst and rows."""
     label, value = parse_threshold(threshold_spec)
-    order = [v for v in VARIANT_ORDER if v in variant_rows] + [v for v in variant_rows if v not in VARIANT_ORDER]
+    order = [v for v in VARIANTS if v in variant_rows] + [v for v in variant_rows if v not in VARIANTS]
     variants = {}
     for name in order:
         rows = variant_rows[name]

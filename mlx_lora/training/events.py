@@ -1,241 +1,88 @@
-"""Training-event listeners shared by both backends: progress bar, metrics.jsonl, plots, and the run's health verdict."""
+"""Typed training events: what the loop reports, what listeners, tests and metrics.jsonl share."""
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import statistics
-import sys
-from pathlib import Path
-from typing import Callable
-
-from mlx_lora.core.files import write_json
-
-EXPLODING_GRAD = 10.0
-VANISHING_GRAD = 0.1
-PLOTS = ("loss.png", "lr.png", "grad_norm.png")
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, ClassVar
 
 
-def _main_process() -> bool:
-    """Under torchrun only rank 0 writes files."""
-    return os.environ.get("RANK", "0") == "0"
+@dataclass(frozen=True)
+class Event:
+    """Base of every event; `type` names it in metrics.jsonl."""
+
+    type: ClassVar[str] = ""
+
+    def to_dict(self) -> dict:
+        return {"type": self.type, **dataclasses.asdict(self)}
 
 
-class ProgressBar:
-    """tqdm on stderr (stdout stays clean for results): loss, tok/s, and tqdm's own ETA."""
-
-    def __init__(self, enabled: bool = True):
-        self.enabled, self.bar = enabled, None
-
-    def __call__(self, event: dict) -> None:
-        kind = event["type"]
-        if kind == "start":
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=event["total_steps"], desc="train", unit="step", file=sys.stderr,
-                            disable=not self.enabled, dynamic_ncols=True)
-        elif self.bar is None:
-            return
-        elif kind == "step":
-            self.bar.update(event["step"] - self.bar.n)
-            self.bar.set_postfix(loss=f"{event['loss']:.4f}", tok_s=f"{event['tokens_per_s']:.0f}",
-                                 gnorm=f"{event['grad_norm']:.2f}", refresh=False)
-        elif kind == "eval":
-            self._write(f"step {event['step']}: eval loss {event['eval_loss']:.4f}" + (" (best)" if event["best"] else ""))
-        elif kind == "warning":
-            self._write(f"warning: {event['message']}")
-        elif kind == "done":
-            self.bar.close()
-
-    def _write(self, text: str) -> None:
-        if self.enabled:
-            self.bar.write(text, file=sys.stderr)
+@dataclass(frozen=True)
+class Start(Event):
+    type: ClassVar[str] = "start"
+    total_steps: int
+    epochs: int
+    train_rows: int
+    valid_rows: int
+    trainable_params: int
+    total_params: int
+    backend: str
+    device: str
 
 
-class MetricsWriter:
-    """Every event as one JSON line, appended (a resumed run continues the same file), flushed per line."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-
-    def __call__(self, event: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(event, ensure_ascii=False) + "\n")
-
-
-class PlotWriter:
-    """Redraws the PNGs at each eval from metrics.jsonl (so a resumed run plots its whole history); `finish` draws the last."""
-
-    def __init__(self, run_dir: Path):
-        self.run_dir = Path(run_dir)
-
-    def __call__(self, event: dict) -> None:
-        if event["type"] == "eval":  # not on "done": finish() draws the final plots right after it
-            write_plots(self.run_dir)
+@dataclass(frozen=True)
+class Step(Event):
+    type: ClassVar[str] = "step"
+    step: int
+    epoch: int
+    loss: float
+    lr: float
+    grad_norm: float
+    tokens: int
+    supervised_tokens: int
+    tokens_per_s: float
+    supervised_tokens_per_s: float
+    elapsed_s: float
+    memory_mb: float
 
 
-def standard_listeners(run_dir: str | Path, progress: bool = True) -> Callable[[dict], None]:
-    """One on_event callable feeding the progress bar, metrics.jsonl and the plots."""
-    if not _main_process():
-        return lambda event: None
-    run_dir = Path(run_dir)
-    listeners = [MetricsWriter(run_dir / "metrics.jsonl"), ProgressBar(progress), PlotWriter(run_dir)]
-
-    def on_event(event: dict) -> None:
-        for listener in listeners:
-            listener(event)
-
-    return on_event
+@dataclass(frozen=True)
+class Eval(Event):
+    type: ClassVar[str] = "eval"
+    step: int
+    epoch: int
+    eval_loss: float
+    best: bool
 
 
-def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict], list[dict]]:
-    """(steps, evals, other events); a step or eval repeated by a resumed run keeps its latest record."""
-    path = Path(run_dir) / "metrics.jsonl"
-    steps: dict[int, dict] = {}
-    evals: dict[int, dict] = {}
-    other: list[dict] = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if not line.strip():
-                continue
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash mid-write
-            if event.get("type") == "step":
-                steps[event["step"]] = event
-            elif event.get("type") == "eval":
-                evals[event["step"]] = event
-            else:
-                other.append(event)
-    return [steps[k] for k in sorted(steps)], [evals[k] for k in sorted(evals)], other
+@dataclass(frozen=True)
+class Checkpoint(Event):
+    type: ClassVar[str] = "checkpoint"
+    step: int
+    path: str
 
 
-def _finite(values):
-    return [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+@dataclass(frozen=True)
+class Warning(Event):  # noqa: A001 - the event's name in metrics.jsonl
+    type: ClassVar[str] = "warning"
+    message: str
 
 
-def health(steps: list[dict], evals: list[dict], schedule: dict | None = None) -> dict:
-    """A verdict a user can act on, from the curves: overfitting, exploding/vanishing gradients, flat LR,
-    loss not falling. `schedule` (the run's train config) silences the flat-LR flag for a constant schedule."""
-    flags = []
-
-    def flag(code: str, message: str) -> None:
-        flags.append({"code": code, "message": message})
-
-    losses = [e["eval_loss"] for e in evals]
-    if losses:
-        best_i = min(range(len(losses)), key=losses.__getitem__)
-        after = losses[best_i + 1:]
-        if len(after) >= 2 and all(v > losses[best_i] for v in after):
-            flag("overfitting", f"eval loss rose for {len(after)} evals after its best ({losses[best_i]:.4f} at step "
-                                f"{evals[best_i]['step']} → {after[-1]:.4f}); the best adapter was kept — "
-                                "fewer epochs, a lower lr or more data would help")
-    norms = _finite(e.get("grad_norm") for e in steps)
-    if norms and max(norms) > EXPLODING_GRAD:
-        flag("exploding_gradients", f"grad-norm peaked at {max(norms):.1f} (> {EXPLODING_GRAD:g}); lower train.lr "
-                                    "or train.max_grad_norm")
-    if norms and statistics.median(norms) < VANISHING_GRAD:
-        flag("vanishing_gradients", f"median grad-norm {statistics.median(norms):.3g} (< {VANISHING_GRAD:g}): "
-                                    "the adapter barely learns; raise train.lr or lora.rank")
-    lrs = _finite(e.get("lr") for e in steps)
-    constant = bool(schedule) and schedule.get("schedule") == "constant" and not schedule.get("warmup_steps")
-    if len(lrs) >= 3 and (max(lrs) <= 0 or (max(lrs) - min(lrs) <= 1e-12 * max(lrs) and not constant)):
-        flag("flat_lr", f"the learning rate stayed at {lrs[0]:g} for all {len(lrs)} steps; check train.lr, "
-                        "train.warmup_steps and train.schedule")
-    train = _finite(e.get("loss") for e in steps)
-    if len(train) >= 4:
-        quarter = max(1, len(train) // 4)
-        first, last = statistics.mean(train[:quarter]), statistics.mean(train[-quarter:])
-        if last > first * 0.95:  # under a 5% drop from the first to the last quarter
-            flag("loss_not_falling", f"train loss went {first:.4f} → {last:.4f} (first vs last quarter of steps, "
-                                     "< 5% lower); raise train.lr or train longer, and check the data")
-    return {"verdict": "healthy" if not flags else "check", "flags": flags}
+@dataclass(frozen=True)
+class Done(Event):
+    type: ClassVar[str] = "done"
+    steps: int
+    stopped: str
+    best_eval_loss: float | None
+    best_step: int | None
+    elapsed_s: float
 
 
-def write_plots(run_dir: str | Path) -> list[str]:
-    """loss.png (train vs eval), lr.png, grad_norm.png under run_dir/plots; returns the file names written."""
-    steps, evals, _ = read_metrics(run_dir)
-    if not steps:
-        return []
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on servers and CI
-    import matplotlib.pyplot as plt
-
-    out = Path(run_dir) / "plots"
-    out.mkdir(parents=True, exist_ok=True)
-    x = [e["step"] for e in steps]
-    panels = [
-        ("loss.png", "loss", [("train", x, [e["loss"] for e in steps], "-"),
-                              ("eval", [e["step"] for e in evals], [e["eval_loss"] for e in evals], "o-")]),
-        ("lr.png", "learning rate", [("lr", x, [e["lr"] for e in steps], "-")]),
-        ("grad_norm.png", "grad-norm (before clipping)", [("grad-norm", x, [e["grad_norm"] for e in steps], "-")]),
-    ]
-    for name, title, series in panels:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for label, xs, ys, style in series:
-            if xs:
-                ax.plot(xs, ys, style, label=label, markersize=4)
-        if name == "grad_norm.png":
-            for level in (VANISHING_GRAD, EXPLODING_GRAD):
-                ax.axhline(level, color="grey", linestyle=":", linewidth=1)
-            ax.set_yscale("log")
-        ax.set_xlabel("optimizer step")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        tmp = out / f".{name}.tmp.png"
-        fig.savefig(tmp, dpi=100, bbox_inches="tight")
-        plt.close(fig)
-        os.replace(tmp, out / name)
-    return [name for name, _, _ in panels]
+KINDS: dict[str, type[Event]] = {cls.type: cls for cls in (Start, Step, Eval, Checkpoint, Warning, Done)}
+OnEvent = Callable[[Event], None]
 
 
-def _train_config(run_dir: Path) -> dict | None:
-    try:
-        return json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))["config"]["train"]
-    except (OSError, KeyError, TypeError, json.JSONDecodeError):
-        return None
-
-
-def finish(run_dir: str | Path, outcome) -> dict:
-    """Write plots and summary.json (outcome, curves' key figures, health verdict); return the summary."""
-    if not _main_process():
-        return {}
-    run_dir = Path(run_dir)
-    steps, evals, other = read_metrics(run_dir)
-    start = next((e for e in reversed(other) if e.get("type") == "start"), {})
-    speeds = _finite(e.get("tokens_per_s") for e in steps)
-    sup_speeds = _finite(e.get("supervised_tokens_per_s") for e in steps)
-    norms = _finite(e.get("grad_norm") for e in steps)
-    summary = {
-        "stopped": outcome.stopped,
-        "steps": outcome.steps,
-        "total_steps": start.get("total_steps"),
-        "best_eval_loss": outcome.best_eval_loss,
-        "best_step": outcome.best_step,
-        "elapsed_s": steps[-1]["elapsed_s"] if steps else None,
-        "backend": start.get("backend"),
-        "device": start.get("device"),
-        "trainable_params": start.get("trainable_params"),
-        "total_params": start.get("total_params"),
-        "train_loss_first": steps[0]["loss"] if steps else None,
-        "train_loss_last": steps[-1]["loss"] if steps else None,
-        "eval_losses": [{"step": e["step"], "eval_loss": e["eval_loss"]} for e in evals],
-        "tokens_per_s": statistics.median(speeds) if speeds else None,  # medians over steps
-        "supervised_tokens_per_s": statistics.median(sup_speeds) if sup_speeds else None,
-        "grad_norm": {"median": statistics.median(norms), "max": max(norms)} if norms else None,
-        "peak_memory_mb": max(_finite(e.get("memory_mb") for e in steps), default=None),
-        "warnings": [e["message"] for e in other if e.get("type") == "warning"],
-        "health": health(steps, evals, _train_config(run_dir)),
-        "plots": [f"plots/{name}" for name in write_plots(run_dir)],
-    }
-    if outcome.stopped == "non_finite":
-        summary["health"]["flags"].append({"code": "non_finite", "message": "the loss became NaN/Inf; the run "
-                                           "stopped and kept the last good checkpoint — lower train.lr"})
-        summary["health"]["verdict"] = "check"
-    write_json(run_dir / "summary.json", summary)
-    return summary
+def from_dict(record: dict) -> Event:
+    """The event a metrics.jsonl line holds (unknown keys are an error: the schema is this module)."""
+    fields = {k: v for k, v in record.items() if k != "type"}
+    return KINDS[record["type"]](**fields)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-SCHEDULES = ("cosine", "linear", "constant")
+from mlx_lora.core.config import SCHEDULES
 
 
 def lr_at(step: int, peak: float, warmup: int, total: int, kind: str = "cosine") -> float:

@@ -5,9 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from mlx_lora.backends import TrainOutcome
 from mlx_lora.core.config import Config, GenerateConfig
-from mlx_lora.data.render import Encoded
 
 
 class MLXBackend:
@@ -32,11 +30,10 @@ class MLXBackend:
 
         return load(model_dir, adapter, cfg)
 
-    def train(self, loaded, train: list[Encoded], valid: list[Encoded], cfg: Config, run_dir: Path,
-              on_event: Callable[[dict], None], resume: Path | None = None) -> TrainOutcome:
-        from mlx_lora.backends.mlx.engine import train as run_training
+    def engine(self, loaded, cfg: Config):
+        from mlx_lora.backends.mlx.engine import MLXEngine
 
-        return run_training(loaded, train, valid, cfg, Path(run_dir), on_event, resume)
+        return MLXEngine(loaded, cfg)
 
     def generate(self, loaded, prompts: list[list[int]], cfg: GenerateConfig, stop_ids: list[int],
                  on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:

@@ -1,14 +1,10 @@
-"""Our MLX LoRA loop: epochs, grad accumulation, warmup+cosine, clipping, eval, early stopping, best, resume."""
+"""The MLX training engine: masked loss on gathered positions, a compiled accumulate/step, AdamW, its state."""
 
 from __future__ import annotations
 
 import math
-import shutil
-import signal
-import time
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -16,14 +12,11 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from mlx_lora.backends import TrainOutcome
-from mlx_lora.data.batching import epoch_batches, steps_per_epoch, total_steps
+from mlx_lora.backends.mlx import state
+from mlx_lora.backends.mlx.model import MLXLoaded, adapter_weights, attach_lora, save_adapter
+from mlx_lora.backends.protocol import StepResult
 from mlx_lora.core.config import Config
-from mlx_lora.core.errors import UserError
 from mlx_lora.data.render import Encoded
-from mlx_lora.training.schedule import lr_at
-from mlx_lora.backends.mlx import state as checkpoint
-from mlx_lora.backends.mlx.model import MLXLoaded, attach_lora, save_adapter
 
 # Architectures whose __call__ is exactly `head(model.model(x))`: there we take logits only where the loss is
 # (a 150k-word vocabulary makes the full lm_head the largest matmul of a step; same loss, less work).
@@ -101,7 +94,7 @@ def compiled_step(model: nn.Module, optimizer: optim.Optimizer, loss_sum, max_gr
     after a resume has replaced optimizer.state, and keep the model in train mode while stepping. Dropout draws
     from mx.random.state as eager code does, so reseeding per step still replays it exactly on resume."""
     value_and_grad = nn.value_and_grad(model, loss_sum)
-    state = [model.state, optimizer.state, mx.random.state]
+    compiled_state = [model.state, optimizer.state, mx.random.state]
 
     def add(inputs, targets, positions, weights, norm, loss, grads):
         (value, _), g = value_and_grad(model, inputs, targets, positions, weights, norm)
@@ -121,8 +114,8 @@ def compiled_step(model: nn.Module, optimizer: optim.Optimizer, loss_sum, max_gr
         optimizer.update(model, grads)
         return loss, grad_norm
 
-    return (state, partial(mx.compile, inputs=state, outputs=state)(add),
-            partial(mx.compile, inputs=state, outputs=state)(step))
+    compile_ = partial(mx.compile, inputs=compiled_state, outputs=compiled_state)
+    return compiled_state, compile_(add), compile_(step)
 
 
 def update_slots(model: nn.Module, optimizer: optim.Optimizer) -> list[tuple[dict | list, str | int]]:
@@ -149,195 +142,98 @@ def update_slots(model: nn.Module, optimizer: optim.Optimizer) -> list[tuple[dic
     return slots
 
 
-def evaluate(loaded: MLXLoaded, rows: list[Encoded], batch_size: int, loss_sum) -> float | None:
-    """Token-weighted mean loss over all supervised tokens (batches of similar length, fixed order)."""
-    if not rows:
-        return None
-    loaded.model.eval()
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i].ids))
-    total, count = 0.0, 0
-    for start in range(0, len(order), batch_size):
-        inputs, targets, positions, weights, n = make_batch([rows[i] for i in order[start:start + batch_size]],
-                                                            loaded.pad_id)
-        if n:  # eager: a few batches, not worth compiling
-            _, ce = loss_sum(loaded.model, inputs, targets, positions, weights, 1.0)
-            total += ce.item()
-            count += n
-    loaded.model.train()
-    return total / count if count else None
+class MLXEngine:
+    """Engine protocol on an mlx-lm model with LoRA layers."""
 
+    name = "mlx"
+    rank, world = 0, 1
 
-class _Interrupt:
-    """First Ctrl-C asks the loop to stop after the current step (and save); a second one aborts."""
+    def __init__(self, loaded: MLXLoaded, cfg: Config):
+        t = cfg.train
+        self.loaded, self.cfg, self.model = loaded, cfg, loaded.model
+        self.device = str(mx.default_device())
+        self.warnings = list(loaded.warnings)
+        mx.random.seed(t.seed)  # lora_a's init is random: the same seed gives the same adapter start
+        if loaded.lora is None:
+            attach_lora(loaded, cfg.lora)
+        else:  # continue training a loaded adapter: only its LoRA matrices learn
+            self.model.freeze()
+            self.model.unfreeze(keys=["lora_a", "lora_b", "m"], strict=False)  # m: DoRA magnitudes
+        self.optimizer = optim.AdamW(learning_rate=t.lr, betas=[0.9, 0.999], eps=1e-8, weight_decay=t.weight_decay,
+                                     bias_correction=True)  # mlx defaults to no bias correction; torch's has it
+        self.loss_sum = make_loss(self.model)
+        self.optimizer.init(self.model.trainable_parameters())
+        self._build()
+        self.model.train()
 
-    def __init__(self):
-        self.requested = False
-        self._previous = None
+    def _build(self) -> None:
+        # The compiled functions capture optimizer.state: rebuild them whenever a resume replaces it.
+        self._state, self._accumulate, self._step = compiled_step(self.model, self.optimizer, self.loss_sum,
+                                                                  self.cfg.train.max_grad_norm)
+        self._slots = update_slots(self.model, self.optimizer)
 
-    def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: leave Ctrl-C alone
-            self._previous = None
-        return self
+    def param_counts(self) -> tuple[int, int]:
+        trainable = sum(v.size for _, v in tree_flatten(self.model.trainable_parameters()))
+        return int(trainable), int(sum(v.size for _, v in tree_flatten(self.model.parameters())))
 
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
+    def step(self, group: list[list[Encoded]], lr: float, step: int) -> StepResult:
+        mx.random.seed(self.cfg.train.seed * 1_000_003 + step)  # dropout noise per step, reproducible on resume
+        prepared = [make_batch(rows, self.loaded.pad_id, pad=True) for rows in group]
+        prepared = [p for p in prepared if p[4]]
+        norm = sum(p[4] for p in prepared)  # the whole group's supervised tokens (as torch does)
+        norm_array = mx.array(norm, mx.float32)  # an array, not a float: a Python number would retrace
+        loss, grads = None, None
+        for inputs, targets, positions, weights, _ in prepared[:-1]:
+            loss, grads = self._accumulate(inputs, targets, positions, weights, norm_array, loss, grads)
+            mx.eval(loss, grads)  # one batch's activations in memory at a time
+        self.optimizer.learning_rate = lr
+        before = [container[key] for container, key in self._slots]
+        loss, grad_norm = self._step(*prepared[-1][:4], norm_array, loss, grads)
+        mx.eval(loss, grad_norm, self._state)
+        loss_value, norm_value = loss.item(), grad_norm.item()
+        tokens = sum(len(r.ids) for rows in group for r in rows)
+        applied = math.isfinite(loss_value) and math.isfinite(norm_value)
+        if not applied:
+            for (container, key), value in zip(self._slots, before):  # undo the update: weights and moments
+                container[key] = value
+        return StepResult(loss_value, norm_value, tokens, int(norm), applied)
 
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+    def eval_loss(self, rows: list[Encoded]) -> float:
+        self.model.eval()
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i].ids))
+        bs = self.cfg.train.batch_size
+        total, count = 0.0, 0
+        for start in range(0, len(order), bs):
+            inputs, targets, positions, weights, n = make_batch([rows[i] for i in order[start:start + bs]],
+                                                                self.loaded.pad_id)
+            if n:  # eager: a few batches, not worth compiling
+                _, ce = self.loss_sum(self.model, inputs, targets, positions, weights, 1.0)
+                total += ce.item()
+                count += n
+        self.model.train()
+        return total / count if count else math.nan
 
+    def save_adapter(self, folder: Path) -> None:
+        save_adapter(self.loaded, folder)
 
-def _fingerprint(train_rows: list[Encoded], cfg: Config) -> dict:
-    t = cfg.train
-    return {"train_rows": len(train_rows), "batch_size": t.batch_size, "grad_accum": t.grad_accum,
-            "epochs": t.epochs, "seed": t.seed}
+    def load_adapter(self, folder: Path) -> None:
+        self.model.load_weights(list(mx.load(str(Path(folder) / "adapters.safetensors")).items()), strict=False)
 
+    def save_state(self, folder: Path) -> None:
+        state.save(self.optimizer, folder)
 
-def _resume(loaded, optimizer, resume: Path, run_dir: Path, fingerprint: dict) -> tuple[Path, dict]:
-    folder = checkpoint.find(resume)
-    saved = checkpoint.restore(loaded, optimizer, folder)
-    mismatch = [f"{k} now {v} vs {saved['fingerprint'].get(k)} in the checkpoint"
-                for k, v in fingerprint.items() if saved.get("fingerprint", {}).get(k) != v]
-    if mismatch:
-        raise UserError(f"{folder}: cannot resume with different settings ({', '.join(mismatch)})")
-    old_adapter = folder.parent.parent / "adapter"  # the best adapter so far lives in the old run folder
-    if old_adapter.is_dir() and not (run_dir / "adapter").exists():
-        shutil.copytree(old_adapter, run_dir / "adapter")
-    return folder, saved
+    def restore_state(self, folder: Path) -> None:
+        state.restore(self.loaded, self.optimizer, folder, adapter_weights(self.model))
+        self._build()
 
+    def memory_mb(self) -> float:
+        return mx.get_peak_memory() / 2**20
 
-def train(loaded: MLXLoaded, train_rows: list[Encoded], valid_rows: list[Encoded], cfg: Config, run_dir: Path,
-          on_event: Callable[[dict], None], resume: Path | None = None) -> TrainOutcome:
-    t = cfg.train
-    if not train_rows:
-        raise UserError("no training rows with supervised tokens; check the data folder's train.jsonl")
-    if t.batch_size < 1 or t.grad_accum < 1 or t.epochs < 1:
-        raise UserError("train.batch_size, train.grad_accum and train.epochs must be >= 1")
-    model = loaded.model
-    mx.random.seed(t.seed)  # lora_a's init is random: the same seed gives the same adapter start
-    if loaded.lora is None:
-        attach_lora(loaded, cfg.lora)
-    else:  # continue training a loaded adapter: only its LoRA matrices learn
-        model.freeze()
-        model.unfreeze(keys=["lora_a", "lora_b", "m"], strict=False)  # m: DoRA magnitudes
-    optimizer = optim.AdamW(learning_rate=t.lr, betas=[0.9, 0.999], eps=1e-8, weight_decay=t.weight_decay,
-                            bias_correction=True)  # mlx defaults to no bias correction; torch's AdamW has it
-    per_epoch = steps_per_epoch(len(train_rows), t.batch_size, t.grad_accum)
-    total = total_steps(len(train_rows), t.batch_size, t.grad_accum, t.epochs, t.max_steps)
-    fingerprint = _fingerprint(train_rows, cfg)
-    state = {"step": 0, "best_eval_loss": None, "best_step": None, "bad_evals": 0, "elapsed_s": 0.0}
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if resume is not None:
-        folder, saved = _resume(loaded, optimizer, Path(resume), run_dir, fingerprint)
-        state.update({k: saved[k] for k in state if k in saved})
-    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-    total_params = sum(v.size for _, v in tree_flatten(model.parameters()))
-    on_event({"type": "start", "total_steps": total, "epochs": t.epochs, "train_rows": len(train_rows),
-              "valid_rows": len(valid_rows), "trainable_params": int(trainable), "total_params": int(total_params),
-              "backend": "mlx", "device": str(mx.default_device())})
-    for note in loaded.warnings:
-        on_event({"type": "warning", "message": note})
-    if resume is not None:
-        on_event({"type": "warning", "message": f"resumed from {folder} at step {state['step']}"})
+    def agree(self, flag: bool) -> bool:
+        return flag
 
-    loss_sum = make_loss(model)
-    optimizer.init(model.trainable_parameters())  # no-op after a resume; the compiled update needs the moments
-    compiled_state, accumulate, train_step = compiled_step(model, optimizer, loss_sum, t.max_grad_norm)
-    slots = update_slots(model, optimizer)
-    started = time.perf_counter() - state["elapsed_s"]
-    stopped = "completed"
-    step = state["step"]
-    evaluated_at = step if resume is not None else None
+    def barrier(self) -> None:
+        pass
 
-    def epoch_of(s: int) -> int:  # 1-based epoch of the last finished step
-        return min(max(s - 1, 0) // per_epoch + 1, t.epochs)
-
-    def eval_and_checkpoint(with_eval: bool = True) -> None:
-        """Evaluate (not when interrupted), write the best adapter to run_dir/adapter, checkpoint."""
-        nonlocal stopped, evaluated_at
-        evaluated_at = step
-        eval_loss = evaluate(loaded, valid_rows, t.batch_size, loss_sum) if with_eval else None
-        if eval_loss is not None:
-            best = math.isfinite(eval_loss) and (state["best_eval_loss"] is None or eval_loss < state["best_eval_loss"])
-            if best:
-                state.update(best_eval_loss=eval_loss, best_step=step, bad_evals=0)
-                save_adapter(loaded, run_dir / "adapter")
-            else:
-                state["bad_evals"] += 1
-            on_event({"type": "eval", "step": step, "epoch": epoch_of(step), "eval_loss": eval_loss, "best": best})
-        state.update(step=step, elapsed_s=time.perf_counter() - started)
-        path = checkpoint.save(loaded, optimizer, run_dir, step,
-                               {**state, "total_steps": total, "fingerprint": fingerprint})
-        checkpoint.prune(run_dir, {step, state["best_step"]} - {None})  # the latest (to resume) and the best
-        on_event({"type": "checkpoint", "step": step, "path": str(path)})
-        if t.early_stopping_patience and valid_rows and state["bad_evals"] >= t.early_stopping_patience:
-            stopped = "early_stopped"
-
-    model.train()
-    with _Interrupt() as interrupt:
-        groups, groups_epoch = [], None
-        while step < total and stopped == "completed":
-            if interrupt.requested:
-                stopped = "interrupted"
-                break
-            epoch = step // per_epoch
-            if epoch != groups_epoch:  # the shared, seeded batch order: both backends see the same groups
-                batches = epoch_batches(train_rows, t.batch_size, t.seed, epoch)
-                groups = [batches[i:i + t.grad_accum] for i in range(0, len(batches), t.grad_accum)]
-                groups_epoch = epoch
-            group = groups[step - epoch * per_epoch]
-            tic = time.perf_counter()
-            mx.random.seed(t.seed * 1_000_003 + step)  # dropout noise per step, reproducible on resume
-            prepared = [make_batch([train_rows[i] for i in rows], loaded.pad_id, pad=True) for rows in group]
-            prepared = [p for p in prepared if p[4]]
-            norm = sum(p[4] for p in prepared)  # the whole group's supervised tokens (as torch does)
-            norm_array = mx.array(norm, mx.float32)  # an array, not a float: a Python number would retrace
-            loss, grads = None, None
-            for inputs, targets, positions, weights, _ in prepared[:-1]:
-                loss, grads = accumulate(inputs, targets, positions, weights, norm_array, loss, grads)
-                mx.eval(loss, grads)  # one batch's activations in memory at a time
-            optimizer.learning_rate = lr = lr_at(step, t.lr, t.warmup_steps, total, t.schedule)
-            before = [container[key] for container, key in slots]
-            loss, grad_norm = train_step(*prepared[-1][:4], norm_array, loss, grads)
-            mx.eval(loss, grad_norm, compiled_state)
-            loss_value, norm_value = loss.item(), grad_norm.item()
-            if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-                for (container, key), value in zip(slots, before):  # undo the update: weights and moments
-                    container[key] = value
-                on_event({"type": "warning", "message": f"loss {loss_value} / grad-norm {norm_value} is not finite "
-                          f"at step {step + 1}; stopped without applying it. Lower train.lr or check the data."})
-                stopped = "non_finite"
-                break
-            step += 1
-            seconds = max(time.perf_counter() - tic, 1e-9)
-            tokens = sum(len(train_rows[i].ids) for rows in group for i in rows)
-            on_event({"type": "step", "step": step, "epoch": epoch + 1, "loss": loss_value, "lr": lr,
-                      "grad_norm": norm_value, "tokens": tokens, "supervised_tokens": int(norm),
-                      "tokens_per_s": tokens / seconds, "supervised_tokens_per_s": norm / seconds,
-                      "elapsed_s": time.perf_counter() - started, "memory_mb": mx.get_peak_memory() / 2 ** 20})
-            epoch_done = step % per_epoch == 0
-            if step == total or (t.eval_every and step % t.eval_every == 0) or (not t.eval_every and epoch_done):
-                eval_and_checkpoint()
-        if stopped == "completed" and total < per_epoch * t.epochs:
-            stopped = "max_steps"
-        if stopped == "interrupted" and evaluated_at != step and step > 0:
-            eval_and_checkpoint(with_eval=False)  # so the run can resume from here
-
-    final = run_dir / "adapter"
-    if not valid_rows or not final.exists():
-        save_adapter(loaded, final)  # no eval picked a best one: the final (or last good) weights
-    elif state["best_step"] is not None and state["best_step"] != step:
-        # Later generation with this loaded model should use the kept (best) adapter, as the run dir does.
-        loaded.model.load_weights(list(mx.load(str(final / "adapters.safetensors")).items()), strict=False)
-    elapsed = time.perf_counter() - started
-    on_event({"type": "done", "steps": step, "stopped": stopped, "best_eval_loss": state["best_eval_loss"],
-              "best_step": state["best_step"], "elapsed_s": elapsed})
-    model.eval()
-    return TrainOutcome(run_dir, step, state["best_eval_loss"], state["best_step"], stopped,
-                        {"adapter": str(final), "adapter_format": "mlx", "total_steps": total,
-                         "trainable_params": int(trainable), "total_params": int(total_params),
-                         "elapsed_s": elapsed})
+    def close(self) -> None:
+        self.model.eval()

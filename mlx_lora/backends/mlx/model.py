@@ -20,6 +20,7 @@ from mlx_lm.utils import load_model, save_config, save_model
 from mlx_lora.backends import adapters
 from mlx_lora.core.config import Config, GenerateConfig, LoraConfig
 from mlx_lora.core.errors import UserError
+from mlx_lora.core.hf_config import rope_override
 from mlx_lora.core.files import staged_dir
 
 OPENBLAS_FIX = ("apt-get install libopenblas0-pthread libgfortran5, then "
@@ -55,18 +56,6 @@ def blas_note() -> str | None:
         return None
     return ("mlx-cpu on Linux uses the unoptimised reference BLAS (~20x slower matmuls than torch); "
             f"fine for tiny models. Fix: {OPENBLAS_FIX}")
-
-
-def rope_override(config: dict) -> dict:
-    """transformers 5 writes rope_theta only inside rope_parameters; mlx-lm reads the top-level key and
-    silently falls back to 1e6. Pass the real value (and non-default scaling) so both frameworks agree."""
-    params = config.get("rope_parameters")
-    override: dict[str, Any] = {}
-    if isinstance(params, dict) and "rope_theta" not in config and "rope_theta" in params:
-        override["rope_theta"] = params["rope_theta"]
-        if params.get("rope_type", "default") != "default" and not config.get("rope_scaling"):
-            override["rope_scaling"] = {k: v for k, v in params.items() if k != "rope_theta"}
-    return override
 
 
 def _pad_id(config: dict) -> int:

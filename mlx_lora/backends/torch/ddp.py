@@ -50,15 +50,6 @@ def device_for(d: Dist, device: torch.device) -> torch.device:
     return device
 
 
-def shard(batches: list, d: Dist) -> list:
-    """This rank's share of an epoch's batch list. Every rank gets the same count (so collectives line up):
-    when the batches do not divide evenly, the short ranks wrap around to the epoch's first batches."""
-    if not d.active:
-        return batches
-    per_rank = math.ceil(len(batches) / d.world)
-    return [batches[(d.rank + k * d.world) % len(batches)] for k in range(per_rank)]
-
-
 def all_sum(values: list[float], d: Dist, device: torch.device) -> list[float]:
     """Sum small scalars over ranks (loss sums, token counts): float64 keeps token counts exact."""
     if not d.active:

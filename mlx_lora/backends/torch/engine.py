@@ -1,33 +1,23 @@
-"""The LoRA training loop: masked loss on gathered positions, accumulation, AdamW, eval, checkpoints, resume."""
+"""The torch training engine: masked loss on gathered positions (shared prefix once), accumulation, AdamW, DDP."""
 
 from __future__ import annotations
 
 import math
 import resource
-import shutil
 import sys
-import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from peft import set_peft_model_state_dict
-from safetensors.torch import load_file
 
-from mlx_lora.backends import OnEvent, TrainOutcome
-from mlx_lora.data.batching import epoch_batches, pad_batch
-from mlx_lora.core.config import Config
-from mlx_lora.core.errors import UserError
-from mlx_lora.data.render import Encoded
-from mlx_lora.training.schedule import lr_at
-
-from mlx_lora.backends.torch import state as checkpoint
-
-from mlx_lora.backends.torch import ddp
-from mlx_lora.backends.torch.state import Position
+from mlx_lora.backends.protocol import StepResult
+from mlx_lora.backends.torch import ddp, state
 from mlx_lora.backends.torch.generate import cache_kwarg, returned_cache
-
+from mlx_lora.backends.torch.lora import attach
+from mlx_lora.backends.torch.model import Loaded
+from mlx_lora.core.config import Config
+from mlx_lora.data.batching import pad_batch
+from mlx_lora.data.render import Encoded
 
 # A short shared prefix is not worth a pass of its own: ~21 shared tokens of ~85 measured only 1.03x (batch 4).
 MIN_SHARED_PREFIX = 16
@@ -109,218 +99,107 @@ def make_optimizer(named: list[tuple[str, torch.nn.Parameter]], cfg: Config) -> 
     return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.999), eps=1e-8)
 
 
-class Trainer:
-    def __init__(self, peft_model, train: list[Encoded], valid: list[Encoded], cfg: Config, run_dir: Path,
-                 on_event: OnEvent, device: torch.device, pad_id: int, dist: ddp.Dist):
-        if not train:
-            raise UserError("no training rows with supervised tokens; check the data folder's train.jsonl")
-        self.model, self.train_rows, self.valid_rows, self.cfg = peft_model, train, valid, cfg
-        self.run_dir, self.device, self.pad_id, self.dist = Path(run_dir), device, pad_id, dist
-        self._emit = on_event
-        t = cfg.train
-        if t.batch_size < 1 or t.grad_accum < 1 or t.epochs < 1:
-            raise UserError("train.batch_size, train.grad_accum and train.epochs must be >= 1")
-        self.named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
+class TorchEngine:
+    """Engine protocol on a PEFT model; data-parallel across ranks under torchrun."""
+
+    name = "torch"
+
+    def __init__(self, loaded: Loaded, cfg: Config):
+        from peft import PeftModel
+
+        self.dist = ddp.from_env(loaded.device.type)
+        loaded.device = ddp.device_for(self.dist, loaded.device)
+        self.rank, self.world = self.dist.rank, self.dist.world
+        self.loaded, self.cfg, self.device_ = loaded, cfg, loaded.device
+        self.device = str(loaded.device)
+        self.warnings: list[str] = []
+        torch.manual_seed(cfg.train.seed)  # before attaching: lora_A's initialisation is random
+        model = loaded.model.to(loaded.device)
+        if isinstance(model, PeftModel):  # continue training a loaded adapter
+            for name, param in model.named_parameters():
+                param.requires_grad = "lora_" in name
+        else:
+            model = attach(model, cfg.lora)
+        loaded.model = self.model = model
+        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.names = [n for n, _ in self.named]
-        self.loss_fn = MaskedLMLoss(peft_model.get_base_model())
-        self.wrapped = ddp.wrap(self.loss_fn, dist, device)
+        self.loss_fn = MaskedLMLoss(model.get_base_model())
+        self.wrapped = ddp.wrap(self.loss_fn, self.dist, loaded.device)
         self.optimizer = make_optimizer(self.named, cfg)
-        n_batches = math.ceil(len(train) / t.batch_size)
-        self.groups_per_epoch = math.ceil(math.ceil(n_batches / dist.world) / t.grad_accum)
-        full = self.groups_per_epoch * t.epochs
-        self.total = min(full, t.max_steps) if t.max_steps else full
-        self.capped = self.total < full
-        self.pos = Position()
-        self.rng = checkpoint.rng_snapshot()
+        model.train()
 
-    # -- events and files: rank 0 only -------------------------------------------------------------------
-    def emit(self, event: dict) -> None:
-        if self.dist.main:
-            self._emit(event)
+    def param_counts(self) -> tuple[int, int]:
+        return sum(p.numel() for _, p in self.named), sum(p.numel() for p in self.model.parameters())
 
-    def fingerprint(self) -> dict:
-        t = self.cfg.train
-        return {"train_rows": len(self.train_rows), "batch_size": t.batch_size, "grad_accum": t.grad_accum,
-                "epochs": t.epochs, "seed": t.seed, "world_size": self.dist.world, "total_steps": self.total}
-
-    def save_checkpoint(self, sync: bool = True) -> None:
-        if self.dist.main:
-            path = checkpoint.save(self.run_dir / "checkpoints", self.model, self.optimizer, self.names, self.pos,
-                                   self.rng, self.fingerprint())
-            self.emit({"type": "checkpoint", "step": self.pos.step, "path": str(path)})
-        if sync:
-            ddp.barrier(self.dist)
-
-    def save_adapter(self) -> None:
-        if self.dist.main:
-            checkpoint.save_adapter(self.model, self.run_dir / "adapter")
-
-    # -- resume ------------------------------------------------------------------------------------------
-    def resume(self, path: Path) -> None:
-        path = checkpoint.resolve(path)
-        pos, tensors, steps, rng, fingerprint, adapter_file = checkpoint.load(path)
-        mismatch = {k: (v, fingerprint.get(k)) for k, v in self.fingerprint().items()
-                    if k != "total_steps" and fingerprint.get(k) != v}
-        if mismatch:
-            detail = ", ".join(f"{k} now {a} vs {b} in the checkpoint" for k, (a, b) in mismatch.items())
-            raise UserError(f"{path}: cannot resume with different settings ({detail})")
-        try:
-            result = set_peft_model_state_dict(self.model, load_file(str(adapter_file)))
-        except RuntimeError:  # torch's size-mismatch report runs to dozens of lines
-            raise UserError(f"{path}: checkpoint LoRA layout differs from the lora.* settings of this run (or another "
-                            "base model); resume with the same model, rank, targets and num_layers") from None
-        if getattr(result, "unexpected_keys", None):
-            raise UserError(f"{adapter_file}: adapter does not match this model/LoRA config")
-        checkpoint.load_optimizer(self.optimizer, self.names, tensors, steps)
-        checkpoint.restore_rng(rng)
-        self.pos, self.rng = pos, rng
-        old_adapter = path.parent.parent / "adapter"  # the best adapter so far lives in the old run folder
-        if self.dist.main and old_adapter.is_dir() and not (self.run_dir / "adapter").exists():
-            shutil.copytree(old_adapter, self.run_dir / "adapter")
-
-    # -- one optimizer step ------------------------------------------------------------------------------
     def _tensor(self, rows: list[list[int]]) -> torch.Tensor:
-        return torch.tensor(rows, dtype=torch.long, device=self.device)
+        return torch.tensor(rows, dtype=torch.long, device=self.device_)
 
-    def step(self, group: list[list[int]]) -> dict | None:
-        """Forward/backward every micro-batch of the group, then clip and step; None when the loss is not finite."""
-        rows = [[self.train_rows[i] for i in batch] for batch in group]
-        local_sup = sum(supervised(r) for b in rows for r in b)
-        local_tok = sum(len(r.ids) for b in rows for r in b)
+    def step(self, group: list[list[Encoded]], lr: float, step: int) -> StepResult:
+        local_sup = sum(supervised(r) for b in group for r in b)
+        local_tok = sum(len(r.ids) for b in group for r in b)
         # The loss is a mean over the supervised tokens of the whole group on all ranks: each micro-batch's
         # sum is divided by that global count (× world, because DDP averages gradients over ranks).
-        (global_sup,) = ddp.all_sum([local_sup], self.dist, self.device)
-        scale = self.dist.world / max(global_sup, 1.0)
+        (global_sup,) = ddp.all_sum([local_sup], self.dist, self.device_)
+        scale = self.world / max(global_sup, 1.0)
         loss_sum = 0.0
-        for k, batch in enumerate(rows):
-            ids, mask, _ = pad_batch(batch, self.pad_id)
-            with ddp.no_sync(self.wrapped, skip=k < len(rows) - 1):
+        for k, batch in enumerate(group):
+            ids, mask, _ = pad_batch(batch, self.loaded.pad_id)
+            with ddp.no_sync(self.wrapped, skip=k < len(group) - 1):
                 part = self.wrapped(self._tensor(ids), self._tensor(mask))
                 (part * scale).backward()
             loss_sum += part.item()
-        loss_sum, sup, tok = ddp.all_sum([loss_sum, local_sup, local_tok], self.dist, self.device)
+        loss_sum, sup, tok = ddp.all_sum([loss_sum, local_sup, local_tok], self.dist, self.device_)
         params = [p for _, p in self.named]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.train.max_grad_norm))
+        # train.max_grad_norm 0 means no clipping (as on MLX); torch would scale every gradient to zero.
+        limit = self.cfg.train.max_grad_norm if self.cfg.train.max_grad_norm > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, limit))
         loss = loss_sum / max(sup, 1.0)
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            self.optimizer.zero_grad(set_to_none=True)
-            return {"loss": loss, "grad_norm": grad_norm}
-        self.optimizer.step()
+        applied = math.isfinite(loss) and math.isfinite(grad_norm)
+        if applied:  # else the gradients are dropped: weights and moments stay as they were
+            for group_ in self.optimizer.param_groups:
+                group_["lr"] = lr
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss, "grad_norm": grad_norm, "tokens": int(tok), "supervised_tokens": int(sup)}
+        return StepResult(loss, grad_norm, int(tok), int(sup), applied)
 
-    def set_lr(self) -> float:
-        t = self.cfg.train
-        lr = lr_at(self.pos.step, t.lr, t.warmup_steps, self.total, t.schedule)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        return lr
-
-    # -- evaluation --------------------------------------------------------------------------------------
     @torch.no_grad()
-    def eval_loss(self) -> float:
+    def eval_loss(self, rows: list[Encoded]) -> float:
         self.model.eval()
-        order = sorted(range(len(self.valid_rows)), key=lambda i: len(self.valid_rows[i].ids))
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i].ids))
         bs = self.cfg.train.batch_size
-        batches = [order[i:i + bs] for i in range(0, len(order), bs)][self.dist.rank::self.dist.world]
+        batches = [order[i:i + bs] for i in range(0, len(order), bs)][self.rank::self.world]
         total, count = 0.0, 0
         for batch in batches:
-            rows = [self.valid_rows[i] for i in batch]
-            ids, mask, _ = pad_batch(rows, self.pad_id)
+            chunk = [rows[i] for i in batch]
+            ids, mask, _ = pad_batch(chunk, self.loaded.pad_id)
             total += self.loss_fn(self._tensor(ids), self._tensor(mask)).item()
-            count += sum(supervised(r) for r in rows)
-        total, count = ddp.all_sum([total, count], self.dist, self.device)
+            count += sum(supervised(r) for r in chunk)
+        total, count = ddp.all_sum([total, count], self.dist, self.device_)
         self.model.train()
-        return total / max(count, 1.0)
+        return total / count if count else math.nan
 
-    def eval_due(self) -> bool:
-        every = self.cfg.train.eval_every
-        epoch_end = self.pos.group == 0 and self.pos.step > 0
-        return self.pos.step == self.total or (every > 0 and self.pos.step % every == 0) or (not every and epoch_end)
+    def save_adapter(self, folder: Path) -> None:
+        state.save_adapter(self.model, folder)
 
-    def evaluate_and_checkpoint(self) -> bool:
-        """Eval (when there is a valid set), keep the best adapter, checkpoint; True when patience ran out."""
-        pos = self.pos
-        if self.valid_rows:
-            loss = self.eval_loss()
-            best = pos.best_eval_loss is None or loss < pos.best_eval_loss
-            if best:
-                pos.best_eval_loss, pos.best_step, pos.bad_evals = loss, pos.step, 0
-                self.save_adapter()
-            else:
-                pos.bad_evals += 1
-            self.emit({"type": "eval", "step": pos.step, "epoch": self._epoch_label(), "eval_loss": loss,
-                       "best": best})
-        pos.last_eval_step = pos.step
-        self.save_checkpoint()
-        patience = self.cfg.train.early_stopping_patience
-        return bool(patience and self.valid_rows and pos.bad_evals >= patience)
+    def load_adapter(self, folder: Path) -> None:
+        state.load_adapter(self.model, Path(folder))
 
-    def _epoch_label(self) -> int:
-        """1-based epoch of the last finished step."""
-        return self.pos.epoch if self.pos.group == 0 and self.pos.step else self.pos.epoch + 1
+    def save_state(self, folder: Path) -> None:
+        state.save(folder, self.optimizer, self.names)
 
-    # -- the loop ----------------------------------------------------------------------------------------
-    def run(self, resume: Path | None = None) -> TrainOutcome:
-        t = self.cfg.train
-        if resume is not None:
-            self.resume(resume)
-        trainable = sum(p.numel() for _, p in self.named)
-        total_params = sum(p.numel() for p in self.model.parameters())
-        self.emit({"type": "start", "total_steps": self.total, "epochs": t.epochs, "train_rows": len(self.train_rows),
-                   "valid_rows": len(self.valid_rows), "trainable_params": trainable, "total_params": total_params,
-                   "backend": "torch", "device": str(self.device)})
-        self.model.train()
-        started = time.perf_counter() - self.pos.elapsed_s
-        stopped = "max_steps" if self.capped else "completed"
-        try:
-            if self.pos.step and self.pos.last_eval_step != self.pos.step and self.eval_due():
-                if self.evaluate_and_checkpoint():  # interrupted during an eval: finish it first
-                    stopped = "early_stopped"
-            while stopped not in ("early_stopped", "non_finite") and self.pos.step < self.total:
-                batches = ddp.shard(epoch_batches(self.train_rows, t.batch_size, t.seed, self.pos.epoch), self.dist)
-                groups = [batches[i:i + t.grad_accum] for i in range(0, len(batches), t.grad_accum)]
-                while self.pos.group < len(groups) and self.pos.step < self.total:
-                    lr = self.set_lr()
-                    tick = time.perf_counter()
-                    result = self.step(groups[self.pos.group])
-                    if "tokens" not in result:
-                        stopped = "non_finite"
-                        self.emit({"type": "warning", "message": self._non_finite_message(result)})
-                        break
-                    self.pos.step += 1
-                    self.pos.group += 1
-                    epoch_done = self.pos.group == len(groups)
-                    if epoch_done:
-                        self.pos.epoch, self.pos.group = self.pos.epoch + 1, 0
-                    self.rng = checkpoint.rng_snapshot()
-                    seconds = max(time.perf_counter() - tick, 1e-9)
-                    self.pos.elapsed_s = time.perf_counter() - started
-                    self.emit({"type": "step", "step": self.pos.step, "epoch": self._epoch_label(), "lr": lr,
-                               **result, "tokens_per_s": result["tokens"] / seconds,
-                               "supervised_tokens_per_s": result["supervised_tokens"] / seconds,
-                               "elapsed_s": self.pos.elapsed_s, "memory_mb": memory_mb(self.device)})
-                    if self.eval_due() and self.evaluate_and_checkpoint():
-                        stopped = "early_stopped"
-                        break
-                    if epoch_done:
-                        break  # the next epoch has its own batch order
-        except KeyboardInterrupt:
-            stopped = "interrupted"
-            self.optimizer.zero_grad(set_to_none=True)  # a half-accumulated group is dropped, its data redone
-            self.pos.elapsed_s = time.perf_counter() - started
-            self.save_checkpoint(sync=False)  # other ranks may be mid-collective: no barrier
-        if not self.valid_rows or not (self.run_dir / "adapter").exists():
-            self.save_adapter()  # no eval to pick a best one: the final (or last good) weights
-        elapsed = time.perf_counter() - started
-        self.emit({"type": "done", "steps": self.pos.step, "stopped": stopped,
-                   "best_eval_loss": self.pos.best_eval_loss, "best_step": self.pos.best_step, "elapsed_s": elapsed})
-        return TrainOutcome(self.run_dir, self.pos.step, self.pos.best_eval_loss, self.pos.best_step, stopped,
-                            extra={"total_steps": self.total, "elapsed_s": elapsed, "adapter_format": "peft",
-                                   "position": asdict(self.pos)})
+    def restore_state(self, folder: Path) -> None:
+        state.restore(folder, self.model, self.optimizer, self.names)
 
-    def _non_finite_message(self, result: dict) -> str:
-        kept = checkpoint.list_checkpoints(self.run_dir / "checkpoints")
-        where = f"checkpoints/step-{kept[-1]}" if kept else "none yet; adapter/ holds the weights before the bad step"
-        return (f"loss {result['loss']} / grad-norm {result['grad_norm']} is not finite at step {self.pos.step + 1}; "
-                f"stopped without applying it. Last good checkpoint: {where}. Lower train.lr or check the data.")
+    def memory_mb(self) -> float:
+        return memory_mb(self.device_)
+
+    def agree(self, flag: bool) -> bool:
+        (count,) = ddp.all_sum([float(flag)], self.dist, self.device_)
+        return count > 0
+
+    def barrier(self) -> None:
+        ddp.barrier(self.dist)
+
+    def close(self) -> None:
+        ddp.shutdown(self.dist)
+        self.model.eval()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from mlx_lora.core.config import Config
 from mlx_lora.core.errors import UserError
+from mlx_lora.core.hf_config import add_top_level_rope
 
 from mlx_lora.backends.torch import model as loading
 from mlx_lora.backends.torch.model import Loaded
@@ -33,7 +34,7 @@ def fuse_loaded(loaded: Loaded, out_dir: str | Path) -> Path:
     for name in TOKENIZER_FILES:
         if (source / name).is_file() and not (out_dir / name).exists():
             shutil.copy2(source / name, out_dir / name)
-    add_top_level_rope_theta(out_dir / "config.json")
+    add_top_level_rope(out_dir / "config.json")
     return out_dir
 
 
@@ -42,13 +43,3 @@ def fuse(model_dir: str | Path, adapter: str | Path, out_dir: str | Path, cfg: C
     cfg = cfg or Config()
     cfg.backend.device, cfg.model.dtype = "cpu", "float32"
     return fuse_loaded(loading.load(model_dir, adapter, cfg), out_dir)
-
-
-def add_top_level_rope_theta(config_path: Path) -> None:
-    """transformers 5 writes rope_theta only inside rope_parameters; mlx-lm reads the top-level key and
-    silently falls back to 1e6 without it."""
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    theta = (config.get("rope_parameters") or {}).get("rope_theta")
-    if theta is not None and "rope_theta" not in config:
-        config["rope_theta"] = theta
-        config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from mlx_lora.backends.adapters import adapter_dir, detect_format
 from mlx_lora.core.config import Config
 from mlx_lora.core.errors import UserError
 
@@ -57,26 +58,6 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def adapter_format(path: Path) -> str:
-    """'peft' or 'mlx', from the files an adapter folder holds."""
-    if (path / "adapter_model.safetensors").is_file() and (path / "adapter_config.json").is_file():
-        return "peft"
-    if (path / "adapters.safetensors").is_file():
-        return "mlx"
-    raise UserError(f"{path}: not an adapter folder (expected adapter_model.safetensors or adapters.safetensors)")
-
-
-def adapter_dir(path: str | Path) -> Path:
-    """Accept an adapter folder or a run folder that holds one in adapter/."""
-    path = Path(path)
-    if (path / "adapter").is_dir():
-        path = path / "adapter"
-    if not path.is_dir():
-        raise UserError(f"{path}: adapter folder not found; pass a run folder or an adapter folder")
-    adapter_format(path)
-    return path
-
-
 def _peft_from_pretrained(peft_model, base, path: Path, trainable: bool):
     """PeftModel.from_pretrained, but LoRA weights that name none of this model's layers are an error: PEFT only
     warns ("missing adapter keys") and the result would silently be the base model."""
@@ -104,7 +85,7 @@ def _attach_adapter(base, path: Path, trainable: bool):
         except (OSError, ValueError) as exc:
             raise UserError(f"{config_file}: unreadable ({exc}); re-export the adapter") from None
     try:
-        if adapter_format(path) == "peft":
+        if detect_format(path) == "peft":
             return _peft_from_pretrained(PeftModel, base, path, trainable)
         from mlx_lora.backends.adapters import mlx_to_peft
 

@@ -1,0 +1,72 @@
+"""Assemble the answer decider from a config, the KB and the data splits; the no-LLM retrieval baseline."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from mlx_lora.answer.decide import Decider, Decision
+from mlx_lora.answer.route import SemanticRoute, calibrate_route, neighbours_from
+from mlx_lora.answer.rules import load_rules
+from mlx_lora.core.config import Config
+from mlx_lora.data.similarity import REFUSAL
+
+DEFAULT_REFUSAL = "抱歉,公司知識庫中沒有這個問題的相關規範,請洽詢 HR 或 IT Helpdesk。"
+
+
+def doc_answers(kb: dict, examples, prefix: str) -> dict[str, str]:
+    """Each doc's canonical answer: as the data rows wrote it (prefix + KB text), else prefix + text."""
+    answers = {doc_id: prefix + doc.text for doc_id, doc in kb.items()}
+    for example in examples:
+        doc_id = (example.meta or {}).get("doc_id")
+        if doc_id in kb and example.answer.endswith(kb[doc_id].text):
+            answers[doc_id] = example.answer
+    return answers
+
+
+def refusal_text(examples, cfg: Config) -> str:
+    """The refusal the data taught: most common expected answer of unanswerable rows; else the question bank's."""
+    seen = Counter(e.answer for e in examples if (e.meta or {}).get("answerable") is False)
+    if seen:
+        return seen.most_common(1)[0][0]
+    if cfg.data.questions and Path(cfg.data.questions).is_file():
+        from mlx_lora.data.questions import load_questions
+
+        return load_questions(cfg.data.questions).refusal
+    return DEFAULT_REFUSAL
+
+
+def retrieval_decisions(route: SemanticRoute, questions, answers: dict[str, str], refusal: str) -> list[Decision]:
+    """The no-LLM baseline: the answer of the nearest training question, whatever its score."""
+    out = []
+    for neighbour, score in route.nearest(questions, kinds=("question",)):
+        text = refusal if neighbour.label == REFUSAL else answers[neighbour.label]
+        out.append(Decision(text, "KB_RETRIEVAL", {"neighbour": neighbour.text, "neighbour_doc": neighbour.label,
+                                                   "score": round(score, 4)}))
+    return out
+
+
+def build_decider(cfg: Config, scorer, kb, train, valid, answers, refusal, index,
+                  rules_path) -> tuple[Decider, dict]:
+    """Keyword rules, then the semantic route (a topic classifier trained on the train split only).
+
+    Route thresholds not set in cfg.rules are calibrated out-of-fold on the train and valid questions
+    (route.calibrate_route); the test split is never used.
+    """
+    info: dict = {}
+    route = None
+    rules = load_rules(rules_path, kb) if rules_path else []
+    if train:
+        route = SemanticRoute(scorer, neighbours_from(train, {d: doc.text for d, doc in kb.items()}, index),
+                              cfg.rules.route_high, cfg.rules.route_low)
+        info["calibration"] = calibrate_route(route, train + valid, index)
+        route.high = cfg.rules.route_high if cfg.rules.route_high is not None else route.high
+        route.low = cfg.rules.route_low if cfg.rules.route_low is not None else route.low
+        if cfg.rules.answer_floor is not None:
+            route.answer_floor = cfg.rules.answer_floor
+        if not cfg.rules.answerability:
+            route.answer_floor = None
+        info["route"] = route.describe()
+    info["rules"] = {"path": str(rules_path) if rules_path else None, "count": len(rules),
+                     "kb_match_threshold": cfg.rules.kb_match_threshold}
+    return Decider(rules, answers, index, refusal, cfg.rules.kb_match_threshold, route), info

@@ -1,0 +1,85 @@
+"""What a backend implements: a Backend (load, engine, generate, fuse) and an Engine (one training step)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from mlx_lora.core.config import Config, GenerateConfig
+from mlx_lora.data.render import Encoded
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One optimizer step on an accumulation group; `applied` is False when its loss or grad-norm was not finite
+    and the engine left weights and optimizer state as they were before it."""
+
+    loss: float  # mean over the group's supervised tokens (on all ranks)
+    grad_norm: float  # before clipping
+    tokens: int
+    supervised_tokens: int
+    applied: bool = True
+
+
+class Engine(Protocol):
+    """A backend's training step and state; the shared loop (mlx_lora.training.loop) owns all policy."""
+
+    name: str  # the backend's name, written into checkpoints
+    device: str
+    rank: int  # this process under data parallelism (0 otherwise)
+    world: int
+    warnings: list[str]  # notes from loading, reported once when training starts
+
+    def param_counts(self) -> tuple[int, int]:
+        """(trainable, total) parameters."""
+
+    def step(self, group: list[list[Encoded]], lr: float, step: int) -> StepResult:
+        """Forward/backward each micro-batch of the group, clip, apply AdamW at lr; `step` seeds dropout."""
+
+    def eval_loss(self, rows: list[Encoded]) -> float:
+        """Token-weighted mean loss over every supervised token of rows (all ranks together)."""
+
+    def save_adapter(self, folder: Path) -> None:
+        """Write the adapter in the backend's native format into the new folder `folder`."""
+
+    def load_adapter(self, folder: Path) -> None:
+        """Replace the adapter weights with a saved adapter's (the run's best, at the end)."""
+
+    def save_state(self, folder: Path) -> None:
+        """Write optimizer moments and RNG state files into a checkpoint folder being built."""
+
+    def restore_state(self, folder: Path) -> None:
+        """Adapter weights, optimizer moments and RNG from a checkpoint folder; a layout mismatch is a UserError."""
+
+    def memory_mb(self) -> float:
+        """Peak memory so far."""
+
+    def agree(self, flag: bool) -> bool:
+        """True when `flag` is set on any rank (so all ranks stop at the same step)."""
+
+    def barrier(self) -> None:
+        """Wait for every rank (after rank 0 wrote files)."""
+
+    def close(self) -> None:
+        """Release process groups and the like."""
+
+
+class Backend(Protocol):
+    name: str
+
+    def available(self) -> tuple[bool, str]:
+        """(usable here?, one line why or why not) — must not import the heavy library when it is absent."""
+
+    def load(self, model_dir: Path, adapter: Path | None, cfg: Config) -> Any:
+        """Load the base model (and an adapter of either format) for training or generation."""
+
+    def engine(self, loaded: Any, cfg: Config) -> Engine:
+        """Attach LoRA layers (or unfreeze a loaded adapter's) and build the optimizer: a ready Engine."""
+
+    def generate(self, loaded: Any, prompts: list[list[int]], cfg: GenerateConfig, stop_ids: list[int],
+                 on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+        """New token ids for each prompt (batched); on_token(prompt_index, token_id) streams them."""
+
+    def fuse(self, loaded: Any, out_dir: Path) -> Path:
+        """Merge the loaded adapter into the base weights and save an HF folder."""

@@ -1,0 +1,97 @@
+"""`mlx-lora generate`: answer questions with a model (plus adapter), streamed, or decided with --rules."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from mlx_lora.commands.options import backend_choice, build_config, config_option, set_option
+from mlx_lora.core.errors import UserError
+
+
+class _Streamer:
+    """Prints each new piece of text as tokens arrive; holds back a half-decoded multi-byte character."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.shown = tokenizer, [], ""
+
+    def __call__(self, index: int, token: int) -> None:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return
+        sys.stdout.write(text[len(self.shown):])
+        sys.stdout.flush()
+        self.shown = text
+
+
+@click.command()
+@config_option
+@set_option
+@click.argument("questions", nargs=-1, required=True)
+@click.option("--model", help="Base model (default: the adapter run's, else the config's).")
+@click.option("--adapter", type=click.Path(exists=True, file_okay=False), help="Run directory or adapter folder.")
+@click.option("--rules", "rules_path", type=click.Path(exists=True, dir_okay=False),
+              help="YAML rule file: rules may override an off-topic answer with the KB's (source is shown).")
+@click.option("--backend", type=backend_choice, help="Generation backend (default: auto).")
+@click.option("--max-new-tokens", type=int)
+@click.option("--temperature", type=float, help="0 = greedy (default).")
+@click.option("--top-p", type=float)
+@click.option("--repetition-penalty", type=float)
+@click.option("--no-progress", is_flag=True)
+def generate(config_path, overrides, questions, model, adapter, rules_path, backend, max_new_tokens, temperature,
+             top_p, repetition_penalty, no_progress):
+    """Answer QUESTIONS with the model (plus adapter), streaming tokens to stdout."""
+    from mlx_lora.backends.loading import load_for_generation
+
+    cfg = build_config(config_path, overrides, backend__name=backend, generate__max_new_tokens=max_new_tokens,
+                       generate__temperature=temperature, generate__top_p=top_p,
+                       generate__repetition_penalty=repetition_penalty)
+    if rules_path:  # a broken rules file fails now, not after the model has loaded and answered
+        from mlx_lora.answer.rules import load_rules
+        from mlx_lora.data.kb import load_kb
+
+        load_rules(rules_path, load_kb(cfg.data.kb))
+    backend_, loaded, tokenizer, system_prompt = load_for_generation(model, adapter, cfg, progress=not no_progress)
+    stops = tokenizer.stop_ids()
+    answers = []
+    for question in questions:
+        prompt = tokenizer.prompt_ids([{"role": "user", "content": question}], system_prompt)
+        streamer = None if rules_path else _Streamer(tokenizer)  # with rules, the final answer may differ
+        (ids,) = backend_.generate(loaded, [prompt], cfg.generate, stops, on_token=streamer)
+        answers.append(tokenizer.decode(ids).strip())
+        if streamer is not None:
+            click.echo("")
+    if rules_path:
+        _apply_rules(cfg, rules_path, list(questions), answers, adapter)
+
+
+def _apply_rules(cfg, rules_path, questions: list[str], answers: list[str], adapter) -> None:
+    """The answer decider gives the final answer and its source; the audit log records each decision."""
+    try:
+        from mlx_lora.answer.audit import append_audit, audit_records
+        from mlx_lora.answer.build import build_decider, doc_answers, refusal_text
+        from mlx_lora.data.formats import read_examples
+        from mlx_lora.data.kb import load_kb
+        from mlx_lora.data.similarity import answer_index, make_scorer
+    except ImportError as exc:
+        raise UserError(f"--rules needs the rule layer, which this install lacks ({exc})") from None
+    kb = load_kb(cfg.data.kb)
+    data = Path(cfg.data.dir)
+    train = read_examples(data / "train.jsonl") if (data / "train.jsonl").is_file() else []
+    valid = read_examples(data / "valid.jsonl") if (data / "valid.jsonl").is_file() else []
+    answers_by_doc = doc_answers(kb, train, cfg.data.answer_prefix)
+    refusal = refusal_text(train, cfg)
+    scorer = make_scorer(cfg.eval.embedder)
+    index = answer_index(scorer, answers_by_doc, refusal)
+    decider, _ = build_decider(cfg, scorer, kb, train, valid, answers_by_doc, refusal, index, rules_path)
+    decisions = decider.decide(questions, answers)
+    for decision in decisions:
+        click.echo(decision.answer or "")
+        click.echo(f"[{decision.source}] {json.dumps(decision.detail, ensure_ascii=False)}", err=True)
+    log = Path(adapter) / cfg.rules.audit_log if adapter and Path(adapter, "manifest.json").is_file() \
+        else Path(cfg.rules.audit_log)
+    append_audit(log, audit_records(questions, answers, decisions, command="generate"))

@@ -1,0 +1,25 @@
+"""Facts about this process and install: installed versions, and whether this is the process that writes files."""
+
+from __future__ import annotations
+
+import os
+import platform
+from importlib import metadata
+
+VERSIONED = ("mlx-lora", "torch", "transformers", "peft", "mlx", "mlx-lm", "tokenizers", "gguf")
+
+
+def versions(names: tuple[str, ...] = VERSIONED) -> dict[str, str]:
+    """Installed versions of `names` (absent packages are left out), plus Python's."""
+    found = {"python": platform.python_version()}
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def main_process() -> bool:
+    """False on every torchrun rank but 0: only rank 0 writes files and reports."""
+    return os.environ.get("RANK", "0") == "0"
