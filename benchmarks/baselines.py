@@ -9,11 +9,10 @@ import time
 import types
 from pathlib import Path
 
-from mlx_lora.core.config import Config
-from mlx_lora.data.render import Encoded
-
 from benchmarks import measure
 from benchmarks.training import NativeMemory
+from mlx_lora.core.config import Config
+from mlx_lora.data.render import Encoded
 
 SEED_PAD_TO = 192  # the seed tokenized with padding="max_length", max_length=192
 HF_SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
@@ -34,16 +33,22 @@ def seed_collator(pad_id: int, log: list[dict], pad_to: int = SEED_PAD_TO):
             attention[k, :n] = 1
         labels = ids.clone()
         labels[labels == pad_id] = -100
-        log.append({"tokens": int(attention.sum()), "computed": len(rows) * pad_to,
-                    "head": len(rows) * pad_to,  # logits for every position, padding included
-                    "supervised": sum(sum(r["mask"][1:pad_to]) for r in rows)})
+        log.append(
+            {
+                "tokens": int(attention.sum()),
+                "computed": len(rows) * pad_to,
+                "head": len(rows) * pad_to,  # logits for every position, padding included
+                "supervised": sum(sum(r["mask"][1:pad_to]) for r in rows),
+            }
+        )
         return {"input_ids": ids, "attention_mask": attention, "labels": labels}
 
     return collate
 
 
-def hf_trainer(model_dir: Path, rows: list[Encoded], cfg: Config, steps: int, warmup: int, device: str,
-               eos_id: int) -> dict:
+def hf_trainer(
+    model_dir: Path, rows: list[Encoded], cfg: Config, steps: int, warmup: int, device: str, eos_id: int
+) -> dict:
     """`warmup + steps` optimizer steps of transformers' Trainer + PEFT LoRA with the same hyper-parameters."""
     import torch
     from peft import get_peft_model
@@ -72,24 +77,49 @@ def hf_trainer(model_dir: Path, rows: list[Encoded], cfg: Config, steps: int, wa
 
     with tempfile.TemporaryDirectory(prefix="mlx-lora-bench-hf-") as out:
         args = TrainingArguments(
-            output_dir=out, per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
-            learning_rate=t.lr, warmup_steps=t.warmup_steps, lr_scheduler_type=HF_SCHEDULES[t.schedule],
-            max_grad_norm=t.max_grad_norm, weight_decay=t.weight_decay, max_steps=warmup + steps, seed=t.seed,
-            logging_steps=10**6, save_strategy="no", eval_strategy="no", report_to=[], disable_tqdm=True,
-            dataloader_num_workers=0, remove_unused_columns=False, use_cpu=device == "cpu")
+            output_dir=out,
+            per_device_train_batch_size=t.batch_size,
+            gradient_accumulation_steps=t.grad_accum,
+            learning_rate=t.lr,
+            warmup_steps=t.warmup_steps,
+            lr_scheduler_type=HF_SCHEDULES[t.schedule],
+            max_grad_norm=t.max_grad_norm,
+            weight_decay=t.weight_decay,
+            max_steps=warmup + steps,
+            seed=t.seed,
+            logging_steps=10**6,
+            save_strategy="no",
+            eval_strategy="no",
+            report_to=[],
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            remove_unused_columns=False,
+            use_cpu=device == "cpu",
+        )
         data = [{"ids": r.ids, "mask": r.mask} for r in rows]
-        trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=seed_collator(eos_id, batches),
-                          callbacks=[Clock()])
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=data,
+            data_collator=seed_collator(eos_id, batches),
+            callbacks=[Clock()],
+        )
         result = trainer.train()
     per_step = []
     for k in range(1, len(marks)):
-        group = batches[(k - 1) * t.grad_accum:k * t.grad_accum]
+        group = batches[(k - 1) * t.grad_accum : k * t.grad_accum]
         counts = {key: sum(b[key] for b in group) for key in ("tokens", "supervised", "computed", "head")}
         per_step.append({"s": marks[k][0] - marks[k - 1][0], **counts})
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    row = {"load_s": load_s, "trainable_params": trainable, "total_params": sum(p.numel() for p in model.parameters()),
-           "train_loss_mean": result.training_loss, "peak_rss_mb": measure.peak_rss_mb(), **native.read(),
-           "steps_raw": per_step}
+    row = {
+        "load_s": load_s,
+        "trainable_params": trainable,
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "train_loss_mean": result.training_loss,
+        "peak_rss_mb": measure.peak_rss_mb(),
+        **native.read(),
+        "steps_raw": per_step,
+    }
     del trainer, model
     gc.collect()
     return row
@@ -123,9 +153,14 @@ def mlx_lm_lora(model_dir: Path, data_dir: Path, cfg: Config, steps: int, warmup
         for batch, lengths in original_iterate(dataset, batch_size, max_seq_length, loop, seed, comm_group):
             if loop:
                 spans = lengths.tolist()  # (prompt offset, length): targets after the prompt carry the loss
-                shapes.append({"tokens": sum(n for _, n in spans), "supervised": sum(n - o for o, n in spans),
-                               "computed": batch.shape[0] * (batch.shape[1] - 1),
-                               "head": batch.shape[0] * (batch.shape[1] - 1)})  # mlx-lm takes all logits
+                shapes.append(
+                    {
+                        "tokens": sum(n for _, n in spans),
+                        "supervised": sum(n - o for o, n in spans),
+                        "computed": batch.shape[0] * (batch.shape[1] - 1),
+                        "head": batch.shape[0] * (batch.shape[1] - 1),
+                    }
+                )  # mlx-lm takes all logits
             yield batch, lengths
 
     reports: list[dict] = []
@@ -135,15 +170,31 @@ def mlx_lm_lora(model_dir: Path, data_dir: Path, cfg: Config, steps: int, warmup
             reports.append(info)
 
     with tempfile.TemporaryDirectory(prefix="mlx-lora-bench-mlxlm-") as out:
-        args = types.SimpleNamespace(**{
-            **mlx_lora_cli.CONFIG_DEFAULTS, "model": str(model_dir), "data": str(data_dir), "train": True,
-            "fine_tune_type": "dora" if lora["dora"] else "lora", "mask_prompt": True,
-            "num_layers": lora["num_layers"], "batch_size": t.batch_size, "grad_accumulation_steps": t.grad_accum,
-            "iters": (warmup + steps) * t.grad_accum, "learning_rate": t.lr, "max_seq_length": t.max_length,
-            "steps_per_report": 1, "steps_per_eval": 10**9, "val_batches": 1, "save_every": 10**9,
-            "adapter_path": out, "optimizer": "adamw", "seed": t.seed,
-            "optimizer_config": {"adamw": {"weight_decay": t.weight_decay}},
-            "lora_parameters": {k: lora[k] for k in ("rank", "scale", "dropout", "keys")}})
+        args = types.SimpleNamespace(
+            **{
+                **mlx_lora_cli.CONFIG_DEFAULTS,
+                "model": str(model_dir),
+                "data": str(data_dir),
+                "train": True,
+                "fine_tune_type": "dora" if lora["dora"] else "lora",
+                "mask_prompt": True,
+                "num_layers": lora["num_layers"],
+                "batch_size": t.batch_size,
+                "grad_accumulation_steps": t.grad_accum,
+                "iters": (warmup + steps) * t.grad_accum,
+                "learning_rate": t.lr,
+                "max_seq_length": t.max_length,
+                "steps_per_report": 1,
+                "steps_per_eval": 10**9,
+                "val_batches": 1,
+                "save_every": 10**9,
+                "adapter_path": out,
+                "optimizer": "adamw",
+                "seed": t.seed,
+                "optimizer_config": {"adamw": {"weight_decay": t.weight_decay}},
+                "lora_parameters": {k: lora[k] for k in ("rank", "scale", "dropout", "keys")},
+            }
+        )
         train_set, valid_set, _ = load_dataset(args, tokenizer)
         # train_model calls the module-level `train`; hand it mlx-lm's own iterator, wrapped to record shapes.
         original_train = mlx_lora_cli.train
@@ -155,16 +206,21 @@ def mlx_lm_lora(model_dir: Path, data_dir: Path, cfg: Config, steps: int, warmup
     per_step = []
     ga = t.grad_accum
     for k in range(len(reports) // ga):
-        its, group = reports[k * ga:(k + 1) * ga], shapes[k * ga:(k + 1) * ga]
+        its, group = reports[k * ga : (k + 1) * ga], shapes[k * ga : (k + 1) * ga]
         step = {"s": sum(1.0 / r["iterations_per_second"] for r in its), "loss": its[-1]["train_loss"]}
         step.update({key: sum(g[key] for g in group) for key in ("tokens", "supervised", "computed", "head")})
         per_step.append(step)
     from mlx.utils import tree_flatten
 
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-    row = {"load_s": load_s, "trainable_params": int(trainable), "peak_rss_mb": measure.peak_rss_mb(),
-           **native.read(), "mlx_lm_peak_memory_gb": reports[-1]["peak_memory"] if reports else None,
-           "steps_raw": per_step}
+    row = {
+        "load_s": load_s,
+        "trainable_params": int(trainable),
+        "peak_rss_mb": measure.peak_rss_mb(),
+        **native.read(),
+        "mlx_lm_peak_memory_gb": reports[-1]["peak_memory"] if reports else None,
+        "steps_raw": per_step,
+    }
     del model
     gc.collect()
     mx.clear_cache()

@@ -8,12 +8,11 @@ import json
 import time
 from pathlib import Path
 
+from benchmarks import measure
+from benchmarks.training import NativeMemory
 from mlx_lora.core.config import Config, GenerateConfig
 from mlx_lora.data.formats import read_examples
 from mlx_lora.data.render import ChatTokenizer
-
-from benchmarks import measure
-from benchmarks.training import NativeMemory
 
 # Prefill and decode are separated by timing the same batch twice: once for 1 new token (prefill + one
 # step) and once for N (no stop token, so every row makes exactly N). Then
@@ -21,8 +20,10 @@ from benchmarks.training import NativeMemory
 # On a tiny model T(N) − T(1) is a few milliseconds, below this machine's noise (one run measured T(N) < T(1)),
 # so the pair is repeated, interleaved, until MIN_PAIRS_S is spent, and each is its fastest repetition. A real
 # model's pair already takes longer than that: it runs once.
-METHOD = ("prefill = prompt tokens / T(1 new token); decode = batch·(N−1) / (T(N) − T(1)); no stop token; "
-          "T = fastest of interleaved repetitions lasting ≥ 1 s together")
+METHOD = (
+    "prefill = prompt tokens / T(1 new token); decode = batch·(N−1) / (T(N) − T(1)); no stop token; "
+    "T = fastest of interleaved repetitions lasting ≥ 1 s together"
+)
 MIN_PAIRS_S = 1.0
 MAX_PAIRS = 50
 
@@ -77,8 +78,17 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure_generation(engine: str, backend_name: str, device: str, model_dir: Path, data_dir: Path, cfg: Config,
-                       batch: int, new_tokens: int, pad_id: int) -> dict:
+def measure_generation(
+    engine: str,
+    backend_name: str,
+    device: str,
+    model_dir: Path,
+    data_dir: Path,
+    cfg: Config,
+    batch: int,
+    new_tokens: int,
+    pad_id: int,
+) -> dict:
     """One repetition: warm up, then T(1) and T(N) on the same batch of prompts."""
     batch_prompts = prompts(model_dir, data_dir, batch)
     native = NativeMemory(backend_name, device)
@@ -105,13 +115,21 @@ def measure_generation(engine: str, backend_name: str, device: str, model_dir: P
         t1, tn, spent, pairs = min(t1, one), min(tn, many), spent + one + many, pairs + 1
     made = sum(len(o) for o in out)
     prompt_tokens = sum(len(p) for p in batch_prompts)
-    row = {"batch": len(batch_prompts), "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
-           "generated_tokens": made, "load_s": load_s, "t1_s": t1, "tn_s": tn,
-           "timed_pairs": pairs,
-           "prefill_tokens_per_s": prompt_tokens / t1,
-           "decode_tokens_per_s": len(batch_prompts) * (new_tokens - 1) / (tn - t1) if tn > t1 else None,
-           "outputs_sha": hashlib.sha256(json.dumps(out).encode()).hexdigest()[:16],
-           "peak_rss_mb": measure.peak_rss_mb(), **native.read()}
+    row = {
+        "batch": len(batch_prompts),
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+        "generated_tokens": made,
+        "load_s": load_s,
+        "t1_s": t1,
+        "tn_s": tn,
+        "timed_pairs": pairs,
+        "prefill_tokens_per_s": prompt_tokens / t1,
+        "decode_tokens_per_s": len(batch_prompts) * (new_tokens - 1) / (tn - t1) if tn > t1 else None,
+        "outputs_sha": hashlib.sha256(json.dumps(out).encode()).hexdigest()[:16],
+        "peak_rss_mb": measure.peak_rss_mb(),
+        **native.read(),
+    }
     del run, handle
     gc.collect()
     return row

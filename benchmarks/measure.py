@@ -10,8 +10,20 @@ import sys
 import time
 from pathlib import Path
 
-VERSIONED = ("mlx-lora", "torch", "transformers", "peft", "accelerate", "mlx", "mlx-cpu", "mlx-metal", "mlx-cuda",
-             "mlx-lm", "tokenizers", "numpy")
+VERSIONED = (
+    "mlx-lora",
+    "torch",
+    "transformers",
+    "peft",
+    "accelerate",
+    "mlx",
+    "mlx-cpu",
+    "mlx-metal",
+    "mlx-cuda",
+    "mlx-lm",
+    "tokenizers",
+    "numpy",
+)
 
 
 def reset_peak_rss() -> bool:
@@ -48,8 +60,13 @@ def spread(values: list[float]) -> dict:
         return {"median": None, "min": None, "max": None, "rel_spread": None, "n": 0}
     med = statistics.median(values)
     half = (max(values) - min(values)) / 2
-    return {"median": med, "min": min(values), "max": max(values), "rel_spread": half / med if med else None,
-            "n": len(values)}
+    return {
+        "median": med,
+        "min": min(values),
+        "max": max(values),
+        "rel_spread": half / med if med else None,
+        "n": len(values),
+    }
 
 
 def quantiles(values: list[float]) -> dict:
@@ -99,6 +116,12 @@ def memory_gib() -> float | None:
 
 def hardware() -> dict:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"machine": platform.node(), "platform": f"{sys.platform}-{platform.machine()}", "cpu": cpu_name(),
-            "cores": os.cpu_count(), "memory_gib": memory_gib(), "cpu_flags": cpu_flags(),
-            "load_average_at_start": list(load) if load else None}
+    return {
+        "machine": platform.node(),
+        "platform": f"{sys.platform}-{platform.machine()}",
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "memory_gib": memory_gib(),
+        "cpu_flags": cpu_flags(),
+        "load_average_at_start": list(load) if load else None,
+    }

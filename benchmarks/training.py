@@ -6,12 +6,11 @@ import gc
 import tempfile
 from pathlib import Path
 
-from mlx_lora.data.batching import epoch_batches, steps_per_epoch
+from benchmarks import measure, roofline
 from mlx_lora.core.config import Config
+from mlx_lora.data.batching import epoch_batches, steps_per_epoch
 from mlx_lora.data.render import Encoded
 from mlx_lora.training import loop
-
-from benchmarks import measure, roofline
 
 
 def replay_steps(rows: list[Encoded], cfg: Config, n_steps: int) -> list[dict]:
@@ -24,12 +23,18 @@ def replay_steps(rows: list[Encoded], cfg: Config, n_steps: int) -> list[dict]:
     epoch = 0
     while len(out) < n_steps:
         batches = epoch_batches(rows, t.batch_size, t.seed, epoch)
-        groups = [batches[i:i + t.grad_accum] for i in range(0, len(batches), t.grad_accum)][:per_epoch]
+        groups = [batches[i : i + t.grad_accum] for i in range(0, len(batches), t.grad_accum)][:per_epoch]
         for group in groups:
             micro = [[rows[i] for i in batch] for batch in group]
             sup = sum(sum(r.mask[1:]) for b in micro for r in b)
-            out.append({"tokens": sum(len(r.ids) for b in micro for r in b), "supervised": sup,
-                        "computed": sum(len(b) * max(len(r.ids) for r in b) for b in micro), "head": sup})
+            out.append(
+                {
+                    "tokens": sum(len(r.ids) for b in micro for r in b),
+                    "supervised": sup,
+                    "computed": sum(len(b) * max(len(r.ids) for r in b) for b in micro),
+                    "head": sup,
+                }
+            )
         epoch += 1
     return out[:n_steps]
 
@@ -39,8 +44,12 @@ def summarize(steps: list[dict], warmup: int, model_shape: dict, lora: dict) -> 
     kept = steps[warmup:]
     seconds = [s["s"] for s in kept]
     total = sum(seconds)
-    row = {"warmup_steps": warmup, "steps_measured": len(kept), "step_s": seconds,
-           "step_s_quantiles": measure.quantiles(seconds)}
+    row = {
+        "warmup_steps": warmup,
+        "steps_measured": len(kept),
+        "step_s": seconds,
+        "step_s_quantiles": measure.quantiles(seconds),
+    }
     if not kept or total <= 0:
         return row
     for key in ("tokens", "supervised", "computed"):
@@ -63,13 +72,21 @@ def _steps_from_events(events: list[dict], replay: list[dict]) -> tuple[list[dic
     steps, consistent = [], True
     for event, planned in zip((e for e in events if e["type"] == "step"), replay):
         consistent &= event["tokens"] == planned["tokens"]
-        steps.append({**planned, "s": event["tokens"] / event["tokens_per_s"], "loss": event["loss"],
-                      "tokens": event["tokens"], "supervised": event["supervised_tokens"]})
+        steps.append(
+            {
+                **planned,
+                "s": event["tokens"] / event["tokens_per_s"],
+                "loss": event["loss"],
+                "tokens": event["tokens"],
+                "supervised": event["supervised_tokens"],
+            }
+        )
     return steps, consistent
 
 
-def run_ours(backend_name: str, device: str, model_dir: Path, rows: list[Encoded], cfg: Config, steps: int,
-             warmup: int) -> dict:
+def run_ours(
+    backend_name: str, device: str, model_dir: Path, rows: list[Encoded], cfg: Config, steps: int, warmup: int
+) -> dict:
     """Train `warmup + steps` optimizer steps with our loop on one backend/device; no eval set (speed only)."""
     from mlx_lora import backends
 
@@ -88,9 +105,15 @@ def run_ours(backend_name: str, device: str, model_dir: Path, rows: list[Encoded
     replay = replay_steps(rows, cfg, warmup + steps)
     measured, consistent = _steps_from_events(events, replay)
     start = next(e for e in events if e["type"] == "start")
-    row = {"load_s": load_s, "trainable_params": start["trainable_params"], "total_params": start["total_params"],
-           "device_name": start["device"], "replay_matches_events": consistent,
-           "peak_rss_mb": measure.peak_rss_mb(), **native.read()}
+    row = {
+        "load_s": load_s,
+        "trainable_params": start["trainable_params"],
+        "total_params": start["total_params"],
+        "device_name": start["device"],
+        "replay_matches_events": consistent,
+        "peak_rss_mb": measure.peak_rss_mb(),
+        **native.read(),
+    }
     del loaded, backend
     gc.collect()
     return {**row, "steps_raw": measured}
@@ -120,11 +143,15 @@ class NativeMemory:
         if self.device == "cuda":
             import torch
 
-            return {"peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20,
-                    "peak_mem_kind": "torch.cuda.max_memory_allocated"}
+            return {
+                "peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20,
+                "peak_mem_kind": "torch.cuda.max_memory_allocated",
+            }
         if self.device == "mps":
             import torch
 
-            return {"peak_mem_mb": torch.mps.driver_allocated_memory() / 2**20,
-                    "peak_mem_kind": "torch.mps.driver_allocated_memory (at end)"}
+            return {
+                "peak_mem_mb": torch.mps.driver_allocated_memory() / 2**20,
+                "peak_mem_kind": "torch.mps.driver_allocated_memory (at end)",
+            }
         return {"peak_mem_mb": measure.peak_rss_mb(), "peak_mem_kind": "process peak RSS"}

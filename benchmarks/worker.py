@@ -13,9 +13,8 @@ import time
 import traceback
 from pathlib import Path
 
-from mlx_lora.core.config import Config, apply_mapping
-
 from benchmarks import roofline
+from mlx_lora.core.config import Config, apply_mapping
 
 
 class Context:
@@ -39,8 +38,9 @@ class Context:
             from mlx_lora.data.render import ChatTokenizer
 
             tokenizer = ChatTokenizer.from_dir(self.model_dir)
-            self._rows, _ = encode_all(tokenizer, read_examples(self.data_dir / "train.jsonl"),
-                                       self.cfg().train.max_length)
+            self._rows, _ = encode_all(
+                tokenizer, read_examples(self.data_dir / "train.jsonl"), self.cfg().train.max_length
+            )
         return self._rows
 
     def eos_id(self) -> int:
@@ -73,14 +73,23 @@ def run_task(ctx: Context, task: dict) -> dict:
     suite, impl = task["suite"], task.get("impl")
     if suite == "roofline":
         if task["framework"] == "torch":
-            return roofline.torch_matmul(task["n"], task["dtype"], task["threads"], task["reps"], task["budget_s"],
-                                         task["device"])
+            return roofline.torch_matmul(
+                task["n"], task["dtype"], task["threads"], task["reps"], task["budget_s"], task["device"]
+            )
         return roofline.mlx_matmul(task["n"], task["dtype"], task["reps"], task["budget_s"])
     cfg = ctx.cfg()
     if suite == "generation":
-        return generation.measure_generation(impl if impl == "hf-generate" else "ours", task["backend"],
-                                             task["device"], ctx.model_dir, ctx.data_dir, cfg, task["batch"],
-                                             task["new_tokens"], ctx.pad_id())
+        return generation.measure_generation(
+            impl if impl == "hf-generate" else "ours",
+            task["backend"],
+            task["device"],
+            ctx.model_dir,
+            ctx.data_dir,
+            cfg,
+            task["batch"],
+            task["new_tokens"],
+            ctx.pad_id(),
+        )
     steps, warmup = task["steps"], task["warmup"]
     if impl == "ours":
         result = training.run_ours(task["backend"], task["device"], ctx.model_dir, ctx.rows(), cfg, steps, warmup)
@@ -96,8 +105,9 @@ def run_task(ctx: Context, task: dict) -> dict:
     # The machine's speed drifts with other users' load: take the matmul peak right here, in the same process
     # and minute as the steps it is compared with.
     if task["backend"] == "torch":
-        peak = roofline.torch_matmul(2048, "float32", ctx.threads if task["device"] == "cpu" else None, 3, 1.5,
-                                     task["device"])
+        peak = roofline.torch_matmul(
+            2048, "float32", ctx.threads if task["device"] == "cpu" else None, 3, 1.5, task["device"]
+        )
     else:
         peak = roofline.mlx_matmul(2048, "float32", 3, 1.5)
     row["peak_matmul"] = {k: peak[k] for k in ("n", "seconds_median", "flops_per_s")}

@@ -5,14 +5,15 @@ from __future__ import annotations
 import os
 import platform
 import sys
-from pathlib import Path
 
 from mlx_lora import backends
 from mlx_lora.core.environment import versions
 from mlx_lora.core.model_store import default_cache_dir
 
-OPENBLAS_FIX = ("apt-get install libopenblas0-pthread libgfortran5, then "
-                "export LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3")
+OPENBLAS_FIX = (
+    "apt-get install libopenblas0-pthread libgfortran5, then "
+    "export LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
+)
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_WAIT_POLICY", "LD_PRELOAD")
 
 
@@ -28,12 +29,15 @@ def mlx_blas() -> str | None:
 
 def report() -> dict:
     rows = {
-        "platform": f"{platform.system()} {platform.release()} {platform.machine()}, Python {platform.python_version()}",
+        "platform": f"{platform.system()} {platform.release()} {platform.machine()}, "
+        f"Python {platform.python_version()}",
         "cpus": os.cpu_count(),
         "auto backend": _auto(),
     }
     for name in backends.names():
-        rows[f"backend {name}"] = "installed" if backends.installed(name) else f"not installed (pip install -e '.[{name}]')"
+        rows[f"backend {name}"] = (
+            "installed" if backends.installed(name) else f"not installed (pip install -e '.[{name}]')"
+        )
     if backends.installed("torch"):
         from mlx_lora.backends.torch import devices  # on request only: importing torch takes seconds
 
@@ -52,5 +56,5 @@ def report() -> dict:
 def _auto() -> str:
     try:
         return backends.auto_name()
-    except Exception as exc:  # noqa: BLE001 - doctor reports problems instead of failing on them
+    except Exception as exc:
         return f"none ({exc})"

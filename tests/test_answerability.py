@@ -1,4 +1,4 @@
-"""Answerability: the pairwise model on real multilingual embeddings, its out-of-fold floor, its place in the decider."""
+"""Answerability: the pairwise model on real multilingual embeddings, its out-of-fold floor, its use in the decider."""
 
 from __future__ import annotations
 
@@ -6,20 +6,35 @@ import numpy as np
 import pytest
 
 from mlx_lora.answer.answerability import AnswerabilityModel
-from mlx_lora.answer.route import calibrate_answer_floor
 from mlx_lora.answer.decide import Decider
+from mlx_lora.answer.route import calibrate_answer_floor
 from mlx_lora.answer.rules import Rule
 from mlx_lora.data.similarity import REFUSAL, CharScorer, answer_index, make_scorer
 
-KB = {"vpn": "VPN 設定：請從 IT 入口網站下載 GlobalProtect client，閘道填 vpn.xinghe.tw 並以公司 SSO 帳號登入。",
-      "printer": "各樓層事務機採 Follow-Me Print，送出列印後須在機器上刷員工證才會印出；卡紙請撥分機 2200。",
-      "leave": "特休須在 eHR 系統提前 3 個工作天申請並經主管核准；未休完的特休最多可遞延 5 天。"}
-TRAIN = [("VPN 怎麼設定？", "vpn"), ("VPN 軟體要去哪裡下載？", "vpn"), ("VPN 閘道位址是什麼？", "vpn"),
-         ("在家怎麼連公司內網？", "vpn"), ("印表機卡紙要找誰？", "printer"), ("送出列印後怎麼拿文件？", "printer"),
-         ("事務機要刷什麼才會印？", "printer"), ("Follow-Me Print 怎麼用？", "printer"),
-         ("特休要提前幾天申請？", "leave"), ("特休沒休完可以遞延嗎？", "leave"), ("請特休要誰核准？", "leave"),
-         ("特休在哪個系統申請？", "leave"), ("今天天氣如何？", REFUSAL), ("講個笑話給我聽", REFUSAL),
-         ("公司股價多少？", REFUSAL), ("推薦一部電影", REFUSAL), ("日本的首都是哪裡？", REFUSAL)]
+KB = {
+    "vpn": "VPN 設定：請從 IT 入口網站下載 GlobalProtect client，閘道填 vpn.xinghe.tw 並以公司 SSO 帳號登入。",
+    "printer": "各樓層事務機採 Follow-Me Print，送出列印後須在機器上刷員工證才會印出；卡紙請撥分機 2200。",
+    "leave": "特休須在 eHR 系統提前 3 個工作天申請並經主管核准；未休完的特休最多可遞延 5 天。",
+}
+TRAIN = [
+    ("VPN 怎麼設定？", "vpn"),
+    ("VPN 軟體要去哪裡下載？", "vpn"),
+    ("VPN 閘道位址是什麼？", "vpn"),
+    ("在家怎麼連公司內網？", "vpn"),
+    ("印表機卡紙要找誰？", "printer"),
+    ("送出列印後怎麼拿文件？", "printer"),
+    ("事務機要刷什麼才會印？", "printer"),
+    ("Follow-Me Print 怎麼用？", "printer"),
+    ("特休要提前幾天申請？", "leave"),
+    ("特休沒休完可以遞延嗎？", "leave"),
+    ("請特休要誰核准？", "leave"),
+    ("特休在哪個系統申請？", "leave"),
+    ("今天天氣如何？", REFUSAL),
+    ("講個笑話給我聽", REFUSAL),
+    ("公司股價多少？", REFUSAL),
+    ("推薦一部電影", REFUSAL),
+    ("日本的首都是哪裡？", REFUSAL),
+]
 
 
 @pytest.fixture(scope="module")
@@ -79,10 +94,12 @@ def _decider(route, rules=()):
 def test_a_kb_answer_whose_doc_does_not_answer_becomes_the_refusal():
     printer = Rule("printer", "printer", ["事務機"], [], priority=1)
     no_pay = Rule("no-pay", None, ["獎金"], [], action="refuse", priority=2)
-    route = _Route(-1.0, {("事務機可以印彩色嗎？", "printer"): -3.0, ("事務機卡紙", "printer"): 2.0,
-                          ("VPN?", "vpn"): -2.0})
+    route = _Route(
+        -1.0, {("事務機可以印彩色嗎？", "printer"): -3.0, ("事務機卡紙", "printer"): 2.0, ("VPN?", "vpn"): -2.0}
+    )
     got = _decider(route, [printer, no_pay]).decide(
-        ["事務機可以印彩色嗎？", "事務機卡紙", "VPN?", "事務機獎金"], [None, None, ANSWERS["vpn"], None])
+        ["事務機可以印彩色嗎？", "事務機卡紙", "VPN?", "事務機獎金"], [None, None, ANSWERS["vpn"], None]
+    )
     assert got[0].source == "REFUSAL" and got[0].answer == REFUSAL_TEXT
     assert got[0].detail["by"] == "answerability" and got[0].detail["instead_of"] == "RULE_OVERRIDE"
     assert got[0].detail["rule"] == "printer" and got[0].detail["answerability"] == -3.0

@@ -10,19 +10,20 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
 
 sys.path.insert(0, str(REPO))  # benchmarks/ is a source-checkout package, not installed
 
-from benchmarks import report, roofline, run, tiny  # noqa: E402
+from benchmarks import report, roofline, run, tiny
 
 
 def test_tiny_tokenizer_subset_tokenizes_identically_with_a_small_vocabulary():
     from tokenizers import Tokenizer
 
-    texts = ["<|im_start|>user\nVPN 連不上怎麼辦?<|im_end|>\n",
-             "<|im_start|>assistant\n依據公司規範:請以 SSO 登入。<|im_end|>"]
+    texts = [
+        "<|im_start|>user\nVPN 連不上怎麼辦?<|im_end|>\n",
+        "<|im_start|>assistant\n依據公司規範:請以 SSO 登入。<|im_end|>",
+    ]
     path = tiny.tokenizer_files() / "tokenizer.json"
     big = Tokenizer.from_file(str(path))
     used = {t for text in texts for t in big.encode(text, add_special_tokens=False).tokens}
@@ -37,22 +38,39 @@ def test_tiny_tokenizer_subset_tokenizes_identically_with_a_small_vocabulary():
 
 
 def test_training_flops_formula_by_hand():
-    config = {"hidden_size": 8, "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 16,
-              "num_hidden_layers": 2, "vocab_size": 10}
+    config = {
+        "hidden_size": 8,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "intermediate_size": 16,
+        "num_hidden_layers": 2,
+        "vocab_size": 10,
+    }
     shape = roofline.model_shape(config)
     # per layer: q 8·8 + k 8·4 + v 8·4 + o 8·8 + gate/up/down 3·8·16 = 576
     assert shape["n_frozen"] == 2 * 576 and shape["n_head"] == 80
     lora = {"rank": 2, "targets": ["q_proj", "v_proj"], "num_layers": None}
     assert roofline.lora_params(shape, 2, ["q_proj", "v_proj"], None) == 2 * (2 * 16 + 2 * 12)
-    assert roofline.training_flops(shape, lora, computed_tokens=10, head_positions=3) == \
-        4 * 1152 * 10 + 6 * 112 * 10 + 4 * 80 * 3
+    assert (
+        roofline.training_flops(shape, lora, computed_tokens=10, head_positions=3)
+        == 4 * 1152 * 10 + 6 * 112 * 10 + 4 * 80 * 3
+    )
 
 
 def test_ratios_pair_repetitions():
-    rows = [{"suite": "training", "engine": "torch-cpu", "backend": "torch", "impl": impl, "rep": rep,
-             "tokens_per_s": value, "supervised_tokens_per_s": value / 2}
-            for impl, values in (("ours", (10.0, 30.0, 40.0)), ("hf-trainer", (5.0, 10.0, 10.0)))
-            for rep, value in enumerate(values)]
+    rows = [
+        {
+            "suite": "training",
+            "engine": "torch-cpu",
+            "backend": "torch",
+            "impl": impl,
+            "rep": rep,
+            "tokens_per_s": value,
+            "supervised_tokens_per_s": value / 2,
+        }
+        for impl, values in (("ours", (10.0, 30.0, 40.0)), ("hf-trainer", (5.0, 10.0, 10.0)))
+        for rep, value in enumerate(values)
+    ]
     found = {r["title"]: r for r in report.ratios(rows)}
     ratio = found["torch-cpu: ours vs hf-trainer (tokens_per_s)"]
     assert ratio["median"] == 3.0 and (ratio["min"], ratio["max"], ratio["n"]) == (2.0, 4.0, 3)
@@ -75,10 +93,36 @@ def quick(tmp_path_factory):
     pytest.importorskip("mlx.core")
     out = tmp_path_factory.mktemp("bench")
     env = {**__import__("os").environ, "MLX_LORA_CACHE": str(tmp_path_factory.mktemp("cache"))}
-    done = subprocess.run([sys.executable, "-c", "from mlx_lora.cli import main; main()", "bench", "--quick",
-                           "--backends", "torch-cpu,mlx-cpu", "--reps", "1", "--steps", "2", "--warmup", "0",
-                           "--threads", "1", "--gen-batch", "2", "--gen-tokens", "3", "--out", str(out)],
-                          capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from mlx_lora.cli import main; main()",
+            "bench",
+            "--quick",
+            "--backends",
+            "torch-cpu,mlx-cpu",
+            "--reps",
+            "1",
+            "--steps",
+            "2",
+            "--warmup",
+            "0",
+            "--threads",
+            "1",
+            "--gen-batch",
+            "2",
+            "--gen-tokens",
+            "3",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return out, done
 
@@ -103,11 +147,17 @@ def test_quick_bench_rows_are_valid(quick):
     rows = [json.loads(line) for line in (out / "rows.jsonl").read_text(encoding="utf-8").splitlines()]
     assert all(not r.get("error") for r in rows), [r["error"] for r in rows if r.get("error")]
     kinds = {(r["suite"], r["engine"], r["impl"]) for r in rows}
-    assert kinds >= {("training", "torch-cpu", "ours"), ("training", "torch-cpu", "hf-trainer"),
-                     ("training", "mlx-cpu", "ours"), ("training", "mlx-cpu", "mlx-lm"),
-                     ("generation", "torch-cpu", "ours"), ("generation", "torch-cpu", "hf-generate"),
-                     ("generation", "mlx-cpu", "ours"), ("roofline", "torch-cpu", "matmul"),
-                     ("roofline", "mlx-cpu", "matmul")}
+    assert kinds >= {
+        ("training", "torch-cpu", "ours"),
+        ("training", "torch-cpu", "hf-trainer"),
+        ("training", "mlx-cpu", "ours"),
+        ("training", "mlx-cpu", "mlx-lm"),
+        ("generation", "torch-cpu", "ours"),
+        ("generation", "torch-cpu", "hf-generate"),
+        ("generation", "mlx-cpu", "ours"),
+        ("roofline", "torch-cpu", "matmul"),
+        ("roofline", "mlx-cpu", "matmul"),
+    }
     for r in rows:
         if r["suite"] == "training":
             assert r["steps_measured"] == 2 and len(r["step_s"]) == 2 and min(r["step_s"]) > 0

@@ -5,16 +5,32 @@ import sys
 import textwrap
 
 import pytest
-
 from conftest import REPO
 
-COMMANDS = ["data", "train", "generate", "eval", "rules", "adapter", "fuse", "bench", "run", "diagnose", "model",
-            "doctor"]
+COMMANDS = [
+    "data",
+    "train",
+    "generate",
+    "eval",
+    "rules",
+    "adapter",
+    "fuse",
+    "bench",
+    "run",
+    "diagnose",
+    "model",
+    "doctor",
+]
 
 
 def cli(*args, cwd=REPO):
-    return subprocess.run([sys.executable, "-c", "from mlx_lora.cli import main; main()", *args],
-                          capture_output=True, text=True, cwd=cwd, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", "from mlx_lora.cli import main; main()", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=120,
+    )
 
 
 def test_help_lists_every_command():
@@ -33,17 +49,21 @@ HEAVY_BLOCKER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("args", [
-    ["--help"],
-    ["data", "build", "--out", "{tmp}/d"],
-    ["data", "check", "{tmp}/d/train.jsonl"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["data", "build", "--out", "{tmp}/d"],
+        ["data", "check", "{tmp}/d/train.jsonl"],
+    ],
+)
 def test_help_and_data_commands_never_import_torch_or_mlx(tmp_path, args):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     if args[:2] == ["data", "check"]:
         assert cli("data", "build", "--out", str(tmp_path / "d")).returncode == 0
-    out = subprocess.run([sys.executable, "-c", HEAVY_BLOCKER, *args], capture_output=True, text=True, cwd=REPO,
-                         timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", HEAVY_BLOCKER, *args], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
     assert out.returncode == 0, out.stderr
 
 
@@ -59,21 +79,41 @@ def test_core_modules_import_without_heavy_libraries():
     assert out.returncode == 0, out.stderr
 
 
-@pytest.mark.parametrize("files, args, needle", [
-    ({"kb.jsonl": '{"doc_id": "a", "text": "x"}\n{oops\n'}, ["data", "build", "--kb", "{tmp}/kb.jsonl"], "kb.jsonl:2: malformed JSON"),
-    ({"c.yaml": "train:\n  lrr: 1\n"}, ["data", "build", "-c", "{tmp}/c.yaml"], "unknown config key train.lrr"),
-    ({"c.yaml": "train: [\n"}, ["data", "build", "-c", "{tmp}/c.yaml"], "c.yaml:"),
-    ({}, ["data", "build", "--set", "data.seed=abc"], "data.seed: expected int"),
-    ({}, ["data", "check", "{tmp}/missing.jsonl"], "missing.jsonl: file not found"),
-    ({}, ["data", "build", "--kb", "{tmp}"], "is a directory, not a JSONL file"),
-    ({"m.jsonl": '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], '
-                 '"meta": "x"}\n'}, ["data", "check", "{tmp}/m.jsonl"], 'm.jsonl:1: "meta" must be an object'),
-    ({"q.yaml": 'refusal: "x"\ndocs:\n  ghost:\n    short: ["a"]\n'},
-     ["data", "build", "--questions", "{tmp}/q.yaml"], "q.yaml:3: doc_id 'ghost' is not in the knowledge base"),
-    ({}, ["data", "build", "--format", "xml"], "'xml' is not one of 'messages', 'text'. (see mlx-lora data build --help)"),
-    ({}, ["data", "build", "--set", "train.schedule=foo"], "train.schedule: 'foo' is not one of cosine"),
-    ({"q.yaml": 'refusal: "\xe9"\n'}, ["data", "build", "--questions", "{tmp}/q.yaml"], "q.yaml:1: not UTF-8"),
-])
+@pytest.mark.parametrize(
+    "files, args, needle",
+    [
+        (
+            {"kb.jsonl": '{"doc_id": "a", "text": "x"}\n{oops\n'},
+            ["data", "build", "--kb", "{tmp}/kb.jsonl"],
+            "kb.jsonl:2: malformed JSON",
+        ),
+        ({"c.yaml": "train:\n  lrr: 1\n"}, ["data", "build", "-c", "{tmp}/c.yaml"], "unknown config key train.lrr"),
+        ({"c.yaml": "train: [\n"}, ["data", "build", "-c", "{tmp}/c.yaml"], "c.yaml:"),
+        ({}, ["data", "build", "--set", "data.seed=abc"], "data.seed: expected int"),
+        ({}, ["data", "check", "{tmp}/missing.jsonl"], "missing.jsonl: file not found"),
+        ({}, ["data", "build", "--kb", "{tmp}"], "is a directory, not a JSONL file"),
+        (
+            {
+                "m.jsonl": '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], '
+                '"meta": "x"}\n'
+            },
+            ["data", "check", "{tmp}/m.jsonl"],
+            'm.jsonl:1: "meta" must be an object',
+        ),
+        (
+            {"q.yaml": 'refusal: "x"\ndocs:\n  ghost:\n    short: ["a"]\n'},
+            ["data", "build", "--questions", "{tmp}/q.yaml"],
+            "q.yaml:3: doc_id 'ghost' is not in the knowledge base",
+        ),
+        (
+            {},
+            ["data", "build", "--format", "xml"],
+            "'xml' is not one of 'messages', 'text'. (see mlx-lora data build --help)",
+        ),
+        ({}, ["data", "build", "--set", "train.schedule=foo"], "train.schedule: 'foo' is not one of cosine"),
+        ({"q.yaml": 'refusal: "\xe9"\n'}, ["data", "build", "--questions", "{tmp}/q.yaml"], "q.yaml:1: not UTF-8"),
+    ],
+)
 def test_bad_input_is_one_line_without_traceback(tmp_path, files, args, needle):
     for name, text in files.items():
         (tmp_path / name).write_bytes(text.encode("latin-1" if name == "q.yaml" and "\xe9" in text else "utf-8"))
@@ -96,8 +136,12 @@ def test_a_failed_build_keeps_the_previous_files(tmp_path):
     out = cli("data", "build", "--out", str(tmp_path / "d"), "--seed", "7")
     assert out.returncode == 2 and "test.jsonl: is a directory" in out.stderr
     assert (tmp_path / "d" / "train.jsonl").read_bytes() == before
-    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["stats.json", "test.jsonl", "train.jsonl",
-                                                                 "valid.jsonl"]  # no temp file left behind
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [
+        "stats.json",
+        "test.jsonl",
+        "train.jsonl",
+        "valid.jsonl",
+    ]  # no temp file left behind
 
 
 def test_doctor_reports_backends_and_blas():

@@ -26,15 +26,18 @@ def test_override_parses_floats_lists_and_null():
     assert cfg.train.lr == 1e-5 and cfg.lora.targets == ["q_proj", "k_proj"] and cfg.train.max_steps is None
 
 
-@pytest.mark.parametrize("text, needle", [
-    ("train:\n  lrr: 1\n", "unknown config key train.lrr"),
-    ("trian:\n  lr: 1\n", "unknown config section 'trian'"),
-    ("train:\n  epochs: three\n", "train.epochs: expected int"),
-    ("lora:\n  dora: maybe\n", "lora.dora: expected bool"),
-    ("train: [1, 2]\n", "section train must be a mapping"),
-    ("lora:\n  targets: [1, 2]\n", "lora.targets: expected a list of names"),
-    ("train:\n  lr: [1\n", "c.yaml:"),
-])
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("train:\n  lrr: 1\n", "unknown config key train.lrr"),
+        ("trian:\n  lr: 1\n", "unknown config section 'trian'"),
+        ("train:\n  epochs: three\n", "train.epochs: expected int"),
+        ("lora:\n  dora: maybe\n", "lora.dora: expected bool"),
+        ("train: [1, 2]\n", "section train must be a mapping"),
+        ("lora:\n  targets: [1, 2]\n", "lora.targets: expected a list of names"),
+        ("train:\n  lr: [1\n", "c.yaml:"),
+    ],
+)
 def test_errors_are_one_line_and_name_the_key(tmp_path, text, needle):
     path = tmp_path / "c.yaml"
     path.write_text(text)
@@ -61,18 +64,21 @@ def test_reference_config_loads_and_equals_defaults():
     assert cfg == Config()
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("train.schedule=foo", "train.schedule: 'foo' is not one of cosine, linear, constant"),
-    ("data.format=xml", "data.format: 'xml' is not one of messages, text"),
-    ("train.lr=-1", "train.lr: -1.0 must be > 0"),
-    ("train.lr=.nan", "train.lr: nan must be > 0"),
-    ("lora.dropout=1", "lora.dropout: 1.0 must be in [0, 1)"),
-    ("train.max_steps=0", "train.max_steps: 0 must be ≥ 1"),
-    ("generate.top_p=0", "generate.top_p: 0.0 must be in (0, 1]"),
-    ("data.test_fraction=-0.5", "data.test_fraction: -0.5 must be in [0, 1)"),
-    ("eval.threshold=bogus", "eval.threshold: threshold 'bogus'"),
-    ("data.valid_fraction=0.8", "must add up to less than 1"),  # with the default test_fraction 0.2
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("train.schedule=foo", "train.schedule: 'foo' is not one of cosine, linear, constant"),
+        ("data.format=xml", "data.format: 'xml' is not one of messages, text"),
+        ("train.lr=-1", "train.lr: -1.0 must be > 0"),
+        ("train.lr=.nan", "train.lr: nan must be > 0"),
+        ("lora.dropout=1", "lora.dropout: 1.0 must be in [0, 1)"),
+        ("train.max_steps=0", "train.max_steps: 0 must be ≥ 1"),
+        ("generate.top_p=0", "generate.top_p: 0.0 must be in (0, 1]"),
+        ("data.test_fraction=-0.5", "data.test_fraction: -0.5 must be in [0, 1)"),
+        ("eval.threshold=bogus", "eval.threshold: threshold 'bogus'"),
+        ("data.valid_fraction=0.8", "must add up to less than 1"),  # with the default test_fraction 0.2
+    ],
+)
 def test_values_out_of_range_stop_before_any_work(override, needle):
     with pytest.raises(UserError) as info:
         load_config(None, [override])

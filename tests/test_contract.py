@@ -17,8 +17,10 @@ from mlx_lora.training import loop
 from mlx_lora.training.events import Event
 
 LAYERS = 3  # tiny_model's
-BACKENDS = [pytest.param(name, marks=pytest.mark.skipif(not backends.installed(name), reason=f"{name} not installed"))
-            for name in backends.names()]
+BACKENDS = [
+    pytest.param(name, marks=pytest.mark.skipif(not backends.installed(name), reason=f"{name} not installed"))
+    for name in backends.names()
+]
 WEIGHTS = {"torch": "adapter_model.safetensors", "mlx": "adapters.safetensors"}
 
 
@@ -48,8 +50,9 @@ def run(name, model_dir, rows, cfg, run_dir, resume=None, on_event=None, fingerp
         if on_event:
             on_event(events[-1])
 
-    outcome = loop.train(backend, loaded, rows[:4] + rows[5:], rows[4:5], cfg, run_dir, listen, resume=resume,
-                         fingerprint=fingerprint)
+    outcome = loop.train(
+        backend, loaded, rows[:4] + rows[5:], rows[4:5], cfg, run_dir, listen, resume=resume, fingerprint=fingerprint
+    )
     return backend, loaded, outcome, events
 
 
@@ -135,8 +138,9 @@ def test_early_stopping_keeps_the_best_adapter_and_its_checkpoint(name, tiny_mod
         if event["type"] == "checkpoint" and event["step"] == 2:
             best_adapters[2] = adapter(name, tmp_path / "run" / "adapter")
 
-    _, loaded, outcome, events = run(name, tiny_model, rows, cfg, tmp_path / "run", on_event=remember,
-                                     engine_patch=scripted_evals)
+    _, loaded, outcome, events = run(
+        name, tiny_model, rows, cfg, tmp_path / "run", on_event=remember, engine_patch=scripted_evals
+    )
     assert outcome.stopped == "early_stopped" and outcome.steps == 5 and outcome.best_step == 2
     assert [e["best"] for e in of(events, "eval")] == [True, True, False, False, False]
     final = adapter(name, tmp_path / "run" / "adapter")
@@ -176,13 +180,34 @@ def test_resume_refuses_other_data_model_lora_or_batching(name, tiny_model, tiny
     run(name, tiny_model, rows, make_cfg(max_steps=2), tmp_path / "run", fingerprint=fingerprint)
     for key, value in (("data_sha256", "d2"), ("base_model_sha256", "m2"), ("lora", {"rank": 8})):
         with pytest.raises(UserError, match=key):
-            run(name, tiny_model, rows, make_cfg(max_steps=4), tmp_path / "run", resume=tmp_path / "run",
-                fingerprint={**fingerprint, key: value})
+            run(
+                name,
+                tiny_model,
+                rows,
+                make_cfg(max_steps=4),
+                tmp_path / "run",
+                resume=tmp_path / "run",
+                fingerprint={**fingerprint, key: value},
+            )
     with pytest.raises(UserError, match="batch_size"):
-        run(name, tiny_model, rows, make_cfg(max_steps=4, batch_size=1), tmp_path / "run",
-            resume=tmp_path / "run", fingerprint=fingerprint)
-    _, _, outcome, _ = run(name, tiny_model, rows, make_cfg(max_steps=4), tmp_path / "run",
-                           resume=tmp_path / "run", fingerprint=fingerprint)
+        run(
+            name,
+            tiny_model,
+            rows,
+            make_cfg(max_steps=4, batch_size=1),
+            tmp_path / "run",
+            resume=tmp_path / "run",
+            fingerprint=fingerprint,
+        )
+    _, _, outcome, _ = run(
+        name,
+        tiny_model,
+        rows,
+        make_cfg(max_steps=4),
+        tmp_path / "run",
+        resume=tmp_path / "run",
+        fingerprint=fingerprint,
+    )
     assert outcome.steps == 4  # the same settings resume (max_steps may grow)
 
 
@@ -200,8 +225,9 @@ def test_a_run_killed_between_checkpoint_and_adapter_resumes(name, tiny_model, t
     assert loop.list_checkpoints(tmp_path / "run" / "checkpoints") == [1]
     assert not (tmp_path / "run" / "adapter").exists()
     monkeypatch.setattr(loop, "publish_dir", real_publish)
-    _, _, outcome, _ = run(name, tiny_model, rows, make_cfg(max_steps=4, eval_every=1), tmp_path / "run",
-                           resume=tmp_path / "run")
+    _, _, outcome, _ = run(
+        name, tiny_model, rows, make_cfg(max_steps=4, eval_every=1), tmp_path / "run", resume=tmp_path / "run"
+    )
     assert outcome.steps == 4 and (tmp_path / "run" / "adapter" / WEIGHTS[name]).is_file()
 
 

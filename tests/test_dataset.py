@@ -7,10 +7,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mlx_lora.core.config import DataConfig
+from mlx_lora.core.textnorm import compact, normalize
 from mlx_lora.data.dataset import build_splits, overlap_report, write_splits
 from mlx_lora.data.kb import Doc, load_kb
 from mlx_lora.data.questions import QuestionBank, load_questions
-from mlx_lora.core.textnorm import compact, normalize
 
 
 def test_normalize_folds_width_case_punctuation_and_space():
@@ -19,8 +19,9 @@ def test_normalize_folds_width_case_punctuation_and_space():
 
 
 def test_build_from_sample_files(tiny_kb, tiny_questions, tmp_path):
-    cfg = DataConfig(kb=str(tiny_kb), questions=str(tiny_questions), dir=str(tmp_path / "out"),
-                     valid_fraction=0.2, test_fraction=0.2)
+    cfg = DataConfig(
+        kb=str(tiny_kb), questions=str(tiny_questions), dir=str(tmp_path / "out"), valid_fraction=0.2, test_fraction=0.2
+    )
     kb = load_kb(tiny_kb)
     splits = build_splits(kb, load_questions(tiny_questions, kb), cfg)
     stats = write_splits(splits, cfg.dir, cfg)
@@ -81,8 +82,11 @@ question_text = st.text(alphabet="VPNvpn請假識別證 ,.?？、", min_size=1, 
 
 
 @settings(max_examples=60, deadline=None)
-@given(banks=st.lists(st.lists(question_text, min_size=1, max_size=12), min_size=1, max_size=4),
-       pool=st.lists(question_text, min_size=1, max_size=10), seed=st.integers(0, 10_000))
+@given(
+    banks=st.lists(st.lists(question_text, min_size=1, max_size=12), min_size=1, max_size=4),
+    pool=st.lists(question_text, min_size=1, max_size=10),
+    seed=st.integers(0, 10_000),
+)
 def test_no_normalised_question_is_in_two_splits(banks, pool, seed):
     """Property: whatever the phrasings (duplicates, width and punctuation variants), splits never share one."""
     kb = {f"d{i}": Doc(f"d{i}", f"規則{i}", "") for i in range(len(banks))}
@@ -96,7 +100,9 @@ def test_no_normalised_question_is_in_two_splits(banks, pool, seed):
     if not by_doc or not pool:
         return
     bank = QuestionBank("抱歉", by_doc, pool)
-    splits = build_splits({k: kb[k] for k in by_doc}, bank, DataConfig(seed=seed, valid_fraction=0.2, test_fraction=0.3))
+    splits = build_splits(
+        {k: kb[k] for k in by_doc}, bank, DataConfig(seed=seed, valid_fraction=0.2, test_fraction=0.3)
+    )
     keys = {name: {compact(item.question) for item in items} for name, items in splits.items()}
     assert not keys["train"] & keys["valid"]
     assert not keys["train"] & keys["test"]
@@ -110,6 +116,6 @@ def test_build_data_names_kb_docs_that_no_question_asks_about(tiny_kb, tiny_ques
     stats = build_data(DataConfig(kb=str(tiny_kb), questions=str(tiny_questions), dir=str(tmp_path / "a")))
     assert stats["docs_without_questions"] == []
     text = tiny_questions.read_text(encoding="utf-8")
-    tiny_questions.write_text(text[:text.index("  badge:")] + text[text.index("unanswerable:"):], encoding="utf-8")
+    tiny_questions.write_text(text[: text.index("  badge:")] + text[text.index("unanswerable:") :], encoding="utf-8")
     stats = build_data(DataConfig(kb=str(tiny_kb), questions=str(tiny_questions), dir=str(tmp_path / "b")))
     assert stats["docs_without_questions"] == ["badge"]

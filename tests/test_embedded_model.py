@@ -38,10 +38,12 @@ def test_embedded_model_answers_chinese_prompt_greedily(embedded_dir):
     assert tokenizer.eos_token == "<|im_end|>"
     inputs = tokenizer.apply_chat_template(
         [{"role": "user", "content": "用一句話介紹台北。"}],
-        add_generation_prompt=True, return_tensors="pt", return_dict=True,
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
     )
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=24, do_sample=False)
-    text = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    text = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert text.strip()
     assert re.search(r"[\u4e00-\u9fff]", text), text

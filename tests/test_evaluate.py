@@ -10,20 +10,39 @@ from mlx_lora.answer.build import doc_answers, refusal_text
 from mlx_lora.answer.decide import Decision
 from mlx_lora.core.config import Config, DataConfig, parse_threshold
 from mlx_lora.core.errors import UserError
-from mlx_lora.evaluation.scoring import (BUCKETS, aggregate, bucket, build_report, confused_pairs, score_rows, worst,
-                                         write_report)
-from mlx_lora.evaluation.run import evaluate_run, generate_answers
-from mlx_lora.evaluation.variants import NEED_ADAPTER, VARIANTS, default_variants, models_for
 from mlx_lora.data.formats import Example, read_examples
 from mlx_lora.data.similarity import REFUSAL, CharScorer, answer_index
+from mlx_lora.evaluation.run import evaluate_run, generate_answers
+from mlx_lora.evaluation.scoring import (
+    BUCKETS,
+    aggregate,
+    bucket,
+    build_report,
+    confused_pairs,
+    score_rows,
+    worst,
+    write_report,
+)
+from mlx_lora.evaluation.variants import NEED_ADAPTER, VARIANTS, default_variants, models_for
 
 
 def row(sim, expected="vpn", predicted="vpn", source="MODEL_GENERATED", char=None, question="q"):
     answerable = expected != REFUSAL
-    return {"question": question, "expected": "e", "generated": "g", "expected_doc": expected,
-            "answerable": answerable, "similarity": sim, "char": sim if char is None else char,
-            "bucket": bucket(sim), "predicted_doc": predicted, "predicted_score": sim,
-            "refused": predicted == REFUSAL, "source": source, "detail": {}}
+    return {
+        "question": question,
+        "expected": "e",
+        "generated": "g",
+        "expected_doc": expected,
+        "answerable": answerable,
+        "similarity": sim,
+        "char": sim if char is None else char,
+        "bucket": bucket(sim),
+        "predicted_doc": predicted,
+        "predicted_score": sim,
+        "refused": predicted == REFUSAL,
+        "source": source,
+        "detail": {},
+    }
 
 
 def test_thresholds_presets_numbers_and_errors():
@@ -46,13 +65,27 @@ def test_variants_defaults_and_the_models_they_need():
 
 
 def test_bucket_edges():
-    assert [bucket(s) for s in (100, 85, 84.9, 70, 69.9, 50, 49.9, 0)] == \
-        ["≥85", "≥85", "70–84", "70–84", "50–69", "50–69", "<50", "<50"]
+    assert [bucket(s) for s in (100, 85, 84.9, 70, 69.9, 50, 49.9, 0)] == [
+        "≥85",
+        "≥85",
+        "70–84",
+        "70–84",
+        "50–69",
+        "50–69",
+        "<50",
+        "<50",
+    ]
 
 
 def test_aggregate_math_on_hand_made_rows():
-    rows = [row(100), row(90, "leave", "leave"), row(72, "leave", "vpn"), row(55, "badge", REFUSAL),
-            row(10, REFUSAL, "vpn"), row(95, REFUSAL, REFUSAL, source="REFUSAL")]
+    rows = [
+        row(100),
+        row(90, "leave", "leave"),
+        row(72, "leave", "vpn"),
+        row(55, "badge", REFUSAL),
+        row(10, REFUSAL, "vpn"),
+        row(95, REFUSAL, REFUSAL, source="REFUSAL"),
+    ]
     agg = aggregate(rows, threshold=85)
     assert agg["rows"] == 6
     assert agg["mean_similarity"] == pytest.approx(round((100 + 90 + 72 + 55 + 10 + 95) / 6, 1))
@@ -73,8 +106,12 @@ def test_aggregate_without_unanswerable_rows_reports_none():
 
 
 def test_confused_pairs_and_worst():
-    rows = [row(10, "a", "b", question="q1"), row(20, "a", "b", question="q2"), row(30, "c", REFUSAL),
-            row(99, "a", "a")]
+    rows = [
+        row(10, "a", "b", question="q1"),
+        row(20, "a", "b", question="q2"),
+        row(30, "c", REFUSAL),
+        row(99, "a", "a"),
+    ]
     pairs = confused_pairs(rows)
     assert pairs[0] == {"expected": "a", "predicted": "b", "count": 2, "questions": ["q1", "q2"]}
     assert pairs[1]["predicted"] == REFUSAL and len(pairs) == 2
@@ -82,8 +119,11 @@ def test_confused_pairs_and_worst():
 
 
 def test_report_shape_and_files(tmp_path):
-    variants = {"retrieval": [row(90), row(40, REFUSAL, "vpn")], "tuned": [row(60), row(95, REFUSAL, REFUSAL)],
-                "base": [row(20), row(20, REFUSAL, "vpn")]}
+    variants = {
+        "retrieval": [row(90), row(40, REFUSAL, "vpn")],
+        "tuned": [row(60), row(95, REFUSAL, REFUSAL)],
+        "base": [row(20), row(20, REFUSAL, "vpn")],
+    }
     measure = {"name": "char", "description": "chrF", "fallback": None, "char": "chrF"}
     report = build_report(variants, "chatbot", measure, worst_n=1)
     assert list(report["summary"]) == ["base", "tuned", "retrieval"]  # canonical order
@@ -101,8 +141,10 @@ def test_report_shape_and_files(tmp_path):
 
 
 def chat(question, answer, doc_id):
-    return Example([{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
-                   meta={"doc_id": doc_id, "answerable": doc_id is not None})
+    return Example(
+        [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
+        meta={"doc_id": doc_id, "answerable": doc_id is not None},
+    )
 
 
 def test_score_rows_fields_and_sources():
@@ -144,9 +186,19 @@ def test_evaluate_run_with_given_answers_writes_report_and_audit(tmp_path, tiny_
     refusal = refusal_text(test, cfg)
     tuned = [e.answer for e in test]  # a perfect "model"
     base = ["我不知道。"] * len(test)
-    report = evaluate_run(cfg, None, "unused-adapter", data / "test.jsonl", data / "valid.jsonl",
-                          data / "train.jsonl", tiny_kb, tmp_path / "out", rules_path=str(rules),
-                          answers={"tuned": tuned, "base": base}, progress=False)
+    report = evaluate_run(
+        cfg,
+        None,
+        "unused-adapter",
+        data / "test.jsonl",
+        data / "valid.jsonl",
+        data / "train.jsonl",
+        tiny_kb,
+        tmp_path / "out",
+        rules_path=str(rules),
+        answers={"tuned": tuned, "base": base},
+        progress=False,
+    )
     summary = report["summary"]
     assert list(summary) == ["base", "tuned", "tuned_rules", "retrieval"]
     assert summary["tuned"]["mean_similarity"] == 100.0 and summary["tuned"]["topic_accuracy"] == 100.0
@@ -163,8 +215,18 @@ def test_evaluate_run_with_given_answers_writes_report_and_audit(tmp_path, tiny_
 def test_evaluate_run_needs_an_adapter_for_tuned(tmp_path, tiny_kb, tiny_splits):
     data, _ = tiny_splits
     with pytest.raises(UserError, match="adapter"):
-        evaluate_run(Config(), None, None, data / "test.jsonl", None, None, tiny_kb, tmp_path,
-                     variants=("tuned",), progress=False)
+        evaluate_run(
+            Config(),
+            None,
+            None,
+            data / "test.jsonl",
+            None,
+            None,
+            tiny_kb,
+            tmp_path,
+            variants=("tuned",),
+            progress=False,
+        )
 
 
 class FakeBackend:
@@ -182,8 +244,11 @@ def test_generate_answers_batches_by_length_greedy_and_keeps_order(qwen_tokenize
     from mlx_lora.data.render import ChatTokenizer
 
     tok = ChatTokenizer.from_dir(qwen_tokenizer_dir)
-    examples = [chat("短", "a", None), chat("這是一個比較長的問題，需要更多的 token 來表示它的內容", "a", None),
-                chat("中等長度的問題", "a", None)]
+    examples = [
+        chat("短", "a", None),
+        chat("這是一個比較長的問題，需要更多的 token 來表示它的內容", "a", None),
+        chat("中等長度的問題", "a", None),
+    ]
     cfg = Config()
     cfg.generate.batch_size = 2
     cfg.generate.temperature = 0.7  # evaluation must ignore it
@@ -208,10 +273,20 @@ def test_evaluate_run_end_to_end_with_a_tiny_torch_model(tmp_path, tiny_kb, tiny
     data, _ = tiny_splits
     model_dir = tmp_path / "model"
     torch.manual_seed(0)
-    Qwen2ForCausalLM(Qwen2Config(vocab_size=151669, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                                 max_position_embeddings=256, eos_token_id=151645, pad_token_id=151643)
-                     ).save_pretrained(model_dir)
+    Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=151669,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            max_position_embeddings=256,
+            eos_token_id=151645,
+            pad_token_id=151643,
+        )
+    ).save_pretrained(model_dir)
     for f in qwen_tokenizer_dir.iterdir():
         shutil.copy(f, model_dir / f.name)
     cfg = Config()
@@ -219,8 +294,18 @@ def test_evaluate_run_end_to_end_with_a_tiny_torch_model(tmp_path, tiny_kb, tiny
     cfg.train.max_steps, cfg.train.batch_size, cfg.train.grad_accum, cfg.lora.rank = 2, 4, 1, 4
     cfg.generate.max_new_tokens, cfg.eval.embedder = 4, "char"
     train_run(cfg, data, tmp_path / "run", progress=False)
-    report = evaluate_run(cfg, None, tmp_path / "run", data / "test.jsonl", data / "valid.jsonl",
-                          data / "train.jsonl", tiny_kb, tmp_path / "eval", rules_path=None, progress=False)
+    report = evaluate_run(
+        cfg,
+        None,
+        tmp_path / "run",
+        data / "test.jsonl",
+        data / "valid.jsonl",
+        data / "train.jsonl",
+        tiny_kb,
+        tmp_path / "eval",
+        rules_path=None,
+        progress=False,
+    )
     test_rows = len(read_examples(data / "test.jsonl"))
     assert list(report["summary"]) == ["base", "tuned", "tuned_rules", "retrieval"]
     assert all(report["summary"][v]["rows"] == test_rows for v in report["summary"])
@@ -237,14 +322,42 @@ def test_eval_and_diagnose_commands_without_a_model(tmp_path, tiny_kb, tiny_spli
 
     data, _ = tiny_splits
     out = tmp_path / "eval"
-    main(["eval", "--data", str(data / "test.jsonl"), "--kb", str(tiny_kb), "--variants", "retrieval",
-          "--embedder", "char", "--rules", "none", "--threshold", "99", "--out", str(out)])
+    main(
+        [
+            "eval",
+            "--data",
+            str(data / "test.jsonl"),
+            "--kb",
+            str(tiny_kb),
+            "--variants",
+            "retrieval",
+            "--embedder",
+            "char",
+            "--rules",
+            "none",
+            "--threshold",
+            "99",
+            "--out",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out
     assert "retrieval" in printed and "report:" in printed
     report = json.loads((out / "report.json").read_text())
     assert report["threshold"]["percent"] == 99.0 and report["meta"]["train"].endswith("train.jsonl")
-    main(["diagnose", "--report", str(out / "report.json"), "--kb", str(tiny_kb), "--threshold", "99",
-          "--out", str(tmp_path / "diag")])
+    main(
+        [
+            "diagnose",
+            "--report",
+            str(out / "report.json"),
+            "--kb",
+            str(tiny_kb),
+            "--threshold",
+            "99",
+            "--out",
+            str(tmp_path / "diag"),
+        ]
+    )
     assert "proposal:" in capsys.readouterr().out
     result = json.loads((tmp_path / "diag" / "diagnose.json").read_text())
     assert result["variant"] == "retrieval" and result["topics"]
@@ -254,8 +367,9 @@ def test_eval_and_diagnose_commands_without_a_model(tmp_path, tiny_kb, tiny_spli
     assert proposal and all(q not in train_questions for qs in proposal.values() for q in qs)
     assert load_extra_questions(proposal_path, load_kb(tiny_kb)) == proposal
     with pytest.raises(SystemExit):
-        main(["eval", "--data", str(data / "test.jsonl"), "--kb", str(tiny_kb), "--variants", "bogus",
-              "--out", str(out)])
+        main(
+            ["eval", "--data", str(data / "test.jsonl"), "--kb", str(tiny_kb), "--variants", "bogus", "--out", str(out)]
+        )
     assert "unknown 'bogus'" in capsys.readouterr().err
     # Not a report: one line, no traceback; the audit log and report of the earlier run stay as they were.
     before = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -264,25 +378,48 @@ def test_eval_and_diagnose_commands_without_a_model(tmp_path, tiny_kb, tiny_spli
         main(["diagnose", "--report", str(tmp_path / "other.json"), "--out", str(tmp_path / "diag2")])
     assert "not an `mlx-lora eval` report.json" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["eval", "--data", str(data / "test.jsonl"), "--kb", str(tiny_kb), "--threshold", "bogus",
-              "--out", str(out)])
+        main(
+            [
+                "eval",
+                "--data",
+                str(data / "test.jsonl"),
+                "--kb",
+                str(tiny_kb),
+                "--threshold",
+                "bogus",
+                "--out",
+                str(out),
+            ]
+        )
     assert "eval.threshold" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_diagnose_ranks_weak_topics_and_drafts_new_questions():
-    from mlx_lora.evaluation.diagnose import diagnose, draft_questions
     from mlx_lora.data.kb import Doc
+    from mlx_lora.evaluation.diagnose import diagnose, draft_questions
 
-    rows = [row(95, "vpn", "vpn", question="VPN?"), row(30, "leave", "vpn", question="請假?"),
-            row(40, "leave", REFUSAL, question="休假?"), row(90, REFUSAL, REFUSAL, question="天氣?")]
-    kb = {"vpn": Doc("vpn", "VPN 設定：下載 client，以 SSO 登入。", ""),
-          "leave": Doc("leave", "請假須於三天前在 HR 系統申請，並經主管核准。", "")}
+    rows = [
+        row(95, "vpn", "vpn", question="VPN?"),
+        row(30, "leave", "vpn", question="請假?"),
+        row(40, "leave", REFUSAL, question="休假?"),
+        row(90, REFUSAL, REFUSAL, question="天氣?"),
+    ]
+    kb = {
+        "vpn": Doc("vpn", "VPN 設定：下載 client，以 SSO 登入。", ""),
+        "leave": Doc("leave", "請假須於三天前在 HR 系統申請，並經主管核准。", ""),
+    }
     result = diagnose(rows, kb, train_questions=["leave 的規定是什麼？"], threshold=85)
     assert [t["doc_id"] for t in result["topics"]] == ["leave", REFUSAL, "vpn"]  # weakest first
     leave = result["topics"][0]
-    assert leave == {"doc_id": "leave", "rows": 2, "mean_similarity": 35.0, "topic_accuracy": 0.0, "weak": True,
-                     "answered_as": [REFUSAL, "vpn"]}
+    assert leave == {
+        "doc_id": "leave",
+        "rows": 2,
+        "mean_similarity": 35.0,
+        "topic_accuracy": 0.0,
+        "weak": True,
+        "answered_as": [REFUSAL, "vpn"],
+    }
     assert [w["question"] for w in result["weak_questions"]] == ["請假?", "休假?"]
     assert list(result["proposal"]) == ["leave"]  # only weak, answerable topics
     assert "leave 的規定是什麼？" not in result["proposal"]["leave"]  # already in train

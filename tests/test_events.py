@@ -14,10 +14,22 @@ from mlx_lora.training.loop import TrainOutcome
 def _steps(losses, lrs=None, norms=None):
     out = []
     for i, loss in enumerate(losses):
-        out.append({"type": "step", "step": i + 1, "epoch": 1, "loss": loss,
-                    "lr": lrs[i] if lrs else 1e-3 * (1 - i / len(losses)), "grad_norm": norms[i] if norms else 2.0,
-                    "tokens": 100, "supervised_tokens": 40, "tokens_per_s": 1000.0 + i,
-                    "supervised_tokens_per_s": 400.0, "elapsed_s": float(i + 1), "memory_mb": 500.0 + i})
+        out.append(
+            {
+                "type": "step",
+                "step": i + 1,
+                "epoch": 1,
+                "loss": loss,
+                "lr": lrs[i] if lrs else 1e-3 * (1 - i / len(losses)),
+                "grad_norm": norms[i] if norms else 2.0,
+                "tokens": 100,
+                "supervised_tokens": 40,
+                "tokens_per_s": 1000.0 + i,
+                "supervised_tokens_per_s": 400.0,
+                "elapsed_s": float(i + 1),
+                "memory_mb": 500.0 + i,
+            }
+        )
     return out
 
 
@@ -39,12 +51,36 @@ def _run(run_dir, stream, capsys=None, progress=False):
 
 def test_listeners_write_metrics_plots_and_summary(tmp_path, capsys):
     steps = _steps([3.0, 2.5, 2.0, 1.6, 1.3, 1.1, 1.0, 0.9])
-    stream = ([{"type": "start", "total_steps": 8, "epochs": 2, "train_rows": 32, "valid_rows": 8,
-                "trainable_params": 10, "total_params": 100, "backend": "torch", "device": "cpu"}]
-              + steps[:4] + _evals([(4, 1.8)]) + [{"type": "checkpoint", "step": 4, "path": "x"}]
-              + steps[4:] + _evals([(4, 1.8), (8, 1.2)])[1:]
-              + [{"type": "done", "steps": 8, "stopped": "completed", "best_eval_loss": 1.2, "best_step": 8,
-                  "elapsed_s": 8.0}])
+    stream = (
+        [
+            {
+                "type": "start",
+                "total_steps": 8,
+                "epochs": 2,
+                "train_rows": 32,
+                "valid_rows": 8,
+                "trainable_params": 10,
+                "total_params": 100,
+                "backend": "torch",
+                "device": "cpu",
+            }
+        ]
+        + steps[:4]
+        + _evals([(4, 1.8)])
+        + [{"type": "checkpoint", "step": 4, "path": "x"}]
+        + steps[4:]
+        + _evals([(4, 1.8), (8, 1.2)])[1:]
+        + [
+            {
+                "type": "done",
+                "steps": 8,
+                "stopped": "completed",
+                "best_eval_loss": 1.2,
+                "best_step": 8,
+                "elapsed_s": 8.0,
+            }
+        ]
+    )
     _run(tmp_path, stream, progress=True)
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert lines == stream

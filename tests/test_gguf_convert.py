@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 gguf = pytest.importorskip("gguf")
-from gguf import GGMLQuantizationType as Q  # noqa: E402
-from gguf.quants import dequantize, quantize  # noqa: E402
-from safetensors.numpy import load_file  # noqa: E402
-from tokenizers import Tokenizer  # noqa: E402
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import dequantize, quantize
+from safetensors.numpy import load_file
+from tokenizers import Tokenizer
 
-from mlx_lora.core.errors import UserError  # noqa: E402
-from mlx_lora.core.gguf_convert import QWEN25_CHAT_TEMPLATE, convert_gguf_to_hf  # noqa: E402
+from mlx_lora.core.errors import UserError
+from mlx_lora.core.gguf_convert import QWEN25_CHAT_TEMPLATE, convert_gguf_to_hf
 
 HIDDEN, LAYERS, HEADS, KV_HEADS, FFN, CONTEXT = 64, 2, 4, 2, 128, 4096
 ROPE_THETA, RMS_EPS = 1_000_000.0, 1e-6
@@ -47,18 +47,28 @@ def _source_weights(seed: int = 0) -> dict[str, np.ndarray]:
     """GGUF-named float32 weights in Hugging Face (out, in) shapes."""
     rng = np.random.default_rng(seed)
     head_dim = HIDDEN // HEADS
-    shapes = {"token_embd.weight": (len(TOKENS), HIDDEN), "output_norm.weight": (HIDDEN,),
-              "output.weight": (len(TOKENS), HIDDEN)}
+    shapes = {
+        "token_embd.weight": (len(TOKENS), HIDDEN),
+        "output_norm.weight": (HIDDEN,),
+        "output.weight": (len(TOKENS), HIDDEN),
+    }
     for i in range(LAYERS):
-        shapes.update({
-            f"blk.{i}.attn_q.weight": (HIDDEN, HIDDEN), f"blk.{i}.attn_q.bias": (HIDDEN,),
-            f"blk.{i}.attn_k.weight": (KV_HEADS * head_dim, HIDDEN), f"blk.{i}.attn_k.bias": (KV_HEADS * head_dim,),
-            f"blk.{i}.attn_v.weight": (KV_HEADS * head_dim, HIDDEN), f"blk.{i}.attn_v.bias": (KV_HEADS * head_dim,),
-            f"blk.{i}.attn_output.weight": (HIDDEN, HIDDEN),
-            f"blk.{i}.ffn_gate.weight": (FFN, HIDDEN), f"blk.{i}.ffn_up.weight": (FFN, HIDDEN),
-            f"blk.{i}.ffn_down.weight": (HIDDEN, FFN),
-            f"blk.{i}.attn_norm.weight": (HIDDEN,), f"blk.{i}.ffn_norm.weight": (HIDDEN,),
-        })
+        shapes.update(
+            {
+                f"blk.{i}.attn_q.weight": (HIDDEN, HIDDEN),
+                f"blk.{i}.attn_q.bias": (HIDDEN,),
+                f"blk.{i}.attn_k.weight": (KV_HEADS * head_dim, HIDDEN),
+                f"blk.{i}.attn_k.bias": (KV_HEADS * head_dim,),
+                f"blk.{i}.attn_v.weight": (KV_HEADS * head_dim, HIDDEN),
+                f"blk.{i}.attn_v.bias": (KV_HEADS * head_dim,),
+                f"blk.{i}.attn_output.weight": (HIDDEN, HIDDEN),
+                f"blk.{i}.ffn_gate.weight": (FFN, HIDDEN),
+                f"blk.{i}.ffn_up.weight": (FFN, HIDDEN),
+                f"blk.{i}.ffn_down.weight": (HIDDEN, FFN),
+                f"blk.{i}.attn_norm.weight": (HIDDEN,),
+                f"blk.{i}.ffn_norm.weight": (HIDDEN,),
+            }
+        )
     return {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
 
 
@@ -97,14 +107,21 @@ def _write_gguf(path, weights, chat_template=TEMPLATE, arch="qwen2"):
 
 
 HF_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
-    "attn_q.weight": "self_attn.q_proj.weight", "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.weight": "self_attn.k_proj.weight", "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.weight": "self_attn.v_proj.weight", "attn_v.bias": "self_attn.v_proj.bias",
-    "attn_output.weight": "self_attn.o_proj.weight", "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight", "ffn_down.weight": "mlp.down_proj.weight",
-    "attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
 }
 
 
@@ -172,7 +189,10 @@ def test_tokenizer_keeps_specials_whole_and_round_trips(converted):
     assert "[PAD0]" not in [added.content for added in tokenizer.get_added_tokens_decoder().values()]
     settings = json.loads((out / "tokenizer_config.json").read_text())
     assert (settings["bos_token"], settings["eos_token"], settings["pad_token"]) == (
-        "<|endoftext|>", "<|im_end|>", "<|endoftext|>")
+        "<|endoftext|>",
+        "<|im_end|>",
+        "<|endoftext|>",
+    )
     assert (out / "chat_template.jinja").read_text() == TEMPLATE
 
 

@@ -15,20 +15,28 @@ def write(path, rows):
 
 
 def test_hash_is_verified_and_computed_when_missing(tmp_path):
-    kb = load_kb(write(tmp_path / "kb.jsonl", [
-        {"doc_id": "a", "text": "甲規則", "text_hash": text_sha256("甲規則")},
-        {"doc_id": "b", "text": "乙規則"},
-    ]))
+    kb = load_kb(
+        write(
+            tmp_path / "kb.jsonl",
+            [
+                {"doc_id": "a", "text": "甲規則", "text_hash": text_sha256("甲規則")},
+                {"doc_id": "b", "text": "乙規則"},
+            ],
+        )
+    )
     assert list(kb) == ["a", "b"] and kb["b"].text_hash == text_sha256("乙規則")
 
 
-@pytest.mark.parametrize("rows, needle", [
-    ([{"doc_id": "a", "text": "x"}, {"doc_id": "a", "text": "y"}], "kb.jsonl:2: duplicate doc_id 'a'"),
-    ([{"doc_id": "a", "text": "  "}], "kb.jsonl:1: doc 'a': \"text\" is empty"),
-    ([{"doc_id": "a", "txt": "x"}], "kb.jsonl:1: doc 'a': \"text\" is missing; unknown key(s) ['txt']"),
-    ([{"doc_id": "a", "text": "x", "text_hash": "0" * 64}], "kb.jsonl:1: text_hash of 'a' does not match"),
-    ([{"text": "x"}], "kb.jsonl:1: missing \"doc_id\""),
-])
+@pytest.mark.parametrize(
+    "rows, needle",
+    [
+        ([{"doc_id": "a", "text": "x"}, {"doc_id": "a", "text": "y"}], "kb.jsonl:2: duplicate doc_id 'a'"),
+        ([{"doc_id": "a", "text": "  "}], "kb.jsonl:1: doc 'a': \"text\" is empty"),
+        ([{"doc_id": "a", "txt": "x"}], "kb.jsonl:1: doc 'a': \"text\" is missing; unknown key(s) ['txt']"),
+        ([{"doc_id": "a", "text": "x", "text_hash": "0" * 64}], "kb.jsonl:1: text_hash of 'a' does not match"),
+        ([{"text": "x"}], 'kb.jsonl:1: missing "doc_id"'),
+    ],
+)
 def test_bad_kb_rows_name_the_line(tmp_path, rows, needle):
     with pytest.raises(UserError, match=None) as info:
         load_kb(write(tmp_path / "kb.jsonl", rows))
@@ -56,17 +64,28 @@ def test_question_bank_loads(tiny_kb, tiny_questions):
     assert len(bank.phrasings("vpn")) == 6 and len(bank.unanswerable) == 6 and bank.refusal.startswith("抱歉")
 
 
-@pytest.mark.parametrize("text, needle", [
-    ('refusal: "no"\ndocs:\n  vpn:\n    short: ["a"]\n  ghost:\n    short: ["b"]\n', ":5: doc_id 'ghost' is not in"),
-    ('refusal: "no"\ndocs:\n  vpn:\n    terse: ["a"]\n', ":3: vpn: unknown style(s) ['terse']"),
-    ('refusal: "no"\ndocs:\n  vpn:\n    short: ["VPN?"]\n  leave:\n    short: ["vpn"]\n', "listed for both 'vpn' and 'leave'"),
-    ('docs:\n  vpn:\n    short: ["a"]\n', '"refusal" must be'),
-    ('refusal: "no"\ndocs:\n  vpn:\n    short: ["a"]\nextra: 1\n', "unknown key(s) ['extra']"),
-    ('refusal: "no"\ndocs:\n  vpn:\n    short: [1, ""]\n', "vpn.short must be a list of non-empty strings"),
-    ('refusal: "no"\ndocs: [\n', "questions.yaml:"),
-    ('refusal: "no"\ndocs:\n  vpn:\n    short: ["a"]\n  vpn:\n    full: ["b"]\n',
-     ":5: duplicate key 'vpn' (first at line 3)"),  # PyYAML alone would silently drop the first vpn block
-])
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        (
+            'refusal: "no"\ndocs:\n  vpn:\n    short: ["a"]\n  ghost:\n    short: ["b"]\n',
+            ":5: doc_id 'ghost' is not in",
+        ),
+        ('refusal: "no"\ndocs:\n  vpn:\n    terse: ["a"]\n', ":3: vpn: unknown style(s) ['terse']"),
+        (
+            'refusal: "no"\ndocs:\n  vpn:\n    short: ["VPN?"]\n  leave:\n    short: ["vpn"]\n',
+            "listed for both 'vpn' and 'leave'",
+        ),
+        ('docs:\n  vpn:\n    short: ["a"]\n', '"refusal" must be'),
+        ('refusal: "no"\ndocs:\n  vpn:\n    short: ["a"]\nextra: 1\n', "unknown key(s) ['extra']"),
+        ('refusal: "no"\ndocs:\n  vpn:\n    short: [1, ""]\n', "vpn.short must be a list of non-empty strings"),
+        ('refusal: "no"\ndocs: [\n', "questions.yaml:"),
+        (
+            'refusal: "no"\ndocs:\n  vpn:\n    short: ["a"]\n  vpn:\n    full: ["b"]\n',
+            ":5: duplicate key 'vpn' (first at line 3)",
+        ),  # PyYAML alone would silently drop the first vpn block
+    ],
+)
 def test_bad_question_banks(tiny_kb, tmp_path, text, needle):
     path = tmp_path / "questions.yaml"
     path.write_text(text, encoding="utf-8")

@@ -1,4 +1,4 @@
-"""The package's layers, checked from the source: imports point down only, frameworks stay in their backend, no cycles."""
+"""The layers, checked from the source: imports point down only, frameworks stay in their backend, no cycles."""
 
 from __future__ import annotations
 
@@ -25,8 +25,14 @@ LAYERS = {
     "cli": 6,
 }
 # Frameworks and the only package allowed to import each.
-FRAMEWORKS = {"torch": "backends.torch", "transformers": "backends.torch", "peft": "backends.torch",
-              "accelerate": "backends.torch", "mlx": "backends.mlx", "mlx_lm": "backends.mlx"}
+FRAMEWORKS = {
+    "torch": "backends.torch",
+    "transformers": "backends.torch",
+    "peft": "backends.torch",
+    "accelerate": "backends.torch",
+    "mlx": "backends.mlx",
+    "mlx_lm": "backends.mlx",
+}
 
 
 def modules() -> dict[str, Path]:
@@ -51,7 +57,7 @@ def imports(name: str, path: Path) -> list[tuple[str, int]]:
         elif isinstance(node, ast.ImportFrom):
             if node.level:  # relative: resolve against this module's package
                 base = package.split(".") if package else []
-                base = base[:len(base) - (node.level - 1)] if node.level > 1 else base
+                base = base[: len(base) - (node.level - 1)] if node.level > 1 else base
                 target = ".".join(["mlx_lora", *base, *([node.module] if node.module else [])])
             else:
                 target = node.module or ""
@@ -86,8 +92,10 @@ def test_imports_point_down_only():
                 continue
             other, other_rank = layer(inner)
             if other != top and other_rank >= rank:
-                wrong.append(f"{path.relative_to(PACKAGE.parent)}:{line}: {top} (layer {rank}) imports "
-                             f"mlx_lora.{inner} (layer {other_rank})")
+                wrong.append(
+                    f"{path.relative_to(PACKAGE.parent)}:{line}: {top} (layer {rank}) imports "
+                    f"mlx_lora.{inner} (layer {other_rank})"
+                )
     assert not wrong, "\n".join(wrong)
 
 
@@ -102,7 +110,9 @@ def test_frameworks_are_imported_only_by_their_backend():
 
 
 def test_no_import_cycles_not_even_lazy_ones():
-    graph = {name: sorted({internal(t) for t, _ in imports(name, path)} - {None, name}) for name, path in MODULES.items()}
+    graph = {
+        name: sorted({internal(t) for t, _ in imports(name, path)} - {None, name}) for name, path in MODULES.items()
+    }
     # A package's __init__ is imported with any of its modules: that edge is Python's, not a design choice.
     graph = {name: [t for t in targets if not name.startswith(t + ".") and t != ""] for name, targets in graph.items()}
     cycles, state = [], {}
@@ -111,7 +121,7 @@ def test_no_import_cycles_not_even_lazy_ones():
         state[node] = "open"
         for target in graph.get(node, []):
             if state.get(target) == "open":
-                cycles.append(" → ".join(stack[stack.index(target):] + [target]))
+                cycles.append(" → ".join(stack[stack.index(target) :] + [target]))
             elif target not in state:
                 visit(target, stack + [target])
         state[node] = "done"

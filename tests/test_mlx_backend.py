@@ -3,31 +3,20 @@
 from __future__ import annotations
 
 import json
-import math
-import os
-import shutil
-import signal
 from pathlib import Path
 
 import pytest
 
 mx = pytest.importorskip("mlx.core", reason="the mlx backend needs mlx: pip install -e '.[mlx]'")
 
-from conftest import build_tiny_model  # noqa: E402
+from conftest import build_tiny_model
 
-from mlx_lora.core.config import Config, GenerateConfig  # noqa: E402
-from mlx_lora.core.errors import UserError  # noqa: E402
-from mlx_lora.data.render import ChatTokenizer, Encoded, encode_messages  # noqa: E402
-from mlx_lora.training import loop  # noqa: E402
-from mlx_lora.training.events import Event  # noqa: E402
+from mlx_lora.core.config import Config, GenerateConfig
+from mlx_lora.core.errors import UserError
+from mlx_lora.training import loop
+from mlx_lora.training.events import Event
 
 LAYERS = 3  # conftest's tiny_model
-
-
-@pytest.fixture(scope="module")
-def rows_and_vocab(tiny_rows, qwen_tokenizer_dir):
-    rows, vocab = tiny_rows
-    return rows, vocab, qwen_tokenizer_dir
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +92,12 @@ def test_adapter_folder_is_mlx_lms_own_format(tiny, rows_and_vocab, tmp_path):
     config = json.loads((run / "adapter" / "adapter_config.json").read_text())
     assert config["fine_tune_type"] == "lora" and config["num_layers"] == LAYERS
     assert config["lora_parameters"]["scale"] == pytest.approx(8.0 / 4) and config["lora_parameters"]["rank"] == 4
-    assert sorted(config["lora_parameters"]["keys"]) == ["self_attn.k_proj", "self_attn.o_proj",
-                                                         "self_attn.q_proj", "self_attn.v_proj"]
+    assert sorted(config["lora_parameters"]["keys"]) == [
+        "self_attn.k_proj",
+        "self_attn.o_proj",
+        "self_attn.q_proj",
+        "self_attn.v_proj",
+    ]
     # plain mlx-lm accepts the adapter folder and gives the same logits as our trained model
     theirs, _ = mlx_lm_load(str(tiny), adapter_path=str(run / "adapter"))
     x = mx.array([rows[0].ids])
@@ -134,7 +127,7 @@ def greedy_reference(model, prompt, steps):
     ids = list(prompt)
     for _ in range(steps):
         ids.append(int(mx.argmax(model(mx.array([ids]))[0, -1]).item()))
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 def test_generate_batched_greedy_matches_reference_and_stops(tiny, rows_and_vocab):
@@ -151,7 +144,7 @@ def test_generate_batched_greedy_matches_reference_and_stops(tiny, rows_and_voca
     assert out == refs and [streamed[i] for i in range(3)] == refs
     stop = refs[0][2]
     cut = backend.generate(loaded, prompts[:1], gen, [stop])[0]
-    assert cut == refs[0][:refs[0].index(stop)]
+    assert cut == refs[0][: refs[0].index(stop)]
 
 
 def test_rope_theta_trap_is_handled(rows_and_vocab, tmp_path):
@@ -174,7 +167,6 @@ def test_rope_theta_trap_is_handled(rows_and_vocab, tmp_path):
 
 def test_adapter_of_either_format_loads(tiny, rows_and_vocab, tmp_path):
     from mlx_lora.backends.adapters import mlx_to_peft
-    from mlx_lora.backends.mlx import MLXBackend
 
     rows, _, _ = rows_and_vocab
     backend, trained, _, _ = run_training(tiny, rows, make_cfg(max_steps=2), tmp_path / "run")
@@ -191,8 +183,6 @@ def test_adapter_of_either_format_loads(tiny, rows_and_vocab, tmp_path):
 def test_fuse_through_mlx_lm(tiny, rows_and_vocab, tmp_path):
     from mlx_lm.utils import load_model
 
-    from mlx_lora.backends.mlx import MLXBackend
-
     rows, _, _ = rows_and_vocab
     backend, trained, _, _ = run_training(tiny, rows, make_cfg(max_steps=2), tmp_path / "run")
     x = mx.array([rows[2].ids])
@@ -208,7 +198,7 @@ def test_dora_trains_and_loads_in_mlx_lm(tiny, rows_and_vocab, tmp_path):
     rows, _, _ = rows_and_vocab
     cfg = make_cfg(max_steps=2)
     cfg.lora.dora = True
-    _, loaded, outcome, events = run_training(tiny, rows, cfg, tmp_path / "run")
+    _, loaded, _, events = run_training(tiny, rows, cfg, tmp_path / "run")
     # DoRA adds a magnitude per output feature: q,o 64 and k,v 32 on each layer
     lora_only = LAYERS * 4 * (2 * (64 + 64) + 2 * (64 + 32))
     assert events[0]["trainable_params"] == lora_only + LAYERS * (64 + 32 + 32 + 64)

@@ -2,30 +2,28 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 
 mx = pytest.importorskip("mlx.core", reason="the mlx backend needs mlx: pip install -e '.[mlx]'")
 
-from test_mlx_backend import make_cfg, rows_and_vocab, run_training, tiny  # noqa: E402,F401  (shared fixtures)
+from test_mlx_backend import make_cfg, run_training
 
 
-def lora_model(tiny):
+def lora_model(tiny_model):
     from mlx_lora.backends.mlx.model import attach_lora, load
 
-    loaded = load(tiny, None, make_cfg())
+    loaded = load(tiny_model, None, make_cfg())
     mx.random.seed(0)
     attach_lora(loaded, make_cfg().lora)
     loaded.model.train()
     return loaded
 
 
-def test_a_non_finite_step_is_not_applied(tiny, rows_and_vocab, tmp_path, monkeypatch):
+def test_a_non_finite_step_is_not_applied(tiny_model, rows_and_vocab, tmp_path, monkeypatch):
     from mlx_lora.backends.mlx import engine as trainer
 
     rows = rows_and_vocab[0]
-    run_training(tiny, rows, make_cfg(max_steps=1), tmp_path / "one")
+    run_training(tiny_model, rows, make_cfg(max_steps=1), tmp_path / "one")
     calls, make_batch = [], trainer.make_batch
 
     def poisoned(batch_rows, pad_id, pad=False):
@@ -36,7 +34,7 @@ def test_a_non_finite_step_is_not_applied(tiny, rows_and_vocab, tmp_path, monkey
         return out
 
     monkeypatch.setattr(trainer, "make_batch", poisoned)
-    _, _, outcome, _ = run_training(tiny, rows, make_cfg(), tmp_path / "bad")
+    _, _, outcome, _ = run_training(tiny_model, rows, make_cfg(), tmp_path / "bad")
     assert outcome.stopped == "non_finite" and outcome.steps == 1
     # the compiled step did compute the bad update; the loop must have put step 1's weights back
     one = mx.load(str(tmp_path / "one" / "adapter" / "adapters.safetensors"))
@@ -44,13 +42,13 @@ def test_a_non_finite_step_is_not_applied(tiny, rows_and_vocab, tmp_path, monkey
     assert all(mx.array_equal(one[k], bad[k]).item() for k in one)
 
 
-def test_update_slots_cover_every_weight_and_moment(tiny):
+def test_update_slots_cover_every_weight_and_moment(tiny_model):
     import mlx.optimizers as optim
     from mlx.utils import tree_flatten
 
     from mlx_lora.backends.mlx.engine import update_slots
 
-    model = lora_model(tiny).model
+    model = lora_model(tiny_model).model
     optimizer = optim.AdamW(learning_rate=1e-2)
     optimizer.init(model.trainable_parameters())
     slots = update_slots(model, optimizer)
@@ -59,19 +57,30 @@ def test_update_slots_cover_every_weight_and_moment(tiny):
 
 
 @pytest.mark.parametrize("full_logits", [False, True])
-def test_bucketed_batches_give_the_same_loss_and_gradients(tiny, rows_and_vocab, monkeypatch, full_logits):
+def test_bucketed_batches_give_the_same_loss_and_gradients(tiny_model, rows_and_vocab, monkeypatch, full_logits):
     import mlx.nn as nn
     from mlx.utils import tree_flatten
 
     from mlx_lora.backends.mlx import engine as trainer
 
-    assert [trainer.bucket(n, 8) for n in (1, 8, 9, 31, 127, 128, 255, 256, 257, 600, 1100)] == \
-        [8, 8, 16, 32, 128, 128, 256, 256, 272, 608, 1152]
+    assert [trainer.bucket(n, 8) for n in (1, 8, 9, 31, 127, 128, 255, 256, 257, 600, 1100)] == [
+        8,
+        8,
+        16,
+        32,
+        128,
+        128,
+        256,
+        256,
+        272,
+        608,
+        1152,
+    ]
     assert [trainer.bucket(n, 32) for n in (1, 33, 300, 511, 512, 513)] == [32, 64, 320, 512, 512, 544]
     rows, _, _ = rows_and_vocab
     if full_logits:
         monkeypatch.setattr(trainer, "split_head", lambda model: None)
-    loaded = lora_model(tiny)
+    loaded = lora_model(tiny_model)
     value_and_grad = nn.value_and_grad(loaded.model, trainer.make_loss(loaded.model))
     results = []
     for pad in (False, True):
@@ -84,7 +93,7 @@ def test_bucketed_batches_give_the_same_loss_and_gradients(tiny, rows_and_vocab,
     assert max(mx.abs(g0[k] - g1[k]).max().item() for k in g0) < 1e-6
 
 
-def test_step_is_traced_per_shape_not_per_step(tiny, rows_and_vocab, tmp_path, monkeypatch):
+def test_step_is_traced_per_shape_not_per_step(tiny_model, rows_and_vocab, tmp_path, monkeypatch):
     from mlx_lora.backends.mlx import engine as trainer
 
     traces, make_loss = [], trainer.make_loss
@@ -96,10 +105,11 @@ def test_step_is_traced_per_shape_not_per_step(tiny, rows_and_vocab, tmp_path, m
             if model.training:  # eval runs eagerly; in training this Python runs only while mx.compile traces
                 traces.append((args[0].shape, args[2].shape))
             return loss_sum(model, *args)
+
         return traced
 
     monkeypatch.setattr(trainer, "make_loss", counting)
-    _, _, outcome, _ = run_training(tiny, rows_and_vocab[0], make_cfg(epochs=6, eval_every=0), tmp_path / "run")
+    _, _, outcome, _ = run_training(tiny_model, rows_and_vocab[0], make_cfg(epochs=6, eval_every=0), tmp_path / "run")
     # 12 steps, 18 batches. A shape is traced at most once per role: first or later batch of a group, last or not.
     assert outcome.steps == 12 and len(traces) <= min(3 * len(set(traces)), 9)
     assert all(inputs[1] % 8 == 0 and positions[0] % 32 == 0 for inputs, positions in traces)

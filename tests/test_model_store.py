@@ -106,7 +106,10 @@ def test_resolve_missing_path_is_user_error(spec, tmp_path):
 
 def test_resolve_hub_id_is_returned_as_string(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # so no local folder of that name can exist
-    assert model_store.resolve_model("Qwen/Qwen2.5-0.5B-Instruct", cache_dir=tmp_path / "c") == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert (
+        model_store.resolve_model("Qwen/Qwen2.5-0.5B-Instruct", cache_dir=tmp_path / "c")
+        == "Qwen/Qwen2.5-0.5B-Instruct"
+    )
 
 
 def _fake_converter(monkeypatch) -> list:
@@ -159,7 +162,9 @@ def test_resolve_embedded_joins_then_converts(fake_parts, tmp_path, monkeypatch)
 def test_model_store_imports_no_heavy_libraries():
     import subprocess
 
-    code = ("import sys, mlx_lora.core.model_store; "
-            "print([m for m in ('torch', 'transformers', 'mlx', 'tqdm') if m in sys.modules])")
+    code = (
+        "import sys, mlx_lora.core.model_store; "
+        "print([m for m in ('torch', 'transformers', 'mlx', 'tqdm') if m in sys.modules])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import build_tiny_model
 from click.testing import CliRunner
+from conftest import build_tiny_model
 
 from mlx_lora.backends.adapters import convert, detect_format, info, mlx_to_peft, peft_to_mlx, read_safetensors
 from mlx_lora.core.config import Config
@@ -23,6 +23,7 @@ STEP_TOLERANCE = 1e-4
 
 # -- conversion alone: numpy + safetensors, no framework ---------------------------------------------------------
 
+
 def write_mlx_adapter(folder: Path, layers=(1, 2), rank=4, scale=2.5, seed=0) -> dict:
     from safetensors.numpy import save_file
 
@@ -34,9 +35,17 @@ def write_mlx_adapter(folder: Path, layers=(1, 2), rank=4, scale=2.5, seed=0) ->
             tensors[f"model.layers.{i}.{module}.lora_b"] = rng.normal(size=(rank, dout)).astype(np.float32)
     folder.mkdir(parents=True)
     save_file(tensors, str(folder / "adapters.safetensors"), metadata={"format": "mlx"})
-    config = {"fine_tune_type": "lora", "num_layers": 2, "model": None,
-              "lora_parameters": {"rank": rank, "scale": scale, "dropout": 0.0,
-                                  "keys": ["self_attn.q_proj", "self_attn.v_proj"]}}
+    config = {
+        "fine_tune_type": "lora",
+        "num_layers": 2,
+        "model": None,
+        "lora_parameters": {
+            "rank": rank,
+            "scale": scale,
+            "dropout": 0.0,
+            "keys": ["self_attn.q_proj", "self_attn.v_proj"],
+        },
+    }
     (folder / "adapter_config.json").write_text(json.dumps(config))
     return tensors
 
@@ -106,16 +115,18 @@ def test_adapter_cli_convert_and_info(tmp_path):
 
     write_mlx_adapter(tmp_path / "mlx")
     runner = CliRunner()
-    out = runner.invoke(cli, ["adapter", "convert", str(tmp_path / "mlx"), "--to", "peft", "--out",
-                              str(tmp_path / "peft")])
+    out = runner.invoke(
+        cli, ["adapter", "convert", str(tmp_path / "mlx"), "--to", "peft", "--out", str(tmp_path / "peft")]
+    )
     assert out.exit_code == 0, out.output
     assert "mlx → peft" in out.output and detect_format(tmp_path / "peft") == "peft"
     shown = runner.invoke(cli, ["adapter", "info", str(tmp_path / "peft"), "--json"])
     described = json.loads(shown.output)
     assert described["format"] == "peft" and described["layers"] == [1, 2] and described["rank"] == 4
     assert described["parameters"] == 2 * 4 * ((64 + 64) + (64 + 32))
-    same = runner.invoke(cli, ["adapter", "convert", str(tmp_path / "mlx"), "--to", "mlx", "--out",
-                               str(tmp_path / "z")])
+    same = runner.invoke(
+        cli, ["adapter", "convert", str(tmp_path / "mlx"), "--to", "mlx", "--out", str(tmp_path / "z")]
+    )
     assert same.exit_code != 0 and "already" in same.output
 
 
@@ -127,7 +138,6 @@ needs_both = pytest.mark.skipif(not BOTH, reason="parity needs torch + transform
 if BOTH:
     import mlx.core as mx
     import torch
-    from test_mlx_backend import rows_and_vocab  # noqa: F401  (the same renumbered real-tokenizer rows)
 
     torch.set_num_threads(1)  # 2 threads are erratic for small ops on these machines
 
@@ -185,8 +195,15 @@ def train_both(hf_model, start_adapter, rows, tmp: Path):
         cfg = parity_cfg()
         events = []
         loaded = backend.load(hf_model, start_adapter, cfg)  # both continue training the same adapter
-        loop.train(backend, loaded, rows[:4] + rows[5:], rows[4:5], cfg, tmp / backend.name,
-                   lambda e: events.append(e.to_dict()))
+        loop.train(
+            backend,
+            loaded,
+            rows[:4] + rows[5:],
+            rows[4:5],
+            cfg,
+            tmp / backend.name,
+            lambda e, events=events: events.append(e.to_dict()),
+        )
         results[backend.name] = (loaded, events, tmp / backend.name)
     return results
 

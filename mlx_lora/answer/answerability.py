@@ -12,7 +12,7 @@ value (below 0 leans "not answered"). The threshold that turns a score into a re
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -26,7 +26,7 @@ SCALAR_WEIGHT = 5.0  # the few scalar features against 1,024 embedding columns
 
 def _grams(text: str) -> set[str]:
     key = compact(text)
-    return set(key) | {key[i:i + 2] for i in range(len(key) - 1)}
+    return set(key) | {key[i : i + 2] for i in range(len(key) - 1)}
 
 
 class AnswerabilityModel:
@@ -44,11 +44,16 @@ class AnswerabilityModel:
         sims = sorted((self.scorer.embed(others) @ eq).tolist(), reverse=True) if others else [0.0]
         asked, doc = _grams(question), _grams(self.kb[doc_id])
         known = doc.union(*(self._grams_of[q] for q in others))
-        scalars = [float(eq @ ed), sims[0], float(np.mean(sims[:3])), len(asked & doc) / max(len(asked), 1),
-                   len(asked & known) / max(len(asked), 1)]
+        scalars = [
+            float(eq @ ed),
+            sims[0],
+            float(np.mean(sims[:3])),
+            len(asked & doc) / max(len(asked), 1),
+            len(asked & known) / max(len(asked), 1),
+        ]
         return np.concatenate([eq * ed, np.abs(eq - ed), np.array(scalars) * SCALAR_WEIGHT])
 
-    def fit(self, questions: Sequence[tuple[str, str]], kb_texts: dict[str, str]) -> "AnswerabilityModel":
+    def fit(self, questions: Sequence[tuple[str, str]], kb_texts: dict[str, str]) -> AnswerabilityModel:
         """`questions`: (text, doc id or REFUSAL) training questions."""
         from sklearn.linear_model import LogisticRegression
 

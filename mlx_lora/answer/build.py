@@ -41,13 +41,17 @@ def retrieval_decisions(route: SemanticRoute, questions, answers: dict[str, str]
     out = []
     for neighbour, score in route.nearest(questions, kinds=("question",)):
         text = refusal if neighbour.label == REFUSAL else answers[neighbour.label]
-        out.append(Decision(text, "KB_RETRIEVAL", {"neighbour": neighbour.text, "neighbour_doc": neighbour.label,
-                                                   "score": round(score, 4)}))
+        out.append(
+            Decision(
+                text,
+                "KB_RETRIEVAL",
+                {"neighbour": neighbour.text, "neighbour_doc": neighbour.label, "score": round(score, 4)},
+            )
+        )
     return out
 
 
-def build_decider(cfg: Config, scorer, kb, train, valid, answers, refusal, index,
-                  rules_path) -> tuple[Decider, dict]:
+def build_decider(cfg: Config, scorer, kb, train, valid, answers, refusal, index, rules_path) -> tuple[Decider, dict]:
     """Keyword rules, then the semantic route (a topic classifier trained on the train split only).
 
     Route thresholds not set in cfg.rules are calibrated out-of-fold on the train and valid questions
@@ -57,8 +61,12 @@ def build_decider(cfg: Config, scorer, kb, train, valid, answers, refusal, index
     route = None
     rules = load_rules(rules_path, kb) if rules_path else []
     if train:
-        route = SemanticRoute(scorer, neighbours_from(train, {d: doc.text for d, doc in kb.items()}, index),
-                              cfg.rules.route_high, cfg.rules.route_low)
+        route = SemanticRoute(
+            scorer,
+            neighbours_from(train, {d: doc.text for d, doc in kb.items()}, index),
+            cfg.rules.route_high,
+            cfg.rules.route_low,
+        )
         info["calibration"] = calibrate_route(route, train + valid, index)
         route.high = cfg.rules.route_high if cfg.rules.route_high is not None else route.high
         route.low = cfg.rules.route_low if cfg.rules.route_low is not None else route.low
@@ -67,6 +75,9 @@ def build_decider(cfg: Config, scorer, kb, train, valid, answers, refusal, index
         if not cfg.rules.answerability:
             route.answer_floor = None
         info["route"] = route.describe()
-    info["rules"] = {"path": str(rules_path) if rules_path else None, "count": len(rules),
-                     "kb_match_threshold": cfg.rules.kb_match_threshold}
+    info["rules"] = {
+        "path": str(rules_path) if rules_path else None,
+        "count": len(rules),
+        "kb_match_threshold": cfg.rules.kb_match_threshold,
+    }
     return Decider(rules, answers, index, refusal, cfg.rules.kb_match_threshold, route), info

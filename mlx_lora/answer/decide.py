@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from mlx_lora.answer.rules import Rule, match_rules
 from mlx_lora.data.similarity import REFUSAL, LabelIndex
@@ -20,8 +20,13 @@ class Decision:
 
 def _rule_detail(found: list[tuple[Rule, str]]) -> dict:
     rule, why = found[0]
-    return {"rule": rule.id, **({"doc_id": rule.doc_id} if rule.doc_id else {}), "matched": why,
-            "priority": rule.priority, "also_matched": [other.id for other, _ in found[1:]]}
+    return {
+        "rule": rule.id,
+        **({"doc_id": rule.doc_id} if rule.doc_id else {}),
+        "matched": why,
+        "priority": rule.priority,
+        "also_matched": [other.id for other, _ in found[1:]],
+    }
 
 
 def _r(x: float) -> float:
@@ -51,27 +56,38 @@ class Decider:
     decision: the answer decided without it gets the rule's KB text added, unless it already is that text.
     """
 
-    def __init__(self, rules: Sequence[Rule], doc_answers: dict[str, str], index: LabelIndex, refusal: str,
-                 kb_match_threshold: float = 0.8, route=None):
+    def __init__(
+        self,
+        rules: Sequence[Rule],
+        doc_answers: dict[str, str],
+        index: LabelIndex,
+        refusal: str,
+        kb_match_threshold: float = 0.8,
+        route=None,
+    ):
         self.rules, self.doc_answers, self.index = list(rules), doc_answers, index
         self.refusal, self.threshold, self.route = refusal, kb_match_threshold, route
 
     def _reproduces(self, scores, doc_id: str) -> bool:
         """The model's answer says what doc_id's KB answer says: ≥ threshold similar to it."""
-        return max((scores[j] for j, lab in enumerate(self.index.labels) if lab == doc_id), default=0.0) >= self.threshold
+        return (
+            max((scores[j] for j, lab in enumerate(self.index.labels) if lab == doc_id), default=0.0) >= self.threshold
+        )
 
     def _check_model(self, answer: str, scores, detail: dict, vote: str | None = None) -> Decision:
         j = int(scores.argmax())
         label, score = self.index.labels[j], float(scores[j])
         detail = {**detail, "nearest": label, "score": _r(score)}
         if label == REFUSAL:
-            return Decision(self.refusal if score >= self.threshold else answer, "REFUSAL",
-                            {**detail, "by": "model"})
+            return Decision(self.refusal if score >= self.threshold else answer, "REFUSAL", {**detail, "by": "model"})
         if score >= self.threshold:
             return Decision(self.doc_answers[label], "KB_MATCH", {**detail, "doc_id": label, "model_answer": answer})
         if label == vote:  # two independent signals name the same doc: its KB text beats the model's paraphrase
-            return Decision(self.doc_answers[label], "KB_RETRIEVAL",
-                            {**detail, "doc_id": label, "by": "route and model agree", "model_answer": answer})
+            return Decision(
+                self.doc_answers[label],
+                "KB_RETRIEVAL",
+                {**detail, "doc_id": label, "by": "route and model agree", "model_answer": answer},
+            )
         return Decision(answer, "MODEL_GENERATED", detail)
 
     def decide(self, questions: Sequence[str], model_answers: Sequence[str | None]) -> list[Decision]:
@@ -93,18 +109,30 @@ class Decider:
         route's answerability model, does not answer the question becomes the refusal: a topic word is not an
         answer ("can the printer print in colour?" is about the printer doc, which does not say)."""
         floor = getattr(self.route, "answer_floor", None)
-        checked = [i for i, d in enumerate(decisions)
-                   if d.source in ("RULE_OVERRIDE", "KB_RETRIEVAL", "KB_MATCH") and d.detail.get("doc_id")]
+        checked = [
+            i
+            for i, d in enumerate(decisions)
+            if d.source in ("RULE_OVERRIDE", "KB_RETRIEVAL", "KB_MATCH") and d.detail.get("doc_id")
+        ]
         if floor is None or not checked:
             return decisions
-        scores = self.route.answer_scores([questions[i] for i in checked],
-                                          [decisions[i].detail["doc_id"] for i in checked])
+        scores = self.route.answer_scores(
+            [questions[i] for i in checked], [decisions[i].detail["doc_id"] for i in checked]
+        )
         for i, score in zip(checked, scores):
             if score is not None and score < floor:
                 d = decisions[i]
-                decisions[i] = Decision(self.refusal, "REFUSAL", {**d.detail, "by": "answerability",
-                                                                  "instead_of": d.source, "answerability": _r(score),
-                                                                  "answer_floor": _r(floor)})
+                decisions[i] = Decision(
+                    self.refusal,
+                    "REFUSAL",
+                    {
+                        **d.detail,
+                        "by": "answerability",
+                        "instead_of": d.source,
+                        "answerability": _r(score),
+                        "answer_floor": _r(floor),
+                    },
+                )
         return decisions
 
     def _append(self, decision: Decision, found: list[tuple[Rule, str]]) -> Decision:
@@ -112,8 +140,7 @@ class Decider:
         rule, why = found[0]
         text = self.doc_answers[rule.doc_id]
         added = decision.answer is not None and decision.answer.strip() != text.strip()
-        detail = {**decision.detail, "append": {"rule": rule.id, "doc_id": rule.doc_id, "matched": why,
-                                                "added": added}}
+        detail = {**decision.detail, "append": {"rule": rule.id, "doc_id": rule.doc_id, "matched": why, "added": added}}
         return Decision(f"{decision.answer}\n{text}" if added else decision.answer, decision.source, detail)
 
     def _decide_one(self, answer: str | None, scores, r, found: list[tuple[Rule, str]]) -> Decision:
@@ -136,8 +163,14 @@ class Decider:
             detail = {"rule_checked": rule.id}  # the model already says what the doc says: KB_MATCH below
         elif r is not None and r.kind != "model":
             n = r.neighbour
-            detail = {"route": r.kind, "neighbour": n.text, "neighbour_kind": n.kind, "score": _r(r.score),
-                      "vote": r.label, "confidence": _r(r.confidence)}
+            detail = {
+                "route": r.kind,
+                "neighbour": n.text,
+                "neighbour_kind": n.kind,
+                "score": _r(r.score),
+                "vote": r.label,
+                "confidence": _r(r.confidence),
+            }
             if found:
                 detail["overrules"] = found[0][0].id
             if r.kind == "refuse":

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -93,14 +94,15 @@ class TopicClassifier:
             return grams
         return hstack([grams, csr_matrix(self.scorer.embed(list(texts)) * self.embedding_weight)]).tocsr()
 
-    def fit(self, texts: Sequence[str], labels: Sequence[str]) -> "TopicClassifier":
+    def fit(self, texts: Sequence[str], labels: Sequence[str]) -> TopicClassifier:
         from sklearn.feature_extraction.text import TfidfVectorizer
         from sklearn.linear_model import LogisticRegression
 
         if len(set(labels)) < 2:
             raise ValueError("the topic classifier needs at least two classes")
-        self._vectorizer = TfidfVectorizer(analyzer="char_wb", ngram_range=self.ngram_range, preprocessor=normalize,
-                                           sublinear_tf=True)
+        self._vectorizer = TfidfVectorizer(
+            analyzer="char_wb", ngram_range=self.ngram_range, preprocessor=normalize, sublinear_tf=True
+        )
         self._vectorizer.fit(list(texts))
         with one_thread():
             self._model = LogisticRegression(C=self.C, class_weight="balanced", max_iter=2000)
@@ -132,9 +134,15 @@ class SemanticRoute:
     with answers the question, and refuses below `answer_floor` (None, the default until calibrated: never).
     """
 
-    def __init__(self, scorer, neighbours: Sequence[Neighbour], high: float | None = None,
-                 low: float | None = None, refuse_at: float | None = None,
-                 classifier: TopicClassifier | None = None):
+    def __init__(
+        self,
+        scorer,
+        neighbours: Sequence[Neighbour],
+        high: float | None = None,
+        low: float | None = None,
+        refuse_at: float | None = None,
+        classifier: TopicClassifier | None = None,
+    ):
         if not neighbours:
             raise ValueError("the semantic route needs at least one neighbour")
         self.scorer, self.neighbours = scorer, list(neighbours)
@@ -155,7 +163,8 @@ class SemanticRoute:
                 try:
                     self.answerability = AnswerabilityModel(scorer).fit(
                         [(n.text, n.label) for n in self.neighbours if n.kind == "question"],
-                        {n.label: n.text for n in self.neighbours if n.kind == "kb"})
+                        {n.label: n.text for n in self.neighbours if n.kind == "kb"},
+                    )
                 except ValueError:  # no unanswerable or no answerable training question: nothing to learn
                     self.answerability = None
 
@@ -188,8 +197,11 @@ class SemanticRoute:
                 refusal_p = float(proba[i, classes.index(REFUSAL)]) if REFUSAL in classes else 0.0
             else:
                 label, confidence, refusal_p = str(labels[int(row.argmax())]), 0.0, 0.0
-            out.append(RouteDecision("model", float(row.max()), self._neighbour(row, labels, label), label,
-                                     confidence, refusal_p))
+            out.append(
+                RouteDecision(
+                    "model", float(row.max()), self._neighbour(row, labels, label), label, confidence, refusal_p
+                )
+            )
         return out, scores, labels
 
     def _neighbour(self, row: np.ndarray, labels: np.ndarray, label: str) -> Neighbour:
@@ -226,25 +238,41 @@ class SemanticRoute:
         kinds = [n.kind for n in self.neighbours]
         c = self.classifier
         floor = None if self.answer_floor is None else round(self.answer_floor, 4)
-        return {"high": round(self.high, 4), "low": round(self.low, 4), "refuse_at": round(self.refuse_at, 4),
-                "answer_floor": floor,
-                "classifier": None if c is None else (f"logistic regression on char {c.ngram_range[0]}–"
-                                                      f"{c.ngram_range[1]}-gram TF-IDF" +
-                                                      (" + embeddings" if hasattr(self.scorer, "embed") else "")),
-                "classes": len(c.classes) if c is not None else 0, "missing": self.missing,
-                "training_questions": kinds.count("question"), "kb_texts": kinds.count("kb")}
+        return {
+            "high": round(self.high, 4),
+            "low": round(self.low, 4),
+            "refuse_at": round(self.refuse_at, 4),
+            "answer_floor": floor,
+            "classifier": None
+            if c is None
+            else (
+                f"logistic regression on char {c.ngram_range[0]}–"
+                f"{c.ngram_range[1]}-gram TF-IDF" + (" + embeddings" if hasattr(self.scorer, "embed") else "")
+            ),
+            "classes": len(c.classes) if c is not None else 0,
+            "missing": self.missing,
+            "training_questions": kinds.count("question"),
+            "kb_texts": kinds.count("kb"),
+        }
 
 
 def _cuts(values: np.ndarray) -> list[float]:
     """Candidate thresholds for `value ≥ t`: each distinct value's midpoint to the one below (the lowest value
     itself), then NEVER; unseen values between two valid ones are thus not decided by a tie."""
     v = np.unique(values)
-    return [float(v[0]) for _ in v[:1]] + [float((a + b) / 2) for a, b in zip(v[:-1], v[1:])] + [NEVER]
+    return [float(v[0]) for _ in v[:1]] + [float((a + b) / 2) for a, b in itertools.pairwise(v)] + [NEVER]
 
 
-def calibrate(confidence: Sequence[float], correct: Sequence[bool], scores: Sequence[float],
-              answerable: Sequence[bool], precision: float = 0.95, model_accuracy: float = MODEL_ACCURACY,
-              refusal_p: Sequence[float] | None = None, refusal_budget: int | None = None) -> dict:
+def calibrate(
+    confidence: Sequence[float],
+    correct: Sequence[bool],
+    scores: Sequence[float],
+    answerable: Sequence[bool],
+    precision: float = 0.95,
+    model_accuracy: float = MODEL_ACCURACY,
+    refusal_p: Sequence[float] | None = None,
+    refusal_budget: int | None = None,
+) -> dict:
     """Pick low, refuse_at and high from the route's classification of held-out labelled questions.
 
     Per row: nearest similarity (`scores`), the best doc's probability (`confidence`) and whether that doc is the
@@ -254,7 +282,8 @@ def calibrate(confidence: Sequence[float], correct: Sequence[bool], scores: Sequ
       - refuse_at, high: on the rows left, the pair that maximises the expected number of right answers. A row
         refused (P(REFUSAL) ≥ refuse_at) counts 1 when unanswerable; a row retrieved (else doc probability ≥ high)
         counts 1 when the doc is right; every other row counts `model_accuracy` (the model answers it). So the
-        route answers alone exactly where, on held-out questions, it beat the model's expected accuracy. Pairs that refuse
+        route answers alone exactly where, on held-out questions, it beat the model's expected accuracy. Pairs that
+        refuse
         more answerable rows (with those below low) than `refusal_budget` (the retrieval baseline's count on
         the same rows) are not eligible. Ties: the higher refuse_at (refuse less), then the lower high
         (a KB answer is verbatim and auditable). NEVER (1.01) is a candidate for both.
@@ -282,16 +311,30 @@ def calibrate(confidence: Sequence[float], correct: Sequence[bool], scores: Sequ
     _, refuse_at, high = best if best is not None else (0, NEVER, NEVER)
     refused, routed = kept & (rp >= refuse_at), kept & (rp < refuse_at) & (conf >= high)
     return {
-        "high": high, "low": low, "refuse_at": refuse_at,  # not rounded: the lowest valid value may be one
-        "precision_target": precision, "model_accuracy_assumed": model_accuracy, "rows": len(s),
-        "refusal_budget": refusal_budget, "retrieved": int(routed.sum()), "refused": int((refused | ~kept).sum()),
-        "to_model": int((kept & ~refused & ~routed).sum()), "retrieved_correct": int((routed & ok).sum()),
+        "high": high,
+        "low": low,
+        "refuse_at": refuse_at,  # not rounded: the lowest valid value may be one
+        "precision_target": precision,
+        "model_accuracy_assumed": model_accuracy,
+        "rows": len(s),
+        "refusal_budget": refusal_budget,
+        "retrieved": int(routed.sum()),
+        "refused": int((refused | ~kept).sum()),
+        "to_model": int((kept & ~refused & ~routed).sum()),
+        "retrieved_correct": int((routed & ok).sum()),
         "refused_unanswerable": int(((refused | ~kept) & ~ans).sum()),
     }
 
 
-def calibrate_route(route: SemanticRoute, examples, index: LabelIndex, folds: int = 5, seed: int = 0,
-                    precision: float = 0.95, model_accuracy: float = MODEL_ACCURACY) -> dict:
+def calibrate_route(
+    route: SemanticRoute,
+    examples,
+    index: LabelIndex,
+    folds: int = 5,
+    seed: int = 0,
+    precision: float = 0.95,
+    model_accuracy: float = MODEL_ACCURACY,
+) -> dict:
     """Set route.high / route.low / route.refuse_at from out-of-fold decisions on labelled questions (see calibrate).
 
     `examples` are the train and valid rows. Their distinct questions are cut into `folds` folds; each fold is
@@ -326,9 +369,16 @@ def calibrate_route(route: SemanticRoute, examples, index: LabelIndex, folds: in
     answerable = [q.label != REFUSAL for q, _, _ in rows]
     budget = sum(a and n.label == REFUSAL for a, (_, _, n) in zip(answerable, rows))
     has_refusal = route.classifier is not None and REFUSAL in route.classifier.classes
-    info = calibrate([d.confidence for _, d, _ in rows], [d.label == q.label for q, d, _ in rows],
-                     [d.score for _, d, _ in rows], answerable, precision, model_accuracy,
-                     [d.refusal_p for _, d, _ in rows] if has_refusal else None, budget)
+    info = calibrate(
+        [d.confidence for _, d, _ in rows],
+        [d.label == q.label for q, d, _ in rows],
+        [d.score for _, d, _ in rows],
+        answerable,
+        precision,
+        model_accuracy,
+        [d.refusal_p for _, d, _ in rows] if has_refusal else None,
+        budget,
+    )
     if route.classifier is None:  # no probabilities to trust: only the similarity floor is calibrated
         info["high"] = info["refuse_at"] = NEVER
     info["method"] = f"{folds}-fold out-of-fold decisions on {len(rows)} distinct train+valid questions"
@@ -339,8 +389,9 @@ def calibrate_route(route: SemanticRoute, examples, index: LabelIndex, folds: in
     return info
 
 
-def calibrate_answer_floor(scores: Sequence[float | None], answerable: Sequence[bool],
-                           budget: float = ANSWER_FLOOR_BUDGET) -> dict:
+def calibrate_answer_floor(
+    scores: Sequence[float | None], answerable: Sequence[bool], budget: float = ANSWER_FLOOR_BUDGET
+) -> dict:
     """The answerability score below which the layer refuses a doc answer, from out-of-fold scores of each
     question against the doc the classifier named: the highest cut that refuses at most `budget` of the answerable
     questions — kept only if it refuses more unanswerable than answerable ones (else None: the check stays off)."""
@@ -355,5 +406,9 @@ def calibrate_answer_floor(scores: Sequence[float | None], answerable: Sequence[
         floor = cut if caught > allowed else None
     refused_ok = int((ok < floor).sum()) if floor is not None else 0
     refused_bad = int((bad < floor).sum()) if floor is not None else 0
-    return {"answer_floor": floor, "answer_floor_budget": budget, "answer_floor_refused_answerable": refused_ok,
-            "answer_floor_refused_unanswerable": refused_bad}
+    return {
+        "answer_floor": floor,
+        "answer_floor_budget": budget,
+        "answer_floor_refused_answerable": refused_ok,
+        "answer_floor_refused_unanswerable": refused_bad,
+    }

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import re2
 import yaml
@@ -69,8 +69,9 @@ def compile_pattern(source: str, path, line):
         pattern = re2.compile(source, _options())
     except re2.error as exc:
         why = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else str(exc)
-        raise located(path, line, f"regex {source!r} is not supported ({why}); re2 syntax has no look-around "
-                                  "or back-references") from None
+        raise located(
+            path, line, f"regex {source!r} is not supported ({why}); re2 syntax has no look-around or back-references"
+        ) from None
     if pattern.search("") is not None:
         raise located(path, line, f"regex {source!r} matches an empty question, i.e. every question; make it specific")
     return pattern
@@ -103,21 +104,26 @@ def _rule(data, node, path, kb) -> Rule:
     unknown = [k for k in data if k not in RULE_KEYS]
     if unknown:
         bad = unknown[0]
-        raise located(path, nodes[bad].start_mark.line + 1 if bad in nodes else line,
-                      f"unknown key {bad!r} in a rule; valid keys: {', '.join(RULE_KEYS)}")
-    at = lambda key: nodes[key].start_mark.line + 1 if key in nodes else line  # noqa: E731
+        raise located(
+            path,
+            nodes[bad].start_mark.line + 1 if bad in nodes else line,
+            f"unknown key {bad!r} in a rule; valid keys: {', '.join(RULE_KEYS)}",
+        )
+    at = lambda key: nodes[key].start_mark.line + 1 if key in nodes else line
     rule_id = data.get("id")
     if not isinstance(rule_id, str) or not rule_id.strip():
         raise located(path, line, "every rule needs an id (a short name such as vpn-setup)")
     action = data.get("action", "override")
     if action not in ACTIONS:
-        raise located(path, at("action"), f"rule {rule_id!r}: unknown action {action!r}; use one of "
-                                          f"{', '.join(ACTIONS)}")
+        raise located(
+            path, at("action"), f"rule {rule_id!r}: unknown action {action!r}; use one of {', '.join(ACTIONS)}"
+        )
     doc_id = data.get("doc_id")
     if action == "refuse":
         if doc_id is not None:
-            raise located(path, at("doc_id"), f"rule {rule_id!r}: a refuse rule answers with the refusal; "
-                                              "remove its doc_id")
+            raise located(
+                path, at("doc_id"), f"rule {rule_id!r}: a refuse rule answers with the refusal; remove its doc_id"
+            )
     elif not isinstance(doc_id, str) or not doc_id.strip():
         raise located(path, at("doc_id"), f"rule {rule_id!r} needs a doc_id from the knowledge base")
     elif kb is not None and doc_id not in kb:
@@ -129,13 +135,23 @@ def _rule(data, node, path, kb) -> Rule:
     for word, word_line in keywords:
         if not compact(word):
             raise located(path, word_line, f"keyword {word!r} is only punctuation/spaces and would match everything")
-    regex = [(src, compile_pattern(src, path, ln))
-             for src, ln in _strings(nodes.get("regex"), data.get("regex"), path, f"rule {rule_id!r} regex")]
+    regex = [
+        (src, compile_pattern(src, path, ln))
+        for src, ln in _strings(nodes.get("regex"), data.get("regex"), path, f"rule {rule_id!r} regex")
+    ]
     unless = _strings(nodes.get("unless"), data.get("unless"), path, f"rule {rule_id!r} unless")
     if not keywords and not regex:
         raise located(path, line, f"rule {rule_id!r} needs at least one keyword or regex")
-    return Rule(rule_id.strip(), doc_id, [w for w, _ in keywords], regex,
-                [w for w, _ in unless if compact(w)], action, priority, line)
+    return Rule(
+        rule_id.strip(),
+        doc_id,
+        [w for w, _ in keywords],
+        regex,
+        [w for w, _ in unless if compact(w)],
+        action,
+        priority,
+        line,
+    )
 
 
 def load_rules(path: str | Path, kb: dict | None = None) -> list[Rule]:

@@ -23,8 +23,17 @@ _PEFT_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.default)?\.weigh
 _LAYER = re.compile(r"(?:^|\.)layers\.(?P<idx>\d+)\.(?P<rest>.+)$")
 
 # safetensors dtype names ↔ numpy; BF16 has no numpy type and is widened to float32 (exact).
-_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
-           "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
 
 
 @dataclass
@@ -101,8 +110,10 @@ def _format(folder: Path) -> str:
     if (folder / PEFT_WEIGHTS).is_file():
         return "peft"
     if (folder / "adapter_model.bin").is_file():
-        raise UserError(f"{folder}: adapter_model.bin is a pickle; re-save it as safetensors "
-                        "(PeftModel.save_pretrained(..., safe_serialization=True))")
+        raise UserError(
+            f"{folder}: adapter_model.bin is a pickle; re-save it as safetensors "
+            "(PeftModel.save_pretrained(..., safe_serialization=True))"
+        )
     raise UserError(f"{folder}: not an adapter folder: neither {MLX_WEIGHTS} (MLX) nor {PEFT_WEIGHTS} (PEFT) found")
 
 
@@ -119,7 +130,7 @@ def adapter_dir(path: str | Path) -> Path:
 
 
 def detect_format(path: str | Path) -> str:
-    """"mlx" (adapters.safetensors, mlx-lm config) or "peft" (adapter_model.safetensors, PEFT config)."""
+    """ "mlx" (adapters.safetensors, mlx-lm config) or "peft" (adapter_model.safetensors, PEFT config)."""
     return _format(adapter_dir(path))
 
 
@@ -128,28 +139,54 @@ def _layer_parts(module: str) -> tuple[int | None, str]:
     return (int(match["idx"]), match["rest"]) if match else (None, module)
 
 
-def mlx_config(rank: int, scale: float, dropout: float, keys: list[str], num_layers: int,
-               dora: bool = False, alpha: float | None = None, base_model: str | None = None) -> dict:
+def mlx_config(
+    rank: int,
+    scale: float,
+    dropout: float,
+    keys: list[str],
+    num_layers: int,
+    dora: bool = False,
+    alpha: float | None = None,
+    base_model: str | None = None,
+) -> dict:
     """adapter_config.json that mlx_lm.load(..., adapter_path=) accepts; our own fields under mlx_lora."""
     return {
         "fine_tune_type": "dora" if dora else "lora",
         "num_layers": int(num_layers),
-        "lora_parameters": {"rank": int(rank), "scale": float(scale), "dropout": float(dropout),
-                            "keys": sorted(keys)},
+        "lora_parameters": {"rank": int(rank), "scale": float(scale), "dropout": float(dropout), "keys": sorted(keys)},
         "model": base_model,
         "mlx_lora": {"alpha": float(alpha if alpha is not None else scale * rank), "format_version": 1},
     }
 
 
-def peft_config(rank: int, alpha: float, dropout: float, targets: list[str], layers: list[int] | None,
-                base_model: str | None = None, rslora: bool = False) -> dict:
+def peft_config(
+    rank: int,
+    alpha: float,
+    dropout: float,
+    targets: list[str],
+    layers: list[int] | None,
+    base_model: str | None = None,
+    rslora: bool = False,
+) -> dict:
     """adapter_config.json that PeftModel.from_pretrained accepts (a plain LoRA for a causal LM)."""
     return {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-        "r": int(rank), "lora_alpha": float(alpha), "lora_dropout": float(dropout),
-        "target_modules": sorted(targets), "layers_to_transform": layers, "layers_pattern": None,
-        "bias": "none", "fan_in_fan_out": False, "use_rslora": bool(rslora), "use_dora": False,
-        "init_lora_weights": True, "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {},
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": int(rank),
+        "lora_alpha": float(alpha),
+        "lora_dropout": float(dropout),
+        "target_modules": sorted(targets),
+        "layers_to_transform": layers,
+        "layers_pattern": None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": bool(rslora),
+        "use_dora": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
         "inference_mode": True,
     }
 
@@ -159,8 +196,10 @@ def _mlx_info(folder: Path, config: dict, tensors: dict) -> AdapterInfo:
     if not isinstance(params, dict) or "rank" not in params or "scale" not in params:
         raise UserError(f"{folder / CONFIG}: key lora_parameters needs rank and scale (mlx-lm adapter config)")
     if config.get("fine_tune_type", "lora") != "lora":
-        raise UserError(f"{folder / CONFIG}: fine_tune_type {config['fine_tune_type']!r} cannot be converted; "
-                        "only plain LoRA adapters convert between MLX and PEFT")
+        raise UserError(
+            f"{folder / CONFIG}: fine_tune_type {config['fine_tune_type']!r} cannot be converted; "
+            "only plain LoRA adapters convert between MLX and PEFT"
+        )
     modules, layers = set(), set()
     for name in tensors:
         match = _MLX_KEY.match(name)
@@ -172,9 +211,19 @@ def _mlx_info(folder: Path, config: dict, tensors: dict) -> AdapterInfo:
             layers.add(idx)
     rank, scale = int(params["rank"]), float(params["scale"])
     alpha = float((config.get("mlx_lora") or {}).get("alpha", scale * rank))
-    return AdapterInfo("mlx", rank, alpha, scale, float(params.get("dropout", 0.0)), sorted(modules),
-                       sorted(layers), config.get("num_layers"), sum(int(t.size) for t in tensors.values()),
-                       config.get("model"), str(next(iter(tensors.values())).dtype) if tensors else "float32")
+    return AdapterInfo(
+        "mlx",
+        rank,
+        alpha,
+        scale,
+        float(params.get("dropout", 0.0)),
+        sorted(modules),
+        sorted(layers),
+        config.get("num_layers"),
+        sum(int(t.size) for t in tensors.values()),
+        config.get("model"),
+        str(next(iter(tensors.values())).dtype) if tensors else "float32",
+    )
 
 
 def _peft_info(folder: Path, config: dict, tensors: dict) -> AdapterInfo:
@@ -191,19 +240,29 @@ def _peft_info(folder: Path, config: dict, tensors: dict) -> AdapterInfo:
     for name in tensors:
         match = _PEFT_KEY.match(name)
         if not match:
-            raise UserError(f"{folder / PEFT_WEIGHTS}: unexpected tensor {name} "
-                            "(expected *.lora_A.weight / *.lora_B.weight)")
+            raise UserError(
+                f"{folder / PEFT_WEIGHTS}: unexpected tensor {name} (expected *.lora_A.weight / *.lora_B.weight)"
+            )
         idx, rest = _layer_parts(match["module"])
         modules.add(rest)
         if idx is not None:
             layers.add(idx)
     rank, alpha = int(config["r"]), float(config["lora_alpha"])
-    scale = alpha / (rank ** 0.5) if config.get("use_rslora") else alpha / rank
-    return AdapterInfo("peft", rank, alpha, scale, float(config.get("lora_dropout", 0.0)), sorted(modules),
-                       sorted(layers), None, sum(int(t.size) for t in tensors.values()),
-                       config.get("base_model_name_or_path"),
-                       str(next(iter(tensors.values())).dtype) if tensors else "float32",
-                       {"rslora": bool(config.get("use_rslora"))})
+    scale = alpha / (rank**0.5) if config.get("use_rslora") else alpha / rank
+    return AdapterInfo(
+        "peft",
+        rank,
+        alpha,
+        scale,
+        float(config.get("lora_dropout", 0.0)),
+        sorted(modules),
+        sorted(layers),
+        None,
+        sum(int(t.size) for t in tensors.values()),
+        config.get("base_model_name_or_path"),
+        str(next(iter(tensors.values())).dtype) if tensors else "float32",
+        {"rslora": bool(config.get("use_rslora"))},
+    )
 
 
 def read_adapter(path: str | Path) -> tuple[AdapterInfo, dict[str, np.ndarray]]:
@@ -243,8 +302,14 @@ def mlx_to_peft(src: str | Path, dst: str | Path, base_model: str | None = None)
         match = _MLX_KEY.match(name)
         out[f"{PEFT_PREFIX}{match['module']}.lora_{match['ab'].upper()}.weight"] = array.T
     targets = sorted({m.rsplit(".", 1)[-1] for m in src_info.modules})
-    config = peft_config(src_info.rank, src_info.scale * src_info.rank, src_info.dropout, targets,
-                         src_info.layers or None, base_model or src_info.base_model)
+    config = peft_config(
+        src_info.rank,
+        src_info.scale * src_info.rank,
+        src_info.dropout,
+        targets,
+        src_info.layers or None,
+        base_model or src_info.base_model,
+    )
     return _write_adapter(dst, PEFT_WEIGHTS, out, "pt", config)
 
 
@@ -270,7 +335,7 @@ def peft_to_mlx(src: str | Path, dst: str | Path, num_layers: int | None = None)
     out = {}
     for name, array in tensors.items():
         match = _PEFT_KEY.match(name)
-        module = match["module"][len(PEFT_PREFIX):] if match["module"].startswith(PEFT_PREFIX) else match["module"]
+        module = match["module"][len(PEFT_PREFIX) :] if match["module"].startswith(PEFT_PREFIX) else match["module"]
         out[f"{module}.lora_{match['ab'].lower()}"] = array.T
     if num_layers is None:
         total = _base_layers(src_info.base_model)
@@ -279,13 +344,21 @@ def peft_to_mlx(src: str | Path, dst: str | Path, num_layers: int | None = None)
         num_layers = total - min(src_info.layers) if src_info.layers else 0
     elif src_info.layers and num_layers < 1:
         raise UserError(f"num_layers must be at least 1, got {num_layers}")
-    config = mlx_config(src_info.rank, src_info.scale, src_info.dropout, src_info.modules, num_layers,
-                        alpha=src_info.scale * src_info.rank, base_model=src_info.base_model)
+    config = mlx_config(
+        src_info.rank,
+        src_info.scale,
+        src_info.dropout,
+        src_info.modules,
+        num_layers,
+        alpha=src_info.scale * src_info.rank,
+        base_model=src_info.base_model,
+    )
     return _write_adapter(dst, MLX_WEIGHTS, out, "mlx", config)
 
 
-def convert(src: str | Path, dst: str | Path, to: str, num_layers: int | None = None,
-            base_model: str | None = None) -> AdapterInfo:
+def convert(
+    src: str | Path, dst: str | Path, to: str, num_layers: int | None = None, base_model: str | None = None
+) -> AdapterInfo:
     if to not in ("peft", "mlx"):
         raise UserError(f"--to {to!r}: choose peft or mlx")
     if Path(dst).resolve() == adapter_dir(src).resolve():

@@ -22,8 +22,10 @@ def read_manifest(run_dir: Path) -> dict:
     try:  # what generation and evaluation read from it
         run["config"]["lora"], run["config"]["data"]["system_prompt"], run["base_model"]["path"]
     except (KeyError, TypeError) as exc:
-        raise UserError(f"{path}: not a run manifest (no {exc}); pass a run directory that `mlx-lora train` "
-                        "wrote, or the adapter folder itself") from None
+        raise UserError(
+            f"{path}: not a run manifest (no {exc}); pass a run directory that `mlx-lora train` "
+            "wrote, or the adapter folder itself"
+        ) from None
     return run
 
 
@@ -43,8 +45,11 @@ def load_for_generation(model: str | None, adapter: str | Path | None, cfg: Conf
         if run is not None:
             # Generation must render prompts exactly as training did: take the run's settings, not today's defaults.
             saved = run["config"]
-            apply_mapping(cfg, {"lora": saved["lora"], "data": {"system_prompt": saved["data"]["system_prompt"]}},
-                          str(Path(adapter) / "manifest.json"))
+            apply_mapping(
+                cfg,
+                {"lora": saved["lora"], "data": {"system_prompt": saved["data"]["system_prompt"]}},
+                str(Path(adapter) / "manifest.json"),
+            )
             system_prompt = run.get("system_prompt", system_prompt)
             if model is None:
                 model = run["base_model"]["path"]

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from mlx_lora.core.config import Config, GenerateConfig
 from mlx_lora.data.render import Encoded
@@ -77,8 +78,14 @@ class Backend(Protocol):
     def engine(self, loaded: Any, cfg: Config) -> Engine:
         """Attach LoRA layers (or unfreeze a loaded adapter's) and build the optimizer: a ready Engine."""
 
-    def generate(self, loaded: Any, prompts: list[list[int]], cfg: GenerateConfig, stop_ids: list[int],
-                 on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+    def generate(
+        self,
+        loaded: Any,
+        prompts: list[list[int]],
+        cfg: GenerateConfig,
+        stop_ids: list[int],
+        on_token: Callable[[int, int], None] | None = None,
+    ) -> list[list[int]]:
         """New token ids for each prompt (batched); on_token(prompt_index, token_id) streams them."""
 
     def fuse(self, loaded: Any, out_dir: Path) -> Path:

@@ -17,19 +17,26 @@ def adapter():
 @click.argument("src", type=click.Path(file_okay=False))
 @click.option("--to", "to", type=click.Choice(["peft", "mlx"]), required=True, help="Target format.")
 @click.option("--out", "out", type=click.Path(file_okay=False), required=True, help="Output folder.")
-@click.option("--num-layers", type=int, default=None,
-              help="To mlx: LoRA on the last N layers (default: the base model's layer count, or the adapter's).")
+@click.option(
+    "--num-layers",
+    type=int,
+    default=None,
+    help="To mlx: LoRA on the last N layers (default: the base model's layer count, or the adapter's).",
+)
 @click.option("--base-model", default=None, help="To peft: base model recorded in the PEFT config.")
 def convert(src, to, out, num_layers, base_model):
     """Convert the adapter in SRC (a folder or a run directory) to --to format in --out."""
-    from mlx_lora.backends.adapters import convert as do_convert, detect_format
+    from mlx_lora.backends.adapters import convert as do_convert
+    from mlx_lora.backends.adapters import detect_format
 
     source = detect_format(src)
     if source == to:
         raise click.UsageError(f"{src} is already a {to} adapter")
     result = do_convert(src, out, to, num_layers=num_layers, base_model=base_model)
-    click.echo(f"{source} → {to}: {out} (rank {result.rank}, alpha {result.alpha:g}, scale {result.scale:g}, "
-               f"{len(result.layers)} layers, {result.parameters:,} parameters)")
+    click.echo(
+        f"{source} → {to}: {out} (rank {result.rank}, alpha {result.alpha:g}, scale {result.scale:g}, "
+        f"{len(result.layers)} layers, {result.parameters:,} parameters)"
+    )
 
 
 @adapter.command()

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from mlx_lora.core.errors import UserError
 from mlx_lora.commands.options import build_config, config_option, set_option
+from mlx_lora.core.errors import UserError
 
 
 def _benchmarks():
@@ -37,48 +37,107 @@ def _steps(values: tuple[str, ...]) -> dict[str, int]:
 @click.command()
 @config_option
 @set_option
-@click.option("--quick", is_flag=True,
-              help="Small, fast defaults (2 reps, 2 measured steps, 1 thread, tasks grouped per process).")
-@click.option("--backends", help="Comma list: torch-cpu, torch-cuda, torch-mps, mlx-metal, mlx-cpu, "
-                                 "mlx-cpu+openblas, mlx-cuda (default: every one available here).")
-@click.option("--model", "model", default="tiny", show_default=True,
-              help="tiny (random, built in code), embedded (Qwen2.5-Coder-0.5B) or an HF model folder.")
-@click.option("--out", type=click.Path(file_okay=False), help="Output folder "
-              "(default benchmarks/results/<date>-<machine>-<model>[-quick]).")
+@click.option(
+    "--quick",
+    is_flag=True,
+    help="Small, fast defaults (2 reps, 2 measured steps, 1 thread, tasks grouped per process).",
+)
+@click.option(
+    "--backends",
+    help="Comma list: torch-cpu, torch-cuda, torch-mps, mlx-metal, mlx-cpu, "
+    "mlx-cpu+openblas, mlx-cuda (default: every one available here).",
+)
+@click.option(
+    "--model",
+    "model",
+    default="tiny",
+    show_default=True,
+    help="tiny (random, built in code), embedded (Qwen2.5-Coder-0.5B) or an HF model folder.",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    help="Output folder (default benchmarks/results/<date>-<machine>-<model>[-quick]).",
+)
 @click.option("--data", type=click.Path(file_okay=False), help="Data folder (default: built from data/).")
-@click.option("--steps", multiple=True, metavar="N|BACKEND=N", help="Measured optimizer steps per repetition; "
-              "BACKEND=N sets one backend's (and its baseline's), e.g. --steps mlx-cpu=1.")
+@click.option(
+    "--steps",
+    multiple=True,
+    metavar="N|BACKEND=N",
+    help="Measured optimizer steps per repetition; "
+    "BACKEND=N sets one backend's (and its baseline's), e.g. --steps mlx-cpu=1.",
+)
 @click.option("--warmup", type=int, help="Steps run first and dropped (default 1 quick, 2 full).")
 @click.option("--reps", type=int, help="Repetitions, interleaved across engines (default 2 quick, 3 full).")
-@click.option("--threads", type=int, help="CPU threads for torch and BLAS (default: all cores; 1 with --quick, "
-                                          "where torch's small ops are erratic with more threads on a busy machine).")
+@click.option(
+    "--threads",
+    type=int,
+    help="CPU threads for torch and BLAS (default: all cores; 1 with --quick, "
+    "where torch's small ops are erratic with more threads on a busy machine).",
+)
 @click.option("--gen-batch", type=int, help="Prompts per generation batch (default 4 quick, 8 full).")
 @click.option("--gen-tokens", type=int, help="New tokens per prompt (default 8 quick, 32 full).")
 @click.option("--no-baselines", is_flag=True, help="Skip HF Trainer / mlx-lm / HF generate.")
 @click.option("--no-generation", is_flag=True)
 @click.option("--no-roofline", is_flag=True)
-@click.option("--isolate/--group", default=None, help="One process per task (clean peak memory; default) or one "
-                                                      "per backend (faster; default with --quick).")
-def bench(config_path, overrides, quick, backends, model, out, data, steps, warmup, reps, threads, gen_batch,
-          gen_tokens, no_baselines, no_generation, no_roofline, isolate):
+@click.option(
+    "--isolate/--group",
+    default=None,
+    help="One process per task (clean peak memory; default) or one per backend (faster; default with --quick).",
+)
+def bench(
+    config_path,
+    overrides,
+    quick,
+    backends,
+    model,
+    out,
+    data,
+    steps,
+    warmup,
+    reps,
+    threads,
+    gen_batch,
+    gen_tokens,
+    no_baselines,
+    no_generation,
+    no_roofline,
+    isolate,
+):
     """Benchmark LoRA training and generation per backend; writes rows.jsonl, results.json, report.md, chart.png.
 
     Training uses the config's LoRA/train settings (reference defaults) on the same data for every engine.
     """
     run = _benchmarks()
     cfg = build_config(config_path, overrides)
-    for name, value in (("--warmup", warmup), ("--reps", reps), ("--threads", threads), ("--gen-batch", gen_batch),
-                        ("--gen-tokens", gen_tokens)):
+    for name, value in (
+        ("--warmup", warmup),
+        ("--reps", reps),
+        ("--threads", threads),
+        ("--gen-batch", gen_batch),
+        ("--gen-tokens", gen_tokens),
+    ):
         if value is not None and value < (0 if name == "--warmup" else 1):
             raise UserError(f"{name} must be >= {0 if name == '--warmup' else 1}, got {value}")
     if gen_tokens is not None and gen_tokens < 2:
         raise UserError("--gen-tokens must be >= 2 (decode speed needs more than the first token)")
     settings = run.Settings(
-        model=model, quick=quick, baselines=not no_baselines, generation=not no_generation,
-        roofline=not no_roofline, reps=reps, warmup=warmup, steps=_steps(steps), gen_batch=gen_batch,
-        gen_tokens=gen_tokens, threads=threads, isolate=isolate,
-        out=Path(out) if out else None, data=Path(data) if data else None,
-        backends=[b.strip() for b in backends.split(",") if b.strip()] if backends else None)
+        model=model,
+        quick=quick,
+        baselines=not no_baselines,
+        generation=not no_generation,
+        roofline=not no_roofline,
+        reps=reps,
+        warmup=warmup,
+        steps=_steps(steps),
+        gen_batch=gen_batch,
+        gen_tokens=gen_tokens,
+        threads=threads,
+        isolate=isolate,
+        out=Path(out) if out else None,
+        data=Path(data) if data else None,
+        backends=[b.strip() for b in backends.split(",") if b.strip()] if backends else None,
+    )
     folder = run.run_bench(settings, cfg)
     click.echo(f"wrote {folder}/report.md, results.json, rows.jsonl, chart.png")
     click.echo((folder / "report.md").read_text(encoding="utf-8"))

@@ -28,8 +28,16 @@ def build(config_path, overrides, kb, questions, out, seed, fmt, extra_questions
     """Write train/valid/test.jsonl (no question shared between splits) and stats.json."""
     from mlx_lora.data.dataset import build_data, format_stats, stats_warnings
 
-    cfg = build_config(config_path, overrides, data__kb=kb, data__questions=questions, data__dir=out,
-                       data__seed=seed, data__format=fmt, data__extra_questions=extra_questions)
+    cfg = build_config(
+        config_path,
+        overrides,
+        data__kb=kb,
+        data__questions=questions,
+        data__dir=out,
+        data__seed=seed,
+        data__format=fmt,
+        data__extra_questions=extra_questions,
+    )
     stats = build_data(cfg.data)
     click.echo(format_stats(stats, cfg.data.dir))
     for warning in stats_warnings(stats):
@@ -51,7 +59,11 @@ def check(path, model, max_length):
 
         rows, dropped = encode_all(ChatTokenizer.from_dir(Path(model)), examples, max_length)
         lengths = sorted(len(r.ids) for r in rows)
-        stats.update(tokens=sum(lengths), supervised_tokens=sum(r.supervised for r in rows),
-                     max_tokens=lengths[-1] if lengths else 0, median_tokens=lengths[len(lengths) // 2] if lengths else 0,
-                     dropped_after_truncation=dropped)
+        stats.update(
+            tokens=sum(lengths),
+            supervised_tokens=sum(r.supervised for r in rows),
+            max_tokens=lengths[-1] if lengths else 0,
+            median_tokens=lengths[len(lengths) // 2] if lengths else 0,
+            dropped_after_truncation=dropped,
+        )
     click.echo(json.dumps({"path": str(path), **stats}, ensure_ascii=False, indent=2))

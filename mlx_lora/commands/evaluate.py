@@ -32,65 +32,135 @@ def _variants(text: str | None) -> tuple[str, ...] | None:
 
 
 def eval_options(func):
-    for option in reversed([
-        config_option, set_option,
-        click.option("--model", help="Base model: embedded, an HF folder or a .gguf (default: the run's model)."),
-        click.option("--adapter", help="Run directory (or adapter folder) to evaluate as `tuned`."),
-        click.option("--data", required=True, help="Test JSONL (chat rows; built data carries doc ids)."),
-        click.option("--kb", help="KB JSONL (default data.kb)."),
-        click.option("--rules", "rules_path", help="Rules YAML (default rules.path; 'none' for the route only)."),
-        click.option("--train", type=click.Path(exists=True, dir_okay=False),
-                     help="Train JSONL for the retrieval baseline and route (default: beside --data)."),
-        click.option("--valid", type=click.Path(exists=True, dir_okay=False),
-                     help="Valid JSONL; with --train, calibrates the route out-of-fold (default: beside --data)."),
-        click.option("--threshold", help="faq (85) | chatbot (80) | critical (90) | a number."),
-        click.option("--embedder", help="use (default) | char | a sentence-transformers model folder or id."),
-        click.option("--max-rows", type=int, help="Evaluate a seeded sample of this many test rows."),
-        click.option("--variants", help=f"Comma list from {', '.join(VARIANTS)} (default: all that apply)."),
-        click.option("--out", required=True, help="Output directory for report.json/.md/.html and audit log."),
-        click.option("--no-progress", is_flag=True, help="No progress bars."),
-    ]):
+    for option in reversed(
+        [
+            config_option,
+            set_option,
+            click.option("--model", help="Base model: embedded, an HF folder or a .gguf (default: the run's model)."),
+            click.option("--adapter", help="Run directory (or adapter folder) to evaluate as `tuned`."),
+            click.option("--data", required=True, help="Test JSONL (chat rows; built data carries doc ids)."),
+            click.option("--kb", help="KB JSONL (default data.kb)."),
+            click.option("--rules", "rules_path", help="Rules YAML (default rules.path; 'none' for the route only)."),
+            click.option(
+                "--train",
+                type=click.Path(exists=True, dir_okay=False),
+                help="Train JSONL for the retrieval baseline and route (default: beside --data).",
+            ),
+            click.option(
+                "--valid",
+                type=click.Path(exists=True, dir_okay=False),
+                help="Valid JSONL; with --train, calibrates the route out-of-fold (default: beside --data).",
+            ),
+            click.option("--threshold", help="faq (85) | chatbot (80) | critical (90) | a number."),
+            click.option("--embedder", help="use (default) | char | a sentence-transformers model folder or id."),
+            click.option("--max-rows", type=int, help="Evaluate a seeded sample of this many test rows."),
+            click.option("--variants", help=f"Comma list from {', '.join(VARIANTS)} (default: all that apply)."),
+            click.option("--out", required=True, help="Output directory for report.json/.md/.html and audit log."),
+            click.option("--no-progress", is_flag=True, help="No progress bars."),
+        ]
+    ):
         func = option(func)
     return func
 
 
-def _run(config_path, overrides, model, adapter, data, kb, rules_path, train, valid, threshold, embedder,
-         max_rows, variants, out, no_progress, forced_variants=None) -> tuple[dict, object]:
+def _run(
+    config_path,
+    overrides,
+    model,
+    adapter,
+    data,
+    kb,
+    rules_path,
+    train,
+    valid,
+    threshold,
+    embedder,
+    max_rows,
+    variants,
+    out,
+    no_progress,
+    forced_variants=None,
+) -> tuple[dict, object]:
     from mlx_lora.evaluation.run import evaluate_run
 
-    cfg = build_config(config_path, overrides, eval__threshold=threshold, eval__embedder=embedder,
-                       eval__max_rows=max_rows, data__kb=kb)
+    cfg = build_config(
+        config_path, overrides, eval__threshold=threshold, eval__embedder=embedder, eval__max_rows=max_rows, data__kb=kb
+    )
     rules = "config" if rules_path is None else None if rules_path.lower() == "none" else rules_path
     if rules not in (None, "config") and not Path(rules).is_file():
         from mlx_lora.core.errors import UserError
 
         raise UserError(f"{rules}: rules file not found")
-    report = evaluate_run(cfg, model, adapter, data, _sibling(data, "valid.jsonl", valid),
-                          _sibling(data, "train.jsonl", train), cfg.data.kb, out,
-                          variants=forced_variants or _variants(variants), rules_path=rules,
-                          progress=not no_progress)
+    report = evaluate_run(
+        cfg,
+        model,
+        adapter,
+        data,
+        _sibling(data, "valid.jsonl", valid),
+        _sibling(data, "train.jsonl", train),
+        cfg.data.kb,
+        out,
+        variants=forced_variants or _variants(variants),
+        rules_path=rules,
+        progress=not no_progress,
+    )
     return report, cfg
 
 
 def print_summary(report: dict) -> None:
     m = report["measure"]
     click.echo(f"similarity: {m['name']} (char score: chrF){' — ' + m['fallback'] if m.get('fallback') else ''}")
-    click.echo(f"{'variant':<12} {'sim %':>6} {'char %':>6} {'topic %':>8} {'refusal %':>9} {'ans.refused %':>13}  pass")
+    click.echo(
+        f"{'variant':<12} {'sim %':>6} {'char %':>6} {'topic %':>8} {'refusal %':>9} {'ans.refused %':>13}  pass"
+    )
     for name, s in report["summary"].items():
-        cells = [s.get(k) for k in ("mean_similarity", "mean_char", "topic_accuracy", "refusal_accuracy",
-                                    "answerable_refused")]
-        text = " ".join(f"{c:>{w}.1f}" if isinstance(c, (int, float)) else f"{'-':>{w}}"
-                        for c, w in zip(cells, (6, 6, 8, 9, 13)))
+        cells = [
+            s.get(k)
+            for k in ("mean_similarity", "mean_char", "topic_accuracy", "refusal_accuracy", "answerable_refused")
+        ]
+        text = " ".join(
+            f"{c:>{w}.1f}" if isinstance(c, (int, float)) else f"{'-':>{w}}" for c, w in zip(cells, (6, 6, 8, 9, 13))
+        )
         click.echo(f"{name:<12} {text}  {'PASS' if s['passed'] else 'FAIL'}")
 
 
 @click.command("eval")
 @eval_options
-def eval_cmd(config_path, overrides, model, adapter, data, kb, rules_path, train, valid, threshold, embedder,
-             max_rows, variants, out, no_progress):
+def eval_cmd(
+    config_path,
+    overrides,
+    model,
+    adapter,
+    data,
+    kb,
+    rules_path,
+    train,
+    valid,
+    threshold,
+    embedder,
+    max_rows,
+    variants,
+    out,
+    no_progress,
+):
     """Generate (batched, greedy) and score: base vs tuned vs tuned+rules vs retrieval, in one report."""
-    report, _ = _run(config_path, overrides, model, adapter, data, kb, rules_path, train, valid, threshold,
-                     embedder, max_rows, variants, out, no_progress)
+    report, _ = _run(
+        config_path,
+        overrides,
+        model,
+        adapter,
+        data,
+        kb,
+        rules_path,
+        train,
+        valid,
+        threshold,
+        embedder,
+        max_rows,
+        variants,
+        out,
+        no_progress,
+    )
     print_summary(report)
     click.echo(f"report: {Path(out) / 'report.md'} (and report.json, report.html)")
 
@@ -108,13 +178,21 @@ def _load_report(path) -> dict:
     except (OSError, json.JSONDecodeError) as exc:
         raise UserError(f"{path}: not a readable report.json ({exc})") from None
     variants = report.get("variants") if isinstance(report, dict) else None
-    rows_ok = isinstance(variants, dict) and variants and all(
-        isinstance(v, dict) and isinstance(v.get("rows"), list)
-        and all(isinstance(r, dict) and all(k in r for k in REPORT_ROW_KEYS) for r in v["rows"])
-        for v in variants.values())
+    rows_ok = (
+        isinstance(variants, dict)
+        and variants
+        and all(
+            isinstance(v, dict)
+            and isinstance(v.get("rows"), list)
+            and all(isinstance(r, dict) and all(k in r for k in REPORT_ROW_KEYS) for r in v["rows"])
+            for v in variants.values()
+        )
+    )
     if not rows_ok:
-        raise UserError(f"{path}: not an `mlx-lora eval` report.json (expected variants.<name>.rows with "
-                        f"{', '.join(REPORT_ROW_KEYS)}); pass the report.json that `mlx-lora eval --out DIR` wrote")
+        raise UserError(
+            f"{path}: not an `mlx-lora eval` report.json (expected variants.<name>.rows with "
+            f"{', '.join(REPORT_ROW_KEYS)}); pass the report.json that `mlx-lora eval --out DIR` wrote"
+        )
     return report
 
 
@@ -131,14 +209,16 @@ def _load_report(path) -> dict:
 @click.option("--threshold", help="faq | chatbot | critical | a number: below it a topic counts as weak.")
 @click.option("--out", required=True, help="Directory for diagnose.md/.json and proposal.yaml.")
 @click.option("--no-progress", is_flag=True)
-def diagnose(config_path, overrides, report_path, variant, model, adapter, data, kb, train, threshold, out,
-             no_progress):
+def diagnose(
+    config_path, overrides, report_path, variant, model, adapter, data, kb, train, threshold, out, no_progress
+):
     """Rank weak questions and confused topics; write proposal.yaml for `data build --extra-questions`."""
-    from mlx_lora.evaluation.diagnose import diagnose as run_diagnosis, write_diagnosis
-    from mlx_lora.core.errors import UserError
     from mlx_lora.core.config import parse_threshold
+    from mlx_lora.core.errors import UserError
     from mlx_lora.data.formats import read_examples
     from mlx_lora.data.kb import load_kb
+    from mlx_lora.evaluation.diagnose import diagnose as run_diagnosis
+    from mlx_lora.evaluation.diagnose import write_diagnosis
 
     if report_path:
         report = _load_report(report_path)
@@ -146,8 +226,24 @@ def diagnose(config_path, overrides, report_path, variant, model, adapter, data,
         train = train or report.get("meta", {}).get("train")
     elif data:
         forced = ("tuned",) if adapter else ("base",)
-        report, cfg = _run(config_path, overrides, model, adapter, data, kb, "none", train, None, threshold, None,
-                           None, None, out, no_progress, forced_variants=forced)
+        report, cfg = _run(
+            config_path,
+            overrides,
+            model,
+            adapter,
+            data,
+            kb,
+            "none",
+            train,
+            None,
+            threshold,
+            None,
+            None,
+            None,
+            out,
+            no_progress,
+            forced_variants=forced,
+        )
         train = _sibling(data, "train.jsonl", train)
     else:
         raise UserError("diagnose needs --report REPORT.json, or --data EVAL.jsonl (with --model/--adapter)")
@@ -164,5 +260,7 @@ def diagnose(config_path, overrides, report_path, variant, model, adapter, data,
     click.echo(f"{name}: {len(result['weak_questions'])} weak questions; weak topics: {', '.join(weak) or 'none'}")
     for pair in result["confused_pairs"][:5]:
         click.echo(f"  confused: {pair['expected']} → {pair['predicted']} ({pair['count']})")
-    click.echo(f"proposal: {proposal} ({sum(len(v) for v in result['proposal'].values())} questions) — review it, "
-               f"then `mlx-lora data build --extra-questions {proposal}`")
+    click.echo(
+        f"proposal: {proposal} ({sum(len(v) for v in result['proposal'].values())} questions) — review it, "
+        f"then `mlx-lora data build --extra-questions {proposal}`"
+    )

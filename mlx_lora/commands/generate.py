@@ -23,7 +23,7 @@ class _Streamer:
         text = self.tokenizer.decode(self.ids)
         if text.endswith("\ufffd"):
             return
-        sys.stdout.write(text[len(self.shown):])
+        sys.stdout.write(text[len(self.shown) :])
         sys.stdout.flush()
         self.shown = text
 
@@ -34,22 +34,44 @@ class _Streamer:
 @click.argument("questions", nargs=-1, required=True)
 @click.option("--model", help="Base model (default: the adapter run's, else the config's).")
 @click.option("--adapter", type=click.Path(exists=True, file_okay=False), help="Run directory or adapter folder.")
-@click.option("--rules", "rules_path", type=click.Path(exists=True, dir_okay=False),
-              help="YAML rule file: rules may override an off-topic answer with the KB's (source is shown).")
+@click.option(
+    "--rules",
+    "rules_path",
+    type=click.Path(exists=True, dir_okay=False),
+    help="YAML rule file: rules may override an off-topic answer with the KB's (source is shown).",
+)
 @click.option("--backend", type=backend_choice, help="Generation backend (default: auto).")
 @click.option("--max-new-tokens", type=int)
 @click.option("--temperature", type=float, help="0 = greedy (default).")
 @click.option("--top-p", type=float)
 @click.option("--repetition-penalty", type=float)
 @click.option("--no-progress", is_flag=True)
-def generate(config_path, overrides, questions, model, adapter, rules_path, backend, max_new_tokens, temperature,
-             top_p, repetition_penalty, no_progress):
+def generate(
+    config_path,
+    overrides,
+    questions,
+    model,
+    adapter,
+    rules_path,
+    backend,
+    max_new_tokens,
+    temperature,
+    top_p,
+    repetition_penalty,
+    no_progress,
+):
     """Answer QUESTIONS with the model (plus adapter), streaming tokens to stdout."""
     from mlx_lora.backends.loading import load_for_generation
 
-    cfg = build_config(config_path, overrides, backend__name=backend, generate__max_new_tokens=max_new_tokens,
-                       generate__temperature=temperature, generate__top_p=top_p,
-                       generate__repetition_penalty=repetition_penalty)
+    cfg = build_config(
+        config_path,
+        overrides,
+        backend__name=backend,
+        generate__max_new_tokens=max_new_tokens,
+        generate__temperature=temperature,
+        generate__top_p=top_p,
+        generate__repetition_penalty=repetition_penalty,
+    )
     if rules_path:  # a broken rules file fails now, not after the model has loaded and answered
         from mlx_lora.answer.rules import load_rules
         from mlx_lora.data.kb import load_kb
@@ -92,6 +114,9 @@ def _apply_rules(cfg, rules_path, questions: list[str], answers: list[str], adap
     for decision in decisions:
         click.echo(decision.answer or "")
         click.echo(f"[{decision.source}] {json.dumps(decision.detail, ensure_ascii=False)}", err=True)
-    log = Path(adapter) / cfg.rules.audit_log if adapter and Path(adapter, "manifest.json").is_file() \
+    log = (
+        Path(adapter) / cfg.rules.audit_log
+        if adapter and Path(adapter, "manifest.json").is_file()
         else Path(cfg.rules.audit_log)
+    )
     append_audit(log, audit_records(questions, answers, decisions, command="generate"))

@@ -1,4 +1,4 @@
-"""`mlx-lora model prepare|convert`: make the embedded model (or a GGUF file) a safetensors folder both backends load."""
+"""`mlx-lora model prepare|convert`: the embedded model (or a GGUF file) as a safetensors folder both backends load."""
 
 import click
 

@@ -6,10 +6,21 @@ import click
 
 from mlx_lora.core.config import Config, apply_mapping, load_config, validate
 
-config_option = click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False),
-                             default=None, help="YAML config (see configs/reference.yaml).")
-set_option = click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
-                          help="Override a config key, e.g. --set train.lr=3e-4 (repeatable).")
+config_option = click.option(
+    "-c",
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="YAML config (see configs/reference.yaml).",
+)
+set_option = click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="SECTION.KEY=VALUE",
+    help="Override a config key, e.g. --set train.lr=3e-4 (repeatable).",
+)
 backend_choice = click.Choice(["auto", "torch", "mlx"])
 
 

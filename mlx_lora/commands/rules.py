@@ -41,11 +41,15 @@ def check(config_path, overrides, file, kb):
     loaded = load_rules(file, docs)
     covered = {r.doc_id for r in loaded if r.action == "override"}
     refusing = sum(r.action == "refuse" for r in loaded)
-    click.echo(f"{file}: {len(loaded)} rules OK, overriding with {len(covered)} of {len(docs)} KB docs"
-               + (f", {refusing} refusing" if refusing else ""))
+    click.echo(
+        f"{file}: {len(loaded)} rules OK, overriding with {len(covered)} of {len(docs)} KB docs"
+        + (f", {refusing} refusing" if refusing else "")
+    )
     for rule in sorted(loaded, key=lambda r: -r.priority):
-        click.echo(f"  {rule.id:<24} {_target(rule):<34} priority {rule.priority:>3}  "
-                   f"{len(rule.keywords)} keywords, {len(rule.regex)} regex, {len(rule.unless)} unless")
+        click.echo(
+            f"  {rule.id:<24} {_target(rule):<34} priority {rule.priority:>3}  "
+            f"{len(rule.keywords)} keywords, {len(rule.regex)} regex, {len(rule.unless)} unless"
+        )
     missing = [d for d in docs if d not in covered]
     if missing:
         click.echo(f"  no rule for: {', '.join(missing)}")
@@ -76,8 +80,7 @@ def test(config_path, overrides, file, question, model_answer, kb, embedder, as_
     answers = doc_answers(docs, [], cfg.data.answer_prefix)
     refusal = refusal_text([], cfg)
     scorer = make_scorer(cfg.eval.embedder) if model_answer is not None else make_scorer("char")
-    decider = Decider(loaded, answers, answer_index(scorer, answers, refusal), refusal,
-                      cfg.rules.kb_match_threshold)
+    decider = Decider(loaded, answers, answer_index(scorer, answers, refusal), refusal, cfg.rules.kb_match_threshold)
     decision = decider.decide([question], [model_answer])[0]
     if as_json:
         click.echo(json.dumps(audit_records([question], [model_answer], [decision])[0], ensure_ascii=False))

@@ -22,6 +22,13 @@ def run(config_path, overrides, model, backend, out, epochs, max_steps, no_progr
 
     if config_path is None and Path("configs/default.yaml").is_file():
         config_path = "configs/default.yaml"
-    cfg = build_config(config_path, overrides, model__path=model, backend__name=backend, train__out=out,
-                       train__epochs=epochs, train__max_steps=max_steps)
+    cfg = build_config(
+        config_path,
+        overrides,
+        model__path=model,
+        backend__name=backend,
+        train__out=out,
+        train__epochs=epochs,
+        train__max_steps=max_steps,
+    )
     run_pipeline(cfg, progress=not no_progress)

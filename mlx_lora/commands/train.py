@@ -15,13 +15,20 @@ from mlx_lora.commands.options import backend_choice, build_config, config_optio
 @set_option
 @click.option("--backend", type=backend_choice, help="Training backend (default: auto).")
 @click.option("--model", help="Model: embedded (default), an HF folder, a .gguf file or a hub id.")
-@click.option("--data", "data_dir", type=click.Path(file_okay=False),
-              help="Folder with train.jsonl and valid.jsonl (default: data.dir from the config).")
+@click.option(
+    "--data",
+    "data_dir",
+    type=click.Path(file_okay=False),
+    help="Folder with train.jsonl and valid.jsonl (default: data.dir from the config).",
+)
 @click.option("--out", help="Run directory (default: train.out from the config).")
 @click.option("--epochs", type=int)
 @click.option("--max-steps", type=int)
-@click.option("--resume", type=click.Path(exists=True, file_okay=False),
-              help="Continue from a checkpoint folder (run/checkpoints/step-N) or a run folder's newest one.")
+@click.option(
+    "--resume",
+    type=click.Path(exists=True, file_okay=False),
+    help="Continue from a checkpoint folder (run/checkpoints/step-N) or a run folder's newest one.",
+)
 @click.option("--no-progress", is_flag=True, help="No progress bar (for logs).")
 def train(config_path, overrides, backend, model, data_dir, out, epochs, max_steps, resume, no_progress):
     """LoRA-train a model on DATA (any supported chat JSONL) into a run directory."""
@@ -29,11 +36,19 @@ def train(config_path, overrides, backend, model, data_dir, out, epochs, max_ste
     from mlx_lora.training.loop import EXIT_CODES
     from mlx_lora.training.run import train_run
 
-    cfg = build_config(config_path, overrides, backend__name=backend, model__path=model, train__out=out,
-                       train__epochs=epochs, train__max_steps=max_steps)
+    cfg = build_config(
+        config_path,
+        overrides,
+        backend__name=backend,
+        model__path=model,
+        train__out=out,
+        train__epochs=epochs,
+        train__max_steps=max_steps,
+    )
     run_dir = Path(cfg.train.out)
-    outcome = train_run(cfg, data_dir or cfg.data.dir, run_dir, resume=Path(resume) if resume else None,
-                        progress=not no_progress)
+    outcome = train_run(
+        cfg, data_dir or cfg.data.dir, run_dir, resume=Path(resume) if resume else None, progress=not no_progress
+    )
     if not main_process():  # under torchrun only rank 0 reports
         return
     best = f"{outcome.best_eval_loss:.4f} at step {outcome.best_step}" if outcome.best_eval_loss is not None else "-"

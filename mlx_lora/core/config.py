@@ -233,7 +233,7 @@ RANGES = {
 }
 
 
-def validate(cfg: "Config") -> "Config":
+def validate(cfg: Config) -> Config:
     """Enumerations and ranges of every key; the first problem is a one-line error naming the key."""
     for dotted, allowed in CHOICES.items():
         section, key = dotted.split(".")
@@ -250,8 +250,7 @@ def validate(cfg: "Config") -> "Config":
             bad = bad or (value > high if high_ok else value >= high)
         if bad:
             lower = f"{'≥' if low_ok else '>'} {low}"
-            wanted = lower if high is None else \
-                f"in {'[' if low_ok else '('}{low}, {high}{']' if high_ok else ')'}"
+            wanted = lower if high is None else f"in {'[' if low_ok else '('}{low}, {high}{']' if high_ok else ')'}"
             raise UserError(f"config key {dotted}: {value!r} must be {wanted} ({meaning})")
     if cfg.data.valid_fraction + cfg.data.test_fraction >= 1:
         raise UserError("config keys data.valid_fraction + data.test_fraction must add up to less than 1")

@@ -9,8 +9,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from mlx_lora.core.errors import UserError, located
 from mlx_lora.core.userfiles import not_utf8
@@ -32,7 +32,9 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise located(path, number, f"malformed JSON ({exc.msg} at column {exc.colno}); fix or remove the line") from None
+                raise located(
+                    path, number, f"malformed JSON ({exc.msg} at column {exc.colno}); fix or remove the line"
+                ) from None
             if not isinstance(obj, dict):
                 raise located(path, number, "each line must be a JSON object")
             yield number, obj
@@ -135,8 +137,9 @@ def locked(folder: str | Path, what: str):
     except BlockingIOError:
         holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
         os.close(fd)
-        raise UserError(f"{folder}: in use by another {what} (pid {holder}); wait for it to finish or choose "
-                        "another folder") from None
+        raise UserError(
+            f"{folder}: in use by another {what} (pid {holder}); wait for it to finish or choose another folder"
+        ) from None
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)

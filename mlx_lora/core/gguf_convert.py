@@ -132,14 +132,24 @@ def _build_tokenizer(tokens: list[str], token_types: list[int], merges: list[str
     }
     pairs = [tuple(merge.split(" ")) for merge in merges]
     tokenizer = Tokenizer(
-        BPE(vocab=vocab, merges=pairs, dropout=None, unk_token=None, continuing_subword_prefix="",
-            end_of_word_suffix="", fuse_unk=False, byte_fallback=False)
+        BPE(
+            vocab=vocab,
+            merges=pairs,
+            dropout=None,
+            unk_token=None,
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+            fuse_unk=False,
+            byte_fallback=False,
+        )
     )
     if pre in _QWEN2_PRE:
-        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
-        ])
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+            ]
+        )
     else:
         # An unknown split name: fall back to GPT-2's, the one byte-level BPE started with.
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
@@ -150,13 +160,19 @@ def _build_tokenizer(tokens: list[str], token_types: list[int], merges: list[str
     # when decoding. One spelled outside the byte alphabet is a llama.cpp mislabel; adding it would grow the
     # vocabulary past the embedding, so it is left out.
     types = list(token_types) if token_types is not None else []
-    control = [AddedToken(token, normalized=False, special=True)
-               for token, kind in zip(tokens, types) if kind == _CONTROL and set(token) <= alphabet]
+    control = [
+        AddedToken(token, normalized=False, special=True)
+        for token, kind in zip(tokens, types)
+        if kind == _CONTROL and set(token) <= alphabet
+    ]
     if control:
         tokenizer.add_special_tokens(control)
     # User-defined tokens (<tool_call>) are matched whole by llama.cpp too, but are ordinary text when decoding.
-    user = [AddedToken(token, normalized=False, special=False)
-            for token, kind in zip(tokens, types) if kind == _USER_DEFINED and token in vocab]
+    user = [
+        AddedToken(token, normalized=False, special=False)
+        for token, kind in zip(tokens, types)
+        if kind == _USER_DEFINED and token in vocab
+    ]
     if user:
         tokenizer.add_tokens(user)
     return tokenizer
@@ -236,18 +252,24 @@ def convert_gguf_to_hf(gguf_path, out_dir, progress: bool = True) -> Path:
     arch = _field(reader, "general.architecture")
     # Only Qwen2's tensor layout and tokenizer are spelled out below; any other model would convert wrongly.
     if arch != "qwen2":
-        raise UserError(f"{gguf_path}: GGUF architecture {arch!r} cannot be converted (only qwen2 can): "
-                        f"give a Hugging Face model folder instead")
+        raise UserError(
+            f"{gguf_path}: GGUF architecture {arch!r} cannot be converted (only qwen2 can): "
+            f"give a Hugging Face model folder instead"
+        )
     tokenizer_model = _field(reader, "tokenizer.ggml.model")
     if tokenizer_model != "gpt2":
-        raise UserError(f"{gguf_path}: GGUF tokenizer {tokenizer_model!r} cannot be converted (only gpt2, "
-                        f"byte-level BPE, can): give a Hugging Face model folder instead")
+        raise UserError(
+            f"{gguf_path}: GGUF tokenizer {tokenizer_model!r} cannot be converted (only gpt2, "
+            f"byte-level BPE, can): give a Hugging Face model folder instead"
+        )
     tokens = _field(reader, "tokenizer.ggml.tokens")
     merges = _field(reader, "tokenizer.ggml.merges")
     if not tokens or not merges:
         raise UserError(f"{gguf_path}: GGUF carries no tokenizer vocabulary or merges")
-    ids = {name: _field(reader, f"tokenizer.ggml.{key}_token_id")
-           for name, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"), ("unk", "unknown"))}
+    ids = {
+        name: _field(reader, f"tokenizer.ggml.{key}_token_id")
+        for name, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"), ("unk", "unknown"))
+    }
     ids = {name: None if value is None else int(value) for name, value in ids.items()}
 
     state = _tensors(reader, gguf_path, progress)
@@ -263,8 +285,9 @@ def convert_gguf_to_hf(gguf_path, out_dir, progress: bool = True) -> Path:
         state.pop("lm_head.weight", None)
     config = _config(reader, arch, len(tokens), tied, ids, gguf_path)
 
-    tokenizer = _build_tokenizer(tokens, _field(reader, "tokenizer.ggml.token_type"), merges,
-                                 _field(reader, "tokenizer.ggml.pre"))
+    tokenizer = _build_tokenizer(
+        tokens, _field(reader, "tokenizer.ggml.token_type"), merges, _field(reader, "tokenizer.ggml.pre")
+    )
     tokenizer_config = {
         "add_prefix_space": None,
         "backend": "tokenizers",

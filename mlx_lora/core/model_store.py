@@ -122,23 +122,29 @@ def resolve_model(spec: str = "embedded", cache_dir=None, progress: bool = True)
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise UserError(f"{path}: not a model folder (no config.json): give a Hugging Face model folder, "
-                            f"a .gguf file, or 'embedded'")
+            raise UserError(
+                f"{path}: not a model folder (no config.json): give a Hugging Face model folder, "
+                f"a .gguf file, or 'embedded'"
+            )
         return path
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise UserError(f"{path}: not a model: give a Hugging Face model folder, a .gguf file, or 'embedded'")
         with open(path, "rb") as f:
             if f.read(4) != b"GGUF":
-                raise UserError(f"{path}: not a GGUF file (it does not start with the GGUF magic bytes); "
-                                "re-download it or give a Hugging Face model folder")
+                raise UserError(
+                    f"{path}: not a GGUF file (it does not start with the GGUF magic bytes); "
+                    "re-download it or give a Hugging Face model folder"
+                )
         return _converted(path, _file_sha256(path), cache_dir, progress)
     # os.sep alone cannot tell a path from a hub id on POSIX ("Qwen/Qwen2.5-0.5B" has one), so anything that
     # is not shaped like "owner/name" counts as a path the user meant to exist.
     looks_like_path = spec.startswith((".", "~", os.sep)) or spec.lower().endswith(".gguf")
     if looks_like_path or not _HUB_ID.match(spec):
-        raise UserError(f"model not found: {spec}: give an existing folder or .gguf file, 'embedded', "
-                        f"or a hub id such as Qwen/Qwen2.5-0.5B-Instruct")
+        raise UserError(
+            f"model not found: {spec}: give an existing folder or .gguf file, 'embedded', "
+            f"or a hub id such as Qwen/Qwen2.5-0.5B-Instruct"
+        )
     return spec
 
 
@@ -146,6 +152,8 @@ def local_model_dir(spec: str, cache_dir=None, progress: bool = True) -> Path:
     """The local HF folder for a model spec (preparing the embedded model once); a hub id is an error."""
     resolved = resolve_model(spec, cache_dir, progress=progress)
     if not isinstance(resolved, Path) or not (resolved / "config.json").is_file():
-        raise UserError(f"model {spec!r}: not a local model folder; run `mlx-lora model prepare` "
-                        "or pass --model with an HF folder or a .gguf file")
+        raise UserError(
+            f"model {spec!r}: not a local model folder; run `mlx-lora model prepare` "
+            "or pass --model with an HF folder or a .gguf file"
+        )
     return resolved

@@ -22,7 +22,7 @@ def read_text(path: str | Path) -> str:
     try:
         return data.decode("utf-8-sig")  # a BOM, as some Windows editors write, is not part of the content
     except UnicodeDecodeError as exc:
-        raise not_utf8(path, data[:exc.start].count(b"\n") + 1, data[exc.start]) from None
+        raise not_utf8(path, data[: exc.start].count(b"\n") + 1, data[exc.start]) from None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -35,8 +35,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             if isinstance(key, (str, int, float, bool)) or key is None:
                 if key in seen:
                     raise yaml.constructor.ConstructorError(
-                        None, None, f"duplicate key {key!r} (first at line {seen[key]}); merge the two",
-                        key_node.start_mark)
+                        None,
+                        None,
+                        f"duplicate key {key!r} (first at line {seen[key]}); merge the two",
+                        key_node.start_mark,
+                    )
                 seen[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep=deep)
 

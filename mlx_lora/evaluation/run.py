@@ -21,15 +21,16 @@ from mlx_lora.evaluation.scoring import build_report, score_rows, write_report
 from mlx_lora.evaluation.variants import DECIDED, MODEL_OF, NEED_ADAPTER, default_variants, models_for
 
 
-def generate_answers(backend, loaded, tokenizer, examples, cfg: Config, system_prompt: str | None,
-                     progress: bool = False) -> list[str]:
+def generate_answers(
+    backend, loaded, tokenizer, examples, cfg: Config, system_prompt: str | None, progress: bool = False
+) -> list[str]:
     """Greedy answers in input order; prompts are batched by length so padding stays small."""
     prompts = [tokenizer.prompt_ids(e.prompt_messages(), system_prompt) for e in examples]
     gen_cfg = dataclasses.replace(cfg.generate, temperature=0.0)  # evaluation is always greedy
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     size = max(1, cfg.generate.batch_size)
     answers: list[str] = [""] * len(prompts)
-    batches = [order[k:k + size] for k in range(0, len(order), size)]
+    batches = [order[k : k + size] for k in range(0, len(order), size)]
     if progress:
         from tqdm import tqdm
 
@@ -61,8 +62,20 @@ def _read(path, what: str, required: bool = False):
     return read_examples(path)
 
 
-def evaluate_run(cfg: Config, model, adapter_run, test_path, valid_path, train_path, kb_path, out_dir,
-                 variants=None, rules_path="config", progress: bool = True, answers: dict | None = None) -> dict:
+def evaluate_run(
+    cfg: Config,
+    model,
+    adapter_run,
+    test_path,
+    valid_path,
+    train_path,
+    kb_path,
+    out_dir,
+    variants=None,
+    rules_path="config",
+    progress: bool = True,
+    answers: dict | None = None,
+) -> dict:
     """Evaluate variants on the test split and write out_dir/report.{json,md,html} and the audit log.
 
     rules_path "config" → cfg.rules.path (skipped with a note when that file is missing); None → no keyword rules.
@@ -109,9 +122,19 @@ def evaluate_run(cfg: Config, model, adapter_run, test_path, valid_path, train_p
             audit += audit_records(questions, got[MODEL_OF[name]], got[name], variant=name)
     rows = {name: score_rows(test, got[name], scorer, index) for name in variants if name in got}
     timings["scoring_s"] = round(time.perf_counter() - start - sum(timings.values()), 1)
-    meta = {"test": str(test_path), "train": str(train_path), "valid": str(valid_path), "kb": str(kb_path),
-            "model": str(model or cfg.model.path), "adapter": str(adapter_run) if adapter_run else None,
-            "test_rows": len(test), "refusal": refusal, "timings": timings, "notes": notes, **decider_info}
+    meta = {
+        "test": str(test_path),
+        "train": str(train_path),
+        "valid": str(valid_path),
+        "kb": str(kb_path),
+        "model": str(model or cfg.model.path),
+        "adapter": str(adapter_run) if adapter_run else None,
+        "test_rows": len(test),
+        "refusal": refusal,
+        "timings": timings,
+        "notes": notes,
+        **decider_info,
+    }
     report = build_report(rows, cfg.eval.threshold, describe(scorer), cfg.eval.worst_n, meta)
     write_report(report, out_dir)
     if audit and cfg.rules.audit_log:  # after the report: a failed evaluation never leaves a new log by an old report

@@ -15,8 +15,15 @@ BUCKETS = ("≥85", "70–84", "50–69", "<50")
 
 
 def bucket(similarity: float) -> str:
-    return BUCKETS[0] if similarity >= 85 else BUCKETS[1] if similarity >= 70 else BUCKETS[2] if similarity >= 50 \
+    return (
+        BUCKETS[0]
+        if similarity >= 85
+        else BUCKETS[1]
+        if similarity >= 70
+        else BUCKETS[2]
+        if similarity >= 50
         else BUCKETS[3]
+    )
 
 
 def _pct(value: float) -> float:
@@ -43,21 +50,23 @@ def score_rows(examples, answers, scorer, index: LabelIndex, char: CharScorer | 
         answer = answers[i]
         similarity = _pct(primary[i])
         j, score = nearest[i]
-        rows.append({
-            "question": example.question,
-            "expected": expected[i],
-            "generated": texts[i],
-            "expected_doc": labels[i],
-            "answerable": labels[i] != REFUSAL,
-            "similarity": similarity,
-            "char": _pct(chars[i]),
-            "bucket": bucket(similarity),
-            "predicted_doc": index.labels[j],
-            "predicted_score": _pct(score),
-            "refused": index.labels[j] == REFUSAL,
-            "source": "MODEL_GENERATED" if isinstance(answer, str) else answer.source,
-            "detail": {} if isinstance(answer, str) else answer.detail,
-        })
+        rows.append(
+            {
+                "question": example.question,
+                "expected": expected[i],
+                "generated": texts[i],
+                "expected_doc": labels[i],
+                "answerable": labels[i] != REFUSAL,
+                "similarity": similarity,
+                "char": _pct(chars[i]),
+                "bucket": bucket(similarity),
+                "predicted_doc": index.labels[j],
+                "predicted_score": _pct(score),
+                "refused": index.labels[j] == REFUSAL,
+                "source": "MODEL_GENERATED" if isinstance(answer, str) else answer.source,
+                "detail": {} if isinstance(answer, str) else answer.detail,
+            }
+        )
     return rows
 
 
@@ -107,16 +116,21 @@ def worst(rows: list[dict], n: int) -> list[dict]:
     return sorted(rows, key=lambda r: r["similarity"])[:n]
 
 
-def build_report(variant_rows: dict[str, list[dict]], threshold_spec, measure: dict, worst_n: int = 10,
-                 meta: dict | None = None) -> dict:
+def build_report(
+    variant_rows: dict[str, list[dict]], threshold_spec, measure: dict, worst_n: int = 10, meta: dict | None = None
+) -> dict:
     """report.json's content: `summary` {variant: figures}, then per-variant aggregate, confusions, worst and rows."""
     label, value = parse_threshold(threshold_spec)
     order = [v for v in VARIANTS if v in variant_rows] + [v for v in variant_rows if v not in VARIANTS]
     variants = {}
     for name in order:
         rows = variant_rows[name]
-        variants[name] = {"aggregate": aggregate(rows, value), "confused_pairs": confused_pairs(rows),
-                          "worst": worst(rows, worst_n), "rows": rows}
+        variants[name] = {
+            "aggregate": aggregate(rows, value),
+            "confused_pairs": confused_pairs(rows),
+            "worst": worst(rows, worst_n),
+            "rows": rows,
+        }
     return {
         "summary": {name: variants[name]["aggregate"] for name in order},
         "threshold": {"name": label, "percent": value},
@@ -132,54 +146,81 @@ def _fmt(value) -> str:
 
 def _cell(text: str, limit: int = 60) -> str:
     text = " ".join(str(text).split()).replace("|", "\\|")
-    return text if len(text) <= limit else text[:limit - 1] + "…"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-SUMMARY_COLUMNS = (("mean_similarity", "mean sim"), ("mean_char", "mean char"), ("min_similarity", "min"),
-                   ("max_similarity", "max"), ("pass_rate", "pass rate"), ("topic_accuracy", "topic acc"),
-                   ("refusal_accuracy", "refusal acc"), ("answerable_refused", "answerable refused"))
+SUMMARY_COLUMNS = (
+    ("mean_similarity", "mean sim"),
+    ("mean_char", "mean char"),
+    ("min_similarity", "min"),
+    ("max_similarity", "max"),
+    ("pass_rate", "pass rate"),
+    ("topic_accuracy", "topic acc"),
+    ("refusal_accuracy", "refusal acc"),
+    ("answerable_refused", "answerable refused"),
+)
 
 
 def markdown(report: dict) -> str:
     m, t = report["measure"], report["threshold"]
-    lines = ["# Evaluation report", "",
-             f"Similarity: **{m['name']}** — {m['description']}. Character score (always shown): {m['char']}.",
-             f"Threshold: {t['name']} = {t['percent']:g}% mean similarity. All figures in percent."]
-    lines.append("Topic of an answer = its nearest KB answer or the refusal (same measure); it *is a refusal* when "
-                 "the refusal text is nearest. Topic accuracy counts answerable rows, refusal accuracy unanswerable ones.")
+    lines = [
+        "# Evaluation report",
+        "",
+        f"Similarity: **{m['name']}** — {m['description']}. Character score (always shown): {m['char']}.",
+        f"Threshold: {t['name']} = {t['percent']:g}% mean similarity. All figures in percent.",
+    ]
+    lines.append(
+        "Topic of an answer = its nearest KB answer or the refusal (same measure); it *is a refusal* when "
+        "the refusal text is nearest. Topic accuracy counts answerable rows, refusal accuracy unanswerable ones."
+    )
     if m.get("fallback"):
         lines.append(f"Note: {m['fallback']}.")
     meta = report.get("meta") or {}
     if meta.get("route"):
         r, c = meta["route"], meta.get("calibration")
-        lines.append(f"Semantic route ({r.get('classifier') or 'nearest neighbours'}, trained on "
-                     f"{r['training_questions']} training questions and {r['kb_texts']} KB texts): refuse below "
-                     f"similarity {r['low']:g} or at refusal probability ≥ {r.get('refuse_at', 1.01):g}; answer from "
-                     f"the KB at topic probability ≥ {r['high']:g}; otherwise the model answers"
-                     + (f"; thresholds calibrated by {c['method']}" if c and c.get("method") else "") + ".")
+        lines.append(
+            f"Semantic route ({r.get('classifier') or 'nearest neighbours'}, trained on "
+            f"{r['training_questions']} training questions and {r['kb_texts']} KB texts): refuse below "
+            f"similarity {r['low']:g} or at refusal probability ≥ {r.get('refuse_at', 1.01):g}; answer from "
+            f"the KB at topic probability ≥ {r['high']:g}; otherwise the model answers"
+            + (f"; thresholds calibrated by {c['method']}" if c and c.get("method") else "")
+            + "."
+        )
     if meta.get("rules"):
-        lines.append(f"Rules: {meta['rules']['count']} from {meta['rules']['path']}; KB_MATCH at ≥ "
-                     f"{meta['rules']['kb_match_threshold']:g} similarity.")
+        lines.append(
+            f"Rules: {meta['rules']['count']} from {meta['rules']['path']}; KB_MATCH at ≥ "
+            f"{meta['rules']['kb_match_threshold']:g} similarity."
+        )
     for key, value in meta.get("notes", {}).items():
         lines.append(f"- {key}: {value}")
-    lines += ["", "| variant | rows | " + " | ".join(h for _, h in SUMMARY_COLUMNS) + " | buckets ≥85/70–84/50–69/<50 "
-              "| verdict |", "|" + "---|" * (len(SUMMARY_COLUMNS) + 4)]
+    lines += [
+        "",
+        "| variant | rows | " + " | ".join(h for _, h in SUMMARY_COLUMNS) + " | buckets ≥85/70–84/50–69/<50 "
+        "| verdict |",
+        "|" + "---|" * (len(SUMMARY_COLUMNS) + 4),
+    ]
     for name, s in report["summary"].items():
         cells = [_fmt(s[k]) for k, _ in SUMMARY_COLUMNS]
         buckets = "/".join(str(s["buckets"][b]) for b in BUCKETS)
-        lines.append(f"| {name} | {s['rows']} | " + " | ".join(cells) + f" | {buckets} | "
-                     f"{'PASS' if s['passed'] else 'FAIL'} |")
+        lines.append(
+            f"| {name} | {s['rows']} | " + " | ".join(cells) + f" | {buckets} | {'PASS' if s['passed'] else 'FAIL'} |"
+        )
     for name, v in report["variants"].items():
         sources = ", ".join(f"{k} {n}" for k, n in v["aggregate"]["sources"].items())
         lines += ["", f"## {name}", "", f"Sources: {sources}", ""]
         if v["confused_pairs"]:
             lines += ["Confused topics (expected → answered):", ""]
-            lines += [f"- {c['expected']} → {c['predicted']}: {c['count']} (e.g. {_cell(c['questions'][0], 40)})"
-                      for c in v["confused_pairs"]]
+            lines += [
+                f"- {c['expected']} → {c['predicted']}: {c['count']} (e.g. {_cell(c['questions'][0], 40)})"
+                for c in v["confused_pairs"]
+            ]
             lines.append("")
         lines += ["| sim | char | question | generated | source |", "|---|---|---|---|---|"]
-        lines += [f"| {r['similarity']:g} | {r['char']:g} | {_cell(r['question'], 40)} | {_cell(r['generated'])} "
-                  f"| {r['source']} |" for r in v["worst"]]
+        lines += [
+            f"| {r['similarity']:g} | {r['char']:g} | {_cell(r['question'], 40)} | {_cell(r['generated'])} "
+            f"| {r['source']} |"
+            for r in v["worst"]
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -193,9 +234,11 @@ def _bar_chart(summary: dict) -> str:
         for key, colour in metrics:
             value = s.get(key) or 0.0
             w = (width - left - 60) * value / 100
-            parts.append(f'<rect x="{left}" y="{y}" width="{w:.1f}" height="{row_h - 3}" fill="{colour}"/>'
-                         f'<text x="{left + w + 4:.1f}" y="{y + row_h - 5}" font-size="11">{key} {_fmt(s.get(key))}'
-                         "</text>")
+            parts.append(
+                f'<rect x="{left}" y="{y}" width="{w:.1f}" height="{row_h - 3}" fill="{colour}"/>'
+                f'<text x="{left + w + 4:.1f}" y="{y + row_h - 5}" font-size="11">{key} {_fmt(s.get(key))}'
+                "</text>"
+            )
             y += row_h
         y += 12
     return f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{y}">{"".join(parts)}</svg>'
@@ -204,17 +247,24 @@ def _bar_chart(summary: dict) -> str:
 def html_page(report: dict) -> str:
     rows = []
     for name, v in report["variants"].items():
-        rows.append(f"<h2>{html.escape(name)}</h2><table><tr><th>sim</th><th>char</th><th>question</th>"
-                    "<th>expected</th><th>generated</th><th>source</th></tr>")
-        rows += [f"<tr><td>{r['similarity']:g}</td><td>{r['char']:g}</td><td>{html.escape(r['question'])}</td>"
-                 f"<td>{html.escape(r['expected'])}</td><td>{html.escape(r['generated'])}</td>"
-                 f"<td>{html.escape(r['source'])}</td></tr>" for r in v["worst"]]
+        rows.append(
+            f"<h2>{html.escape(name)}</h2><table><tr><th>sim</th><th>char</th><th>question</th>"
+            "<th>expected</th><th>generated</th><th>source</th></tr>"
+        )
+        rows += [
+            f"<tr><td>{r['similarity']:g}</td><td>{r['char']:g}</td><td>{html.escape(r['question'])}</td>"
+            f"<td>{html.escape(r['expected'])}</td><td>{html.escape(r['generated'])}</td>"
+            f"<td>{html.escape(r['source'])}</td></tr>"
+            for r in v["worst"]
+        ]
         rows.append("</table>")
     body = markdown(report).split("\n## ")[0]
-    return ("<!doctype html><meta charset='utf-8'><title>mlx-lora evaluation</title>"
-            "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}td,th{border:1px solid #ccc;"
-            "padding:3px;font-size:13px;vertical-align:top}table{border-collapse:collapse}</style>"
-            f"<pre>{html.escape(body)}</pre>{_bar_chart(report['summary'])}{''.join(rows)}")
+    return (
+        "<!doctype html><meta charset='utf-8'><title>mlx-lora evaluation</title>"
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}td,th{border:1px solid #ccc;"
+        "padding:3px;font-size:13px;vertical-align:top}table{border-collapse:collapse}</style>"
+        f"<pre>{html.escape(body)}</pre>{_bar_chart(report['summary'])}{''.join(rows)}"
+    )
 
 
 def write_report(report: dict, out_dir: str | Path) -> Path:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ class Checkpoint(Event):
 
 
 @dataclass(frozen=True)
-class Warning(Event):  # noqa: A001 - the event's name in metrics.jsonl
+class Warning(Event):
     type: ClassVar[str] = "warning"
     message: str
 

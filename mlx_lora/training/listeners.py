@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 from mlx_lora.core.environment import main_process
 from mlx_lora.training import events
 from mlx_lora.training.summary import write_plots
-
 
 
 class ProgressBar:
@@ -23,14 +21,24 @@ class ProgressBar:
         if isinstance(event, events.Start):
             from tqdm import tqdm
 
-            self.bar = tqdm(total=event.total_steps, desc="train", unit="step", file=sys.stderr,
-                            disable=not self.enabled, dynamic_ncols=True)
+            self.bar = tqdm(
+                total=event.total_steps,
+                desc="train",
+                unit="step",
+                file=sys.stderr,
+                disable=not self.enabled,
+                dynamic_ncols=True,
+            )
         elif self.bar is None:
             return
         elif isinstance(event, events.Step):
             self.bar.update(event.step - self.bar.n)
-            self.bar.set_postfix(loss=f"{event.loss:.4f}", tok_s=f"{event.tokens_per_s:.0f}",
-                                 gnorm=f"{event.grad_norm:.2f}", refresh=False)
+            self.bar.set_postfix(
+                loss=f"{event.loss:.4f}",
+                tok_s=f"{event.tokens_per_s:.0f}",
+                gnorm=f"{event.grad_norm:.2f}",
+                refresh=False,
+            )
         elif isinstance(event, events.Eval):
             self._write(f"step {event.step}: eval loss {event.eval_loss:.4f}" + (" (best)" if event.best else ""))
         elif isinstance(event, events.Warning):
@@ -56,7 +64,8 @@ class MetricsWriter:
 
 
 class PlotWriter:
-    """Redraws the PNGs at each eval from metrics.jsonl (so a resumed run plots its whole history); `finish` draws the last."""
+    """Redraws the PNGs at each eval from metrics.jsonl (a resumed run plots its whole history); `finish` draws the
+    last ones."""
 
     def __init__(self, run_dir: Path):
         self.run_dir = Path(run_dir)

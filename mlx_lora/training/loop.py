@@ -62,7 +62,7 @@ class Plan:
     capped: bool  # train.max_steps ends the run before the last epoch does
 
     @classmethod
-    def of(cls, n_rows: int, cfg: Config, world: int = 1) -> "Plan":
+    def of(cls, n_rows: int, cfg: Config, world: int = 1) -> Plan:
         t = cfg.train
         per_epoch = steps_per_epoch(n_rows, t.batch_size, t.grad_accum, world)
         total = total_steps(n_rows, t.batch_size, t.grad_accum, t.epochs, t.max_steps, world)
@@ -106,9 +106,11 @@ def read_state(folder: Path, backend: str) -> dict:
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
         raise UserError(f"{path}: unreadable checkpoint state ({exc}); resume from another checkpoint") from None
     if state.get("format") != STATE_FORMAT:
-        raise UserError(f"{path}: written by an earlier mlx-lora (checkpoint format {state.get('format', 1)}, "
-                        f"this version reads {STATE_FORMAT}); start a new run — the old run's adapter/ still "
-                        "loads for generate and eval")
+        raise UserError(
+            f"{path}: written by an earlier mlx-lora (checkpoint format {state.get('format', 1)}, "
+            f"this version reads {STATE_FORMAT}); start a new run — the old run's adapter/ still "
+            "loads for generate and eval"
+        )
     if state.get("backend") != backend:
         other = state.get("backend")
         raise UserError(f"{folder}: a {other} checkpoint; resume it with --backend {other}")
@@ -154,8 +156,16 @@ class _Interrupt:
 class Loop:
     """Runs an Engine over the seeded batch order: schedule, eval cadence, best/patience, retention, resume."""
 
-    def __init__(self, engine: Engine, train: list[Encoded], valid: list[Encoded], cfg: Config, run_dir: Path,
-                 on_event: OnEvent, fingerprint: dict):
+    def __init__(
+        self,
+        engine: Engine,
+        train: list[Encoded],
+        valid: list[Encoded],
+        cfg: Config,
+        run_dir: Path,
+        on_event: OnEvent,
+        fingerprint: dict,
+    ):
         t = cfg.train
         if not train:
             raise UserError("no training rows with supervised tokens; check the data folder's train.jsonl")
@@ -165,9 +175,15 @@ class Loop:
         self.run_dir = Path(run_dir)
         self.main = engine.rank == 0  # under torchrun only rank 0 writes files and reports
         self._on_event = on_event
-        self.fingerprint = {**fingerprint, "world_size": engine.world, "batch_size": t.batch_size,
-                            "grad_accum": t.grad_accum, "epochs": t.epochs, "seed": t.seed,
-                            "train_rows": len(train)}
+        self.fingerprint = {
+            **fingerprint,
+            "world_size": engine.world,
+            "batch_size": t.batch_size,
+            "grad_accum": t.grad_accum,
+            "epochs": t.epochs,
+            "seed": t.seed,
+            "train_rows": len(train),
+        }
         self.plan = Plan.of(len(train), cfg, engine.world)
         self.pos = Position()
         self._groups: tuple[int, list] = (-1, [])
@@ -223,8 +239,13 @@ class Loop:
             with staged_dir(folder) as tmp:
                 self.engine.save_adapter(tmp / "adapter")
                 self.engine.save_state(tmp)
-                state = {"format": STATE_FORMAT, "backend": self.engine.name, "position": asdict(pos),
-                         "fingerprint": self.fingerprint, "total_steps": self.plan.total}
+                state = {
+                    "format": STATE_FORMAT,
+                    "backend": self.engine.name,
+                    "position": asdict(pos),
+                    "fingerprint": self.fingerprint,
+                    "total_steps": self.plan.total,
+                }
                 (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
             if best:
                 publish_dir(folder / "adapter", self.run_dir / "adapter")
@@ -245,9 +266,10 @@ class Loop:
         t = self.cfg.train
         epoch, index = divmod(step, self.plan.per_epoch)
         if self._groups[0] != epoch:  # the shared, seeded batch order: both backends see the same groups
-            batches = rank_share(epoch_batches(self.train_rows, t.batch_size, t.seed, epoch),
-                                 self.engine.rank, self.engine.world)
-            self._groups = (epoch, [batches[i:i + t.grad_accum] for i in range(0, len(batches), t.grad_accum)])
+            batches = rank_share(
+                epoch_batches(self.train_rows, t.batch_size, t.seed, epoch), self.engine.rank, self.engine.world
+            )
+            self._groups = (epoch, [batches[i : i + t.grad_accum] for i in range(0, len(batches), t.grad_accum)])
         return [[self.train_rows[i] for i in batch] for batch in self._groups[1][index]]
 
     def run(self, resume: Path | None = None) -> TrainOutcome:
@@ -255,8 +277,18 @@ class Loop:
         if resume is not None:
             self.resume(Path(resume))
         trainable, total_params = engine.param_counts()
-        self.emit(events.Start(plan.total, t.epochs, len(self.train_rows), len(self.valid_rows), trainable,
-                               total_params, engine.name, engine.device))
+        self.emit(
+            events.Start(
+                plan.total,
+                t.epochs,
+                len(self.train_rows),
+                len(self.valid_rows),
+                trainable,
+                total_params,
+                engine.name,
+                engine.device,
+            )
+        )
         for note in engine.warnings:
             self.emit(events.Warning(note))
         self._started = time.perf_counter() - self.pos.elapsed_s
@@ -281,10 +313,21 @@ class Loop:
                     break
                 self.pos.step += 1
                 seconds = max(time.perf_counter() - tick, 1e-9)
-                self.emit(events.Step(self.pos.step, plan.epoch_of(self.pos.step), result.loss, lr, result.grad_norm,
-                                      result.tokens, result.supervised_tokens, result.tokens / seconds,
-                                      result.supervised_tokens / seconds, time.perf_counter() - self._started,
-                                      engine.memory_mb()))
+                self.emit(
+                    events.Step(
+                        self.pos.step,
+                        plan.epoch_of(self.pos.step),
+                        result.loss,
+                        lr,
+                        result.grad_norm,
+                        result.tokens,
+                        result.supervised_tokens,
+                        result.tokens / seconds,
+                        result.supervised_tokens / seconds,
+                        time.perf_counter() - self._started,
+                        engine.memory_mb(),
+                    )
+                )
                 if self.eval_due():
                     self.checkpoint()
                     if self.patience_spent():
@@ -304,27 +347,50 @@ class Loop:
             self.engine.load_adapter(adapter)  # whoever generates next with this model gets the kept adapter
         elapsed = time.perf_counter() - self._started
         self.emit(events.Done(pos.step, stopped, pos.best_eval_loss, pos.best_step, elapsed))
-        return TrainOutcome(self.run_dir, pos.step, pos.best_eval_loss, pos.best_step, stopped,
-                            {"total_steps": self.plan.total, "elapsed_s": elapsed, "position": asdict(pos),
-                             **({"error": self._error} if self._error else {})})
+        return TrainOutcome(
+            self.run_dir,
+            pos.step,
+            pos.best_eval_loss,
+            pos.best_step,
+            stopped,
+            {
+                "total_steps": self.plan.total,
+                "elapsed_s": elapsed,
+                "position": asdict(pos),
+                **({"error": self._error} if self._error else {}),
+            },
+        )
 
     def _non_finite_message(self, result) -> str:
         pos = self.pos
         if pos.best_step is not None:
-            where = (f"resume from checkpoints/step-{pos.best_step} (best eval loss {pos.best_eval_loss:.4f}; "
-                     "later weights may already be diverging) with a lower train.lr")
+            where = (
+                f"resume from checkpoints/step-{pos.best_step} (best eval loss {pos.best_eval_loss:.4f}; "
+                "later weights may already be diverging) with a lower train.lr"
+            )
         else:
             where = "no checkpoint has an eval loss yet: start again with a lower train.lr"
-        return (f"loss {result.loss} / grad-norm {result.grad_norm} is not finite at step {pos.step + 1}; the step "
-                f"was not applied and training stopped. {where}, or check the data")
+        return (
+            f"loss {result.loss} / grad-norm {result.grad_norm} is not finite at step {pos.step + 1}; the step "
+            f"was not applied and training stopped. {where}, or check the data"
+        )
 
 
 def _remove(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def train(backend, loaded, train_rows: list[Encoded], valid_rows: list[Encoded], cfg: Config, run_dir: Path,
-          on_event: OnEvent, resume: Path | None = None, fingerprint: dict | None = None) -> TrainOutcome:
+def train(
+    backend,
+    loaded,
+    train_rows: list[Encoded],
+    valid_rows: list[Encoded],
+    cfg: Config,
+    run_dir: Path,
+    on_event: OnEvent,
+    resume: Path | None = None,
+    fingerprint: dict | None = None,
+) -> TrainOutcome:
     """Build the backend's engine on a loaded model and run the loop (the engine is closed whatever happens)."""
     engine = backend.engine(loaded, cfg)
     try:

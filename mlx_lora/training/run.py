@@ -24,8 +24,10 @@ def _data_files(data_dir: Path) -> tuple[Path, Path]:
     train, valid = data_dir / "train.jsonl", data_dir / "valid.jsonl"
     for path in (train, valid):
         if not path.is_file():
-            raise UserError(f"{path}: missing; a data directory holds train.jsonl and valid.jsonl "
-                            "(build one with `mlx-lora data build`)")
+            raise UserError(
+                f"{path}: missing; a data directory holds train.jsonl and valid.jsonl "
+                "(build one with `mlx-lora data build`)"
+            )
     return train, valid
 
 
@@ -33,8 +35,11 @@ def manifest(cfg: Config, backend_name: str, model_dir: Path, data_files: list[P
     return {
         "config": cfg.to_dict(),
         "backend": backend_name,
-        "base_model": {"spec": cfg.model.path, "path": str(model_dir),
-                       "sha256": sha256_of_files(list(model_dir.glob("*.safetensors")) + [model_dir / "config.json"])},
+        "base_model": {
+            "spec": cfg.model.path,
+            "path": str(model_dir),
+            "sha256": sha256_of_files(list(model_dir.glob("*.safetensors")) + [model_dir / "config.json"]),
+        },
         "data": {"files": [str(p) for p in data_files], "sha256": sha256_of_files(data_files), **stats},
         "system_prompt": cfg.data.system_prompt,
         "adapter_format": "mlx" if backend_name == "mlx" else "peft",
@@ -48,12 +53,17 @@ def resume_fingerprint(run: dict) -> dict:
     (the loop adds the batch settings). Same shapes are not enough: other data or another model of the same
     architecture would silently continue from weights trained on something else."""
     lora = run["config"]["lora"]
-    return {"data_sha256": run["data"]["sha256"], "base_model_sha256": run["base_model"]["sha256"],
-            "lora": {k: lora[k] for k in sorted(lora)}, "max_length": run["config"]["train"]["max_length"]}
+    return {
+        "data_sha256": run["data"]["sha256"],
+        "base_model_sha256": run["base_model"]["sha256"],
+        "lora": {k: lora[k] for k in sorted(lora)},
+        "max_length": run["config"]["train"]["max_length"],
+    }
 
 
-def train_run(cfg: Config, data_dir: str | Path, run_dir: str | Path, resume: Path | None = None,
-              progress: bool = True) -> TrainOutcome:
+def train_run(
+    cfg: Config, data_dir: str | Path, run_dir: str | Path, resume: Path | None = None, progress: bool = True
+) -> TrainOutcome:
     """Train a LoRA adapter on data_dir/{train,valid}.jsonl into run_dir; returns how the run ended."""
     data_dir, run_dir = Path(data_dir), Path(run_dir)
     train_file, valid_file = _data_files(data_dir)
@@ -64,15 +74,21 @@ def train_run(cfg: Config, data_dir: str | Path, run_dir: str | Path, resume: Pa
     valid, dropped_valid = encode_all(tokenizer, read_examples(valid_file), cfg.train.max_length)
     if not train:
         raise UserError(f"{train_file}: no row has an assistant token left within train.max_length")
-    stats = {"train_rows": len(train), "valid_rows": len(valid), "dropped_rows": dropped_train + dropped_valid,
-             "supervised_tokens": sum(r.supervised for r in train), "tokens": sum(len(r.ids) for r in train)}
+    stats = {
+        "train_rows": len(train),
+        "valid_rows": len(valid),
+        "dropped_rows": dropped_train + dropped_valid,
+        "supervised_tokens": sum(r.supervised for r in train),
+        "tokens": sum(len(r.ids) for r in train),
+    }
     run = manifest(cfg, backend.name, model_dir, [train_file, valid_file], stats)
     if not main_process():  # torchrun: rank 0 locks the folder and writes every file
         return _train(backend, model_dir, train, valid, cfg, run_dir, run, resume, lambda event: None)
     with locked(run_dir, "training run"):
         if resume is None and ((run_dir / "adapter").exists() or loop.list_checkpoints(run_dir / "checkpoints")):
-            raise UserError(f"{run_dir}: already holds a run; pass --resume {run_dir} to continue it, or choose "
-                            "another --out")
+            raise UserError(
+                f"{run_dir}: already holds a run; pass --resume {run_dir} to continue it, or choose another --out"
+            )
         listeners = standard_listeners(run_dir, progress)
 
         def on_event(event: events.Event) -> None:
@@ -90,8 +106,9 @@ def train_run(cfg: Config, data_dir: str | Path, run_dir: str | Path, resume: Pa
 
 def _train(backend, model_dir, train, valid, cfg, run_dir, run, resume, on_event) -> TrainOutcome:
     loaded = backend.load(model_dir, None, cfg)
-    return loop.train(backend, loaded, train, valid, cfg, run_dir, on_event, resume=resume,
-                      fingerprint=resume_fingerprint(run))
+    return loop.train(
+        backend, loaded, train, valid, cfg, run_dir, on_event, resume=resume, fingerprint=resume_fingerprint(run)
+    )
 
 
 def describe_outcome(outcome: TrainOutcome) -> dict:

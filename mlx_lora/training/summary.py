@@ -54,30 +54,44 @@ def health(steps: list[dict], evals: list[dict], schedule: dict | None = None) -
     losses = [e["eval_loss"] for e in evals]
     if losses:
         best_i = min(range(len(losses)), key=losses.__getitem__)
-        after = losses[best_i + 1:]
+        after = losses[best_i + 1 :]
         if len(after) >= 2 and all(v > losses[best_i] for v in after):
-            flag("overfitting", f"eval loss rose for {len(after)} evals after its best ({losses[best_i]:.4f} at step "
-                                f"{evals[best_i]['step']} → {after[-1]:.4f}); the best adapter was kept — "
-                                "fewer epochs, a lower lr or more data would help")
+            flag(
+                "overfitting",
+                f"eval loss rose for {len(after)} evals after its best ({losses[best_i]:.4f} at step "
+                f"{evals[best_i]['step']} → {after[-1]:.4f}); the best adapter was kept — "
+                "fewer epochs, a lower lr or more data would help",
+            )
     norms = _finite(e.get("grad_norm") for e in steps)
     if norms and max(norms) > EXPLODING_GRAD:
-        flag("exploding_gradients", f"grad-norm peaked at {max(norms):.1f} (> {EXPLODING_GRAD:g}); lower train.lr "
-                                    "or train.max_grad_norm")
+        flag(
+            "exploding_gradients",
+            f"grad-norm peaked at {max(norms):.1f} (> {EXPLODING_GRAD:g}); lower train.lr or train.max_grad_norm",
+        )
     if norms and statistics.median(norms) < VANISHING_GRAD:
-        flag("vanishing_gradients", f"median grad-norm {statistics.median(norms):.3g} (< {VANISHING_GRAD:g}): "
-                                    "the adapter barely learns; raise train.lr or lora.rank")
+        flag(
+            "vanishing_gradients",
+            f"median grad-norm {statistics.median(norms):.3g} (< {VANISHING_GRAD:g}): "
+            "the adapter barely learns; raise train.lr or lora.rank",
+        )
     lrs = _finite(e.get("lr") for e in steps)
     constant = bool(schedule) and schedule.get("schedule") == "constant" and not schedule.get("warmup_steps")
     if len(lrs) >= 3 and (max(lrs) <= 0 or (max(lrs) - min(lrs) <= 1e-12 * max(lrs) and not constant)):
-        flag("flat_lr", f"the learning rate stayed at {lrs[0]:g} for all {len(lrs)} steps; check train.lr, "
-                        "train.warmup_steps and train.schedule")
+        flag(
+            "flat_lr",
+            f"the learning rate stayed at {lrs[0]:g} for all {len(lrs)} steps; check train.lr, "
+            "train.warmup_steps and train.schedule",
+        )
     train = _finite(e.get("loss") for e in steps)
     if len(train) >= 4:
         quarter = max(1, len(train) // 4)
         first, last = statistics.mean(train[:quarter]), statistics.mean(train[-quarter:])
         if last > first * 0.95:  # under a 5% drop from the first to the last quarter
-            flag("loss_not_falling", f"train loss went {first:.4f} → {last:.4f} (first vs last quarter of steps, "
-                                     "< 5% lower); raise train.lr or train longer, and check the data")
+            flag(
+                "loss_not_falling",
+                f"train loss went {first:.4f} → {last:.4f} (first vs last quarter of steps, "
+                "< 5% lower); raise train.lr or train longer, and check the data",
+            )
     return {"verdict": "healthy" if not flags else "check", "flags": flags}
 
 
@@ -95,8 +109,14 @@ def write_plots(run_dir: str | Path) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
     x = [e["step"] for e in steps]
     panels = [
-        ("loss.png", "loss", [("train", x, [e["loss"] for e in steps], "-"),
-                              ("eval", [e["step"] for e in evals], [e["eval_loss"] for e in evals], "o-")]),
+        (
+            "loss.png",
+            "loss",
+            [
+                ("train", x, [e["loss"] for e in steps], "-"),
+                ("eval", [e["step"] for e in evals], [e["eval_loss"] for e in evals], "o-"),
+            ],
+        ),
         ("lr.png", "learning rate", [("lr", x, [e["lr"] for e in steps], "-")]),
         ("grad_norm.png", "grad-norm (before clipping)", [("grad-norm", x, [e["grad_norm"] for e in steps], "-")]),
     ]
@@ -160,8 +180,13 @@ def finish(run_dir: str | Path, outcome) -> dict:
         "plots": [f"plots/{name}" for name in write_plots(run_dir)],
     }
     if outcome.stopped == "non_finite":
-        summary["health"]["flags"].append({"code": "non_finite", "message": "the loss became NaN/Inf; the run "
-                                           "stopped and kept the last good checkpoint — lower train.lr"})
+        summary["health"]["flags"].append(
+            {
+                "code": "non_finite",
+                "message": "the loss became NaN/Inf; the run "
+                "stopped and kept the last good checkpoint — lower train.lr",
+            }
+        )
         summary["health"]["verdict"] = "check"
     write_json(run_dir / "summary.json", summary)
     return summary

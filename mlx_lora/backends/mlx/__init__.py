@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from mlx_lora.core.config import Config, GenerateConfig
 
@@ -35,8 +35,14 @@ class MLXBackend:
 
         return MLXEngine(loaded, cfg)
 
-    def generate(self, loaded, prompts: list[list[int]], cfg: GenerateConfig, stop_ids: list[int],
-                 on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+    def generate(
+        self,
+        loaded,
+        prompts: list[list[int]],
+        cfg: GenerateConfig,
+        stop_ids: list[int],
+        on_token: Callable[[int, int], None] | None = None,
+    ) -> list[list[int]]:
         from mlx_lora.backends.mlx.model import generate
 
         return generate(loaded, prompts, cfg, stop_ids, on_token)

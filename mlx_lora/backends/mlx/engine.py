@@ -57,8 +57,8 @@ def make_batch(rows: list[Encoded], pad_id: int, pad: bool = False):
     ids = np.full((len(rows), width + 1), pad_id, dtype=np.int32)
     mask = np.zeros((len(rows), width + 1), dtype=bool)
     for j, row in enumerate(rows):
-        ids[j, :len(row.ids)] = row.ids
-        mask[j, :len(row.mask)] = row.mask
+        ids[j, : len(row.ids)] = row.ids
+        mask[j, : len(row.mask)] = row.mask
     found = np.flatnonzero(mask[:, 1:].reshape(-1))
     n = int(found.size)
     positions = np.zeros(bucket(n, POSITION_QUANTUM) if pad else n, dtype=np.uint32)  # extra: 0, weight 0
@@ -132,7 +132,7 @@ def update_slots(model: nn.Module, optimizer: optim.Optimizer) -> list[tuple[dic
         slots.append((node, leaf))
 
     def walk(node):
-        for key, value in (node.items() if isinstance(node, dict) else enumerate(node)):
+        for key, value in node.items() if isinstance(node, dict) else enumerate(node):
             if isinstance(value, mx.array):
                 slots.append((node, key))
             elif isinstance(value, (dict, list)):
@@ -159,8 +159,9 @@ class MLXEngine:
         else:  # continue training a loaded adapter: only its LoRA matrices learn
             self.model.freeze()
             self.model.unfreeze(keys=["lora_a", "lora_b", "m"], strict=False)  # m: DoRA magnitudes
-        self.optimizer = optim.AdamW(learning_rate=t.lr, betas=[0.9, 0.999], eps=1e-8, weight_decay=t.weight_decay,
-                                     bias_correction=True)  # mlx defaults to no bias correction; torch's has it
+        self.optimizer = optim.AdamW(
+            learning_rate=t.lr, betas=[0.9, 0.999], eps=1e-8, weight_decay=t.weight_decay, bias_correction=True
+        )  # mlx defaults to no bias correction; torch's has it
         self.loss_sum = make_loss(self.model)
         self.optimizer.init(self.model.trainable_parameters())
         self._build()
@@ -168,8 +169,9 @@ class MLXEngine:
 
     def _build(self) -> None:
         # The compiled functions capture optimizer.state: rebuild them whenever a resume replaces it.
-        self._state, self._accumulate, self._step = compiled_step(self.model, self.optimizer, self.loss_sum,
-                                                                  self.cfg.train.max_grad_norm)
+        self._state, self._accumulate, self._step = compiled_step(
+            self.model, self.optimizer, self.loss_sum, self.cfg.train.max_grad_norm
+        )
         self._slots = update_slots(self.model, self.optimizer)
 
     def param_counts(self) -> tuple[int, int]:
@@ -204,8 +206,9 @@ class MLXEngine:
         bs = self.cfg.train.batch_size
         total, count = 0.0, 0
         for start in range(0, len(order), bs):
-            inputs, targets, positions, weights, n = make_batch([rows[i] for i in order[start:start + bs]],
-                                                                self.loaded.pad_id)
+            inputs, targets, positions, weights, n = make_batch(
+                [rows[i] for i in order[start : start + bs]], self.loaded.pad_id
+            )
             if n:  # eager: a few batches, not worth compiling
                 _, ce = self.loss_sum(self.model, inputs, targets, positions, weights, 1.0)
                 total += ce.item()

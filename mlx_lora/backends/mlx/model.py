@@ -7,9 +7,9 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -20,11 +20,13 @@ from mlx_lm.utils import load_model, save_config, save_model
 from mlx_lora.backends import adapters
 from mlx_lora.core.config import Config, GenerateConfig, LoraConfig
 from mlx_lora.core.errors import UserError
-from mlx_lora.core.hf_config import rope_override
 from mlx_lora.core.files import staged_dir
+from mlx_lora.core.hf_config import rope_override
 
-OPENBLAS_FIX = ("apt-get install libopenblas0-pthread libgfortran5, then "
-                "export LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3")
+OPENBLAS_FIX = (
+    "apt-get install libopenblas0-pthread libgfortran5, then "
+    "export LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
+)
 ALL_LINEAR = ("all-linear", "all")
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 _warned = False
@@ -54,8 +56,10 @@ def blas_note() -> str | None:
     preload = os.environ.get("LD_PRELOAD", "").lower()
     if any(name in preload for name in ("openblas", "mkl", "blis")):
         return None
-    return ("mlx-cpu on Linux uses the unoptimised reference BLAS (~20x slower matmuls than torch); "
-            f"fine for tiny models. Fix: {OPENBLAS_FIX}")
+    return (
+        "mlx-cpu on Linux uses the unoptimised reference BLAS (~20x slower matmuls than torch); "
+        f"fine for tiny models. Fix: {OPENBLAS_FIX}"
+    )
 
 
 def _pad_id(config: dict) -> int:
@@ -70,8 +74,11 @@ def _pad_id(config: dict) -> int:
 
 def lora_keys(model: nn.Module, targets: list[str]) -> list[str]:
     """Our target names (q_proj, or self_attn.q_proj, or all-linear) → mlx-lm keys relative to a block."""
-    linear = {name: name for name, module in model.layers[-1].named_modules()
-              if isinstance(module, (nn.Linear, nn.QuantizedLinear)) and name}
+    linear = {
+        name: name
+        for name, module in model.layers[-1].named_modules()
+        if isinstance(module, (nn.Linear, nn.QuantizedLinear)) and name
+    }
     by_leaf: dict[str, list[str]] = {}
     for name in linear:
         by_leaf.setdefault(name.rsplit(".", 1)[-1], []).append(name)
@@ -85,8 +92,9 @@ def lora_keys(model: nn.Module, targets: list[str]) -> list[str]:
             keys += by_leaf[target]
         else:
             names = ", ".join(sorted(by_leaf))
-            raise UserError(f"lora.targets: {target} is not a linear layer of this model; "
-                            f"choose from {names} (or all-linear)")
+            raise UserError(
+                f"lora.targets: {target} is not a linear layer of this model; choose from {names} (or all-linear)"
+            )
     return sorted(set(keys))
 
 
@@ -98,17 +106,28 @@ def lora_settings(model: nn.Module, lora: LoraConfig) -> dict:
     if lora.rank < 1:
         raise UserError(f"lora.rank must be >= 1, got {lora.rank}")
     # PEFT's rsLoRA scales by alpha/sqrt(r); mlx-lm takes the product as an absolute scale either way.
-    scale = lora.alpha / (lora.rank ** 0.5 if lora.rslora else lora.rank)
-    return {"rank": lora.rank, "alpha": lora.alpha, "scale": scale, "dropout": lora.dropout,
-            "keys": lora_keys(model, lora.targets), "num_layers": num_layers, "dora": lora.dora}
+    scale = lora.alpha / (lora.rank**0.5 if lora.rslora else lora.rank)
+    return {
+        "rank": lora.rank,
+        "alpha": lora.alpha,
+        "scale": scale,
+        "dropout": lora.dropout,
+        "keys": lora_keys(model, lora.targets),
+        "num_layers": num_layers,
+        "dora": lora.dora,
+    }
 
 
 def attach_lora(loaded: MLXLoaded, lora: LoraConfig) -> dict:
     """Freeze the base model and put fresh LoRA layers on it (call mx.random.seed first: lora_a is random)."""
     settings = lora_settings(loaded.model, lora)
     loaded.model.freeze()
-    linear_to_lora_layers(loaded.model, settings["num_layers"],
-                          {k: settings[k] for k in ("rank", "scale", "dropout", "keys")}, use_dora=settings["dora"])
+    linear_to_lora_layers(
+        loaded.model,
+        settings["num_layers"],
+        {k: settings[k] for k in ("rank", "scale", "dropout", "keys")},
+        use_dora=settings["dora"],
+    )
     loaded.lora = settings
     return settings
 
@@ -121,10 +140,19 @@ def save_adapter(loaded: MLXLoaded, dst: Path, weights: dict[str, mx.array] | No
     """Write an mlx-lm adapter folder (adapters.safetensors + adapter_config.json) atomically."""
     lora = loaded.lora
     with staged_dir(dst) as tmp:
-        mx.save_safetensors(str(tmp / adapters.MLX_WEIGHTS), weights or adapter_weights(loaded.model),
-                            metadata={"format": "mlx"})
-        config = adapters.mlx_config(lora["rank"], lora["scale"], lora["dropout"], lora["keys"], lora["num_layers"],
-                                     dora=lora["dora"], alpha=lora["alpha"], base_model=str(loaded.model_dir))
+        mx.save_safetensors(
+            str(tmp / adapters.MLX_WEIGHTS), weights or adapter_weights(loaded.model), metadata={"format": "mlx"}
+        )
+        config = adapters.mlx_config(
+            lora["rank"],
+            lora["scale"],
+            lora["dropout"],
+            lora["keys"],
+            lora["num_layers"],
+            dora=lora["dora"],
+            alpha=lora["alpha"],
+            base_model=str(loaded.model_dir),
+        )
         (tmp / adapters.CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return dst
 
@@ -153,9 +181,15 @@ def _load_adapter(loaded: MLXLoaded, adapter: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
     params = config["lora_parameters"]
     alpha = (config.get("mlx_lora") or {}).get("alpha", params["scale"] * params["rank"])
-    loaded.lora = {"rank": params["rank"], "alpha": alpha, "scale": params["scale"],
-                   "dropout": params.get("dropout", 0.0), "keys": params.get("keys") or [],
-                   "num_layers": config["num_layers"], "dora": config.get("fine_tune_type") == "dora"}
+    loaded.lora = {
+        "rank": params["rank"],
+        "alpha": alpha,
+        "scale": params["scale"],
+        "dropout": params.get("dropout", 0.0),
+        "keys": params.get("keys") or [],
+        "num_layers": config["num_layers"],
+        "dora": config.get("fine_tune_type") == "dora",
+    }
     loaded.adapter, loaded.adapter_format = folder, fmt
 
 
@@ -184,8 +218,13 @@ def load(model_dir: Path, adapter: Path | None = None, cfg: Config | None = None
     return loaded
 
 
-def generate(loaded: MLXLoaded, prompts: list[list[int]], cfg: GenerateConfig, stop_ids: list[int],
-             on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+def generate(
+    loaded: MLXLoaded,
+    prompts: list[list[int]],
+    cfg: GenerateConfig,
+    stop_ids: list[int],
+    on_token: Callable[[int, int], None] | None = None,
+) -> list[list[int]]:
     """Batched generation through mlx-lm's BatchGenerator; the stop token itself is not returned."""
     from mlx_lm.generate import BatchGenerator
     from mlx_lm.sample_utils import make_logits_processors, make_sampler
@@ -203,11 +242,18 @@ def generate(loaded: MLXLoaded, prompts: list[list[int]], cfg: GenerateConfig, s
     # mlx-lm penalises the last 20 tokens by default; torch (as HF) penalises everything seen, prompt included.
     processors = make_logits_processors(
         repetition_penalty=cfg.repetition_penalty if cfg.repetition_penalty != 1.0 else None,
-        repetition_context_size=max(len(p) for p in prompts) + cfg.max_new_tokens)
+        repetition_context_size=max(len(p) for p in prompts) + cfg.max_new_tokens,
+    )
     size = max(1, cfg.batch_size)
-    gen = BatchGenerator(loaded.model, max_tokens=cfg.max_new_tokens,
-                         stop_tokens=[[t] for t in stop_ids] or None, sampler=sampler,
-                         logits_processors=processors, completion_batch_size=size, prefill_batch_size=size)
+    gen = BatchGenerator(
+        loaded.model,
+        max_tokens=cfg.max_new_tokens,
+        stop_tokens=[[t] for t in stop_ids] or None,
+        sampler=sampler,
+        logits_processors=processors,
+        completion_batch_size=size,
+        prefill_batch_size=size,
+    )
     results: list[list[int]] = [[] for _ in prompts]
     try:
         uids = gen.insert([list(p) for p in prompts])
@@ -238,7 +284,12 @@ def fuse(loaded: MLXLoaded, out_dir: Path) -> Path:
     config.update(rope_override(config))  # write rope_theta on top so mlx-lm reads it next time
     save_config(config, out_dir / "config.json")
     for name in os.listdir(loaded.model_dir):
-        if name.startswith("tokenizer") or name in ("vocab.json", "merges.txt", "chat_template.jinja",
-                                                     "generation_config.json", "special_tokens_map.json"):
+        if name.startswith("tokenizer") or name in (
+            "vocab.json",
+            "merges.txt",
+            "chat_template.jinja",
+            "generation_config.json",
+            "special_tokens_map.json",
+        ):
             shutil.copy(loaded.model_dir / name, out_dir / name)
     return out_dir

@@ -18,16 +18,21 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 def save(optimizer: optim.Optimizer, folder: Path) -> None:
     # step and learning_rate are scalars (the metadata and the schedule); the per-parameter moments are tensors.
     moments = {k: v for k, v in tree_flatten(optimizer.state) if k not in ("step", "learning_rate")}
-    mx.save_safetensors(str(folder / OPTIMIZER_FILE), moments,
-                        metadata={"format": "mlx", "step": str(int(optimizer.state["step"].item()))})
+    mx.save_safetensors(
+        str(folder / OPTIMIZER_FILE),
+        moments,
+        metadata={"format": "mlx", "step": str(int(optimizer.state["step"].item()))},
+    )
 
 
 def restore(loaded: MLXLoaded, optimizer: optim.Optimizer, folder: Path, current: dict) -> None:
     """Adapter weights and AdamW moments from a checkpoint into a model that already has LoRA layers."""
     weights = mx.load(str(folder / "adapter" / MLX_WEIGHTS))
     if set(weights) != set(current) or any(weights[k].shape != current[k].shape for k in weights):
-        raise UserError(f"{folder}: checkpoint LoRA layout differs from the lora.* settings of this run; "
-                        "resume with the same rank, targets and num_layers")
+        raise UserError(
+            f"{folder}: checkpoint LoRA layout differs from the lora.* settings of this run; "
+            "resume with the same rank, targets and num_layers"
+        )
     loaded.model.load_weights(list(weights.items()), strict=False)
     moments, metadata = mx.load(str(folder / OPTIMIZER_FILE), return_metadata=True)
     optimizer.init(loaded.model.trainable_parameters())

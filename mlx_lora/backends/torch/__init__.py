@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from mlx_lora.core.config import Config, GenerateConfig
 
@@ -42,8 +42,14 @@ class TorchBackend:
 
         return TorchEngine(loaded, cfg)
 
-    def generate(self, loaded, prompts: list[list[int]], cfg: GenerateConfig, stop_ids: list[int],
-                 on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+    def generate(
+        self,
+        loaded,
+        prompts: list[list[int]],
+        cfg: GenerateConfig,
+        stop_ids: list[int],
+        on_token: Callable[[int, int], None] | None = None,
+    ) -> list[list[int]]:
         from mlx_lora.backends.torch.generate import generate
 
         return generate(loaded.model, prompts, cfg, stop_ids, loaded.pad_id, loaded.device, on_token)

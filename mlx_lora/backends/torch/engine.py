@@ -66,13 +66,14 @@ class MaskedLMLoss(torch.nn.Module):
             cache = returned_cache(head, name)
             cache.batch_repeat_interleave(ids.shape[0])
             positions = torch.arange(prefix, ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
-            hidden = decoder(input_ids=ids[:, prefix:], position_ids=positions, use_cache=True,
-                             **{name: cache}).last_hidden_state
+            hidden = decoder(
+                input_ids=ids[:, prefix:], position_ids=positions, use_cache=True, **{name: cache}
+            ).last_hidden_state
         else:
             hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state
-        keep = mask[:, prefix + 1:].bool()
+        keep = mask[:, prefix + 1 :].bool()
         logits = self.causal_lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
-        return F.cross_entropy(logits, ids[:, prefix + 1:][keep], reduction="sum")
+        return F.cross_entropy(logits, ids[:, prefix + 1 :][keep], reduction="sum")
 
 
 def supervised(row: Encoded) -> int:
@@ -167,7 +168,7 @@ class TorchEngine:
         self.model.eval()
         order = sorted(range(len(rows)), key=lambda i: len(rows[i].ids))
         bs = self.cfg.train.batch_size
-        batches = [order[i:i + bs] for i in range(0, len(order), bs)][self.rank::self.world]
+        batches = [order[i : i + bs] for i in range(0, len(order), bs)][self.rank :: self.world]
         total, count = 0.0, 0
         for batch in batches:
             chunk = [rows[i] for i in batch]

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
+from mlx_lora.backends.torch import model as loading
+from mlx_lora.backends.torch.model import Loaded
 from mlx_lora.core.config import Config
 from mlx_lora.core.errors import UserError
 from mlx_lora.core.hf_config import add_top_level_rope
 
-from mlx_lora.backends.torch import model as loading
-from mlx_lora.backends.torch.model import Loaded
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-                   "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
 
 
 def fuse_loaded(loaded: Loaded, out_dir: str | Path) -> Path:

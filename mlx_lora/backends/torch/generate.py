@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -41,9 +41,17 @@ def returned_cache(result, name: str):
 
 
 @torch.no_grad()
-def generate_batch(model, prompts: list[list[int]], cfg: GenerateConfig, stop_ids: list[int], pad_id: int,
-                   device: torch.device, on_token: Callable[[int, int], None] | None = None, offset: int = 0,
-                   generator: torch.Generator | None = None) -> list[list[int]]:
+def generate_batch(
+    model,
+    prompts: list[list[int]],
+    cfg: GenerateConfig,
+    stop_ids: list[int],
+    pad_id: int,
+    device: torch.device,
+    on_token: Callable[[int, int], None] | None = None,
+    offset: int = 0,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
     """One left-padded batch: prefill once, then one token per step from the cache until every row stops.
 
     A row that stops leaves the batch (and the cache): eval answers differ a lot in length, and without this the
@@ -65,8 +73,14 @@ def generate_batch(model, prompts: list[list[int]], cfg: GenerateConfig, stop_id
     cache, cache_name = None, cache_kwarg(model)
     step_ids, step_pos = ids, positions
     for _ in range(cfg.max_new_tokens):
-        result = model(input_ids=step_ids, attention_mask=attention, position_ids=step_pos, use_cache=True,
-                       logits_to_keep=1, **{cache_name: cache})
+        result = model(
+            input_ids=step_ids,
+            attention_mask=attention,
+            position_ids=step_pos,
+            use_cache=True,
+            logits_to_keep=1,
+            **{cache_name: cache},
+        )
         cache = returned_cache(result, cache_name)
         logits = result.logits[:, -1, :].float()
         if seen is not None:
@@ -95,9 +109,16 @@ def generate_batch(model, prompts: list[list[int]], cfg: GenerateConfig, stop_id
     return out
 
 
-def generate(model, prompts: list[list[int]], cfg: GenerateConfig, stop_ids: list[int], pad_id: int,
-             device: torch.device, on_token: Callable[[int, int], None] | None = None,
-             seed: int = 0) -> list[list[int]]:
+def generate(
+    model,
+    prompts: list[list[int]],
+    cfg: GenerateConfig,
+    stop_ids: list[int],
+    pad_id: int,
+    device: torch.device,
+    on_token: Callable[[int, int], None] | None = None,
+    seed: int = 0,
+) -> list[list[int]]:
     """New token ids per prompt (stop token excluded), in batches of cfg.batch_size; on_token streams them."""
     was_training = model.training
     model.eval()
@@ -108,8 +129,17 @@ def generate(model, prompts: list[list[int]], cfg: GenerateConfig, stop_ids: lis
     size = max(1, cfg.batch_size)
     try:
         for start in range(0, len(prompts), size):
-            results += generate_batch(model, prompts[start:start + size], cfg, stop_ids, pad_id, device, on_token,
-                                      offset=start, generator=generator)
+            results += generate_batch(
+                model,
+                prompts[start : start + size],
+                cfg,
+                stop_ids,
+                pad_id,
+                device,
+                on_token,
+                offset=start,
+                generator=generator,
+            )
     finally:
         model.train(was_training)
     return results

@@ -34,8 +34,10 @@ def peft_config(lora: LoraConfig, model: torch.nn.Module) -> PeftLoraConfig:
         targets = available
     unknown = [t for t in targets if t not in available]
     if unknown:
-        raise UserError(f"lora.targets: {', '.join(unknown)} not in this model; its linear layers are: "
-                        f"{', '.join(available)} (or use all-linear)")
+        raise UserError(
+            f"lora.targets: {', '.join(unknown)} not in this model; its linear layers are: "
+            f"{', '.join(available)} (or use all-linear)"
+        )
     if lora.rank < 1:
         raise UserError(f"lora.rank must be >= 1, got {lora.rank}")
     total = num_hidden_layers(model)
@@ -45,8 +47,14 @@ def peft_config(lora: LoraConfig, model: torch.nn.Module) -> PeftLoraConfig:
             raise UserError(f"lora.num_layers must be between 1 and {total} for this model, got {lora.num_layers}")
         layers = list(range(total - lora.num_layers, total))
     return PeftLoraConfig(
-        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-        layers_to_transform=layers, use_dora=lora.dora, use_rslora=lora.rslora, bias="none",
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        layers_to_transform=layers,
+        use_dora=lora.dora,
+        use_rslora=lora.rslora,
+        bias="none",
         task_type="CAUSAL_LM",
     )
 
@@ -54,4 +62,3 @@ def peft_config(lora: LoraConfig, model: torch.nn.Module) -> PeftLoraConfig:
 def attach(model: torch.nn.Module, lora: LoraConfig) -> PeftModel:
     """A fresh adapter on a base model (the caller seeds torch first: lora_A's init draws random numbers)."""
     return get_peft_model(model, peft_config(lora, model))
-

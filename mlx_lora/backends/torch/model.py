@@ -66,8 +66,10 @@ def _peft_from_pretrained(peft_model, base, path: Path, trainable: bool):
         model = peft_model.from_pretrained(base, str(path), is_trainable=trainable)
     for warning in caught:
         if "missing adapter keys" in str(warning.message).lower():
-            raise UserError(f"{path}: the adapter's weights do not match this model's LoRA layers (PEFT found "
-                            "missing adapter keys); use the adapter with the model and settings it was trained on")
+            raise UserError(
+                f"{path}: the adapter's weights do not match this model's LoRA layers (PEFT found "
+                "missing adapter keys); use the adapter with the model and settings it was trained on"
+            )
         warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     return model
 
@@ -93,14 +95,18 @@ def _attach_adapter(base, path: Path, trainable: bool):
             mlx_to_peft(path, Path(tmp) / "adapter")
             return _peft_from_pretrained(PeftModel, base, Path(tmp) / "adapter", trainable)
     except (SafetensorError, OSError):
-        raise UserError(f"{path}: the adapter weights are not a readable safetensors file (corrupt or truncated); "
-                        "re-export or re-convert the adapter") from None
+        raise UserError(
+            f"{path}: the adapter weights are not a readable safetensors file (corrupt or truncated); "
+            "re-export or re-convert the adapter"
+        ) from None
     except (RuntimeError, ValueError, KeyError) as exc:
         # Typically "size mismatch": the adapter was trained on another base model.
         first = str(exc).strip().splitlines()
         reason = next((line.strip() for line in first if "mismatch" in line), first[0] if first else type(exc).__name__)
-        raise UserError(f"{path}: adapter does not fit this model ({reason[:160]}); "
-                        "use the base model it was trained on (see the run's manifest.json)") from None
+        raise UserError(
+            f"{path}: adapter does not fit this model ({reason[:160]}); "
+            "use the base model it was trained on (see the run's manifest.json)"
+        ) from None
 
 
 # PEFT 0.21 calls a transformers 5 API deprecated in favour of another name: nothing a user can act on.
@@ -126,8 +132,9 @@ def _from_pretrained(source: str, dtype: torch.dtype):
             raise UserError(f"{source}: not a model folder or .gguf file")
         return AutoModelForCausalLM.from_pretrained(source, **kwargs)  # a hub id: works only when online
     except OSError as exc:
-        raise UserError(f"{source}: cannot load the model ({str(exc).splitlines()[0][:160]}); "
-                        "use a local model folder when offline") from None
+        raise UserError(
+            f"{source}: cannot load the model ({str(exc).splitlines()[0][:160]}); use a local model folder when offline"
+        ) from None
 
 
 def load(model: str | Path, adapter: str | Path | None, cfg: Config, trainable: bool = False) -> Loaded:

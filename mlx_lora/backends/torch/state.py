@@ -26,12 +26,19 @@ def load_adapter(model, folder: Path) -> None:
     from peft import set_peft_model_state_dict
 
     try:
-        result = set_peft_model_state_dict(model, load_file(str(folder / "adapter" / ADAPTER_WEIGHTS)
-                                                            if (folder / "adapter").is_dir()
-                                                            else str(folder / ADAPTER_WEIGHTS)))
+        result = set_peft_model_state_dict(
+            model,
+            load_file(
+                str(folder / "adapter" / ADAPTER_WEIGHTS)
+                if (folder / "adapter").is_dir()
+                else str(folder / ADAPTER_WEIGHTS)
+            ),
+        )
     except RuntimeError:  # torch's size-mismatch report runs to dozens of lines
-        raise UserError(f"{folder}: checkpoint LoRA layout differs from the lora.* settings of this run (or another "
-                        "base model); resume with the same model, rank, targets and num_layers") from None
+        raise UserError(
+            f"{folder}: checkpoint LoRA layout differs from the lora.* settings of this run (or another "
+            "base model); resume with the same model, rank, targets and num_layers"
+        ) from None
     if getattr(result, "unexpected_keys", None):
         raise UserError(f"{folder}: adapter does not match this model/LoRA config")
 
