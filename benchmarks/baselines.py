@@ -135,7 +135,7 @@ def mlx_lm_lora(model_dir: Path, data_dir: Path, cfg: Config, steps: int, warmup
     from mlx_lm.tuner.datasets import load_dataset
     from mlx_lm.utils import load
 
-    from mlx_lora.backends.mlx.model import lora_settings  # our MLX backend's translation of the LoRA config
+    from mlx_lora.backends.mlx.lora import lora_settings  # our MLX backend's translation of the LoRA config
 
     t = cfg.train
     native = NativeMemory("mlx", "cpu")

@@ -105,7 +105,8 @@ def test_adapter_folder_is_mlx_lms_own_format(tiny, rows_and_vocab, tmp_path):
 
 
 def test_targets_and_num_layers(tiny, rows_and_vocab, tmp_path):
-    from mlx_lora.backends.mlx.model import attach_lora, load
+    from mlx_lora.backends.mlx.lora import attach_lora
+    from mlx_lora.backends.mlx.model import load
 
     cfg = make_cfg()
     cfg.lora.targets, cfg.lora.num_layers = ["q_proj", "v_proj"], 1

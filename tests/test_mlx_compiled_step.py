@@ -10,7 +10,8 @@ from test_mlx_backend import make_cfg, run_training
 
 
 def lora_model(tiny_model):
-    from mlx_lora.backends.mlx.model import attach_lora, load
+    from mlx_lora.backends.mlx.lora import attach_lora
+    from mlx_lora.backends.mlx.model import load
 
     loaded = load(tiny_model, None, make_cfg())
     mx.random.seed(0)

@@ -43,12 +43,12 @@ class MLXBackend:
         stop_ids: list[int],
         on_token: Callable[[int, int], None] | None = None,
     ) -> list[list[int]]:
-        from mlx_lora.backends.mlx.model import generate
+        from mlx_lora.backends.mlx.generate import generate
 
         return generate(loaded, prompts, cfg, stop_ids, on_token)
 
     def fuse(self, loaded, out_dir: Path) -> Path:
         """Merge the loaded adapter into the base weights and save an HF-style folder."""
-        from mlx_lora.backends.mlx.model import fuse
+        from mlx_lora.backends.mlx.fuse import fuse
 
         return fuse(loaded, Path(out_dir))

@@ -13,7 +13,8 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from mlx_lora.backends.mlx import state
-from mlx_lora.backends.mlx.model import MLXLoaded, adapter_weights, attach_lora, save_adapter
+from mlx_lora.backends.mlx.lora import attach_lora
+from mlx_lora.backends.mlx.model import MLXLoaded, adapter_weights, save_adapter
 from mlx_lora.backends.protocol import StepResult
 from mlx_lora.core.config import Config
 from mlx_lora.data.render import Encoded

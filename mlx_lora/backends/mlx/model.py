@@ -1,4 +1,4 @@
-"""MLX models through mlx-lm: loading (rope_theta trap handled), LoRA layers, adapters, generation, fusing."""
+"""MLX models through mlx-lm: loading (rope_theta trap handled) and adapters of either format."""
 
 from __future__ import annotations
 
@@ -7,18 +7,17 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_unflatten
-from mlx_lm.tuner.utils import linear_to_lora_layers, load_adapters
-from mlx_lm.utils import load_model, save_config, save_model
+from mlx.utils import tree_flatten
+from mlx_lm.tuner.utils import load_adapters
+from mlx_lm.utils import load_model
 
 from mlx_lora.backends import adapters
-from mlx_lora.core.config import Config, GenerateConfig, LoraConfig
+from mlx_lora.core.config import Config
 from mlx_lora.core.errors import UserError
 from mlx_lora.core.files import staged_dir
 from mlx_lora.core.hf_config import rope_override
@@ -27,9 +26,7 @@ OPENBLAS_FIX = (
     "apt-get install libopenblas0-pthread libgfortran5, then "
     "export LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
 )
-ALL_LINEAR = ("all-linear", "all")
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
-_warned = False
 
 
 @dataclass
@@ -70,66 +67,6 @@ def _pad_id(config: dict) -> int:
         if isinstance(value, int):
             return value
     return 0
-
-
-def lora_keys(model: nn.Module, targets: list[str]) -> list[str]:
-    """Our target names (q_proj, or self_attn.q_proj, or all-linear) → mlx-lm keys relative to a block."""
-    linear = {
-        name: name
-        for name, module in model.layers[-1].named_modules()
-        if isinstance(module, (nn.Linear, nn.QuantizedLinear)) and name
-    }
-    by_leaf: dict[str, list[str]] = {}
-    for name in linear:
-        by_leaf.setdefault(name.rsplit(".", 1)[-1], []).append(name)
-    if any(t in ALL_LINEAR for t in targets):
-        return sorted(linear)
-    keys = []
-    for target in targets:
-        if target in linear:
-            keys.append(target)
-        elif target in by_leaf:
-            keys += by_leaf[target]
-        else:
-            names = ", ".join(sorted(by_leaf))
-            raise UserError(
-                f"lora.targets: {target} is not a linear layer of this model; choose from {names} (or all-linear)"
-            )
-    return sorted(set(keys))
-
-
-def lora_settings(model: nn.Module, lora: LoraConfig) -> dict:
-    total = len(model.layers)
-    num_layers = lora.num_layers if lora.num_layers is not None else total
-    if not 1 <= num_layers <= total:
-        raise UserError(f"lora.num_layers must be between 1 and {total} for this model, got {lora.num_layers}")
-    if lora.rank < 1:
-        raise UserError(f"lora.rank must be >= 1, got {lora.rank}")
-    # PEFT's rsLoRA scales by alpha/sqrt(r); mlx-lm takes the product as an absolute scale either way.
-    scale = lora.alpha / (lora.rank**0.5 if lora.rslora else lora.rank)
-    return {
-        "rank": lora.rank,
-        "alpha": lora.alpha,
-        "scale": scale,
-        "dropout": lora.dropout,
-        "keys": lora_keys(model, lora.targets),
-        "num_layers": num_layers,
-        "dora": lora.dora,
-    }
-
-
-def attach_lora(loaded: MLXLoaded, lora: LoraConfig) -> dict:
-    """Freeze the base model and put fresh LoRA layers on it (call mx.random.seed first: lora_a is random)."""
-    settings = lora_settings(loaded.model, lora)
-    loaded.model.freeze()
-    linear_to_lora_layers(
-        loaded.model,
-        settings["num_layers"],
-        {k: settings[k] for k in ("rank", "scale", "dropout", "keys")},
-        use_dora=settings["dora"],
-    )
-    loaded.lora = settings
-    return settings
 
 
 def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
@@ -216,80 +153,3 @@ def load(model_dir: Path, adapter: Path | None = None, cfg: Config | None = None
         _load_adapter(loaded, Path(adapter))
     model.eval()
     return loaded
-
-
-def generate(
-    loaded: MLXLoaded,
-    prompts: list[list[int]],
-    cfg: GenerateConfig,
-    stop_ids: list[int],
-    on_token: Callable[[int, int], None] | None = None,
-) -> list[list[int]]:
-    """Batched generation through mlx-lm's BatchGenerator; the stop token itself is not returned."""
-    from mlx_lm.generate import BatchGenerator
-    from mlx_lm.sample_utils import make_logits_processors, make_sampler
-
-    global _warned
-    if loaded.warnings and not _warned:
-        _warned = True
-        print(f"warning: {loaded.warnings[0]}", file=sys.stderr)
-    if not prompts:
-        return []
-    if any(not p for p in prompts):
-        raise UserError("generate: every prompt needs at least one token")
-    loaded.model.eval()
-    sampler = make_sampler(temp=cfg.temperature, top_p=cfg.top_p if 0 < cfg.top_p < 1 else 0.0)
-    # mlx-lm penalises the last 20 tokens by default; torch (as HF) penalises everything seen, prompt included.
-    processors = make_logits_processors(
-        repetition_penalty=cfg.repetition_penalty if cfg.repetition_penalty != 1.0 else None,
-        repetition_context_size=max(len(p) for p in prompts) + cfg.max_new_tokens,
-    )
-    size = max(1, cfg.batch_size)
-    gen = BatchGenerator(
-        loaded.model,
-        max_tokens=cfg.max_new_tokens,
-        stop_tokens=[[t] for t in stop_ids] or None,
-        sampler=sampler,
-        logits_processors=processors,
-        completion_batch_size=size,
-        prefill_batch_size=size,
-    )
-    results: list[list[int]] = [[] for _ in prompts]
-    try:
-        uids = gen.insert([list(p) for p in prompts])
-        index = {uid: i for i, uid in enumerate(uids)}
-        while responses := gen.next_generated():
-            for response in responses:
-                if response.finish_reason == "stop":
-                    continue
-                i = index[response.uid]
-                results[i].append(int(response.token))
-                if on_token is not None:
-                    on_token(i, int(response.token))
-    finally:
-        gen.close()
-    return results
-
-
-def fuse(loaded: MLXLoaded, out_dir: Path) -> Path:
-    """Merge the LoRA layers into the base weights with mlx-lm's fuse and save an HF-style folder."""
-    if loaded.lora is None:
-        raise UserError("fuse: no adapter loaded")
-    fused = [(n, m.fuse()) for n, m in loaded.model.named_modules() if hasattr(m, "fuse")]
-    loaded.model.update_modules(tree_unflatten(fused))
-    loaded.lora = None
-    out_dir = Path(out_dir)
-    save_model(out_dir, loaded.model)
-    config = dict(loaded.config)
-    config.update(rope_override(config))  # write rope_theta on top so mlx-lm reads it next time
-    save_config(config, out_dir / "config.json")
-    for name in os.listdir(loaded.model_dir):
-        if name.startswith("tokenizer") or name in (
-            "vocab.json",
-            "merges.txt",
-            "chat_template.jinja",
-            "generation_config.json",
-            "special_tokens_map.json",
-        ):
-            shutil.copy(loaded.model_dir / name, out_dir / name)
-    return out_dir
