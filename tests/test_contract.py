@@ -248,3 +248,15 @@ def test_an_adapter_from_either_backend_loads_on_either(trained_on, loaded_on, t
     other = backends.get(loaded_on).load(tiny_model, tmp_path / "run", make_cfg())
     diff = np.abs(logits(loaded_on, other, rows[2].ids) - logits(trained_on, loaded, rows[2].ids)).max()
     assert diff < 1e-4, diff
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_a_checkpoint_of_an_earlier_version_is_refused_in_one_line(name, tiny_model, tiny_rows, tmp_path):
+    rows, _ = tiny_rows
+    old = tmp_path / "old" / "checkpoints" / "step-2"
+    old.mkdir(parents=True)
+    # What the per-backend loops wrote before the shared one: no format key.
+    (old / loop.STATE_FILE).write_text('{"position": {"step": 2}, "optimizer_steps": {}, "fingerprint": {}}')
+    with pytest.raises(UserError, match="earlier mlx-lora.*start a new run") as info:
+        run(name, tiny_model, rows, make_cfg(max_steps=4), tmp_path / "old", resume=tmp_path / "old")
+    assert "\n" not in str(info.value)

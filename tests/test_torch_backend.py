@@ -394,3 +394,34 @@ def test_an_adapter_whose_tensors_name_no_lora_layer_is_an_error(trained, tiny, 
     with pytest.raises(UserError, match="missing adapter keys"):
         TorchBackend().load(tiny, renamed, trained["cfg"])
     TorchBackend().load(tiny, trained["run_dir"] / "adapter", trained["cfg"])  # the intact adapter still loads
+
+
+def _chat_data(folder: Path) -> Path:
+    folder.mkdir()
+    row = lambda q: json.dumps(
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "依據公司規範:以 SSO 登入。"}]},
+        ensure_ascii=False,
+    )
+    (folder / "train.jsonl").write_text("\n".join(row(f"VPN 問題 {i}") for i in range(8)))
+    (folder / "valid.jsonl").write_text(row("VPN 怎麼連?"))
+    return folder
+
+
+def test_cli_train_exit_codes_non_finite_and_resume_of_other_data(tiny, tmp_path, capsys):
+    from mlx_lora.cli import main
+
+    data = _chat_data(tmp_path / "data")
+    base = ["train", "--backend", "torch", "--model", str(tiny), "--data", str(data), "--no-progress"]
+    with pytest.raises(SystemExit) as info:  # NaN/Inf: exit 3, one line naming the fix
+        main([*base, "--out", str(tmp_path / "nan"), "--set", "train.lr=1e30", "--set", "train.max_grad_norm=0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 3 and err[-1].startswith("error: loss") and "train.lr" in err[-1]
+    main([*base, "--out", str(tmp_path / "run"), "--max-steps", "2"])
+    with pytest.raises(SystemExit) as info:  # a fresh run into a used folder
+        main([*base, "--out", str(tmp_path / "run"), "--max-steps", "2"])
+    assert info.value.code == 2 and "already holds a run; pass --resume" in capsys.readouterr().err
+    (data / "train.jsonl").write_text((data / "train.jsonl").read_text().replace("問題 7", "問題 8"))
+    with pytest.raises(SystemExit) as info:  # same shapes, other data: refused, naming what changed
+        main([*base, "--out", str(tmp_path / "run"), "--max-steps", "4", "--resume", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and "data_sha256 now" in err and "\n" not in err
