@@ -33,7 +33,7 @@ def run_pipeline(cfg: Config, progress: bool = True) -> dict:
 
     _stage("1/4 data")
     cfg.data.dir = str(run_dir / "data")
-    stats = build_data(cfg.data)
+    stats = build_data(cfg.data, cfg.eval.embedder)
     click.echo(format_stats(stats, cfg.data.dir))
     for warning in stats_warnings(stats):
         click.echo(warning, err=True)
@@ -118,14 +118,15 @@ def _train_speed(run_dir: Path) -> dict:
 
 def print_summary(summary: dict) -> None:
     click.secho("\n== summary", bold=True)
-    click.echo(f"{'variant':<12} {'similarity %':>12} {'refusals ok %':>13} {'topic %':>8}")
+    keys = ("mean_similarity", "refusal_accuracy", "answerable_refused", "topic_accuracy", "model_carried")
+    widths = (12, 13, 12, 8, 14)
+    heads = ("similarity %", "refusals ok %", "ans. refused", "topic %", "model carried")
+    click.echo(f"{'variant':<12} " + " ".join(f"{h:>{w}}" for h, w in zip(heads, widths)))
     for name, row in summary["variants"].items():
-        cells = [row.get(k) for k in ("mean_similarity", "refusal_accuracy", "topic_accuracy")]
+        cells = [row.get(k) for k in keys]
         click.echo(
             f"{name:<12} "
-            + " ".join(
-                f"{c:>{w}.1f}" if isinstance(c, (int, float)) else f"{'-':>{w}}" for c, w in zip(cells, (12, 13, 8))
-            )
+            + " ".join(f"{c:>{w}.1f}" if isinstance(c, (int, float)) else f"{'-':>{w}}" for c, w in zip(cells, widths))
         )
     train = summary["train"]
     speed = train.get("tokens_per_s")

@@ -10,7 +10,7 @@ import sys
 import pytest
 from conftest import REPO, build_tiny_model
 
-VARIANTS = {"base", "tuned", "tuned_rules", "retrieval"}
+VARIANTS = {"base", "tuned", "tuned_rules", "retrieval", "top_passage"}
 
 
 def run_cli(*args, timeout=1800):
@@ -69,6 +69,24 @@ def test_main_job_on_a_tiny_model(tmp_path, qwen_tokenizer_dir):
     # A second run into the same directory must not overwrite the first one's adapter.
     again = run_cli("run", "--model", str(model), "--out", str(run_dir), "--max-steps", "1")
     assert again.returncode == 2 and "already holds a run" in again.stderr
+
+
+def test_main_job_in_grounded_mode_on_a_tiny_model(tmp_path, qwen_tokenizer_dir):
+    model = build_tiny_model(tmp_path / "tiny", tokenizer_dir=qwen_tokenizer_dir)
+    run_dir = tmp_path / "run"
+    out = run_cli(
+        "run", "--model", str(model), "--out", str(run_dir), "--max-steps", "2", "--no-progress",
+        "--set", "data.mode=grounded", "--set", "train.max_length=320",
+        "--set", "eval.max_rows=8", "--set", "generate.max_new_tokens=8",
+    )  # fmt: skip
+    summary, report = check_run(run_dir, out)
+    assert report["meta"]["prompt"] == "grounded" and report["meta"]["model_first"] is True
+    test = [json.loads(line) for line in (run_dir / "data" / "test.jsonl").read_text().splitlines()]
+    assert all("參考資料" in row["messages"][-2]["content"] and row["meta"]["question"] for row in test)
+    # The model alone carries all its answers; the baselines none.
+    assert summary["variants"]["tuned"]["model_carried"] == 100.0
+    assert summary["variants"]["retrieval"]["model_carried"] == 0.0
+    assert summary["variants"]["top_passage"]["model_carried"] == 0.0
 
 
 def test_main_job_checks_rules_and_embedder_before_any_stage(tmp_path):

@@ -9,6 +9,7 @@ from mlx_lora.answer.decide import Decider, Decision
 from mlx_lora.answer.route import SemanticRoute, calibrate_route, neighbours_from
 from mlx_lora.answer.rules import load_rules
 from mlx_lora.core.config import Config
+from mlx_lora.data.grounded import parse_citation
 from mlx_lora.data.similarity import REFUSAL
 
 DEFAULT_REFUSAL = "抱歉,公司知識庫中沒有這個問題的相關規範,請洽詢 HR 或 IT Helpdesk。"
@@ -19,8 +20,10 @@ def doc_answers(kb: dict, examples, prefix: str) -> dict[str, str]:
     answers = {doc_id: prefix + doc.text for doc_id, doc in kb.items()}
     for example in examples:
         doc_id = (example.meta or {}).get("doc_id")
-        if doc_id in kb and example.answer.endswith(kb[doc_id].text):
-            answers[doc_id] = example.answer
+        cited, text = parse_citation(example.answer)  # a grounded row's answer starts with its citation
+        text = text if cited == doc_id else example.answer
+        if doc_id in kb and text.endswith(kb[doc_id].text):
+            answers[doc_id] = text
     return answers
 
 
@@ -51,7 +54,9 @@ def retrieval_decisions(route: SemanticRoute, questions, answers: dict[str, str]
     return out
 
 
-def build_decider(cfg: Config, scorer, kb, train, valid, answers, refusal, index, rules_path) -> tuple[Decider, dict]:
+def build_decider(
+    cfg: Config, scorer, kb, train, valid, answers, refusal, index, rules_path, model_first: bool = False
+) -> tuple[Decider, dict]:
     """Keyword rules, then the semantic route (a topic classifier trained on the train split only).
 
     Route thresholds not set in cfg.rules are calibrated out-of-fold on the train and valid questions
@@ -80,4 +85,5 @@ def build_decider(cfg: Config, scorer, kb, train, valid, answers, refusal, index
         "count": len(rules),
         "kb_match_threshold": cfg.rules.kb_match_threshold,
     }
-    return Decider(rules, answers, index, refusal, cfg.rules.kb_match_threshold, route), info
+    info["model_first"] = model_first
+    return Decider(rules, answers, index, refusal, cfg.rules.kb_match_threshold, route, model_first), info

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from mlx_lora.answer.rules import Rule, match_rules
+from mlx_lora.answer.rules import MAX_QUESTION_CHARS, Rule, match_rules
+from mlx_lora.data.grounded import parse_citation
 from mlx_lora.data.similarity import REFUSAL, LabelIndex
 
 SOURCES = ("RULE_OVERRIDE", "KB_RETRIEVAL", "KB_MATCH", "REFUSAL", "MODEL_GENERATED")
@@ -33,6 +34,14 @@ def _r(x: float) -> float:
     return round(float(x), 4)
 
 
+def _note_cut(decision: Decision, length: int) -> Decision:
+    """Say in the detail that only the start of an over-long question was read."""
+    if length <= MAX_QUESTION_CHARS:
+        return decision
+    cut = f"the question has {length} characters; only the first {MAX_QUESTION_CHARS} were read"
+    return Decision(decision.answer, decision.source, {**decision.detail, "question_cut": cut})
+
+
 class Decider:
     """Final answer and source for each question, from keyword rules, the semantic route and the model's answer.
 
@@ -51,6 +60,12 @@ class Decider:
     Last, any KB answer (rule, route or matched model answer) whose doc the route's answerability model says
     does not answer the question (score below the calibrated answer_floor) becomes the refusal.
 
+    With model_first (grounded models, which read the retrieved passages and cite one), a model answer that
+    cites a doc and reproduces its text, or that is the refusal, is the answer (KB_MATCH / REFUSAL, by the model)
+    unless a guard overrules it: a refuse or override rule, the route's confident refusal, the answerability
+    check. The route's retrieval no longer pre-empts it: the model saw the passages, the classifier only the
+    question.
+
     Rule actions: override (above) and refuse compete by priority; a refuse rule is obeyed even against the
     route (it is the author's explicit choice, and a refusal invents nothing). An append rule changes no
     decision: the answer decided without it gets the rule's KB text added, unless it already is that text.
@@ -64,15 +79,58 @@ class Decider:
         refusal: str,
         kb_match_threshold: float = 0.8,
         route=None,
+        model_first: bool = False,
     ):
         self.rules, self.doc_answers, self.index = list(rules), doc_answers, index
         self.refusal, self.threshold, self.route = refusal, kb_match_threshold, route
+        self.model_first = model_first
+
+    def cited(self, answer: str | None) -> tuple[str | None, str | None]:
+        """(the doc id a model answer cites, if it is a KB doc; the answer without the citation)."""
+        if answer is None:
+            return None, None
+        doc_id, text = parse_citation(answer)
+        return (doc_id, text) if doc_id in self.doc_answers else (None, answer)
+
+    def _model_verdict(self, scores, cited: str | None) -> str | None:
+        """What the model's answer commits to: a doc id (it reproduces that doc's answer; the one it cites when it
+        cites one), REFUSAL, or None (neither: a paraphrase or an invention)."""
+        j = int(scores.argmax())
+        label, score = self.index.labels[j], float(scores[j])
+        if cited is not None:
+            return cited if self._reproduces(scores, cited) else None
+        if label == REFUSAL:
+            return REFUSAL
+        return label if score >= self.threshold else None
 
     def _reproduces(self, scores, doc_id: str) -> bool:
         """The model's answer says what doc_id's KB answer says: ≥ threshold similar to it."""
         return (
             max((scores[j] for j, lab in enumerate(self.index.labels) if lab == doc_id), default=0.0) >= self.threshold
         )
+
+    def _model_first(self, answer: str, verdict: str, cited: str | None, r, route_refuses: bool) -> Decision:
+        """The model committed to a doc or to the refusal; only the route's confident refusal overrules a doc."""
+        detail = {"by": "model", **({"cited": cited} if cited else {})}
+        if r is not None:
+            detail |= {"route": r.kind, "vote": r.label, "confidence": _r(r.confidence)}
+        if verdict == REFUSAL:
+            return Decision(self.refusal, "REFUSAL", detail)
+        if route_refuses:
+            why = {"low": self.route.low} if r.kind == "refuse" else {"refuse_at": self.route.refuse_at}
+            return Decision(
+                self.refusal,
+                "REFUSAL",
+                {
+                    **detail,
+                    "by": "route",
+                    "instead_of": "KB_MATCH",
+                    "model_doc": verdict,
+                    "model_answer": answer,
+                    **why,
+                },
+            )
+        return Decision(self.doc_answers[verdict], "KB_MATCH", {**detail, "doc_id": verdict})
 
     def _check_model(self, answer: str, scores, detail: dict, vote: str | None = None) -> Decision:
         j = int(scores.argmax())
@@ -81,16 +139,26 @@ class Decider:
         if label == REFUSAL:
             return Decision(self.refusal if score >= self.threshold else answer, "REFUSAL", {**detail, "by": "model"})
         if score >= self.threshold:
-            return Decision(self.doc_answers[label], "KB_MATCH", {**detail, "doc_id": label, "model_answer": answer})
+            return Decision(
+                self.doc_answers[label], "KB_MATCH", {**detail, "doc_id": label, "model_answer": answer, "by": "model"}
+            )
         if label == vote:  # two independent signals name the same doc: its KB text beats the model's paraphrase
             return Decision(
                 self.doc_answers[label],
                 "KB_RETRIEVAL",
                 {**detail, "doc_id": label, "by": "route and model agree", "model_answer": answer},
             )
-        return Decision(answer, "MODEL_GENERATED", detail)
+        return Decision(answer, "MODEL_GENERATED", {**detail, "by": "model"})
 
     def decide(self, questions: Sequence[str], model_answers: Sequence[str | None]) -> list[Decision]:
+        lengths = [len(q) for q in questions]
+        # Rules, route and answerability read a question's first MAX_QUESTION_CHARS: a question is a sentence or two.
+        questions = [q[:MAX_QUESTION_CHARS] for q in questions]
+        return [_note_cut(d, n) for d, n in zip(self._decide(questions, model_answers), lengths)]
+
+    def _decide(self, questions: Sequence[str], model_answers: Sequence[str | None]) -> list[Decision]:
+        citations = [self.cited(a) for a in model_answers]
+        model_answers = [text for _, text in citations]
         given = [i for i, a in enumerate(model_answers) if a is not None]
         matrix = self.index.scores([model_answers[i] for i in given]) if given else None
         scores = {i: matrix[k] for k, i in enumerate(given)}
@@ -99,7 +167,7 @@ class Decider:
         for i, question in enumerate(questions):
             found = match_rules(self.rules, question)
             deciding = [(rule, why) for rule, why in found if rule.action != "append"]
-            decisions.append(self._decide_one(model_answers[i], scores.get(i), routed[i], deciding))
+            decisions.append(self._decide_one(model_answers[i], scores.get(i), routed[i], deciding, citations[i][0]))
             appending.append([(rule, why) for rule, why in found if rule.action == "append"])
         decisions = self._check_answerable(list(questions), decisions)
         return [self._append(d, a) if a else d for d, a in zip(decisions, appending)]
@@ -143,7 +211,9 @@ class Decider:
         detail = {**decision.detail, "append": {"rule": rule.id, "doc_id": rule.doc_id, "matched": why, "added": added}}
         return Decision(f"{decision.answer}\n{text}" if added else decision.answer, decision.source, detail)
 
-    def _decide_one(self, answer: str | None, scores, r, found: list[tuple[Rule, str]]) -> Decision:
+    def _decide_one(
+        self, answer: str | None, scores, r, found: list[tuple[Rule, str]], cited: str | None = None
+    ) -> Decision:
         """One question's decision from its model answer (and its similarity to each KB answer), route decision
         and matching override/refuse rules, in the order the class docstring gives."""
         detail: dict = {}
@@ -152,6 +222,9 @@ class Decider:
         # A keyword names a topic, not an answerable question ("can the printer print in colour?" hits the
         # printer rule, but the KB does not say): when the route is confident the KB cannot answer, it wins.
         route_refuses = r is not None and (r.kind == "refuse" or (r.kind == "retrieve" and r.label == REFUSAL))
+        verdict = self._model_verdict(scores, cited) if answer is not None and self.model_first else None
+        if verdict is not None and not (found and not route_refuses):
+            return self._model_first(answer, verdict, cited, r, route_refuses)
         if found and not route_refuses:
             rule = found[0][0]
             detail = _rule_detail(found)

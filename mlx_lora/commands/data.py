@@ -38,7 +38,7 @@ def build(config_path, overrides, kb, questions, out, seed, fmt, extra_questions
         data__format=fmt,
         data__extra_questions=extra_questions,
     )
-    stats = build_data(cfg.data)
+    stats = build_data(cfg.data, cfg.eval.embedder)
     click.echo(format_stats(stats, cfg.data.dir))
     for warning in stats_warnings(stats):
         click.echo(warning, err=True)

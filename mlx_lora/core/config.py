@@ -87,6 +87,16 @@ class DataConfig:
     answer_prefix: str = "依據公司規範:"
     format: str = "messages"  # messages | text (ChatML text rows)
     extra_questions: str | None = None  # YAML of extra training questions (e.g. from `diagnose`)
+    # closed_book: the question alone, the model answers from what it memorised. grounded: the question with the
+    # top-k KB passages the retriever finds (data/retrieval.py), the answer cites the passage it used.
+    mode: str = "closed_book"
+    passages: int = 3  # grounded: passages per prompt
+    passage_template: str = "[{doc_id}] {text}"  # grounded: one passage; {doc_id} is what the answer cites
+    grounded_template: str = "參考資料:\n{passages}\n問題:{question}"  # grounded: the user turn
+    # grounded, RAFT-style: the share of answerable train rows that see their gold passage; in the others it is
+    # replaced by the next retrieved one and the row answers by data.oracle_free.
+    oracle_rate: float = 1.0
+    oracle_free: str = "refuse"  # refuse (a hard negative) | answer (from memory, citing the gold doc)
 
 
 @dataclass
@@ -198,6 +208,8 @@ CHOICES = {
     "backend.device": ("auto", "cpu", "cuda", "mps"),
     "train.schedule": SCHEDULES,
     "data.format": ("messages", "text"),
+    "data.mode": ("closed_book", "grounded"),
+    "data.oracle_free": ("refuse", "answer"),
 }
 # key → (lowest, highest or None, whether each end itself is allowed, what the key is).
 RANGES = {
@@ -218,6 +230,8 @@ RANGES = {
     "train.eval_every": (0, None, (True, False), "optimizer steps between evals (0 = once per epoch)"),
     "train.early_stopping_patience": (0, None, (True, False), "evals without improvement (0 = off)"),
     "data.answerable_ratio": (0, 1, (False, True), "the share of answerable train rows"),
+    "data.passages": (1, None, (True, False), "passages per grounded prompt"),
+    "data.oracle_rate": (0, 1, (True, True), "the share of answerable grounded rows that see their gold passage"),
     "data.valid_fraction": (0, 1, (True, False), "the share of phrasings held out for validation"),
     "data.test_fraction": (0, 1, (True, False), "the share of phrasings held out for testing"),
     "generate.max_new_tokens": (1, None, (True, False), "tokens to generate"),
@@ -254,6 +268,16 @@ def validate(cfg: Config) -> Config:
             raise UserError(f"config key {dotted}: {value!r} must be {wanted} ({meaning})")
     if cfg.data.valid_fraction + cfg.data.test_fraction >= 1:
         raise UserError("config keys data.valid_fraction + data.test_fraction must add up to less than 1")
+    for key, fields in (("passage_template", ("doc_id", "text")), ("grounded_template", ("passages", "question"))):
+        template = getattr(cfg.data, key)
+        try:
+            template.format(**{f: "" for f in fields})
+        except (KeyError, IndexError, ValueError) as exc:
+            raise UserError(
+                f"config key data.{key}: {template!r} is not a template of {{{'}, {'.join(fields)}}} ({exc!r})"
+            ) from None
+        if any("{" + f + "}" not in template for f in fields):
+            raise UserError(f"config key data.{key}: must contain {' and '.join('{' + f + '}' for f in fields)}")
     if not cfg.lora.targets:
         raise UserError("config key lora.targets: name at least one module, e.g. [q_proj, v_proj]")
     try:

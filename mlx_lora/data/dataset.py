@@ -13,9 +13,12 @@ from mlx_lora.core.errors import UserError, located
 from mlx_lora.core.files import atomic_write_texts, json_text, jsonl_text
 from mlx_lora.core.textnorm import compact
 from mlx_lora.core.userfiles import load_yaml
+from mlx_lora.data.grounded import cited_answer, retrieve, user_turn
 from mlx_lora.data.kb import Doc, load_kb
 from mlx_lora.data.questions import QuestionBank, load_questions
 from mlx_lora.data.render import chatml_text
+from mlx_lora.data.retrieval import PassageIndex
+from mlx_lora.data.similarity import make_scorer
 
 SPLITS = ("train", "valid", "test")
 NEAR_DUPLICATE = 0.8  # character similarity of normalised questions at which two count as near-duplicates
@@ -27,11 +30,16 @@ class Item:
     answer: str
     doc_id: str | None  # None for unanswerable questions
     style: str
+    passages: list[tuple[str, str]] | None = None  # grounded rows: (doc_id, text) shown with the question
 
     def row(self, cfg: DataConfig) -> dict:
         messages = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
-        messages += [{"role": "user", "content": self.question}, {"role": "assistant", "content": self.answer}]
+        user = self.question if self.passages is None else user_turn(self.question, self.passages, cfg)
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": self.answer}]
         meta = {"doc_id": self.doc_id, "style": self.style, "answerable": self.doc_id is not None}
+        if self.passages is not None:
+            ids = [doc_id for doc_id, _ in self.passages]
+            meta |= {"question": self.question, "passages": ids, "gold_in_passages": self.doc_id in ids}
         if cfg.format == "text":
             return {"text": chatml_text(messages), "meta": meta}
         return {"messages": messages, "meta": meta}
@@ -121,6 +129,51 @@ def build_splits(
     return splits
 
 
+def ground_splits(splits: dict[str, list[Item]], kb: dict[str, Doc], refusal: str, cfg: DataConfig, scorer) -> None:
+    """Give every row its retrieved passages (data.mode grounded), in place.
+
+    The index holds the KB texts and the train questions. A train row's own question is left out of it when its
+    passages are retrieved: a user's question is never in the index, so a row that found itself would teach the
+    model to trust a neighbour it will never see. Valid and test rows get exactly what inference gets.
+
+    Train rows follow RAFT (Zhang et al. 2024): a data.oracle_rate share of the answerable rows see their gold
+    passage (put in at a seeded position when retrieval missed it); the rest see the next retrieved passages
+    instead and answer by data.oracle_free: the refusal (the passages do not answer) or the gold answer from
+    memory. Unanswerable rows keep what retrieval finds: on-topic passages that do not answer are the near-miss
+    lesson. Answers cite the doc they come from: "[doc_id] <answer>"."""
+    texts = {doc_id: doc.text for doc_id, doc in kb.items()}
+    index = PassageIndex(scorer, texts, [(i.question, i.doc_id) for i in splits["train"] if i.doc_id])
+    rng = random.Random(cfg.seed + 1)
+    k = cfg.passages
+    for name, items in splits.items():
+        wider = retrieve(index, [i.question for i in items], _wider(cfg), leave_out_own=name == "train")
+        for item, found in zip(items, wider):
+            passages = found[:k]
+            ids = [doc_id for doc_id, _ in passages]
+            if item.doc_id is not None and name == "train":
+                if rng.random() < cfg.oracle_rate:
+                    if item.doc_id not in ids:
+                        passages = passages[: k - 1]
+                        passages.insert(rng.randrange(len(passages) + 1), (item.doc_id, texts[item.doc_id]))
+                else:
+                    passages = [p for p in found if p[0] != item.doc_id][:k]
+                    item.style += "+oracle_free"
+                    if cfg.oracle_free == "refuse":
+                        item.answer = refusal
+                        item.passages = passages
+                        continue
+            if item.doc_id is not None:
+                item.answer = cited_answer(item.doc_id, item.answer)
+            item.passages = passages
+
+
+def _wider(cfg: DataConfig) -> DataConfig:
+    """One passage more than shown: what replaces the gold one in oracle-free rows."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, passages=cfg.passages + 1)
+
+
 def overlap_report(splits: dict[str, list[Item]]) -> dict:
     """Exact (normalised) and near-duplicate question overlap of valid/test against train."""
     train_keys = sorted({compact(item.question) for item in splits["train"]})
@@ -174,12 +227,15 @@ def write_splits(splits: dict[str, list[Item]], out_dir: str | Path, cfg: DataCo
     return stats
 
 
-def build_data(cfg: DataConfig) -> dict:
+def build_data(cfg: DataConfig, embedder: str = "use") -> dict:
     """Load and validate the KB and question bank (plus any extra questions), split, write; return the statistics."""
     kb = load_kb(cfg.kb)
     bank = load_questions(cfg.questions, kb)
     extra = load_extra_questions(cfg.extra_questions, kb) if cfg.extra_questions else None
-    stats = write_splits(build_splits(kb, bank, cfg, extra), cfg.dir, cfg)
+    splits = build_splits(kb, bank, cfg, extra)
+    if cfg.mode == "grounded":
+        ground_splits(splits, kb, bank.refusal, cfg, make_scorer(embedder))
+    stats = write_splits(splits, cfg.dir, cfg)
     stats["docs_without_questions"] = [d for d in kb if not bank.phrasings(d) and not (extra or {}).get(d)]
     return stats
 

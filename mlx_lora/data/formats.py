@@ -26,8 +26,16 @@ class Example:
 
     @property
     def question(self) -> str:
-        """The last user turn (what evaluation asks the model)."""
+        """The question asked: a grounded row's bare question (its user turn also shows passages), else the last
+        user turn."""
+        if isinstance(self.meta.get("question"), str):
+            return self.meta["question"]
         return next((m["content"] for m in reversed(self.messages or []) if m["role"] == "user"), "")
+
+    @property
+    def grounded(self) -> bool:
+        """Built with retrieved passages (data.mode grounded): its prompt is rebuilt from the current KB."""
+        return isinstance(self.meta.get("passages"), list) and isinstance(self.meta.get("question"), str)
 
     @property
     def answer(self) -> str:

@@ -11,11 +11,15 @@ from pathlib import Path
 
 from mlx_lora.answer.audit import audit_records
 from mlx_lora.answer.build import build_decider, doc_answers, refusal_text, retrieval_decisions
+from mlx_lora.answer.decide import Decision
+from mlx_lora.backends.loading import read_manifest
 from mlx_lora.core.config import Config
 from mlx_lora.core.errors import UserError
 from mlx_lora.core.files import write_jsonl
 from mlx_lora.data.formats import read_examples
+from mlx_lora.data.grounded import reground
 from mlx_lora.data.kb import load_kb
+from mlx_lora.data.retrieval import PassageIndex
 from mlx_lora.data.similarity import answer_index, describe, make_scorer
 from mlx_lora.evaluation.scoring import build_report, score_rows, write_report
 from mlx_lora.evaluation.variants import DECIDED, MODEL_OF, NEED_ADAPTER, default_variants, models_for
@@ -52,6 +56,56 @@ def _generate_variant(cfg: Config, model, adapter, examples, progress: bool) -> 
     del loaded
     gc.collect()
     return answers, elapsed
+
+
+def _prompt_settings(cfg: Config, adapter_run):
+    """The grounded-prompt settings the adapter was trained with (its run's manifest), else the config's."""
+    import dataclasses
+
+    data = cfg.data
+    if adapter_run is not None and (Path(adapter_run) / "manifest.json").is_file():
+        saved = read_manifest(Path(adapter_run))["config"].get("data", {})
+        keys = ("passages", "passage_template", "grounded_template")
+        data = dataclasses.replace(data, **{k: saved[k] for k in keys if k in saved})
+    return data
+
+
+def passage_index(scorer, kb, train) -> PassageIndex:
+    """The retriever over today's KB and the train questions (as data build and inference use it)."""
+    questions = [(e.question, e.meta.get("doc_id")) for e in train if (e.meta or {}).get("answerable")]
+    return PassageIndex(scorer, {d: doc.text for d, doc in kb.items()}, questions)
+
+
+def top_passage_decisions(index: PassageIndex, questions, answers: dict[str, str]) -> list[Decision]:
+    """The no-LLM baseline of grounded answering: the retriever's best passage, always (it never refuses)."""
+    out = []
+    for hits in index.search(questions, 1):
+        doc_id, score = hits[0]
+        out.append(Decision(answers[doc_id], "KB_RETRIEVAL", {"doc_id": doc_id, "score": round(score, 4)}))
+    return out
+
+
+def guard_report(decided: list[dict], model: list[dict] | None) -> dict:
+    """Who overruled the model, and whether that helped: per guard (rule, route, answerability), how many final
+    answers it decided against the model's own, and in how many of those the guard's answer was the right one
+    (its doc or refusal matches the expected one) while the model's was not, and the reverse."""
+    if model is None:
+        return {}
+    out: dict[str, dict] = {}
+    for final, own in zip(decided, model):
+        by = (final.get("detail") or {}).get("by")
+        if by == "model" or final["source"] == "MODEL_GENERATED":
+            continue
+        guard = by or {"RULE_OVERRIDE": "rule", "KB_RETRIEVAL": "route"}.get(final["source"], final["source"])
+        right = final["predicted_doc"] == final["expected_doc"]
+        model_right = own["predicted_doc"] == own["expected_doc"]
+        if right == model_right and final["predicted_doc"] == own["predicted_doc"]:
+            continue  # agreed with the model
+        entry = out.setdefault(guard, {"overruled": 0, "guard_right_model_wrong": 0, "model_right_guard_wrong": 0})
+        entry["overruled"] += 1
+        entry["guard_right_model_wrong"] += right and not model_right
+        entry["model_right_guard_wrong"] += model_right and not right
+    return out
 
 
 def _read(path, what: str, required: bool = False):
@@ -91,6 +145,8 @@ def evaluate_run(
         keep = sorted(random.Random(cfg.data.seed).sample(range(len(test)), cfg.eval.max_rows))
         test = [test[i] for i in keep]
     train, valid = _read(train_path, "train data"), _read(valid_path, "valid data")
+    grounded = bool(test) and all(e.grounded for e in test)
+    data_cfg = _prompt_settings(cfg, adapter_run)
     notes: dict[str, str] = {}
     if rules_path == "config":
         rules_path = cfg.rules.path
@@ -102,7 +158,12 @@ def evaluate_run(
     canonical = doc_answers(kb, train + valid + test, cfg.data.answer_prefix)
     refusal = refusal_text(train + valid + test, cfg)
     index = answer_index(scorer, canonical, refusal)
-    decider, decider_info = build_decider(cfg, scorer, kb, train, valid, canonical, refusal, index, rules_path)
+    decider, decider_info = build_decider(
+        cfg, scorer, kb, train, valid, canonical, refusal, index, rules_path, model_first=grounded
+    )
+    passages = passage_index(scorer, kb, train)
+    if grounded:  # the prompts show what the retriever finds in today's KB (docs may have been added since)
+        test = reground(test, passages, data_cfg)
     questions = [e.question for e in test]
     got: dict[str, list] = dict(answers or {})
     timings: dict[str, float] = {}
@@ -111,6 +172,8 @@ def evaluate_run(
             notes["retrieval"] = "no train split given: retrieval baseline skipped"
         else:
             got["retrieval"] = retrieval_decisions(decider.route, questions, canonical, refusal)
+    if "top_passage" in variants:
+        got["top_passage"] = top_passage_decisions(passages, questions, canonical)
     adapters = {"tuned": adapter_run, "base": None}
     for name in models_for(variants):
         if name not in got:
@@ -120,9 +183,19 @@ def evaluate_run(
         if name in variants:
             got[name] = decider.decide(questions, got[MODEL_OF[name]])
             audit += audit_records(questions, got[MODEL_OF[name]], got[name], variant=name)
+    # A model alone is scored on its answer without the citation (the citation is how it says where from).
+    for name in models_for(variants):
+        got[name] = [decider.cited(a)[1] for a in got[name]]
     rows = {name: score_rows(test, got[name], scorer, index) for name in variants if name in got}
+    for name in (m for m in models_for(variants) if m in rows):
+        for row in rows[name]:
+            row["detail"] = {"by": "model"}  # the model alone carries every answer, refusals included
+    for name in DECIDED:
+        if name in rows:
+            decider_info.setdefault("guards", {})[name] = guard_report(rows[name], rows.get(MODEL_OF[name]))
     timings["scoring_s"] = round(time.perf_counter() - start - sum(timings.values()), 1)
     meta = {
+        "prompt": "grounded" if grounded else "closed_book",
         "test": str(test_path),
         "train": str(train_path),
         "valid": str(valid_path),

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from mlx_lora.core.config import parse_threshold
 from mlx_lora.core.files import atomic_write_text, write_json
+from mlx_lora.data.grounded import parse_citation
 from mlx_lora.data.similarity import REFUSAL, CharScorer, LabelIndex, example_labels
 from mlx_lora.evaluation.variants import VARIANTS
 
@@ -38,7 +39,8 @@ def score_rows(examples, answers, scorer, index: LabelIndex, char: CharScorer | 
     """
     char = char or CharScorer()
     texts = [a if isinstance(a, str) else (a.answer or "") for a in answers]
-    expected = [e.answer for e in examples]
+    # A grounded row's expected answer cites its doc: the citation is how, the text is what is scored.
+    expected = [_uncited(e) for e in examples]
     if hasattr(scorer, "embed"):  # one batched encode instead of one call per row
         scorer.embed(texts + expected)
     primary = [float(scorer.matrix([t], [x])[0, 0]) for t, x in zip(texts, expected)]
@@ -70,6 +72,11 @@ def score_rows(examples, answers, scorer, index: LabelIndex, char: CharScorer | 
     return rows
 
 
+def _uncited(example) -> str:
+    cited, text = parse_citation(example.answer)
+    return text if cited is not None and cited == (example.meta or {}).get("doc_id") else example.answer
+
+
 def _mean(values) -> float | None:
     values = list(values)
     return round(sum(values) / len(values), 1) if values else None
@@ -99,7 +106,16 @@ def aggregate(rows: list[dict], threshold: float) -> dict:
         "passed": bool(sims) and sum(sims) / len(sims) >= threshold,
         "buckets": {name: counts.get(name, 0) for name in BUCKETS},
         "sources": dict(Counter(r["source"] for r in rows).most_common()),
+        # Final answers the model itself carried (its text kept, the passage it cited, or its own refusal);
+        # whatever a rule, the route or the answerability check decided does not count.
+        "model_carried": _share(_carried(r) for r in rows),
+        "model_carried_answers": sum(_carried(r) and not r["refused"] for r in rows),
+        "model_carried_refusals": sum(_carried(r) and r["refused"] for r in rows),
     }
+
+
+def _carried(row: dict) -> bool:
+    return (row.get("detail") or {}).get("by") == "model"
 
 
 def confused_pairs(rows: list[dict], top: int = 10) -> list[dict]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-VARIANTS = ("base", "tuned", "tuned_rules", "base_rules", "retrieval")  # every variant, in the report's order
+# Every variant, in the report's order. Two baselines need no model: "retrieval" answers with the nearest training
+# question's answer, "top_passage" with the retriever's best passage (what reading adds over retrieving).
+VARIANTS = ("base", "tuned", "tuned_rules", "base_rules", "retrieval", "top_passage")
 # Variant → the model whose greedy answers it scores: "tuned" is the base model plus the adapter. The retrieval
 # baseline needs no model (the answer of the nearest training question).
 MODEL_OF = {"base": "base", "tuned": "tuned", "tuned_rules": "tuned", "base_rules": "base"}
@@ -11,8 +13,9 @@ MODEL_OF = {"base": "base", "tuned": "tuned", "tuned_rules": "tuned", "base_rule
 DECIDED = ("tuned_rules", "base_rules")
 NEED_ADAPTER = tuple(v for v in VARIANTS if MODEL_OF.get(v) == "tuned")  # tuned, tuned_rules
 GENERATION_ORDER = ("tuned", "base")  # the order the models generate in when both are needed
-DEFAULT_WITH_ADAPTER = ("base", "tuned", "tuned_rules", "retrieval")
-DEFAULT_WITHOUT_ADAPTER = ("base", "base_rules", "retrieval")  # no adapter: the decider runs on base answers
+DEFAULT_WITH_ADAPTER = ("base", "tuned", "tuned_rules", "retrieval", "top_passage")
+DEFAULT_WITHOUT_ADAPTER = ("base", "base_rules", "retrieval", "top_passage")
+BASELINES = ("retrieval", "top_passage")  # no adapter: the decider runs on base answers
 # `diagnose` without --variant diagnoses the first of these that its report holds.
 DIAGNOSE_PREFERENCE = ("tuned", "base", "tuned_rules", "retrieval")
 

@@ -1,0 +1,128 @@
+"""Grounded rows: passages retrieved (own question left out), RAFT oracle/oracle-free rows, citations, attribution."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mlx_lora.answer.decide import Decider
+from mlx_lora.core.config import DataConfig
+from mlx_lora.data.dataset import build_splits, ground_splits, write_splits
+from mlx_lora.data.formats import read_examples
+from mlx_lora.data.grounded import parse_citation, reground, user_turn
+from mlx_lora.data.kb import load_kb
+from mlx_lora.data.questions import load_questions
+from mlx_lora.data.retrieval import PassageIndex
+from mlx_lora.data.similarity import CharScorer, answer_index
+
+REFUSAL = "抱歉,知識庫沒有這個資訊。"
+
+
+def grounded(tiny_kb, tiny_questions, tmp_path, **data):
+    cfg = DataConfig(
+        kb=str(tiny_kb), questions=str(tiny_questions), dir=str(tmp_path / "out"), mode="grounded", passages=2, **data
+    )
+    kb = load_kb(tiny_kb)
+    splits = build_splits(kb, load_questions(tiny_questions, kb), cfg)
+    ground_splits(splits, kb, REFUSAL, cfg, CharScorer())
+    write_splits(splits, cfg.dir, cfg)
+    rows = {s: [json.loads(x) for x in (tmp_path / "out" / f"{s}.jsonl").read_text().splitlines()] for s in splits}
+    return cfg, kb, splits, rows
+
+
+def test_every_row_shows_k_passages_and_answerable_answers_cite_their_doc(tiny_kb, tiny_questions, tmp_path):
+    cfg, kb, _, rows = grounded(tiny_kb, tiny_questions, tmp_path)
+    for name, split in rows.items():
+        for row in split:
+            meta, user, answer = row["meta"], row["messages"][-2]["content"], row["messages"][-1]["content"]
+            assert len(meta["passages"]) == 2 and len(set(meta["passages"])) == 2
+            assert user == user_turn(meta["question"], [(d, kb[d].text) for d in meta["passages"]], cfg)
+            assert user.endswith(meta["question"])  # the question comes last, after the passages
+            if meta["answerable"]:
+                assert answer == f"[{meta['doc_id']}] 依據公司規範:{kb[meta['doc_id']].text}"
+                if name == "train":  # oracle_rate 1: every answerable train row sees its gold passage
+                    assert meta["gold_in_passages"]
+            else:
+                assert answer == REFUSAL and meta["doc_id"] is None
+
+
+def test_a_train_row_never_retrieves_its_own_question(tiny_kb, tiny_questions):
+    kb = {d: doc.text for d, doc in load_kb(tiny_kb).items()}
+    index = PassageIndex(CharScorer(), kb, [("VPN 連不上", "vpn"), ("請假", "leave")])
+    own = index.doc_scores(["VPN 連不上"])[0]
+    left_out = index.doc_scores(["VPN 連不上"], leave_out_own=True)[0]
+    vpn = list(kb).index("vpn")
+    assert own[vpn] == pytest.approx(1.0)  # found itself
+    assert left_out[vpn] < 0.6  # only the doc's own text is left to find it by
+
+
+def test_oracle_free_rows_lose_their_gold_passage_and_follow_the_policy(tiny_kb, tiny_questions, tmp_path):
+    _, _, _, rows = grounded(tiny_kb, tiny_questions, tmp_path, oracle_rate=0.0, oracle_free="refuse")
+    answerable = [r for r in rows["train"] if r["meta"]["answerable"]]
+    assert answerable and all(not r["meta"]["gold_in_passages"] for r in answerable)
+    assert all(r["messages"][-1]["content"] == REFUSAL for r in answerable)
+    assert all(r["meta"]["style"].endswith("+oracle_free") for r in answerable)
+    _, _, _, rows = grounded(tiny_kb, tiny_questions, tmp_path / "b", oracle_rate=0.0, oracle_free="answer")
+    answerable = [r for r in rows["train"] if r["meta"]["answerable"]]
+    assert all(r["messages"][-1]["content"].startswith(f"[{r['meta']['doc_id']}] ") for r in answerable)
+    # Held-out rows are never forced either way: they get what inference gets.
+    assert rows["test"] and all("+oracle_free" not in r["meta"]["style"] for r in rows["test"])
+
+
+def test_the_same_data_builds_the_same_rows(tiny_kb, tiny_questions, tmp_path):
+    a = grounded(tiny_kb, tiny_questions, tmp_path / "a", oracle_rate=0.5)[3]
+    b = grounded(tiny_kb, tiny_questions, tmp_path / "b", oracle_rate=0.5)[3]
+    assert a == b
+
+
+def test_reground_rebuilds_the_prompt_from_todays_kb(tiny_kb, tiny_questions, tmp_path):
+    cfg, kb, splits, _ = grounded(tiny_kb, tiny_questions, tmp_path)
+    test = read_examples(tmp_path / "out" / "test.jsonl")
+    texts = {d: doc.text for d, doc in kb.items()}
+    train_questions = [(i.question, i.doc_id) for i in splits["train"] if i.doc_id]
+    same = reground(test, PassageIndex(CharScorer(), texts, train_questions), cfg)
+    assert [e.messages for e in same] == [e.messages for e in test]  # nothing changed: the same prompts
+    asked = test[0].question
+    added = {**texts, "new-doc": f"{asked}的新規定:一律線上申請。"}  # a doc added after training
+    new = reground(test, PassageIndex(CharScorer(), added, train_questions), cfg)
+    assert "new-doc" in new[0].meta["passages"] and "一律線上申請" in new[0].messages[-2]["content"]
+    assert all(e.question == old.question for e, old in zip(new, test))
+
+
+@pytest.mark.parametrize(
+    "answer, cited, text",
+    [
+        ("[vpn-setup] 依據公司規範:VPN", "vpn-setup", "依據公司規範:VPN"),
+        ("  [vpn] text", "vpn", "text"),
+        ("依據公司規範:[vpn] 不是開頭", None, "依據公司規範:[vpn] 不是開頭"),
+        ("[重要] 中文括號不是引用", None, "[重要] 中文括號不是引用"),
+        ("", None, ""),
+    ],
+)
+def test_parse_citation(answer, cited, text):
+    assert parse_citation(answer) == (cited, text)
+
+
+def test_the_decider_credits_a_cited_reproduced_passage_to_the_model():
+    scorer = CharScorer()
+    answers = {"vpn": "依據公司規範:VPN 以 SSO 登入。", "leave": "依據公司規範:請假三天前申請。"}
+    decider = Decider([], answers, answer_index(scorer, answers, REFUSAL), REFUSAL, 0.8, None, model_first=True)
+    got = decider.decide(
+        ["VPN?", "請假?", "天氣?", "VPN??"],
+        [f"[vpn] {answers['vpn']}", f"[leave] {answers['leave']}", REFUSAL, "[ghost] 依據公司規範:VPN 以 SSO 登入。"],
+    )
+    assert [(d.source, d.detail.get("doc_id"), d.detail.get("by")) for d in got[:3]] == [
+        ("KB_MATCH", "vpn", "model"),
+        ("KB_MATCH", "leave", "model"),
+        ("REFUSAL", None, "model"),
+    ]
+    assert got[0].answer == answers["vpn"] and got[0].detail["cited"] == "vpn"
+    # A citation of no KB doc is no citation: the text alone is checked (here it still reproduces vpn).
+    assert got[3].detail.get("doc_id") == "vpn" and "cited" not in got[3].detail
+
+
+def test_questions_about_a_doc_deleted_from_the_kb_are_left_out_of_the_index():
+    index = PassageIndex(CharScorer(), {"a": "甲"}, [("問題", "deleted-doc")])
+    assert index.labels == ["a"]  # a train question whose doc is gone finds nothing, and breaks nothing
+    assert index.search(["問題"], 3) == [[("a", pytest.approx(index.doc_scores(["問題"])[0, 0]))]]
