@@ -39,9 +39,10 @@ def report() -> dict:
             "installed" if backends.installed(name) else f"not installed (pip install -e '.[{name}]')"
         )
     if backends.installed("torch"):
-        from mlx_lora.backends.torch import devices  # on request only: importing torch takes seconds
+        from mlx_lora.backends.torch import devices, precision_note  # on request: importing torch takes seconds
 
         rows["torch devices"] = devices()
+        rows["torch precision"] = precision_note()
     if backends.installed("mlx"):
         rows["mlx device"] = "Metal (Apple Silicon)" if backends.is_apple_silicon() else "CPU (mlx-cpu)"
     blas = mlx_blas()

@@ -30,6 +30,7 @@ def make_cfg(**train) -> Config:
     cfg.lora.targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
     cfg.train.batch_size, cfg.train.grad_accum, cfg.train.epochs = 2, 2, 3
     cfg.train.lr, cfg.train.warmup_steps, cfg.train.max_grad_norm = 1e-2, 1, 1.0
+    cfg.train.precision = "fp32"  # exact comparisons below; bf16 has its own test
     for key, value in train.items():
         setattr(cfg.train, key, value)
     return cfg

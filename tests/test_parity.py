@@ -162,6 +162,7 @@ def parity_cfg() -> Config:
     cfg.train.lr, cfg.train.warmup_steps, cfg.train.weight_decay = 5e-3, 2, 0.01
     cfg.train.max_grad_norm, cfg.train.max_steps, cfg.train.seed = 1.0, N_STEPS, 7
     cfg.backend.device = "cpu"
+    cfg.train.precision = "fp32"  # parity with MLX, which trains in fp32
     return cfg
 
 

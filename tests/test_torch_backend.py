@@ -43,6 +43,7 @@ def make_cfg(**train) -> Config:
     cfg.lora = LoraConfig(rank=4, alpha=8.0, dropout=0.0, targets=["q_proj", "k_proj", "v_proj", "o_proj"])
     cfg.train.epochs, cfg.train.batch_size, cfg.train.grad_accum = 2, 4, 1
     cfg.train.lr, cfg.train.warmup_steps, cfg.train.weight_decay = 2e-2, 1, 0.01
+    cfg.train.precision = "fp32"  # exact comparisons with plain PEFT; bf16 has its own test (test_precision.py)
     for key, value in train.items():
         setattr(cfg.train, key, value)
     return cfg

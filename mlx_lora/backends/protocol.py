@@ -30,6 +30,7 @@ class Engine(Protocol):
     device: str
     rank: int  # this process under data parallelism (0 otherwise)
     world: int
+    precision: str  # the arithmetic training uses: "fp32" or "bf16" (frozen weights)
     warnings: list[str]  # notes from loading, reported once when training starts
 
     def param_counts(self) -> tuple[int, int]:

@@ -33,7 +33,7 @@ def parse_threshold(value) -> tuple[str, float]:
 
 @dataclass
 class ModelConfig:
-    path: str = "embedded"  # "embedded" (Qwen2.5-Coder-0.5B from PyPI wheels), an HF folder, a .gguf file or a hub id
+    path: str = "embedded"  # "embedded" (Qwen2.5-Coder-0.5B from PyPI wheels), an HF folder, a .gguf, a cached hub id
     cache_dir: str | None = None  # where prepared models live; None → $MLX_LORA_CACHE or ~/.cache/mlx-lora
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
 
@@ -72,6 +72,10 @@ class TrainConfig:
     early_stopping_patience: int = 0  # evals without improvement before stopping; 0 = off
     seed: int = 42
     out: str = "runs/latest"
+    # fp32 | bf16 | auto. bf16 keeps the frozen base weights in bf16 (LoRA weights, optimizer state and the loss
+    # stay fp32); auto measures once whether this machine's bf16 matmuls beat fp32 (CPUs with avx512_bf16 or AMX;
+    # CUDA with bf16) and picks. fp32 stays the default until the main job's figures are re-measured in bf16.
+    precision: str = "fp32"
 
 
 @dataclass
@@ -207,6 +211,7 @@ CHOICES = {
     "backend.name": ("auto", "torch", "mlx"),
     "backend.device": ("auto", "cpu", "cuda", "mps"),
     "train.schedule": SCHEDULES,
+    "train.precision": ("auto", "fp32", "bf16"),
     "data.format": ("messages", "text"),
     "data.mode": ("closed_book", "grounded"),
     "data.oracle_free": ("refuse", "answer"),

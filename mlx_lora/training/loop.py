@@ -183,6 +183,7 @@ class Loop:
             "epochs": t.epochs,
             "seed": t.seed,
             "train_rows": len(train),
+            "precision": getattr(engine, "precision", "fp32"),  # bf16 rounds differently: no silent switch
         }
         self.plan = Plan.of(len(train), cfg, engine.world)
         self.pos = Position()

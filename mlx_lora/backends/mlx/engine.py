@@ -148,6 +148,7 @@ class MLXEngine:
 
     name = "mlx"
     rank, world = 0, 1
+    precision = "fp32"  # train.precision applies to torch; MLX trains in the model's own dtype
 
     def __init__(self, loaded: MLXLoaded, cfg: Config):
         t = cfg.train

@@ -20,6 +20,21 @@ def devices() -> str:
     return ", ".join(found)
 
 
+def precision_note() -> str:
+    """The bf16 probe of this CPU and what train.precision=auto picks, for `mlx-lora doctor`."""
+    import torch
+
+    from mlx_lora.backends.torch.precision import probe, resolve
+    from mlx_lora.core.model_store import default_cache_dir
+
+    found = probe(default_cache_dir())
+    auto = resolve("auto", torch.device("cpu"), default_cache_dir())
+    return (
+        f"matmul {found['shape']}: fp32 {found['fp32_gflops']} GFLOP/s, bf16 {found['bf16_gflops']} GFLOP/s "
+        f"→ train.precision=auto picks {auto} on the CPU"
+    )
+
+
 class TorchBackend:
     """Backend protocol on transformers + PEFT; the engine plugs into the shared training loop."""
 

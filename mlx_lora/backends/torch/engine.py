@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import resource
 import sys
@@ -15,7 +16,9 @@ from mlx_lora.backends.torch import ddp, state
 from mlx_lora.backends.torch.generate import cache_kwarg, returned_cache
 from mlx_lora.backends.torch.lora import attach
 from mlx_lora.backends.torch.model import Loaded
+from mlx_lora.backends.torch.precision import resolve
 from mlx_lora.core.config import Config
+from mlx_lora.core.model_store import default_cache_dir
 from mlx_lora.data.batching import pad_batch
 from mlx_lora.data.render import Encoded
 
@@ -112,7 +115,6 @@ class TorchEngine:
         loaded.device = ddp.device_for(self.dist, loaded.device)
         self.rank, self.world = self.dist.rank, self.dist.world
         self.loaded, self.cfg, self.device_ = loaded, cfg, loaded.device
-        self.device = str(loaded.device)
         self.warnings: list[str] = []
         torch.manual_seed(cfg.train.seed)  # before attaching: lora_A's initialisation is random
         model = loaded.model.to(loaded.device)
@@ -122,12 +124,26 @@ class TorchEngine:
         else:
             model = attach(model, cfg.lora)
         loaded.model = self.model = model
+        self.precision = resolve(cfg.train.precision, loaded.device, default_cache_dir())
+        if self.precision == "bf16":
+            # Frozen weights are only read: bf16 halves their memory traffic and runs the matmuls on the bf16
+            # units. The LoRA weights stay fp32 (autocast computes in bf16 from them, AdamW updates fp32).
+            for param in model.parameters():
+                if not param.requires_grad:
+                    param.data = param.data.to(torch.bfloat16)
+            loaded.dtype = torch.bfloat16
+        self.device = f"{loaded.device} ({self.precision})"
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.names = [n for n, _ in self.named]
         self.loss_fn = MaskedLMLoss(model.get_base_model())
         self.wrapped = ddp.wrap(self.loss_fn, self.dist, loaded.device)
         self.optimizer = make_optimizer(self.named, cfg)
         model.train()
+
+    def _arithmetic(self):
+        if self.precision == "bf16":
+            return torch.autocast(self.device_.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def param_counts(self) -> tuple[int, int]:
         return sum(p.numel() for _, p in self.named), sum(p.numel() for p in self.model.parameters())
@@ -146,7 +162,8 @@ class TorchEngine:
         for k, batch in enumerate(group):
             ids, mask, _ = pad_batch(batch, self.loaded.pad_id)
             with ddp.no_sync(self.wrapped, skip=k < len(group) - 1):
-                part = self.wrapped(self._tensor(ids), self._tensor(mask))
+                with self._arithmetic():
+                    part = self.wrapped(self._tensor(ids), self._tensor(mask))
                 (part * scale).backward()
             loss_sum += part.item()
         loss_sum, sup, tok = ddp.all_sum([loss_sum, local_sup, local_tok], self.dist, self.device_)
@@ -173,7 +190,8 @@ class TorchEngine:
         for batch in batches:
             chunk = [rows[i] for i in batch]
             ids, mask, _ = pad_batch(chunk, self.loaded.pad_id)
-            total += self.loss_fn(self._tensor(ids), self._tensor(mask)).item()
+            with self._arithmetic():
+                total += self.loss_fn(self._tensor(ids), self._tensor(mask)).item()
             count += sum(supervised(r) for r in chunk)
         total, count = ddp.all_sum([total, count], self.dist, self.device_)
         self.model.train()
