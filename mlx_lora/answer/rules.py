@@ -22,6 +22,25 @@ MAX_PATTERN_CHARS = 300
 _RE2_MAX_MEM = 8 << 20  # bytes of compiled program per pattern; a pattern that needs more is rejected at load
 
 
+# Questions are one or two sentences. Matching reads at most this many characters of one, so that a pasted
+# document costs what a question costs; the decider notes in the decision's detail when it cut a question.
+MAX_QUESTION_CHARS = 2000
+
+
+@dataclass(frozen=True)
+class Question:
+    """A question normalised once for all rules: the keyword key (compact) and the text regexes see."""
+
+    key: str
+    text: str
+
+
+def prepare(question: str) -> Question:
+    """The question, cut to MAX_QUESTION_CHARS, in both normal forms that rules match against."""
+    question = question[:MAX_QUESTION_CHARS]
+    return Question(compact(question), regex_text(question))
+
+
 @dataclass
 class Rule:
     id: str
@@ -33,17 +52,21 @@ class Rule:
     priority: int = 0
     line: int | None = None
 
-    def match(self, question: str) -> str | None:
+    def __post_init__(self):
+        # Normalised once here, not on every question: a rule file is matched against many questions.
+        self._keys = [(word, compact(word)) for word in self.keywords]
+        self._unless = [compact(word) for word in self.unless]
+
+    def match(self, question: str | Question) -> str | None:
         """What made the rule match ("keyword: VPN" / "regex: …"), or None."""
-        key = compact(question)
-        if any(compact(word) in key for word in self.unless):
+        q = question if isinstance(question, Question) else prepare(question)
+        if any(word in q.key for word in self._unless):
             return None
-        for word in self.keywords:
-            if compact(word) in key:
+        for word, key in self._keys:
+            if key in q.key:
                 return f"keyword: {word}"
-        text = regex_text(question)
         for source, pattern in self.regex:
-            if pattern.search(text):
+            if pattern.search(q.text):
                 return f"regex: {source}"
         return None
 
@@ -178,7 +201,9 @@ def load_rules(path: str | Path, kb: dict | None = None) -> list[Rule]:
     return rules
 
 
-def match_rules(rules: Sequence[Rule], question: str) -> list[tuple[Rule, str]]:
-    """Matching rules, highest priority first; equal priorities keep file order."""
-    found = [(rule, why) for rule in rules if (why := rule.match(question))]
+def match_rules(rules: Sequence[Rule], question: str | Question) -> list[tuple[Rule, str]]:
+    """Matching rules, highest priority first; equal priorities keep file order. The question is normalised
+    once for all rules (10,000 rules on a long question took minutes when each rule normalised it again)."""
+    prepared = question if isinstance(question, Question) else prepare(question)
+    found = [(rule, why) for rule in rules if (why := rule.match(prepared))]
     return sorted(found, key=lambda pair: -pair[0].priority)
