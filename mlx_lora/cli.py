@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
+import os
 import sys
 
 import click
@@ -52,9 +54,47 @@ def _one_line(message: str) -> str:
     return " ".join(message.split())
 
 
+def _check_arguments(args: list[str]) -> None:
+    """Refuse an argument that is not UTF-8 now, naming it: Python keeps its bytes as surrogate escapes, and the
+    first encode of the text (a regex, the tokenizer, an output file) would fail with a traceback much later."""
+
+    def spelled(char: str) -> str:  # a byte the shell passed (kept as U+DC80..U+DCFF) as \xNN, else \uNNNN
+        code = ord(char)
+        if 0xD800 <= code <= 0xDFFF:
+            return f"\\x{code - 0xDC00:02x}" if code >= 0xDC80 else f"\\u{code:04x}"
+        return char
+
+    for number, arg in enumerate(args, start=1):
+        try:
+            if isinstance(arg, str):
+                arg.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            code = ord(arg[exc.start])
+            what = f"byte 0x{code - 0xDC00:02x}" if code >= 0xDC80 else f"half of a UTF-16 pair, U+{code:04X}"
+            raise UserError(
+                f"command-line argument {number} ({''.join(map(spelled, arg))}) is not UTF-8 ({what}); type it "
+                "again as UTF-8 text, or rename the file to a UTF-8 name"
+            ) from None
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """A full disk, however the writer says it: OSError ENOSPC (its errno, or its only argument), or an
+    exception of a native writer that carries only the OS message (safetensors' SafetensorError, mlx's
+    RuntimeError), on exc or on what it was raised from."""
+    seen = 0
+    while exc is not None and seen < 5:
+        if isinstance(exc, OSError) and (exc.errno == errno.ENOSPC or exc.args[:1] == (errno.ENOSPC,)):
+            return True
+        if os.strerror(errno.ENOSPC) in str(exc) or "StorageFull" in str(exc):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
 def main(argv=None):
     """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
     try:
+        _check_arguments(sys.argv[1:] if argv is None else list(argv))
         cli.main(args=argv, prog_name="mlx-lora", standalone_mode=False)
     except UserError as exc:
         click.echo(f"error: {exc}", err=True)
@@ -72,9 +112,27 @@ def main(argv=None):
     except click.ClickException as exc:
         click.echo(f"error: {_one_line(exc.format_message())}", err=True)
         sys.exit(exc.exit_code)
-    except OSError as exc:  # e.g. --out names an existing file, a full disk, no permission
-        where = f"{exc.filename}: " if exc.filename else ""
-        click.echo(f"error: {where}{exc.strerror or exc}", err=True)
-        sys.exit(1)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    except UnicodeEncodeError as exc:  # a non-UTF-8 name that did not come from argv: a listed file, an env var
+        bad = exc.object[exc.start : exc.end] if isinstance(exc.object, str) else ""
+        click.echo(
+            f"error: text that is not UTF-8 ({bad!a}) in a file name or an environment variable; rename it or set "
+            "it to UTF-8 text",
+            err=True,
+        )
+        sys.exit(2)
+    except Exception as exc:
+        if _disk_full(exc):
+            where = f" writing {exc.filename}" if isinstance(exc, OSError) and exc.filename else ""
+            # No half file is left to mention: outputs are staged (temp file or folder, renamed into place) and
+            # the stage is removed when a write fails.
+            click.echo(
+                f"error: disk full{where} (no space left on device); free some space, then run it again", err=True
+            )
+            sys.exit(1)
+        if isinstance(exc, OSError):  # e.g. --out names an existing file, no permission
+            where = f"{exc.filename}: " if exc.filename else ""
+            click.echo(f"error: {where}{exc.strerror or exc}", err=True)
+            sys.exit(1)
+        raise

@@ -1,5 +1,6 @@
 """The CLI: help lists every command, bad input is one line + non-zero exit, and the core imports no torch/mlx."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -130,12 +131,15 @@ def test_a_failed_build_keeps_the_previous_files(tmp_path):
     (tmp_path / "bad.yaml").write_text("refusal: [\n", encoding="utf-8")
     assert cli("data", "build", "--out", str(tmp_path / "d"), "--questions", str(tmp_path / "bad.yaml")).returncode == 2
     assert (tmp_path / "d" / "train.jsonl").read_bytes() == before
-    # A write that fails half-way (here: test.jsonl is a folder) replaces none of the four files.
-    (tmp_path / "d" / "test.jsonl").unlink()
-    (tmp_path / "d" / "test.jsonl").mkdir()
-    out = cli("data", "build", "--out", str(tmp_path / "d"), "--seed", "7")
-    assert out.returncode == 2 and "test.jsonl: is a directory" in out.stderr
-    assert (tmp_path / "d" / "train.jsonl").read_bytes() == before
+    # The four files change together: d links to a new generation folder, the old one is gone (tests/test_crash.py
+    # kills the build at every step).
+    assert cli("data", "build", "--out", str(tmp_path / "d"), "--seed", "7").returncode == 0
+    assert (tmp_path / "d" / "train.jsonl").read_bytes() != before
+    assert os.readlink(tmp_path / "d") == ".d.gen-2" and sorted(p.name for p in tmp_path.iterdir()) == [
+        ".d.gen-2",
+        "bad.yaml",
+        "d",
+    ]
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [
         "stats.json",
         "test.jsonl",

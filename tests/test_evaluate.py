@@ -56,9 +56,9 @@ def test_thresholds_presets_numbers_and_errors():
 
 
 def test_variants_defaults_and_the_models_they_need():
-    assert VARIANTS == ("base", "tuned", "tuned_rules", "base_rules", "retrieval")  # the report's order
-    assert default_variants("runs/x") == ("base", "tuned", "tuned_rules", "retrieval")
-    assert default_variants(None) == ("base", "base_rules", "retrieval")
+    assert VARIANTS == ("base", "tuned", "tuned_rules", "base_rules", "retrieval", "top_passage")  # report order
+    assert default_variants("runs/x") == ("base", "tuned", "tuned_rules", "retrieval", "top_passage")
+    assert default_variants(None) == ("base", "base_rules", "retrieval", "top_passage")
     assert NEED_ADAPTER == ("tuned", "tuned_rules")
     assert models_for(("retrieval", "base_rules", "tuned_rules")) == ("tuned", "base")
     assert models_for(("retrieval",)) == ()
@@ -200,7 +200,9 @@ def test_evaluate_run_with_given_answers_writes_report_and_audit(tmp_path, tiny_
         progress=False,
     )
     summary = report["summary"]
-    assert list(summary) == ["base", "tuned", "tuned_rules", "retrieval"]
+    assert list(summary) == ["base", "tuned", "tuned_rules", "retrieval", "top_passage"]
+    # The models alone carry all their answers; the decided variant only what no guard overruled.
+    assert summary["tuned"]["model_carried"] == 100.0 and summary["retrieval"]["model_carried"] == 0.0
     assert summary["tuned"]["mean_similarity"] == 100.0 and summary["tuned"]["topic_accuracy"] == 100.0
     assert summary["tuned"]["refusal_accuracy"] == 100.0
     assert summary["base"]["topic_accuracy"] == 0.0
@@ -307,7 +309,7 @@ def test_evaluate_run_end_to_end_with_a_tiny_torch_model(tmp_path, tiny_kb, tiny
         progress=False,
     )
     test_rows = len(read_examples(data / "test.jsonl"))
-    assert list(report["summary"]) == ["base", "tuned", "tuned_rules", "retrieval"]
+    assert list(report["summary"]) == ["base", "tuned", "tuned_rules", "retrieval", "top_passage"]
     assert all(report["summary"][v]["rows"] == test_rows for v in report["summary"])
     assert report["meta"]["timings"]["tuned_generate_s"] > 0 and report["meta"]["adapter"].endswith("run")
     assert (tmp_path / "eval" / "audit.jsonl").read_text().count("\n") == test_rows

@@ -104,12 +104,14 @@ def test_resolve_missing_path_is_user_error(spec, tmp_path):
     assert "\n" not in str(info.value)
 
 
-def test_resolve_hub_id_is_returned_as_string(tmp_path, monkeypatch):
+def test_resolve_hub_id_missing_from_the_local_cache_is_one_line(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # so no local folder of that name can exist
-    assert (
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))  # empty: and nothing is downloaded
+    with pytest.raises(UserError) as info:
         model_store.resolve_model("Qwen/Qwen2.5-0.5B-Instruct", cache_dir=tmp_path / "c")
-        == "Qwen/Qwen2.5-0.5B-Instruct"
-    )
+    message = str(info.value)
+    assert "\n" not in message and "not in the local Hugging Face cache" in message
+    assert str(tmp_path / "hub") in message and "hf download Qwen/Qwen2.5-0.5B-Instruct" in message
 
 
 def _fake_converter(monkeypatch) -> list:

@@ -87,6 +87,16 @@ def test_main_job_in_grounded_mode_on_a_tiny_model(tmp_path, qwen_tokenizer_dir)
     assert summary["variants"]["tuned"]["model_carried"] == 100.0
     assert summary["variants"]["retrieval"]["model_carried"] == 0.0
     assert summary["variants"]["top_passage"]["model_carried"] == 0.0
+    # generate builds the same grounded prompt from the run's train questions and today's KB.
+    from mlx_lora.commands.generate import _grounding
+    from mlx_lora.core.config import Config
+
+    cfg = Config()
+    cfg.data.mode, cfg.data.kb = "grounded", str(REPO / "data" / "kb.jsonl")
+    turn = _grounding(cfg, run_dir)("VPN 連不上怎麼辦?")
+    assert turn.startswith("參考資料:\n[vpn-setup] ") and turn.endswith("問題:VPN 連不上怎麼辦?")
+    answered = run_cli("generate", "--adapter", str(run_dir), "--max-new-tokens", "4", "--no-progress", "VPN?")
+    assert answered.returncode == 0, answered.stderr[-2000:]
 
 
 def test_main_job_checks_rules_and_embedder_before_any_stage(tmp_path):

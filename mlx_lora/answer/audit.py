@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mlx_lora.core.files import append_text
+
 if TYPE_CHECKING:
     from mlx_lora.answer.decide import Decision
 
@@ -33,8 +35,4 @@ def audit_records(
 
 def append_audit(path: str | Path, records: Sequence[dict]) -> None:
     """Append to a JSONL audit log (one line per answer; appending keeps earlier sessions' records)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    append_text(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))

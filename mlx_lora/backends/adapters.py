@@ -314,7 +314,8 @@ def mlx_to_peft(src: str | Path, dst: str | Path, base_model: str | None = None)
 
 
 def _write_adapter(dst: str | Path, weights_name: str, tensors: dict, flavour: str, config: dict) -> AdapterInfo:
-    """Weights + adapter_config.json staged beside dst, then published in one rename (never half-written)."""
+    """Weights + adapter_config.json written as a new generation beside dst, then switched in whole (an earlier
+    adapter at dst stays whole until then)."""
     dst = Path(dst)
     # Only ever replace an earlier adapter or an empty folder, never some other folder the user named.
     if dst.exists() and (not dst.is_dir() or (any(dst.iterdir()) and not (dst / CONFIG).is_file())):

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from mlx_lora import backends
 from mlx_lora.backends import adapters
 from mlx_lora.core.config import Config, apply_mapping
 from mlx_lora.core.errors import UserError
-from mlx_lora.core.model_store import local_model_dir
+from mlx_lora.core.model_store import local_model_dir, model_sha256
 from mlx_lora.data.render import ChatTokenizer
+
+# The data settings that shape a prompt: generation must use the ones the adapter was trained with.
+PROMPT_KEYS = ("system_prompt", "mode", "passages", "passage_template", "grounded_template")
 
 
 def read_manifest(run_dir: Path) -> dict:
@@ -36,20 +40,38 @@ def adapter_location(adapter: str | Path) -> tuple[Path, dict | None]:
     return folder, (read_manifest(adapter) if folder != adapter else None)
 
 
-def load_for_generation(model: str | None, adapter: str | Path | None, cfg: Config, progress: bool = True):
-    """(backend, loaded, tokenizer, system_prompt): the run's manifest supplies model, LoRA and prompt settings."""
+def check_base_model(run: dict, model_dir: Path, manifest: Path, cache_dir=None, strict: bool = False) -> None:
+    """Warn (one line on stderr), or refuse when strict, if the base model's files are no longer those the run
+    was trained on: the adapter would load on different weights without a sign."""
+    recorded = (run.get("base_model") or {}).get("sha256")
+    if not isinstance(recorded, str):
+        return
+    actual = model_sha256(model_dir, cache_dir)
+    if actual == recorded:
+        return
+    message = (
+        f"{manifest}: base model {model_dir} has changed since training (sha256 {actual[:12]}…, the run recorded "
+        f"{recorded[:12]}…); answers may differ from the evaluated ones: use the model the run was trained on"
+    )
+    if strict:
+        raise UserError(f"{message} (refused: --strict)")
+    print(f"warning: {message}; --strict refuses", file=sys.stderr)
+
+
+def load_for_generation(
+    model: str | None, adapter: str | Path | None, cfg: Config, progress: bool = True, strict: bool = False
+):
+    """(backend, loaded, tokenizer, system_prompt): the run's manifest supplies model, LoRA and prompt settings;
+    strict refuses a base model whose sha256 differs from the manifest's (else a warning)."""
     system_prompt = cfg.data.system_prompt
-    adapter_dir = None
+    adapter_dir = run = None
     if adapter is not None:
         adapter_dir, run = adapter_location(adapter)
         if run is not None:
             # Generation must render prompts exactly as training did: take the run's settings, not today's defaults.
             saved = run["config"]
-            apply_mapping(
-                cfg,
-                {"lora": saved["lora"], "data": {"system_prompt": saved["data"]["system_prompt"]}},
-                str(Path(adapter) / "manifest.json"),
-            )
+            prompt = {k: saved["data"][k] for k in PROMPT_KEYS if k in saved["data"]}
+            apply_mapping(cfg, {"lora": saved["lora"], "data": prompt}, str(Path(adapter) / "manifest.json"))
             system_prompt = run.get("system_prompt", system_prompt)
             if model is None:
                 model = run["base_model"]["path"]
@@ -57,5 +79,7 @@ def load_for_generation(model: str | None, adapter: str | Path | None, cfg: Conf
         cfg.model.path = str(model)
     backend = backends.resolve(cfg.backend.name)
     model_dir = local_model_dir(cfg.model.path, cfg.model.cache_dir, progress)
+    if run is not None:  # a bare adapter folder records no base model to compare with
+        check_base_model(run, model_dir, Path(adapter) / "manifest.json", cfg.model.cache_dir, strict)
     loaded = backend.load(model_dir, adapter_dir, cfg)
     return backend, loaded, ChatTokenizer.from_dir(model_dir), system_prompt

@@ -42,6 +42,21 @@ def build(config_path, overrides, kb, questions, out, seed, fmt, extra_questions
     click.echo(format_stats(stats, cfg.data.dir))
     for warning in stats_warnings(stats):
         click.echo(warning, err=True)
+    _length_warnings(cfg)
+
+
+def _length_warnings(cfg) -> None:
+    """Rows longer than train.max_length, said now when the model's tokenizer is at hand without preparing the
+    model (`train` says it in any case)."""
+    from mlx_lora.core.model_store import prepared_model_dir
+    from mlx_lora.data.formats import data_length_warnings
+    from mlx_lora.data.render import ChatTokenizer
+
+    model_dir = prepared_model_dir(cfg.model.path, cfg.model.cache_dir)
+    if model_dir is not None:
+        tokenizer = ChatTokenizer.from_dir(model_dir)
+        for warning in data_length_warnings(cfg.data.dir, tokenizer, cfg.train.max_length):
+            click.echo(warning, err=True)
 
 
 @data.command()

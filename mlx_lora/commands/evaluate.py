@@ -36,7 +36,10 @@ def eval_options(func):
         [
             config_option,
             set_option,
-            click.option("--model", help="Base model: embedded, an HF folder or a .gguf (default: the run's model)."),
+            click.option(
+                "--model",
+                help="Base model: embedded, an HF folder, a .gguf or a cached hub id (default: the run's model).",
+            ),
             click.option("--adapter", help="Run directory (or adapter folder) to evaluate as `tuned`."),
             click.option("--data", required=True, help="Test JSONL (chat rows; built data carries doc ids)."),
             click.option("--kb", help="KB JSONL (default data.kb)."),
@@ -57,6 +60,11 @@ def eval_options(func):
             click.option("--variants", help=f"Comma list from {', '.join(VARIANTS)} (default: all that apply)."),
             click.option("--out", required=True, help="Output directory for report.json/.md/.html and audit log."),
             click.option("--no-progress", is_flag=True, help="No progress bars."),
+            click.option(
+                "--strict",
+                is_flag=True,
+                help="Refuse, instead of warning, a base model that differs from the run's manifest.",
+            ),
         ]
     ):
         func = option(func)
@@ -80,6 +88,7 @@ def _run(
     out,
     no_progress,
     forced_variants=None,
+    strict=False,
 ) -> tuple[dict, object]:
     from mlx_lora.evaluation.run import evaluate_run
 
@@ -103,6 +112,7 @@ def _run(
         variants=forced_variants or _variants(variants),
         rules_path=rules,
         progress=not no_progress,
+        strict=strict,
     )
     return report, cfg
 
@@ -142,6 +152,7 @@ def eval_cmd(
     variants,
     out,
     no_progress,
+    strict,
 ):
     """Generate (batched, greedy) and score: base vs tuned vs tuned+rules vs retrieval, in one report."""
     report, _ = _run(
@@ -160,6 +171,7 @@ def eval_cmd(
         variants,
         out,
         no_progress,
+        strict=strict,
     )
     print_summary(report)
     click.echo(f"report: {Path(out) / 'report.md'} (and report.json, report.html)")

@@ -46,6 +46,9 @@ class _Streamer:
 @click.option("--top-p", type=float)
 @click.option("--repetition-penalty", type=float)
 @click.option("--no-progress", is_flag=True)
+@click.option(
+    "--strict", is_flag=True, help="Refuse, instead of warning, a base model that differs from the run's manifest."
+)
 def generate(
     config_path,
     overrides,
@@ -59,6 +62,7 @@ def generate(
     top_p,
     repetition_penalty,
     no_progress,
+    strict,
 ):
     """Answer QUESTIONS with the model (plus adapter), streaming tokens to stdout."""
     from mlx_lora.backends.loading import load_for_generation
@@ -77,11 +81,16 @@ def generate(
         from mlx_lora.data.kb import load_kb
 
         load_rules(rules_path, load_kb(cfg.data.kb))
-    backend_, loaded, tokenizer, system_prompt = load_for_generation(model, adapter, cfg, progress=not no_progress)
+    backend_, loaded, tokenizer, system_prompt = load_for_generation(
+        model, adapter, cfg, progress=not no_progress, strict=strict
+    )
     stops = tokenizer.stop_ids()
     answers = []
+    ground = _grounding(cfg, adapter) if cfg.data.mode == "grounded" else None
     for question in questions:
-        prompt = tokenizer.prompt_ids([{"role": "user", "content": question}], system_prompt)
+        prompt = tokenizer.prompt_ids(
+            [{"role": "user", "content": ground(question) if ground else question}], system_prompt
+        )
         streamer = None if rules_path else _Streamer(tokenizer)  # with rules, the final answer may differ
         (ids,) = backend_.generate(loaded, [prompt], cfg.generate, stops, on_token=streamer)
         answers.append(tokenizer.decode(ids).strip())
@@ -89,6 +98,34 @@ def generate(
             click.echo("")
     if rules_path:
         _apply_rules(cfg, rules_path, list(questions), answers, adapter)
+
+
+def _train_file(cfg, adapter) -> Path:
+    """The train split the run learned from (its manifest names it), else data.dir's."""
+    if adapter and Path(adapter, "manifest.json").is_file():
+        from mlx_lora.backends.loading import read_manifest
+
+        files = read_manifest(Path(adapter)).get("data", {}).get("files") or []
+        if files and Path(files[0]).is_file():
+            return Path(files[0])
+    return Path(cfg.data.dir) / "train.jsonl"
+
+
+def _grounding(cfg, adapter):
+    """question → the grounded user turn: the passages the retriever finds in today's KB (data.kb) and the run's
+    train questions, as training and `eval` build it."""
+    from mlx_lora.data.formats import read_examples
+    from mlx_lora.data.grounded import retrieve, user_turn
+    from mlx_lora.data.kb import load_kb
+    from mlx_lora.data.retrieval import PassageIndex
+    from mlx_lora.data.similarity import make_scorer
+
+    kb = load_kb(cfg.data.kb)
+    train_file = _train_file(cfg, adapter)
+    train = read_examples(train_file) if train_file.is_file() else []
+    asked = [(e.question, e.meta.get("doc_id")) for e in train if e.meta.get("answerable")]
+    index = PassageIndex(make_scorer(cfg.eval.embedder), {d: doc.text for d, doc in kb.items()}, asked)
+    return lambda question: user_turn(question, retrieve(index, [question], cfg.data)[0], cfg.data)
 
 
 def _apply_rules(cfg, rules_path, questions: list[str], answers: list[str], adapter) -> None:
@@ -102,14 +139,18 @@ def _apply_rules(cfg, rules_path, questions: list[str], answers: list[str], adap
     except ImportError as exc:
         raise UserError(f"--rules needs the rule layer, which this install lacks ({exc})") from None
     kb = load_kb(cfg.data.kb)
-    data = Path(cfg.data.dir)
-    train = read_examples(data / "train.jsonl") if (data / "train.jsonl").is_file() else []
-    valid = read_examples(data / "valid.jsonl") if (data / "valid.jsonl").is_file() else []
+    train_file = _train_file(cfg, adapter)
+    train = read_examples(train_file) if train_file.is_file() else []
+    valid_file = train_file.with_name("valid.jsonl")
+    valid = read_examples(valid_file) if valid_file.is_file() else []
     answers_by_doc = doc_answers(kb, train, cfg.data.answer_prefix)
     refusal = refusal_text(train, cfg)
     scorer = make_scorer(cfg.eval.embedder)
     index = answer_index(scorer, answers_by_doc, refusal)
-    decider, _ = build_decider(cfg, scorer, kb, train, valid, answers_by_doc, refusal, index, rules_path)
+    grounded = cfg.data.mode == "grounded"  # a grounded model's cited answers come first (answer/decide.py)
+    decider, _ = build_decider(
+        cfg, scorer, kb, train, valid, answers_by_doc, refusal, index, rules_path, model_first=grounded
+    )
     decisions = decider.decide(questions, answers)
     for decision in decisions:
         click.echo(decision.answer or "")

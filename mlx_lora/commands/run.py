@@ -8,7 +8,11 @@ from mlx_lora.commands.options import build_config, config_option, set_option
 @click.command()
 @config_option
 @set_option
-@click.option("--model", help="Model: embedded (default), an HF folder, a .gguf file or a hub id.")
+@click.option(
+    "--model",
+    help="Model: embedded (default), an HF folder, a .gguf file, or a hub id in the local Hugging Face cache "
+    "(never downloaded).",
+)
 @click.option("--backend", type=click.Choice(["auto", "torch", "mlx"]), help="Training/generation backend.")
 @click.option("--out", help="Run directory (default from the config: train.out).")
 @click.option("--epochs", type=int)

@@ -14,7 +14,11 @@ from mlx_lora.commands.options import backend_choice, build_config, config_optio
 @config_option
 @set_option
 @click.option("--backend", type=backend_choice, help="Training backend (default: auto).")
-@click.option("--model", help="Model: embedded (default), an HF folder, a .gguf file or a hub id.")
+@click.option(
+    "--model",
+    help="Model: embedded (default), an HF folder, a .gguf file, or a hub id in the local Hugging Face cache "
+    "(never downloaded).",
+)
 @click.option(
     "--data",
     "data_dir",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
@@ -13,6 +14,38 @@ def not_utf8(path, line: int, byte: int, column: int | None = None):
     """The one error for bytes that are not UTF-8, wherever a file is decoded."""
     where = f"byte 0x{byte:02x}" + (f" at column {column}" if column is not None else "")
     return located(path, line, f"not UTF-8 ({where}); re-save the file as UTF-8")
+
+
+# Half of a UTF-16 pair. UTF-8 cannot hold one, so decoding never yields it; a JSON or YAML escape ("\ud800")
+# can, and the text then breaks every later encode (tokenizer, regex engine, output file) with a traceback.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate(value) -> str | None:
+    """The first lone surrogate in a parsed value's strings (dict keys included), or None."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            found = _SURROGATE.search(item)
+            if found:
+                return found.group()
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
+
+
+def surrogate_error(path, line: int | None, char: str):
+    """The one error for an escaped lone surrogate, wherever a file is parsed."""
+    return located(
+        path,
+        line,
+        f"escape \\u{ord(char):04x} is half of a UTF-16 pair, not a character; write the character itself "
+        "(or both halves of its pair), or remove the escape",
+    )
 
 
 def read_text(path: str | Path) -> str:
@@ -57,4 +90,21 @@ def load_yaml(path: str | Path, what: str = "YAML"):
         raise located(path, mark.line + 1 if mark else None, f"{problem}; fix the {what}") from None
     finally:
         loader.dispose()
+    if root is not None and lone_surrogate(data) is not None:  # rare: find the line only then
+        _raise_surrogate(path, root)
     return data, root
+
+
+def _raise_surrogate(path: Path, root) -> None:
+    """The surrogate_error for the first line holding one (the parsed value has lost the lines)."""
+    found, stack = [], [root]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, yaml.ScalarNode) and (match := _SURROGATE.search(node.value)):
+            found.append((node.start_mark.line + 1, match.group()))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            stack.extend(part for pair in node.value for part in pair)
+    line, char = min(found) if found else (None, "\ud800")
+    raise surrogate_error(path, line, char)

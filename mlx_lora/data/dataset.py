@@ -10,7 +10,7 @@ from pathlib import Path
 
 from mlx_lora.core.config import DataConfig
 from mlx_lora.core.errors import UserError, located
-from mlx_lora.core.files import atomic_write_texts, json_text, jsonl_text
+from mlx_lora.core.files import json_text, jsonl_text, write_dir
 from mlx_lora.core.textnorm import compact
 from mlx_lora.core.userfiles import load_yaml
 from mlx_lora.data.grounded import cited_answer, retrieve, user_turn
@@ -219,11 +219,13 @@ def split_stats(splits: dict[str, list[Item]]) -> dict:
 
 
 def write_splits(splits: dict[str, list[Item]], out_dir: str | Path, cfg: DataConfig) -> dict:
-    """Write DIR/{train,valid,test}.jsonl and DIR/stats.json; return the stats."""
-    out_dir = Path(out_dir)
+    """Write DIR/{train,valid,test}.jsonl and DIR/stats.json; return the stats. DIR is replaced whole: the four
+    files change together (DIR becomes a link to a new generation folder, see files.replaced_dir), and a folder
+    holding anything else is refused rather than replaced."""
     stats = {"splits": split_stats(splits), "overlap": overlap_report(splits), "seed": cfg.seed}
-    files = {out_dir / f"{name}.jsonl": jsonl_text(item.row(cfg) for item in items) for name, items in splits.items()}
-    atomic_write_texts({**files, out_dir / "stats.json": json_text(stats)})  # the four files change together
+    files = {f"{name}.jsonl": jsonl_text(item.row(cfg) for item in items) for name, items in splits.items()}
+    files["stats.json"] = json_text(stats)
+    write_dir(out_dir, files, allowed={*files, *(f"{name}.jsonl" for name in SPLITS)})
     return stats
 
 

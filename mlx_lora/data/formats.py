@@ -102,11 +102,49 @@ def encode_example(tokenizer: ChatTokenizer, example: Example, max_length: int) 
     return encode_text(tokenizer, example.text, max_length)
 
 
+def encode_rows(tokenizer: ChatTokenizer, examples: list[Example], max_length: int) -> list[Encoded]:
+    """Every row encoded and cut to max_length; none dropped."""
+    return [encode_example(tokenizer, e, max_length) for e in examples]
+
+
 def encode_all(tokenizer: ChatTokenizer, examples: list[Example], max_length: int) -> tuple[list[Encoded], int]:
     """Encode rows; drop those left with nothing to learn after truncation. Returns (rows, dropped)."""
-    encoded = [encode_example(tokenizer, e, max_length) for e in examples]
+    encoded = encode_rows(tokenizer, examples, max_length)
     kept = [e for e in encoded if e.supervised > 0]
     return kept, len(encoded) - len(kept)
+
+
+def length_warnings(path, encoded: list[Encoded], max_length: int, setting: str = "train.max_length") -> list[str]:
+    """Warnings (for stderr) about rows longer than max_length: cut ones train on a partial answer, and dropped
+    ones (nothing of the answer fits) not at all; either way the model learns less of the KB than it shows."""
+    cut = [e for e in encoded if e.truncated and e.supervised > 0]
+    dropped = [e for e in encoded if e.truncated and e.supervised == 0]
+    if not cut and not dropped:
+        return []
+    longest = max(e.full_length for e in cut + dropped)
+    limit = f"{setting}={max_length} tokens (the longest row has {longest})"
+    warnings = []
+    if cut:
+        warnings.append(
+            f"warning: {path}: {len(cut)} of {len(encoded)} rows are longer than {limit} and their answers are "
+            f"cut, so the model learns those KB texts only in part; raise {setting} or shorten the KB texts"
+        )
+    if dropped:
+        warnings.append(
+            f"warning: {path}: {len(dropped)} of {len(encoded)} rows dropped: no answer token fits in {limit}; "
+            f"raise {setting} or shorten the questions, the system prompt or the KB texts"
+        )
+    return warnings
+
+
+def data_length_warnings(data_dir, tokenizer: ChatTokenizer, max_length: int) -> list[str]:
+    """length_warnings() for the train and valid files of a data folder: what training will read."""
+    warnings = []
+    for name in ("train.jsonl", "valid.jsonl"):
+        path = Path(data_dir) / name
+        if path.is_file():
+            warnings += length_warnings(path, encode_rows(tokenizer, read_examples(path), max_length), max_length)
+    return warnings
 
 
 def describe(examples: list[Example]) -> dict:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from mlx_lora.core.files import atomic_write_text, write_json
+from mlx_lora.core.files import json_text, write_dir
 from mlx_lora.core.textnorm import compact
 from mlx_lora.data.similarity import REFUSAL
 from mlx_lora.evaluation.scoring import confused_pairs
@@ -139,14 +139,18 @@ def markdown(result: dict, variant: str) -> str:
 
 
 def write_diagnosis(result: dict, out_dir: str | Path, variant: str) -> Path:
-    """diagnose.json, diagnose.md and proposal.yaml (the `data build --extra-questions` input)."""
+    """diagnose.json, diagnose.md and proposal.yaml (the `data build --extra-questions` input), replacing the
+    folder's earlier three together; an eval report in the same folder is carried over."""
     out_dir = Path(out_dir)
-    write_json(out_dir / "diagnose.json", {"variant": variant, **result})
-    atomic_write_text(out_dir / "diagnose.md", markdown(result, variant))
     body = (
         yaml.safe_dump(result["proposal"], allow_unicode=True, sort_keys=False, width=1000)
         if result["proposal"]
         else "{}\n"
     )
-    atomic_write_text(out_dir / "proposal.yaml", PROPOSAL_HEADER + body)
+    files = {
+        "diagnose.json": json_text({"variant": variant, **result}),
+        "diagnose.md": markdown(result, variant),
+        "proposal.yaml": PROPOSAL_HEADER + body,
+    }
+    write_dir(out_dir, files, owns=files, allowed=[*files, "report.json", "report.md", "report.html", "audit.jsonl"])
     return out_dir / "proposal.yaml"

@@ -15,7 +15,6 @@ from mlx_lora.answer.decide import Decision
 from mlx_lora.backends.loading import read_manifest
 from mlx_lora.core.config import Config
 from mlx_lora.core.errors import UserError
-from mlx_lora.core.files import write_jsonl
 from mlx_lora.data.formats import read_examples
 from mlx_lora.data.grounded import reground
 from mlx_lora.data.kb import load_kb
@@ -46,10 +45,14 @@ def generate_answers(
     return answers
 
 
-def _generate_variant(cfg: Config, model, adapter, examples, progress: bool) -> tuple[list[str], float]:
+def _generate_variant(
+    cfg: Config, model, adapter, examples, progress: bool, strict: bool = False
+) -> tuple[list[str], float]:
     from mlx_lora.backends.loading import load_for_generation
 
-    backend, loaded, tokenizer, system_prompt = load_for_generation(model, adapter, cfg, progress=progress)
+    backend, loaded, tokenizer, system_prompt = load_for_generation(
+        model, adapter, cfg, progress=progress, strict=strict
+    )
     start = time.perf_counter()
     answers = generate_answers(backend, loaded, tokenizer, examples, cfg, system_prompt, progress)
     elapsed = time.perf_counter() - start
@@ -129,11 +132,13 @@ def evaluate_run(
     rules_path="config",
     progress: bool = True,
     answers: dict | None = None,
+    strict: bool = False,
 ) -> dict:
     """Evaluate variants on the test split and write out_dir/report.{json,md,html} and the audit log.
 
     rules_path "config" → cfg.rules.path (skipped with a note when that file is missing); None → no keyword rules.
     `answers` may supply already generated answers per variant ({"tuned": [...]}) to skip generation.
+    strict refuses a base model whose sha256 differs from the adapter run's manifest (else a warning).
     """
     out_dir = Path(out_dir)
     variants = tuple(variants or default_variants(adapter_run))
@@ -177,7 +182,9 @@ def evaluate_run(
     adapters = {"tuned": adapter_run, "base": None}
     for name in models_for(variants):
         if name not in got:
-            got[name], timings[f"{name}_generate_s"] = _generate_variant(cfg, model, adapters[name], test, progress)
+            got[name], timings[f"{name}_generate_s"] = _generate_variant(
+                cfg, model, adapters[name], test, progress, strict
+            )
     audit = []
     for name in DECIDED:
         if name in variants:
@@ -209,7 +216,7 @@ def evaluate_run(
         **decider_info,
     }
     report = build_report(rows, cfg.eval.threshold, describe(scorer), cfg.eval.worst_n, meta)
-    write_report(report, out_dir)
-    if audit and cfg.rules.audit_log:  # after the report: a failed evaluation never leaves a new log by an old report
-        write_jsonl(out_dir / cfg.rules.audit_log, audit)
+    # One generation holds the report and its audit log: they change together, and a failed evaluation changes
+    # neither.
+    write_report(report, out_dir, audit, cfg.rules.audit_log)
     return report

@@ -7,7 +7,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from mlx_lora.core.config import parse_threshold
-from mlx_lora.core.files import atomic_write_text, write_json
+from mlx_lora.core.files import json_text, jsonl_text, write_dir, write_jsonl
 from mlx_lora.data.grounded import parse_citation
 from mlx_lora.data.similarity import REFUSAL, CharScorer, LabelIndex, example_labels
 from mlx_lora.evaluation.variants import VARIANTS
@@ -283,9 +283,18 @@ def html_page(report: dict) -> str:
     )
 
 
-def write_report(report: dict, out_dir: str | Path) -> Path:
+def write_report(
+    report: dict, out_dir: str | Path, audit: list[dict] | None = None, audit_name: str | None = "audit.jsonl"
+) -> Path:
+    """report.json/.md/.html and the audit log replace the folder's earlier ones together (one generation, see
+    files.replaced_dir); files `diagnose` wrote into the folder are carried over."""
     out_dir = Path(out_dir)
-    write_json(out_dir / "report.json", report)
-    atomic_write_text(out_dir / "report.md", markdown(report))
-    atomic_write_text(out_dir / "report.html", html_page(report))
+    files = {"report.json": json_text(report), "report.md": markdown(report), "report.html": html_page(report)}
+    inside = bool(audit_name) and Path(audit_name).name == audit_name  # a plain name, not a path elsewhere
+    owns = [*files, *([audit_name] if inside else [])]
+    if audit and inside:
+        files[audit_name] = jsonl_text(audit)
+    write_dir(out_dir, files, owns=owns, allowed=[*owns, "diagnose.json", "diagnose.md", "proposal.yaml"])
+    if audit and audit_name and not inside:  # a log kept elsewhere: its own file, after the report
+        write_jsonl(out_dir / audit_name, audit)
     return out_dir / "report.json"

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from mlx_lora.core.environment import main_process
+from mlx_lora.core.files import append_text
 from mlx_lora.training import events
 from mlx_lora.training.summary import write_plots
 
@@ -58,9 +59,7 @@ class MetricsWriter:
         self.path = Path(path)
 
     def __call__(self, event: events.Event) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(event.to_dict(), ensure_ascii=False) + "\n")
+        append_text(self.path, json.dumps(event.to_dict(), ensure_ascii=False) + "\n")
 
 
 class PlotWriter:

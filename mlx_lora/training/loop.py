@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -13,7 +12,7 @@ from pathlib import Path
 from mlx_lora.backends.protocol import Engine
 from mlx_lora.core.config import Config
 from mlx_lora.core.errors import UserError
-from mlx_lora.core.files import publish_dir, staged_dir
+from mlx_lora.core.files import publish_dir, remove_dir, staged_dir
 from mlx_lora.data.batching import epoch_batches, rank_share, steps_per_epoch, total_steps
 from mlx_lora.data.render import Encoded
 from mlx_lora.training import events
@@ -209,10 +208,11 @@ class Loop:
         self.pos = Position(**state["position"])
         self.emit(events.Warning(f"resumed from {folder} at step {self.pos.step}"))
         if self.main and self.pos.best_step is not None:
-            # The best adapter so far is the best checkpoint's (kept by retention): publish it if this run
-            # folder lacks it, e.g. a resume into a new --out or a crash between checkpoint and adapter.
+            # The best adapter so far is the best checkpoint's (kept by retention): publish it again, whatever the
+            # run folder holds. A kill between a checkpoint and its adapter leaves the previous best adapter there,
+            # whole but older (a resume into a new --out: none); an adapter is small, so it is simply copied again.
             best = folder.parent / f"step-{self.pos.best_step}" / "adapter"
-            if best.is_dir() and (folder.parent != self.checkpoints or not (self.run_dir / "adapter").exists()):
+            if best.is_dir():
                 publish_dir(best, self.run_dir / "adapter")
 
     # -- one checkpoint: eval, best adapter, retention --------------------------------------------------------
@@ -378,7 +378,7 @@ class Loop:
 
 
 def _remove(folder: Path) -> None:
-    shutil.rmtree(folder, ignore_errors=True)
+    remove_dir(folder)  # the folder leaves its name at once: a kill mid-removal never leaves a partial checkpoint
 
 
 def train(

@@ -12,8 +12,8 @@ from mlx_lora.core.config import Config
 from mlx_lora.core.environment import main_process, versions
 from mlx_lora.core.errors import UserError
 from mlx_lora.core.files import locked, sha256_of_files, write_json
-from mlx_lora.core.model_store import local_model_dir
-from mlx_lora.data.formats import encode_all, read_examples
+from mlx_lora.core.model_store import local_model_dir, model_sha256
+from mlx_lora.data.formats import encode_rows, length_warnings, read_examples
 from mlx_lora.data.render import ChatTokenizer
 from mlx_lora.training import events, loop, summary
 from mlx_lora.training.listeners import standard_listeners
@@ -38,7 +38,7 @@ def manifest(cfg: Config, backend_name: str, model_dir: Path, data_files: list[P
         "base_model": {
             "spec": cfg.model.path,
             "path": str(model_dir),
-            "sha256": sha256_of_files(list(model_dir.glob("*.safetensors")) + [model_dir / "config.json"]),
+            "sha256": model_sha256(model_dir, cfg.model.cache_dir),
         },
         "data": {"files": [str(p) for p in data_files], "sha256": sha256_of_files(data_files), **stats},
         "system_prompt": cfg.data.system_prompt,
@@ -70,14 +70,22 @@ def train_run(
     backend = backends.resolve(cfg.backend.name)
     model_dir = local_model_dir(cfg.model.path, cfg.model.cache_dir, progress)
     tokenizer = ChatTokenizer.from_dir(model_dir)
-    train, dropped_train = encode_all(tokenizer, read_examples(train_file), cfg.train.max_length)
-    valid, dropped_valid = encode_all(tokenizer, read_examples(valid_file), cfg.train.max_length)
+    rows, dropped, warnings = {}, 0, []
+    for path in (train_file, valid_file):
+        encoded = encode_rows(tokenizer, read_examples(path), cfg.train.max_length)
+        warnings += length_warnings(path, encoded, cfg.train.max_length)
+        rows[path] = [r for r in encoded if r.supervised > 0]
+        dropped += len(encoded) - len(rows[path])
+    if main_process():  # before training starts: cut and dropped rows used to show only in manifest.json
+        for warning in warnings:
+            print(warning, file=sys.stderr)
+    train, valid = rows[train_file], rows[valid_file]
     if not train:
         raise UserError(f"{train_file}: no row has an assistant token left within train.max_length")
     stats = {
         "train_rows": len(train),
         "valid_rows": len(valid),
-        "dropped_rows": dropped_train + dropped_valid,
+        "dropped_rows": dropped,
         "supervised_tokens": sum(r.supervised for r in train),
         "tokens": sum(len(r.ids) for r in train),
     }

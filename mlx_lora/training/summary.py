@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
 from pathlib import Path
 
 from mlx_lora.core.environment import main_process
-from mlx_lora.core.files import write_json
+from mlx_lora.core.files import replaced_dir, write_json
 
 EXPLODING_GRAD = 10.0
 VANISHING_GRAD = 0.1
@@ -105,8 +104,6 @@ def write_plots(run_dir: str | Path) -> list[str]:
     matplotlib.use("Agg")  # no display on servers and CI
     import matplotlib.pyplot as plt
 
-    out = Path(run_dir) / "plots"
-    out.mkdir(parents=True, exist_ok=True)
     x = [e["step"] for e in steps]
     panels = [
         (
@@ -120,24 +117,28 @@ def write_plots(run_dir: str | Path) -> list[str]:
         ("lr.png", "learning rate", [("lr", x, [e["lr"] for e in steps], "-")]),
         ("grad_norm.png", "grad-norm (before clipping)", [("grad-norm", x, [e["grad_norm"] for e in steps], "-")]),
     ]
-    for name, title, series in panels:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for label, xs, ys, style in series:
-            if xs:
-                ax.plot(xs, ys, style, label=label, markersize=4)
-        if name == "grad_norm.png":
-            for level in (VANISHING_GRAD, EXPLODING_GRAD):
-                ax.axhline(level, color="grey", linestyle=":", linewidth=1)
-            ax.set_yscale("log")
-        ax.set_xlabel("optimizer step")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        tmp = out / f".{name}.tmp.png"
-        fig.savefig(tmp, dpi=100, bbox_inches="tight")
-        plt.close(fig)
-        os.replace(tmp, out / name)
+    # The three plots change together (one generation of run_dir/plots, see files.replaced_dir).
+    with replaced_dir(Path(run_dir) / "plots") as out:
+        for name, title, series in panels:
+            _plot(plt, out / name, title, series)
     return [name for name, _, _ in panels]
+
+
+def _plot(plt, path: Path, title: str, series) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, xs, ys, style in series:
+        if xs:
+            ax.plot(xs, ys, style, label=label, markersize=4)
+    if path.name == "grad_norm.png":
+        for level in (VANISHING_GRAD, EXPLODING_GRAD):
+            ax.axhline(level, color="grey", linestyle=":", linewidth=1)
+        ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
 
 
 def _train_config(run_dir: Path) -> dict | None:

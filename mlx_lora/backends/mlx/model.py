@@ -19,8 +19,8 @@ from mlx_lm.utils import load_model
 from mlx_lora.backends import adapters
 from mlx_lora.core.config import Config
 from mlx_lora.core.errors import UserError
-from mlx_lora.core.files import staged_dir
 from mlx_lora.core.hf_config import rope_override
+from mlx_lora.core.model_store import require_safetensors
 
 OPENBLAS_FIX = (
     "apt-get install libopenblas0-pthread libgfortran5, then "
@@ -74,23 +74,25 @@ def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
 
 
 def save_adapter(loaded: MLXLoaded, dst: Path, weights: dict[str, mx.array] | None = None) -> Path:
-    """Write an mlx-lm adapter folder (adapters.safetensors + adapter_config.json) atomically."""
+    """mlx-lm's adapter format (adapters.safetensors + adapter_config.json) into a new folder; the caller stages
+    and publishes it (as the torch backend's save_adapter), so that one generation holds the whole checkpoint."""
     lora = loaded.lora
-    with staged_dir(dst) as tmp:
-        mx.save_safetensors(
-            str(tmp / adapters.MLX_WEIGHTS), weights or adapter_weights(loaded.model), metadata={"format": "mlx"}
-        )
-        config = adapters.mlx_config(
-            lora["rank"],
-            lora["scale"],
-            lora["dropout"],
-            lora["keys"],
-            lora["num_layers"],
-            dora=lora["dora"],
-            alpha=lora["alpha"],
-            base_model=str(loaded.model_dir),
-        )
-        (tmp / adapters.CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(
+        str(dst / adapters.MLX_WEIGHTS), weights or adapter_weights(loaded.model), metadata={"format": "mlx"}
+    )
+    config = adapters.mlx_config(
+        lora["rank"],
+        lora["scale"],
+        lora["dropout"],
+        lora["keys"],
+        lora["num_layers"],
+        dora=lora["dora"],
+        alpha=lora["alpha"],
+        base_model=str(loaded.model_dir),
+    )
+    (dst / adapters.CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return dst
 
 
@@ -135,6 +137,7 @@ def load(model_dir: Path, adapter: Path | None = None, cfg: Config | None = None
     config_file = model_dir / "config.json"
     if not config_file.is_file():
         raise UserError(f"{model_dir}: no config.json; point --model at a Hugging Face model folder")
+    require_safetensors(model_dir)  # mlx-lm would say only "no safetensors found"
     raw = json.loads(config_file.read_text(encoding="utf-8"))
     try:
         model, config = load_model(model_dir, model_config=rope_override(raw) or None)

@@ -9,6 +9,7 @@ from mlx_lora.backends.torch import model as loading
 from mlx_lora.backends.torch.model import Loaded
 from mlx_lora.core.config import Config
 from mlx_lora.core.errors import UserError
+from mlx_lora.core.files import replaced_dir
 from mlx_lora.core.hf_config import add_top_level_rope
 
 TOKENIZER_FILES = (
@@ -34,14 +35,14 @@ def fuse_loaded(loaded: Loaded, out_dir: str | Path) -> Path:
     merged = loaded.model.merge_and_unload()
     loaded.model = merged
     merged.config.use_cache = True  # the saved model is for inference
-    out_dir.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(str(out_dir), safe_serialization=True)
     source = Path(loaded.source)
     source = source if source.is_dir() else source.parent
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file() and not (out_dir / name).exists():
-            shutil.copy2(source / name, out_dir / name)
-    add_top_level_rope(out_dir / "config.json")
+    with replaced_dir(out_dir) as folder:  # a kill mid-save leaves no half model under out_dir
+        merged.save_pretrained(str(folder), safe_serialization=True)
+        for name in TOKENIZER_FILES:
+            if (source / name).is_file() and not (folder / name).exists():
+                shutil.copy2(source / name, folder / name)
+        add_top_level_rope(folder / "config.json")
     return out_dir
 
 

@@ -1,4 +1,4 @@
-"""Load a base model (local HF folder, GGUF file or hub id) and optionally an adapter of either format."""
+"""Load a base model (local HF folder or GGUF file) and optionally an adapter of either format."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 from mlx_lora.backends.adapters import adapter_dir, detect_format
 from mlx_lora.core.config import Config
 from mlx_lora.core.errors import UserError
+from mlx_lora.core.model_store import require_safetensors
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -120,17 +121,17 @@ def _from_pretrained(source: str, dtype: torch.dtype):
     hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar for a local load is noise
 
     path = Path(source)
-    kwargs = {"dtype": dtype, "trust_remote_code": False}
+    kwargs = {"dtype": dtype, "trust_remote_code": False, "local_files_only": True}  # never the network
     try:
         if path.is_file() and path.suffix == ".gguf":  # transformers dequantises GGUF into plain float layers
             return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
         if path.is_dir():
             if not (path / "config.json").is_file():
                 raise UserError(f"{path}: no config.json; point --model at a Hugging Face model folder")
+            require_safetensors(path)  # else transformers would unpickle pytorch_model.bin
             return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-        if path.exists() or source.startswith((".", "/", "~")):
-            raise UserError(f"{source}: not a model folder or .gguf file")
-        return AutoModelForCausalLM.from_pretrained(source, **kwargs)  # a hub id: works only when online
+        # Never the network: a hub id reaches a backend only as its folder in the local cache (resolve_model).
+        raise UserError(f"{source}: not a model folder or .gguf file")
     except OSError as exc:
         raise UserError(
             f"{source}: cannot load the model ({str(exc).splitlines()[0][:160]}); use a local model folder when offline"
