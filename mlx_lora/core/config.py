@@ -101,6 +101,7 @@ class DataConfig:
     # replaced by the next retrieved one and the row answers by data.oracle_free.
     oracle_rate: float = 1.0
     oracle_free: str = "refuse"  # refuse (a hard negative) | answer (from memory, citing the gold doc)
+    shuffle_passages: bool = False  # grounded: show train rows' passages in a seeded random order
 
 
 @dataclass

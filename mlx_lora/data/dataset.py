@@ -140,8 +140,8 @@ def ground_splits(splits: dict[str, list[Item]], kb: dict[str, Doc], refusal: st
     passage (put in at a seeded position when retrieval missed it); the rest see the next retrieved passages
     instead and answer by data.oracle_free: the refusal (the passages do not answer) or the gold answer from
     memory. Unanswerable rows keep what retrieval finds: on-topic passages that do not answer are the near-miss
-    lesson. Train rows show their passages in a seeded random order; answers cite the doc they come from:
-    "[doc_id] <answer>"."""
+    lesson. With data.shuffle_passages, train rows show their passages in a seeded random order. Answers cite
+    the doc they come from: "[doc_id] <answer>"."""
     texts = {doc_id: doc.text for doc_id, doc in kb.items()}
     index = PassageIndex(scorer, texts, [(i.question, i.doc_id) for i in splits["train"] if i.doc_id])
     rng = random.Random(cfg.seed + 1)
@@ -161,14 +161,14 @@ def ground_splits(splits: dict[str, list[Item]], kb: dict[str, Doc], refusal: st
                     item.style += "+oracle_free"
                     if cfg.oracle_free == "refuse":
                         item.answer = refusal
-                        item.passages = rng.sample(passages, len(passages))
+                        item.passages = rng.sample(passages, len(passages)) if cfg.shuffle_passages else passages
                         continue
             if item.doc_id is not None:
                 item.answer = cited_answer(item.doc_id, item.answer)
-            if name == "train":
-                # Retrieval puts the gold passage first for ~80% of questions: in that order a model learns
-                # "copy the first passage" (measured: a 16-step adapter's topic accuracy equalled the top
-                # passage's, 81.2%, and it refused 2 of 16 unanswerable valid questions). Shuffled, it must read.
+            if name == "train" and cfg.shuffle_passages:
+                # Retrieval puts the gold passage first for ~80% of questions, so a model may learn "copy the first
+                # passage" (a 16-step adapter's topic accuracy on valid equalled the top passage's, 81.2%).
+                # Shuffled, it must read — but a 20-step run then picked worse (52.1%): off by default.
                 passages = list(passages)
                 rng.shuffle(passages)
             item.passages = passages
