@@ -133,7 +133,7 @@ def test_an_escaped_lone_surrogate_names_file_and_line(tmp_path, capsys, tiny_kb
 
 
 def test_a_valid_surrogate_pair_is_one_character(tmp_path):
-    from mlx_lora.core.files import read_jsonl
+    from mlx_lora.core.jsonl import read_jsonl
 
     path = tmp_path / "ok.jsonl"
     path.write_text('{"text": "smile \\ud83d\\ude00"}\n')

@@ -1,50 +1,23 @@
-"""JSONL reading with file:line errors; files and folders replaced whole (temp files, generation links); the lock."""
+"""Files and folders replaced whole (temp files, generation links), appends, the run lock, file hashes."""
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
 import hashlib
-import json
 import os
 import re
 import secrets
 import shutil
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable
 from pathlib import Path
 
-from mlx_lora.core.errors import UserError, located
-from mlx_lora.core.userfiles import lone_surrogate, not_utf8, surrogate_error
+from mlx_lora.core.errors import UserError
+from mlx_lora.core.jsonl import json_text, jsonl_text
 
 # Every file and folder we write gets these modes, whatever the umask or mkstemp (owner-only) would give: run
 # folders, data and reports are shared and copied around like any other build output.
 FILE_MODE, DIR_MODE = 0o644, 0o755
-
-
-def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """Yield (line number, object) for each non-blank line; malformed lines raise a file:line UserError."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: {'is a directory, not a JSONL file' if path.is_dir() else 'file not found'}")
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a leading BOM is not content
-            except UnicodeDecodeError as exc:
-                raise not_utf8(path, number, raw[exc.start], exc.start + 1) from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise located(
-                    path, number, f"malformed JSON ({exc.msg} at column {exc.colno}); fix or remove the line"
-                ) from None
-            if not isinstance(obj, dict):
-                raise located(path, number, "each line must be a JSON object")
-            if "\\u" in line and (char := lone_surrogate(obj)) is not None:  # only an escape can hold one
-                raise surrogate_error(path, number, char)
-            yield number, obj
 
 
 # -- names beside a target: `.NAME.gen-N` (a complete generation), `.NAME.tmp-PID-HEX` (being written or removed) --
@@ -342,14 +315,6 @@ def append_text(path: str | Path, text: str) -> None:
             data = data[os.write(fd, data) :]
     finally:
         os.close(fd)
-
-
-def jsonl_text(rows: Iterable[dict]) -> str:
-    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-
-
-def json_text(obj) -> str:
-    return json.dumps(obj, ensure_ascii=False, indent=2) + "\n"
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:

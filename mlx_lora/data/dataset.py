@@ -10,7 +10,8 @@ from pathlib import Path
 
 from mlx_lora.core.config import DataConfig
 from mlx_lora.core.errors import UserError, located
-from mlx_lora.core.files import json_text, jsonl_text, write_dir
+from mlx_lora.core.files import write_dir
+from mlx_lora.core.jsonl import json_text, jsonl_text
 from mlx_lora.core.textnorm import compact
 from mlx_lora.core.userfiles import load_yaml
 from mlx_lora.data.grounded import cited_answer, retrieve, user_turn

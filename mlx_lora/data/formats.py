@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlx_lora.core.errors import UserError, located
-from mlx_lora.core.files import read_jsonl
+from mlx_lora.core.jsonl import read_jsonl
 from mlx_lora.data.render import ChatTokenizer, Encoded, encode_messages, encode_text
 
 ROLES = {"system", "user", "assistant", "tool"}

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlx_lora.core.errors import located
-from mlx_lora.core.files import read_jsonl
+from mlx_lora.core.jsonl import read_jsonl
 
 
 @dataclass(frozen=True)

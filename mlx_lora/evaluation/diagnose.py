@@ -8,7 +8,8 @@ from pathlib import Path
 
 import yaml
 
-from mlx_lora.core.files import json_text, write_dir
+from mlx_lora.core.files import write_dir
+from mlx_lora.core.jsonl import json_text
 from mlx_lora.core.textnorm import compact
 from mlx_lora.data.similarity import REFUSAL
 from mlx_lora.evaluation.scoring import confused_pairs

@@ -7,7 +7,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from mlx_lora.core.config import parse_threshold
-from mlx_lora.core.files import json_text, jsonl_text, write_dir, write_jsonl
+from mlx_lora.core.files import write_dir, write_jsonl
+from mlx_lora.core.jsonl import json_text, jsonl_text
 from mlx_lora.data.grounded import parse_citation
 from mlx_lora.data.similarity import REFUSAL, CharScorer, LabelIndex, example_labels
 from mlx_lora.evaluation.variants import VARIANTS
