@@ -13,6 +13,7 @@ from mlx_lora.core.errors import UserError
 
 # name → (module under mlx_lora.commands, attribute, one-line help shown before the module is imported)
 COMMANDS = {
+    "init": ("init", "init", "Copy the sample KB, question bank, rules and configs into a new folder."),
     "run": ("run", "run", "The main job: data → train → eval (base, tuned, tuned+rules, retrieval) → report."),
     "data": ("data", "data", "Build ChatML train/valid/test splits from a KB; check any chat JSONL."),
     "train": ("train", "train", "LoRA-train a model on a data directory (torch or mlx backend)."),

@@ -109,7 +109,7 @@ def bench(
     Training uses the config's LoRA/train settings (reference defaults) on the same data for every engine.
     """
     run = _benchmarks()
-    cfg = build_config(config_path, overrides)
+    cfg = build_config(config_path, overrides, samples=False)
     for name, value in (
         ("--warmup", warmup),
         ("--reps", reps),

@@ -26,7 +26,7 @@ def fuse(config_path, overrides, model, adapter, out, backend):
     """Merge an adapter into its base model; the output folder loads in transformers and mlx-lm."""
     from mlx_lora.backends.loading import load_for_generation
 
-    cfg = build_config(config_path, overrides, backend__name=backend)
+    cfg = build_config(config_path, overrides, samples=False, backend__name=backend)
     if cfg.model.dtype == "auto":
         cfg.model.dtype = "float32"  # merge at full precision: a bf16 sum would round the adapter away
     if Path(out).exists() and any(Path(out).iterdir()):

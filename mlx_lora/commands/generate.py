@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from mlx_lora.commands.options import backend_choice, build_config, config_option, set_option
+from mlx_lora.commands.options import backend_choice, build_config, config_option, set_option, use_samples
 from mlx_lora.core.errors import UserError
 
 
@@ -33,7 +33,13 @@ class _Streamer:
 @set_option
 @click.argument("questions", nargs=-1, required=True)
 @click.option("--model", help="Base model (default: the adapter run's, else the config's).")
-@click.option("--adapter", type=click.Path(exists=True, file_okay=False), help="Run directory or adapter folder.")
+@click.option(
+    "--adapter",
+    "--adapter-path",
+    "adapter",
+    type=click.Path(exists=True, file_okay=False),
+    help="Run directory or adapter folder (--adapter-path is mlx-lm's name).",
+)
 @click.option(
     "--rules",
     "rules_path",
@@ -41,10 +47,22 @@ class _Streamer:
     help="YAML rule file: rules may override an off-topic answer with the KB's (source is shown).",
 )
 @click.option("--backend", type=backend_choice, help="Generation backend (default: auto).")
-@click.option("--max-new-tokens", type=int)
-@click.option("--temperature", type=float, help="0 = greedy (default).")
-@click.option("--top-p", type=float)
-@click.option("--repetition-penalty", type=float)
+@click.option(
+    "--max-new-tokens",
+    "--max-tokens",
+    "max_new_tokens",
+    type=int,
+    help="The longest answer, in tokens (default: generate.max_new_tokens). --max-tokens is mlx-lm's name.",
+)
+@click.option(
+    "--temperature", "--temp", "temperature", type=float, help="0 = greedy (default). --temp is mlx-lm's name."
+)
+@click.option(
+    "--top-p",
+    type=float,
+    help="Nucleus sampling: draw from the most likely tokens whose probabilities add up to P (with --temperature > 0).",
+)
+@click.option("--repetition-penalty", type=float, help="Above 1 makes repeating a token less likely (1 = off).")
 @click.option("--no-progress", is_flag=True)
 @click.option(
     "--strict", is_flag=True, help="Refuse, instead of warning, a base model that differs from the run's manifest."
@@ -70,12 +88,15 @@ def generate(
     cfg = build_config(
         config_path,
         overrides,
+        samples=False,  # the KB is read only with --rules or in grounded mode
         backend__name=backend,
         generate__max_new_tokens=max_new_tokens,
         generate__temperature=temperature,
         generate__top_p=top_p,
         generate__repetition_penalty=repetition_penalty,
     )
+    if rules_path or cfg.data.mode == "grounded":
+        use_samples(cfg)
     if rules_path:  # a broken rules file fails now, not after the model has loaded and answered
         from mlx_lora.answer.rules import load_rules
         from mlx_lora.data.kb import load_kb

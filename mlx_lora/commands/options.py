@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from mlx_lora.core.config import Config, apply_mapping, load_config, validate
+from mlx_lora.core.samples import say_fallbacks, with_fallback
 
 config_option = click.option(
     "-c",
@@ -12,7 +13,7 @@ config_option = click.option(
     "config_path",
     type=click.Path(dir_okay=False),
     default=None,
-    help="YAML config (see configs/reference.yaml).",
+    help="YAML config: ours (keys in configs/reference.yaml) or an mlx-lm LoRA config (flat keys, see README).",
 )
 set_option = click.option(
     "--set",
@@ -24,12 +25,32 @@ set_option = click.option(
 backend_choice = click.Choice(["auto", "torch", "mlx"])
 
 
-def build_config(config_path: str | None, overrides: tuple[str, ...], **direct) -> Config:
-    """File, then --set, then explicit options (passed as section__key=value; None means not given)."""
+def build_config(
+    config_path: str | None,
+    overrides: tuple[str, ...],
+    *,
+    samples: bool = True,
+    samples_used: list[str] | None = None,
+    **direct,
+) -> Config:
+    """File, then --set, then explicit options (passed as section__key=value; None means not given); with
+    `samples`, default inputs missing here read the packaged samples (see use_samples)."""
     cfg = load_config(config_path, overrides)
     mapping: dict[str, dict] = {}
     for dotted, value in direct.items():
         if value is not None:
             section, key = dotted.split("__", 1)
             mapping.setdefault(section, {})[key] = value
-    return validate(apply_mapping(cfg, mapping, "command line"))
+    cfg = validate(apply_mapping(cfg, mapping, "command line"))
+    return use_samples(cfg, samples_used) if samples else cfg
+
+
+def use_samples(cfg: Config, used: list[str] | None = None) -> Config:
+    """data.kb, data.questions and rules.path left at their defaults but missing from the current folder → the
+    packaged samples, said in one line on stderr (`used`: defaults the caller already took, e.g. run's -c)."""
+    used = list(used or [])
+    cfg.data.kb = with_fallback(cfg.data.kb, used)
+    cfg.data.questions = with_fallback(cfg.data.questions, used)
+    cfg.rules.path = with_fallback(cfg.rules.path, used)
+    say_fallbacks(used)
+    return cfg

@@ -15,20 +15,31 @@ from mlx_lora.commands.options import build_config, config_option, set_option
 )
 @click.option("--backend", type=click.Choice(["auto", "torch", "mlx"]), help="Training/generation backend.")
 @click.option("--out", help="Run directory (default from the config: train.out).")
-@click.option("--epochs", type=int)
-@click.option("--max-steps", type=int)
+@click.option("--epochs", type=int, help="Passes over the train split (default: train.epochs).")
+@click.option(
+    "--max-steps",
+    "--iters",
+    "max_steps",
+    type=int,
+    help="Stop after N optimizer steps, before --epochs ends (default: train.max_steps). --iters is mlx-lm's name.",
+)
 @click.option("--no-progress", is_flag=True, help="No progress bars (for logs).")
 def run(config_path, overrides, model, backend, out, epochs, max_steps, no_progress):
-    """Data → train → eval (base, tuned, tuned+rules, retrieval) → report. Default config: configs/default.yaml."""
-    from pathlib import Path
+    """Data → train → eval (base, tuned, tuned+rules, retrieval) → report. Default config: configs/default.yaml.
 
+    Inputs missing from the current folder (configs/default.yaml, data/kb.jsonl, data/questions.yaml,
+    configs/rules.yaml) are read from the packaged samples; runs/ is written here. `mlx-lora init DIR` copies them.
+    """
+    from mlx_lora.core.samples import with_fallback
     from mlx_lora.pipeline import run_pipeline
 
-    if config_path is None and Path("configs/default.yaml").is_file():
-        config_path = "configs/default.yaml"
+    used: list[str] = []
+    if config_path is None:  # this folder's configs/default.yaml, else the packaged one
+        config_path = with_fallback("configs/default.yaml", used)
     cfg = build_config(
         config_path,
         overrides,
+        samples_used=used,
         model__path=model,
         backend__name=backend,
         train__out=out,

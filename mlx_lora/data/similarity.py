@@ -109,7 +109,7 @@ def _st_scorer(spec: str) -> EmbeddingScorer:
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError:
-        raise UserError(f"eval.embedder {spec!r} needs sentence-transformers: pip install -e '.[eval]'") from None
+        raise UserError(f"eval.embedder {spec!r} needs sentence-transformers: pip install -e '.[st]'") from None
     path = Path(spec).expanduser()
     if not path.exists() and (spec.startswith((".", "~", "/")) or "\\" in spec or spec.count("/") > 1):
         raise UserError(

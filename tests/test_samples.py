@@ -1,0 +1,70 @@
+"""The packaged samples: `data build` works from an empty folder, `init` copies them, and the checkout shares them."""
+
+import subprocess
+import sys
+
+from conftest import REPO
+
+from mlx_lora.core.samples import INIT_FILES, sample_path
+
+
+def cli(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-c", "from mlx_lora.cli import main; main()", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=120,
+    )
+
+
+def test_the_checkout_paths_are_the_packaged_files():
+    # One copy: data/ and configs/ in a checkout are the package's files, not copies that could drift apart.
+    for relative in INIT_FILES:
+        assert (REPO / relative).resolve() == sample_path(relative).resolve(), relative
+
+
+def test_data_build_from_an_empty_folder_reads_the_packaged_samples(tmp_path):
+    out = cli("data", "build", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    notes = [line for line in out.stderr.splitlines() if "packaged samples" in line]
+    assert len(notes) == 1 and "data/kb.jsonl" in notes[0] and "data/questions.yaml" in notes[0]
+    assert (tmp_path / "runs" / "data" / "train.jsonl").is_file()  # written here, not in the package
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+
+
+def test_a_local_file_wins_over_the_sample(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "kb.jsonl").write_text("not json\n", encoding="utf-8")
+    out = cli("data", "build", cwd=tmp_path)
+    assert out.returncode == 2 and "data/kb.jsonl" in out.stderr
+
+
+def test_init_copies_the_samples_and_refuses_a_non_empty_folder(tmp_path):
+    out = cli("init", "proj", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    for relative in INIT_FILES:
+        assert (tmp_path / "proj" / relative).read_bytes() == sample_path(relative).read_bytes()
+        assert not (tmp_path / "proj" / relative).is_symlink()
+    out = cli("init", "proj", cwd=tmp_path)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and "not empty" in lines[0]
+    # In the new folder the defaults are found locally: no fallback note.
+    out = cli("data", "build", cwd=tmp_path / "proj")
+    assert out.returncode == 0, out.stderr
+    assert "packaged samples" not in out.stderr
+    assert (tmp_path / "proj" / "runs" / "data" / "stats.json").is_file()
+
+
+def test_run_falls_back_to_the_packaged_default_config(tmp_path, monkeypatch):
+    from mlx_lora.commands.options import build_config
+    from mlx_lora.core.samples import with_fallback
+
+    monkeypatch.chdir(tmp_path)
+    used: list[str] = []
+    config = with_fallback("configs/default.yaml", used)  # what `run` does without -c
+    assert config == str(sample_path("configs/default.yaml")) and used == ["configs/default.yaml"]
+    cfg = build_config(config, (), samples_used=used)
+    assert cfg.train.max_steps == 24 and cfg.data.kb == str(sample_path("data/kb.jsonl"))
+    assert cfg.train.out == "runs/latest"  # relative: written in the current folder
+    assert with_fallback("elsewhere/kb.jsonl", used) == "elsewhere/kb.jsonl"  # only the defaults fall back
