@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import random
 from collections import Counter
@@ -177,8 +178,6 @@ def ground_splits(splits: dict[str, list[Item]], kb: dict[str, Doc], refusal: st
 
 def _wider(cfg: DataConfig) -> DataConfig:
     """One passage more than shown: what replaces the gold one in oracle-free rows."""
-    import dataclasses
-
     return dataclasses.replace(cfg, passages=cfg.passages + 1)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 
@@ -47,8 +48,6 @@ def retrieve(index: PassageIndex, questions: Sequence[str], cfg: DataConfig, lea
 def reground(examples, index: PassageIndex, cfg: DataConfig) -> list:
     """Grounded examples with passages retrieved anew from `index` (the current KB): what the model would be
     shown today. With the KB and train questions the rows were built from, the prompts come out unchanged."""
-    import dataclasses
-
     found = retrieve(index, [e.question for e in examples], cfg)
     out = []
     for example, passages in zip(examples, found):

@@ -63,8 +63,6 @@ def _generate_variant(
 
 def _prompt_settings(cfg: Config, adapter_run):
     """The grounded-prompt settings the adapter was trained with (its run's manifest), else the config's."""
-    import dataclasses
-
     data = cfg.data
     if adapter_run is not None and (Path(adapter_run) / "manifest.json").is_file():
         saved = read_manifest(Path(adapter_run))["config"].get("data", {})
