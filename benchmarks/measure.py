@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from mlx_lora.core.environment import cpu_name
+
 VERSIONED = (
     "mlx-lora",
     "torch",
@@ -83,16 +85,6 @@ def versions() -> dict[str, str]:
     from mlx_lora.core.environment import versions as installed_versions
 
     return installed_versions(VERSIONED)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def cpu_flags() -> list[str]:

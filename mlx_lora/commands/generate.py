@@ -144,8 +144,7 @@ def _grounding(cfg, adapter):
     kb = load_kb(cfg.data.kb)
     train_file = _train_file(cfg, adapter)
     train = read_examples(train_file) if train_file.is_file() else []
-    asked = [(e.question, e.meta.get("doc_id")) for e in train if e.meta.get("answerable")]
-    index = PassageIndex(make_scorer(cfg.eval.embedder), {d: doc.text for d, doc in kb.items()}, asked)
+    index = PassageIndex.from_examples(make_scorer(cfg.eval.embedder), {d: doc.text for d, doc in kb.items()}, train)
     return lambda question: user_turn(question, retrieve(index, [question], cfg.data)[0], cfg.data)
 
 

@@ -1,10 +1,10 @@
-"""Options shared by several commands: the config file, `--set` overrides and the backend choice."""
+"""Options shared by several commands: the config file, `--set` overrides, the backend, how long to train."""
 
 from __future__ import annotations
 
 import click
 
-from mlx_lora.core.config import Config, apply_mapping, load_config, validate
+from mlx_lora.core.config import CHOICES, Config, apply_mapping, load_config, validate
 from mlx_lora.core.samples import say_fallbacks, with_fallback
 
 config_option = click.option(
@@ -22,7 +22,16 @@ set_option = click.option(
     metavar="SECTION.KEY=VALUE",
     help="Override a config key, e.g. --set train.lr=3e-4 (repeatable).",
 )
-backend_choice = click.Choice(["auto", "torch", "mlx"])
+backend_choice = click.Choice(CHOICES["backend.name"])
+# How long to train: `train` and `run` take the same two, mlx-lm's --iters included.
+epochs_option = click.option("--epochs", type=int, help="Passes over the train split (default: train.epochs).")
+max_steps_option = click.option(
+    "--max-steps",
+    "--iters",
+    "max_steps",
+    type=int,
+    help="Stop after N optimizer steps, before --epochs ends (default: train.max_steps). --iters is mlx-lm's name.",
+)
 
 
 def build_config(

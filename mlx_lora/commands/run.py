@@ -2,7 +2,14 @@
 
 import click
 
-from mlx_lora.commands.options import build_config, config_option, set_option
+from mlx_lora.commands.options import (
+    backend_choice,
+    build_config,
+    config_option,
+    epochs_option,
+    max_steps_option,
+    set_option,
+)
 
 
 @click.command()
@@ -13,16 +20,10 @@ from mlx_lora.commands.options import build_config, config_option, set_option
     help="Model: embedded (default), an HF folder, a .gguf file, or a hub id in the local Hugging Face cache "
     "(never downloaded).",
 )
-@click.option("--backend", type=click.Choice(["auto", "torch", "mlx"]), help="Training/generation backend.")
+@click.option("--backend", type=backend_choice, help="Training/generation backend.")
 @click.option("--out", help="Run directory (default from the config: train.out).")
-@click.option("--epochs", type=int, help="Passes over the train split (default: train.epochs).")
-@click.option(
-    "--max-steps",
-    "--iters",
-    "max_steps",
-    type=int,
-    help="Stop after N optimizer steps, before --epochs ends (default: train.max_steps). --iters is mlx-lm's name.",
-)
+@epochs_option
+@max_steps_option
 @click.option("--no-progress", is_flag=True, help="No progress bars (for logs).")
 def run(config_path, overrides, model, backend, out, epochs, max_steps, no_progress):
     """Data → train → eval (base, tuned, tuned+rules, retrieval) → report. Default config: configs/default.yaml.

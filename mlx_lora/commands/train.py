@@ -7,7 +7,14 @@ from pathlib import Path
 
 import click
 
-from mlx_lora.commands.options import backend_choice, build_config, config_option, set_option
+from mlx_lora.commands.options import (
+    backend_choice,
+    build_config,
+    config_option,
+    epochs_option,
+    max_steps_option,
+    set_option,
+)
 from mlx_lora.core.config import Config
 
 
@@ -61,14 +68,8 @@ def train_config(
 @click.option(
     "--out", "--adapter-path", "out", help="Run directory (default: train.out). --adapter-path is mlx-lm's name."
 )
-@click.option("--epochs", type=int, help="Passes over the train split (default: train.epochs).")
-@click.option(
-    "--max-steps",
-    "--iters",
-    "max_steps",
-    type=int,
-    help="Stop after N optimizer steps, before --epochs ends (default: train.max_steps). --iters is mlx-lm's name.",
-)
+@epochs_option
+@max_steps_option
 @click.option("--batch-size", type=int, help="Rows per micro-batch (train.batch_size).")
 @click.option("--lr", "--learning-rate", "lr", type=float, help="Peak learning rate (train.lr).")
 @click.option("--rank", type=int, help="LoRA rank (lora.rank).")

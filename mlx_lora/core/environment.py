@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 from importlib import metadata
+from pathlib import Path
 
 VERSIONED = ("mlx-lora", "torch", "transformers", "peft", "mlx", "mlx-lm", "tokenizers", "gguf")
 
@@ -18,6 +19,17 @@ def versions(names: tuple[str, ...] = VERSIONED) -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return found
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what the platform module knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def main_process() -> bool:

@@ -32,6 +32,12 @@ class PassageIndex:
         self._docs = list(self.kb_texts)
         self._column = {d: i for i, d in enumerate(self._docs)}
 
+    @classmethod
+    def from_examples(cls, scorer, kb_texts: dict[str, str], examples) -> PassageIndex:
+        """The index inference uses: the KB texts and the answerable questions of built rows (a train split)."""
+        asked = [(e.question, e.meta.get("doc_id")) for e in examples if (e.meta or {}).get("answerable")]
+        return cls(scorer, kb_texts, asked)
+
     def doc_scores(self, queries: Sequence[str], leave_out_own: bool = False) -> np.ndarray:
         """(queries × docs) best-entry similarity. leave_out_own drops entries whose text is the query itself:
         a training row must not find its own question, or it learns from a neighbour no user question has."""

@@ -73,8 +73,7 @@ def _prompt_settings(cfg: Config, adapter_run):
 
 def passage_index(scorer, kb, train) -> PassageIndex:
     """The retriever over today's KB and the train questions (as data build and inference use it)."""
-    questions = [(e.question, e.meta.get("doc_id")) for e in train if (e.meta or {}).get("answerable")]
-    return PassageIndex(scorer, {d: doc.text for d, doc in kb.items()}, questions)
+    return PassageIndex.from_examples(scorer, {d: doc.text for d, doc in kb.items()}, train)
 
 
 def top_passage_decisions(index: PassageIndex, questions, answers: dict[str, str]) -> list[Decision]:

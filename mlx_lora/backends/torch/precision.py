@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from mlx_lora.core.environment import cpu_name
 
 # A matmul of the embedded 0.5B's MLP shape (tokens × hidden) · (hidden × intermediate): what a step spends on.
 PROBE_SHAPE = (512, 896, 4864)
@@ -16,16 +17,6 @@ PROBE_SHAPE = (512, 896, 4864)
 # avx512_bf16 measured 2.5–2.8× on this shape (2 threads); AVX2-only CPUs emulate bf16 and measured 7–10× slower.
 MIN_GAIN = 1.2
 PROBE_FILE = "precision-probe.json"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _gflops(dtype: torch.dtype, reps: int = 3) -> float:
@@ -43,7 +34,7 @@ def _gflops(dtype: torch.dtype, reps: int = 3) -> float:
 def probe(cache_dir: Path | None = None, refresh: bool = False) -> dict:
     """fp32 vs bf16 matmul rate on this CPU (best of 3; about a second), cached per CPU model, torch version and
     thread count so that every run on a machine makes the same choice."""
-    key = f"{_cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    key = f"{cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
     path = Path(cache_dir) / PROBE_FILE if cache_dir is not None else None
     if path is not None and path.is_file() and not refresh:
         try:
