@@ -2,7 +2,8 @@
 
 import pytest
 
-from mlx_lora.core.config import Config, load_config
+from mlx_lora.core.config import Config
+from mlx_lora.core.config_file import load_config
 from mlx_lora.core.errors import UserError
 
 

@@ -4,8 +4,10 @@ import pytest
 
 from mlx_lora.commands.generate import generate
 from mlx_lora.commands.train import train, train_config
-from mlx_lora.core.config import Config, is_mlx_lm_config, load_config
+from mlx_lora.core.config import Config
+from mlx_lora.core.config_file import load_config
 from mlx_lora.core.errors import UserError
+from mlx_lora.core.mlx_lm_config import is_mlx_lm_config
 
 MLX_LM_YAML = """\
 model: mlx-community/Qwen2.5-0.5B-Instruct-4bit

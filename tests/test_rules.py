@@ -12,7 +12,7 @@ from mlx_lora.answer.audit import append_audit, audit_records
 from mlx_lora.answer.decide import Decider
 from mlx_lora.answer.rules import compile_pattern, load_rules, match_rules
 from mlx_lora.cli import main
-from mlx_lora.core.config import load_config
+from mlx_lora.core.config_file import load_config
 from mlx_lora.core.errors import UserError
 from mlx_lora.data.dataset import build_splits
 from mlx_lora.data.kb import load_kb

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from mlx_lora.core.config import CHOICES, Config, apply_mapping, load_config, validate
+from mlx_lora.core.config import CHOICES, Config, apply_mapping, validate
+from mlx_lora.core.config_file import load_config
 from mlx_lora.core.samples import say_fallbacks, with_fallback
 
 config_option = click.option(
