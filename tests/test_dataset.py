@@ -119,3 +119,13 @@ def test_build_data_names_kb_docs_that_no_question_asks_about(tiny_kb, tiny_ques
     tiny_questions.write_text(text[: text.index("  badge:")] + text[text.index("unanswerable:") :], encoding="utf-8")
     stats = build_data(DataConfig(kb=str(tiny_kb), questions=str(tiny_questions), dir=str(tmp_path / "b")))
     assert stats["docs_without_questions"] == ["badge"]
+
+
+def test_loss_weights_mark_each_answers_first_token():
+    from mlx_lora.data.batching import loss_weights, weight_sum
+    from mlx_lora.data.render import Encoded
+
+    mask = [0, 0, 1, 1, 1, 0, 0, 1, 1]  # two assistant turns
+    assert loss_weights(mask, 5.0) == [0, 0, 5, 1, 1, 0, 0, 5, 1]
+    assert loss_weights(mask, 1.0) == [float(m) for m in mask]
+    assert weight_sum([Encoded(list(range(9)), mask)], 3.0) == 5 + 2 * 2

@@ -19,10 +19,12 @@ LAYERS = {
     "answer": 3,
     "evaluation": 4,
     "pipeline": 5,
+    "export": 5,
     "doctor": 5,
     "serve": 5,
     "commands": 6,
     "cli": 6,
+    "__main__": 7,  # python -m mlx_lora: above the command it runs
 }
 # Frameworks and the only package allowed to import each.
 FRAMEWORKS = {

@@ -27,8 +27,8 @@ def test_a_non_finite_step_is_not_applied(tiny_model, rows_and_vocab, tmp_path, 
     run_training(tiny_model, rows, make_cfg(max_steps=1), tmp_path / "one")
     calls, make_batch = [], trainer.make_batch
 
-    def poisoned(batch_rows, pad_id, pad=False):
-        out = make_batch(batch_rows, pad_id, pad)
+    def poisoned(batch_rows, pad_id, pad=False, **kw):
+        out = make_batch(batch_rows, pad_id, pad, **kw)
         calls.append(pad)
         if calls.count(True) == 3:  # step 2's first batch (2 batches a step): an infinite loss weight
             out = (*out[:3], out[3] * float("inf"), out[4])

@@ -307,3 +307,27 @@ def test_rope_theta_only_nested_still_matches_torch(rows_and_vocab, tmp_path):
         expected = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)(torch.tensor([ids])).logits
     got = np.array(load(folder).model(mx.array([ids])))
     assert np.abs(got - expected.numpy()).max() < 1e-4
+
+
+@needs_both
+def test_first_token_weight_is_the_same_objective_on_both_backends(hf_model, start_adapter, rows_and_vocab, tmp_path):
+    from mlx_lora.backends.mlx import MLXBackend
+    from mlx_lora.backends.torch import TorchBackend
+    from mlx_lora.training import loop
+
+    rows = rows_and_vocab[0]
+    first_losses = {}
+    for weight in (1.0, 4.0):
+        for backend in (TorchBackend(), MLXBackend()):
+            cfg = parity_cfg()
+            cfg.train.first_token_weight = weight
+            cfg.train.max_steps = 2
+            events = []
+            loaded = backend.load(hf_model, start_adapter, cfg)
+            out = tmp_path / f"{backend.name}-{weight}"
+            loop.train(backend, loaded, rows[:4] + rows[5:], rows[4:5], cfg, out, lambda e, ev=events: ev.append(e))
+            first_losses[backend.name, weight] = [e.to_dict()["loss"] for e in events if e.to_dict()["type"] == "step"]
+    for weight in (1.0, 4.0):
+        assert first_losses["mlx", weight] == pytest.approx(first_losses["torch", weight], abs=STEP_TOLERANCE)
+    # the weighted mean leans towards the first tokens' loss, which differs from the others': the loss moves
+    assert abs(first_losses["torch", 4.0][0] - first_losses["torch", 1.0][0]) > 1e-3

@@ -15,7 +15,7 @@ from mlx_lora.core.files import locked, sha256_of_files, write_json
 from mlx_lora.core.model_store import local_model_dir, model_sha256
 from mlx_lora.data.formats import encode_rows, length_warnings, read_examples
 from mlx_lora.data.render import ChatTokenizer
-from mlx_lora.training import events, loop, summary
+from mlx_lora.training import card, events, loop, summary
 from mlx_lora.training.listeners import standard_listeners
 from mlx_lora.training.loop import TrainOutcome
 
@@ -58,6 +58,7 @@ def resume_fingerprint(run: dict) -> dict:
         "base_model_sha256": run["base_model"]["sha256"],
         "lora": {k: lora[k] for k in sorted(lora)},
         "max_length": run["config"]["train"]["max_length"],
+        "first_token_weight": run["config"]["train"].get("first_token_weight", 1.0),
     }
 
 
@@ -109,6 +110,7 @@ def train_run(
 
         outcome = _train(backend, model_dir, train, valid, cfg, run_dir, run, resume, on_event)
         summary.finish(run_dir, outcome)
+        card.write_model_card(run_dir)  # what is known now; `run` rewrites it with the evaluation
     return outcome
 
 

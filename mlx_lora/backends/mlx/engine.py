@@ -17,6 +17,7 @@ from mlx_lora.backends.mlx.lora import attach_lora
 from mlx_lora.backends.mlx.model import MLXLoaded, adapter_weights, save_adapter
 from mlx_lora.backends.protocol import StepResult
 from mlx_lora.core.config import Config
+from mlx_lora.data.batching import loss_weights, weight_sum
 from mlx_lora.data.render import Encoded
 
 # Architectures whose __call__ is exactly `head(model.model(x))`: there we take logits only where the loss is
@@ -47,8 +48,9 @@ def bucket(n: int, quantum: int) -> int:
     return -(-n // step) * step
 
 
-def make_batch(rows: list[Encoded], pad_id: int, pad: bool = False):
-    """(inputs, targets, positions, weights, n): flat indices of the n target positions that carry loss.
+def make_batch(rows: list[Encoded], pad_id: int, pad: bool = False, first: float = 1.0):
+    """(inputs, targets, positions, weights, n): flat indices of the n target positions that carry loss, and their
+    weights (train.first_token_weight on each answer's first token, else 1; n counts positions, not weight).
 
     Rows are right-padded to the longest as pad_batch() does; with pad, the width and the count of loss
     positions are rounded up by bucket() so the compiled step sees few shapes: extra columns come after every
@@ -56,15 +58,17 @@ def make_batch(rows: list[Encoded], pad_id: int, pad: bool = False):
     width = max(len(r.ids) for r in rows) - 1  # inputs drop the last token, targets the first
     width = bucket(width, WIDTH_QUANTUM) if pad else width
     ids = np.full((len(rows), width + 1), pad_id, dtype=np.int32)
-    mask = np.zeros((len(rows), width + 1), dtype=bool)
+    mask = np.zeros((len(rows), width + 1), dtype=np.float32)
     for j, row in enumerate(rows):
         ids[j, : len(row.ids)] = row.ids
-        mask[j, : len(row.mask)] = row.mask
-    found = np.flatnonzero(mask[:, 1:].reshape(-1))
+        mask[j, : len(row.mask)] = loss_weights(row.mask, first) if first != 1.0 else row.mask
+    flat = mask[:, 1:].reshape(-1)
+    found = np.flatnonzero(flat)
     n = int(found.size)
     positions = np.zeros(bucket(n, POSITION_QUANTUM) if pad else n, dtype=np.uint32)  # extra: 0, weight 0
     positions[:n] = found
-    weights = (np.arange(positions.size) < n).astype(np.float32)
+    weights = np.zeros(positions.size, dtype=np.float32)
+    weights[:n] = flat[found]
     return mx.array(ids[:, :-1]), mx.array(ids[:, 1:].reshape(-1)), mx.array(positions), mx.array(weights), n
 
 
@@ -182,9 +186,12 @@ class MLXEngine:
 
     def step(self, group: list[list[Encoded]], lr: float, step: int) -> StepResult:
         mx.random.seed(self.cfg.train.seed * 1_000_003 + step)  # dropout noise per step, reproducible on resume
-        prepared = [make_batch(rows, self.loaded.pad_id, pad=True) for rows in group]
+        first = self.cfg.train.first_token_weight
+        prepared = [make_batch(rows, self.loaded.pad_id, pad=True, first=first) for rows in group]
         prepared = [p for p in prepared if p[4]]
-        norm = sum(p[4] for p in prepared)  # the whole group's supervised tokens (as torch does)
+        # the whole group's supervised tokens, first tokens weighted (as torch does)
+        norm = weight_sum([r for rows in group for r in rows], first)
+        supervised = sum(p[4] for p in prepared)
         norm_array = mx.array(norm, mx.float32)  # an array, not a float: a Python number would retrace
         loss, grads = None, None
         for inputs, targets, positions, weights, _ in prepared[:-1]:
@@ -200,7 +207,7 @@ class MLXEngine:
         if not applied:
             for (container, key), value in zip(self._slots, before):  # undo the update: weights and moments
                 container[key] = value
-        return StepResult(loss_value, norm_value, tokens, int(norm), applied)
+        return StepResult(loss_value, norm_value, tokens, supervised, applied)
 
     def eval_loss(self, rows: list[Encoded]) -> float:
         self.model.eval()

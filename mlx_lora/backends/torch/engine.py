@@ -19,7 +19,7 @@ from mlx_lora.backends.torch.model import Loaded
 from mlx_lora.backends.torch.precision import resolve
 from mlx_lora.core.config import Config
 from mlx_lora.core.model_store import default_cache_dir
-from mlx_lora.data.batching import pad_batch
+from mlx_lora.data.batching import loss_weights, pad_batch, weight_sum
 from mlx_lora.data.render import Encoded
 
 # A short shared prefix is not worth a pass of its own: ~21 shared tokens of ~85 measured only 1.03x (batch 4).
@@ -60,7 +60,7 @@ class MaskedLMLoss(torch.nn.Module):
         super().__init__()
         self.causal_lm, self.share_prefix = causal_lm, share_prefix
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         decoder = self.causal_lm.get_decoder()
         prefix = shared_prefix(ids, mask) if self.share_prefix else 0
         if prefix:
@@ -76,7 +76,10 @@ class MaskedLMLoss(torch.nn.Module):
             hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state
         keep = mask[:, prefix + 1 :].bool()
         logits = self.causal_lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
-        return F.cross_entropy(logits, ids[:, prefix + 1 :][keep], reduction="sum")
+        if weights is None:
+            return F.cross_entropy(logits, ids[:, prefix + 1 :][keep], reduction="sum")
+        ce = F.cross_entropy(logits, ids[:, prefix + 1 :][keep], reduction="none")
+        return (ce * weights[:, prefix + 1 :][keep]).sum()
 
 
 def supervised(row: Encoded) -> int:
@@ -152,26 +155,31 @@ class TorchEngine:
         return torch.tensor(rows, dtype=torch.long, device=self.device_)
 
     def step(self, group: list[list[Encoded]], lr: float, step: int) -> StepResult:
+        first = self.cfg.train.first_token_weight
         local_sup = sum(supervised(r) for b in group for r in b)
         local_tok = sum(len(r.ids) for b in group for r in b)
-        # The loss is a mean over the supervised tokens of the whole group on all ranks: each micro-batch's
-        # sum is divided by that global count (× world, because DDP averages gradients over ranks).
-        (global_sup,) = ddp.all_sum([local_sup], self.dist, self.device_)
-        scale = self.world / max(global_sup, 1.0)
+        local_weight = weight_sum([r for b in group for r in b], first)
+        # The loss is a (weighted) mean over the supervised tokens of the whole group on all ranks: each
+        # micro-batch's sum is divided by that global weight (× world, because DDP averages gradients over ranks).
+        (global_weight,) = ddp.all_sum([local_weight], self.dist, self.device_)
+        scale = self.world / max(global_weight, 1.0)
         loss_sum = 0.0
         for k, batch in enumerate(group):
             ids, mask, _ = pad_batch(batch, self.loaded.pad_id)
+            weights = None
+            if first != 1.0:
+                weights = torch.tensor([loss_weights(m, first) for m in mask], device=self.device_)
             with ddp.no_sync(self.wrapped, skip=k < len(group) - 1):
                 with self._arithmetic():
-                    part = self.wrapped(self._tensor(ids), self._tensor(mask))
+                    part = self.wrapped(self._tensor(ids), self._tensor(mask), weights)
                 (part * scale).backward()
             loss_sum += part.item()
         loss_sum, sup, tok = ddp.all_sum([loss_sum, local_sup, local_tok], self.dist, self.device_)
+        loss = loss_sum / max(global_weight, 1.0)
         params = [p for _, p in self.named]
         # train.max_grad_norm 0 means no clipping (as on MLX); torch would scale every gradient to zero.
         limit = self.cfg.train.max_grad_norm if self.cfg.train.max_grad_norm > 0 else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, limit))
-        loss = loss_sum / max(sup, 1.0)
         applied = math.isfinite(loss) and math.isfinite(grad_norm)
         if applied:  # else the gradients are dropped: weights and moments stay as they were
             for group_ in self.optimizer.param_groups:
