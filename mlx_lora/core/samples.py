@@ -10,7 +10,7 @@ SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 # The default paths, relative to the current folder, that fall back to the packaged file of the same name.
 DEFAULT_PATHS = ("data/kb.jsonl", "data/questions.yaml", "configs/rules.yaml", "configs/default.yaml")
 # What `mlx-lora init` copies: a starting point for a project of one's own (reference.yaml documents every key).
-INIT_FILES = DEFAULT_PATHS + ("configs/reference.yaml",)
+INIT_FILES = DEFAULT_PATHS + ("configs/reference.yaml", "configs/grounded.yaml")
 
 
 def sample_path(relative: str) -> Path:
