@@ -23,8 +23,10 @@ COMMANDS = {
     "diagnose": ("evaluate", "diagnose", "Find weak questions and confused topics; propose training questions."),
     "adapter": ("adapter", "adapter", "Inspect and convert adapters between MLX and PEFT formats."),
     "fuse": ("fuse", "fuse", "Merge an adapter into its base model and save an HF folder."),
+    "export": ("export", "export", "Export an adapter as GGUF for llama.cpp and Ollama, with a Modelfile."),
     "model": ("model", "model", "Prepare the embedded default model or convert a GGUF file."),
     "bench": ("bench", "bench", "Benchmark training and generation across backends."),
+    "serve": ("serve", "serve", "Serve a run over an OpenAI-compatible chat API, every answer decided and audited."),
     "doctor": ("doctor", "doctor", "Show platform, usable backends, versions, threads and BLAS."),
 }
 

@@ -9,6 +9,7 @@ import click
 
 from mlx_lora.core.config import Config
 from mlx_lora.core.files import write_json
+from mlx_lora.training.card import write_model_card
 
 
 def _stage(name: str) -> None:
@@ -87,6 +88,7 @@ def run_pipeline(cfg: Config, progress: bool = True) -> dict:
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
     }
     write_json(run_dir / "run_summary.json", summary)
+    write_model_card(run_dir)
     print_summary(summary)
     return summary
 

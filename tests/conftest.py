@@ -201,3 +201,13 @@ def tiny_model(tmp_path_factory, tiny_rows, qwen_tokenizer_dir) -> Path:
     """A 3-layer tiny Qwen2 over tiny_rows' vocabulary (the tokenizer files ride along: mlx_lm.load wants them)."""
     _, vocab = tiny_rows
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", vocab, qwen_tokenizer_dir, layers=3)
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """A headless chromium shared by the page tests; skips when missing, fails under MLX_LORA_REQUIRE_BROWSER=1."""
+    from browser import start_browser
+
+    driver = start_browser()
+    yield driver
+    driver.quit()

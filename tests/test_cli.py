@@ -21,6 +21,7 @@ COMMANDS = [
     "diagnose",
     "model",
     "doctor",
+    "serve",
 ]
 
 

@@ -43,6 +43,8 @@ def check_run(run_dir, out):
     ):
         assert (run_dir / name).is_file(), name
     assert list((run_dir / "plots").glob("*.png"))
+    card = (run_dir / "README.md").read_text(encoding="utf-8")  # the model card, rewritten after the evaluation
+    assert "## Training curve" in card and "| tuned_rules |" in card
     assert "== summary" in out.stdout and "tuned_rules" in out.stdout
     return summary, report
 

@@ -150,6 +150,23 @@ class Decider:
             )
         return Decision(answer, "MODEL_GENERATED", {**detail, "by": "model"})
 
+    def settled(self, questions: Sequence[str]) -> list[Decision | None]:
+        """Per question, its final decision when no model answer could change its answer or source, else None
+        (the model must answer first): a refuse rule and the route's refusal answer with the refusal whatever the
+        model says, and the route's confident retrieval reads the question only (unless model_first, where a
+        model's cited answer comes before it). decide() with the model's answer gives the same answer and source;
+        only the detail differs (with model_first a refusal the model also gives is "by": "model" there)."""
+        pending = [None] * len(questions)
+        return [d if self._settles(d) else None for d in self.decide(questions, pending)]
+
+    def _settles(self, decision: Decision) -> bool:
+        """Decided (with no model answer given) by a refuse rule or the route's refusal; or, unless model_first,
+        by the route's branch (its retrieval, and the answerability check of it, read the question only)."""
+        detail = decision.detail
+        if decision.source == "REFUSAL" and detail.get("by") in ("rule", "route"):
+            return True
+        return not self.model_first and detail.get("route") in ("refuse", "retrieve")
+
     def decide(self, questions: Sequence[str], model_answers: Sequence[str | None]) -> list[Decision]:
         lengths = [len(q) for q in questions]
         # Rules, route and answerability read a question's first MAX_QUESTION_CHARS: a question is a sentence or two.

@@ -279,6 +279,32 @@ def info(path: str | Path) -> AdapterInfo:
     return read_adapter(path)[0]
 
 
+def lora_pairs(path: str | Path) -> tuple[AdapterInfo, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """(info, module path → (A, B)) in PEFT's orientation whatever the format: A (rank, in), B (out, rank), so
+    that the update to a weight (out, in) is info.scale · B @ A. Module paths read `model.layers.N.self_attn.q_proj`."""
+    src_info, tensors = read_adapter(path)
+    halves: dict[str, dict[str, np.ndarray]] = {}
+    for name, array in tensors.items():
+        if src_info.format == "mlx":
+            match = _MLX_KEY.match(name)
+            module, array = match["module"], array.T  # mlx-lm keeps lora_a (in, r) and lora_b (r, out)
+        else:
+            match = _PEFT_KEY.match(name)
+            module = match["module"].removeprefix(PEFT_PREFIX)
+        halves.setdefault(module, {})[match["ab"].lower()] = np.asarray(array, dtype=np.float32)
+    pairs = {}
+    for module, half in sorted(halves.items()):
+        if set(half) != {"a", "b"}:
+            raise UserError(
+                f"{adapter_dir(path)}: {module} has only lora_{next(iter(half))}; the adapter is incomplete"
+            )
+        a, b = half["a"], half["b"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise UserError(f"{adapter_dir(path)}: {module}'s lora_a {a.shape} and lora_b {b.shape} do not pair up")
+        pairs[module] = (a, b)
+    return src_info, pairs
+
+
 def _base_layers(base_model: str | None) -> int | None:
     """num_hidden_layers of a local base model folder, when the adapter names one."""
     if not base_model:

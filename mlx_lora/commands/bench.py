@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
@@ -11,16 +12,14 @@ from mlx_lora.commands.options import build_config, config_option, set_option
 from mlx_lora.core.errors import UserError
 
 
-def _benchmarks():
+def _benchmarks(module: str = "run"):
     """The benchmarks package lives beside mlx_lora in a source checkout (it is not installed with the wheel)."""
     root = Path(__file__).resolve().parents[2]
-    if not (root / "benchmarks" / "run.py").is_file():
+    if not (root / "benchmarks" / f"{module}.py").is_file():
         raise UserError("bench needs a source checkout of mlx-lora (benchmarks/ beside mlx_lora/)")
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
-    from benchmarks import run
-
-    return run
+    return importlib.import_module(f"benchmarks.{module}")
 
 
 def _steps(values: tuple[str, ...]) -> dict[str, int]:
@@ -85,6 +84,22 @@ def _steps(values: tuple[str, ...]) -> dict[str, int]:
     default=None,
     help="One process per task (clean peak memory; default) or one per backend (faster; default with --quick).",
 )
+@click.option(
+    "--serve",
+    "serve_load",
+    is_flag=True,
+    help="Load-test `mlx-lora serve` instead: concurrent openai clients on 127.0.0.1 (see --adapter, --clients).",
+)
+@click.option(
+    "--adapter",
+    type=click.Path(exists=True, file_okay=False),
+    help="With --serve: the run to serve (default: a --model run trained 2 steps on the sample KB).",
+)
+@click.option("--clients", type=int, default=8, show_default=True, help="With --serve: concurrent clients.")
+@click.option("--requests", type=int, default=64, show_default=True, help="With --serve: requests in the load test.")
+@click.option(
+    "--seconds", type=float, default=120.0, show_default=True, help="With --serve: time limit of the load test."
+)
 def bench(
     config_path,
     overrides,
@@ -103,11 +118,26 @@ def bench(
     no_generation,
     no_roofline,
     isolate,
+    serve_load,
+    adapter,
+    clients,
+    requests,
+    seconds,
 ):
     """Benchmark LoRA training and generation per backend; writes rows.jsonl, results.json, report.md, chart.png.
 
     Training uses the config's LoRA/train settings (reference defaults) on the same data for every engine.
     """
+    if serve_load:
+        if min(clients, requests) < 1 or seconds <= 0:
+            raise UserError("--clients and --requests must be >= 1 and --seconds > 0")
+        serve = _benchmarks("serve")
+        cfg = build_config(config_path, overrides)
+        settings = serve.ServeBench(
+            Path(adapter) if adapter else None, model, clients, requests, seconds, out=Path(out) if out else None
+        )
+        click.echo(serve.report(serve.run_serve_bench(settings, cfg)))
+        return
     run = _benchmarks()
     cfg = build_config(config_path, overrides, samples=False)
     for name, value in (

@@ -121,57 +121,23 @@ def generate(
         _apply_rules(cfg, rules_path, list(questions), answers, adapter)
 
 
-def _train_file(cfg, adapter) -> Path:
-    """The train split the run learned from (its manifest names it), else data.dir's."""
-    if adapter and Path(adapter, "manifest.json").is_file():
-        from mlx_lora.backends.loading import read_manifest
-
-        files = read_manifest(Path(adapter)).get("data", {}).get("files") or []
-        if files and Path(files[0]).is_file():
-            return Path(files[0])
-    return Path(cfg.data.dir) / "train.jsonl"
-
-
 def _grounding(cfg, adapter):
     """question → the grounded user turn: the passages the retriever finds in today's KB (data.kb) and the run's
     train questions, as training and `eval` build it."""
-    from mlx_lora.data.formats import read_examples
-    from mlx_lora.data.grounded import retrieve, user_turn
-    from mlx_lora.data.kb import load_kb
-    from mlx_lora.data.retrieval import PassageIndex
-    from mlx_lora.data.similarity import make_scorer
+    from mlx_lora.answer.service import grounded_turn, grounding
 
-    kb = load_kb(cfg.data.kb)
-    train_file = _train_file(cfg, adapter)
-    train = read_examples(train_file) if train_file.is_file() else []
-    index = PassageIndex.from_examples(make_scorer(cfg.eval.embedder), {d: doc.text for d, doc in kb.items()}, train)
-    return lambda question: user_turn(question, retrieve(index, [question], cfg.data)[0], cfg.data)
+    index = grounding(cfg, adapter)
+    return lambda question: grounded_turn(index, question, cfg.data)
 
 
 def _apply_rules(cfg, rules_path, questions: list[str], answers: list[str], adapter) -> None:
     """The answer decider gives the final answer and its source; the audit log records each decision."""
     try:
         from mlx_lora.answer.audit import append_audit, audit_records
-        from mlx_lora.answer.build import build_decider, doc_answers, refusal_text
-        from mlx_lora.data.formats import read_examples
-        from mlx_lora.data.kb import load_kb
-        from mlx_lora.data.similarity import answer_index, make_scorer
+        from mlx_lora.answer.service import build_answering
     except ImportError as exc:
         raise UserError(f"--rules needs the rule layer, which this install lacks ({exc})") from None
-    kb = load_kb(cfg.data.kb)
-    train_file = _train_file(cfg, adapter)
-    train = read_examples(train_file) if train_file.is_file() else []
-    valid_file = train_file.with_name("valid.jsonl")
-    valid = read_examples(valid_file) if valid_file.is_file() else []
-    answers_by_doc = doc_answers(kb, train, cfg.data.answer_prefix)
-    refusal = refusal_text(train, cfg)
-    scorer = make_scorer(cfg.eval.embedder)
-    index = answer_index(scorer, answers_by_doc, refusal)
-    grounded = cfg.data.mode == "grounded"  # a grounded model's cited answers come first (answer/decide.py)
-    decider, _ = build_decider(
-        cfg, scorer, kb, train, valid, answers_by_doc, refusal, index, rules_path, model_first=grounded
-    )
-    decisions = decider.decide(questions, answers)
+    decisions = build_answering(cfg, adapter, rules_path).decide(questions, answers)
     for decision in decisions:
         click.echo(decision.answer or "")
         click.echo(f"[{decision.source}] {json.dumps(decision.detail, ensure_ascii=False)}", err=True)

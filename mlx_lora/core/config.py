@@ -83,6 +83,9 @@ class TrainConfig:
     # copy the model learns in a few steps: at weight 1 a 40-step adapter fitted the copies (loss ~0.005) while the
     # refusal's first token kept a loss of 2.3-3.5 on its own training rows, one token in ~45 per row.
     first_token_weight: float = 1.0
+    # none | tensorboard: also write the training events' scalars as TensorBoard event files into RUN/tensorboard/
+    # (the `tensorboard` extra; nothing is imported when none).
+    report_to: str = "none"
 
 
 @dataclass
@@ -223,6 +226,7 @@ CHOICES = {
     "backend.device": ("auto", "cpu", "cuda", "mps"),
     "train.schedule": SCHEDULES,
     "train.precision": ("auto", "fp32", "bf16"),
+    "train.report_to": ("none", "tensorboard"),
     "data.format": ("messages", "text"),
     "data.mode": ("closed_book", "grounded"),
     "data.oracle_free": ("refuse", "answer"),

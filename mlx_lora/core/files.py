@@ -279,6 +279,24 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+@contextlib.contextmanager
+def replaced_file(path: str | Path):
+    """Yield a temp path beside path for a writer that opens its output by name (the GGUF writer); when the block
+    ends without error the temp file is renamed over path, else removed: path is the old file or the new one."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory; name a file")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _sweep(path.parent, path.name, generations=False)
+    fd, tmp = _temp_file(path)
+    os.close(fd)  # the writer reopens it by name; the file keeps FILE_MODE
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def atomic_write_texts(files: dict[Path, str]) -> None:
     """Write several files, each whole; all temp files are complete before the first rename. A kill between the
     renames can still mix old and new files: files that belong together go into one folder (write_dir)."""

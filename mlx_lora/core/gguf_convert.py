@@ -30,7 +30,7 @@ QWEN25_CHAT_TEMPLATE = (
 
 # The split Qwen2's byte-level BPE merges were learned on; any other split tokenizes text differently.
 # Digits go one at a time (\p{N}, not \p{N}{1,3} as in GPT-4-style splits).
-_QWEN2_SPLIT = (
+QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
@@ -71,6 +71,20 @@ def _hf_name(gguf_name: str, where: Path) -> str:
         if layer.isdigit() and suffix in _LAYER_NAMES:
             return f"model.layers.{layer}.{_LAYER_NAMES[suffix]}"
     raise UserError(f"{where}: GGUF tensor {gguf_name!r} has no place in a Qwen2 model")
+
+
+def gguf_tensor_name(hf_name: str) -> str | None:
+    """The GGUF name of a Hugging Face Qwen2 tensor (the inverse of _hf_name), or None when GGUF has no place
+    for it: export writes models and adapters under the names this converter reads."""
+    for gguf_name, name in _TOP_NAMES.items():
+        if name == hf_name:
+            return gguf_name
+    prefix, _, rest = hf_name.partition("model.layers.")
+    layer, _, suffix = rest.partition(".")
+    if prefix or not layer.isdigit():
+        return None
+    inverse = {hf: gg for gg, hf in _LAYER_NAMES.items()}
+    return f"blk.{layer}.{inverse[suffix]}" if suffix in inverse else None
 
 
 def _field(reader, key: str, default=None):
@@ -146,7 +160,7 @@ def _build_tokenizer(tokens: list[str], token_types: list[int], merges: list[str
     if pre in _QWEN2_PRE:
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
             [
-                pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated", invert=False),
+                pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
                 pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
             ]
         )

@@ -63,6 +63,9 @@ class EmbeddingScorer:
     """Cosine of sentence embeddings of the normalised texts, clipped to [0, 1]; embeddings cached by text."""
 
     fallback_reason: str | None = None
+    # A long-running server sees endless new questions: `serve` bounds the cache (the oldest tenth goes when it is
+    # full); None keeps every text, as a batch job wants.
+    max_cached: int | None = None
 
     def __init__(self, name: str, description: str, encode):
         self.name, self.description, self._encode = name, description, encode
@@ -70,19 +73,32 @@ class EmbeddingScorer:
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         keys = [normalize(t) for t in texts]
-        missing = list(dict.fromkeys(k for k in keys if k and k not in self._cache))
+        # Vectors are collected here, not read back from the cache: another thread may trim it meanwhile.
+        found = {k: self._cache.get(k) for k in dict.fromkeys(keys) if k}
+        missing = [k for k, v in found.items() if v is None]
         if missing:
             vectors = np.asarray(self._encode(missing), dtype=np.float32)
             norms = np.linalg.norm(vectors, axis=1, keepdims=True)
             for key, vector in zip(missing, vectors / np.maximum(norms, 1e-12)):
-                self._cache[key] = vector
-        dim = next(iter(self._cache.values())).shape[0] if self._cache else 1
+                self._cache[key] = found[key] = vector
+            self._trim()
+        dim = next(iter(found.values())).shape[0] if found else self._dim()
         # An empty answer embeds as zeros: similar to nothing, which is what an empty answer deserves.
         return (
-            np.stack([self._cache[k] if k else np.zeros(dim, np.float32) for k in keys])
+            np.stack([found[k] if k else np.zeros(dim, np.float32) for k in keys])
             if keys
             else np.zeros((0, dim), np.float32)
         )
+
+    def _dim(self) -> int:
+        first = next(iter(list(self._cache.values())[:1]), None)
+        return first.shape[0] if first is not None else 1
+
+    def _trim(self) -> None:
+        if self.max_cached is None or len(self._cache) <= self.max_cached:
+            return
+        for key in list(self._cache)[: len(self._cache) - int(self.max_cached * 0.9)]:  # list(): a snapshot
+            self._cache.pop(key, None)
 
     def matrix(self, a: Sequence[str], b: Sequence[str]) -> np.ndarray:
         if not len(a) or not len(b):

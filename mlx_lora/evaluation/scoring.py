@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -11,6 +10,8 @@ from mlx_lora.core.files import write_dir, write_jsonl
 from mlx_lora.core.jsonl import json_text, jsonl_text
 from mlx_lora.data.grounded import parse_citation
 from mlx_lora.data.similarity import REFUSAL, CharScorer, LabelIndex, example_labels
+from mlx_lora.evaluation.report_html import html_page
+from mlx_lora.evaluation.report_text import EM, PLAIN, STRONG, SUMMARY_COLUMNS, fmt, intro, notes
 from mlx_lora.evaluation.variants import VARIANTS
 
 BUCKETS = ("≥85", "70–84", "50–69", "<50")
@@ -157,59 +158,16 @@ def build_report(
     }
 
 
-def _fmt(value) -> str:
-    return "–" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
-
-
 def _cell(text: str, limit: int = 60) -> str:
     text = " ".join(str(text).split()).replace("|", "\\|")
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-SUMMARY_COLUMNS = (
-    ("mean_similarity", "mean sim"),
-    ("mean_char", "mean char"),
-    ("min_similarity", "min"),
-    ("max_similarity", "max"),
-    ("pass_rate", "pass rate"),
-    ("topic_accuracy", "topic acc"),
-    ("refusal_accuracy", "refusal acc"),
-    ("answerable_refused", "answerable refused"),
-)
-
-
 def markdown(report: dict) -> str:
-    m, t = report["measure"], report["threshold"]
-    lines = [
-        "# Evaluation report",
-        "",
-        f"Similarity: **{m['name']}** — {m['description']}. Character score (always shown): {m['char']}.",
-        f"Threshold: {t['name']} = {t['percent']:g}% mean similarity. All figures in percent.",
-    ]
-    lines.append(
-        "Topic of an answer = its nearest KB answer or the refusal (same measure); it *is a refusal* when "
-        "the refusal text is nearest. Topic accuracy counts answerable rows, refusal accuracy unanswerable ones."
-    )
-    if m.get("fallback"):
-        lines.append(f"Note: {m['fallback']}.")
-    meta = report.get("meta") or {}
-    if meta.get("route"):
-        r, c = meta["route"], meta.get("calibration")
-        lines.append(
-            f"Semantic route ({r.get('classifier') or 'nearest neighbours'}, trained on "
-            f"{r['training_questions']} training questions and {r['kb_texts']} KB texts): refuse below "
-            f"similarity {r['low']:g} or at refusal probability ≥ {r.get('refuse_at', 1.01):g}; answer from "
-            f"the KB at topic probability ≥ {r['high']:g}; otherwise the model answers"
-            + (f"; thresholds calibrated by {c['method']}" if c and c.get("method") else "")
-            + "."
-        )
-    if meta.get("rules"):
-        lines.append(
-            f"Rules: {meta['rules']['count']} from {meta['rules']['path']}; KB_MATCH at ≥ "
-            f"{meta['rules']['kb_match_threshold']:g} similarity."
-        )
-    for key, value in meta.get("notes", {}).items():
-        lines.append(f"- {key}: {value}")
+    marks = {PLAIN: "", STRONG: "**", EM: "*"}
+    lines = ["# Evaluation report", ""]
+    lines += ["".join(f"{marks[style]}{text}{marks[style]}" for style, text in line) for line in intro(report)]
+    lines += [f"- {key}: {value}" for key, value in notes(report)]
     lines += [
         "",
         "| variant | rows | " + " | ".join(h for _, h in SUMMARY_COLUMNS) + " | buckets ≥85/70–84/50–69/<50 "
@@ -217,7 +175,7 @@ def markdown(report: dict) -> str:
         "|" + "---|" * (len(SUMMARY_COLUMNS) + 4),
     ]
     for name, s in report["summary"].items():
-        cells = [_fmt(s[k]) for k, _ in SUMMARY_COLUMNS]
+        cells = [fmt(s.get(k)) for k, _ in SUMMARY_COLUMNS]
         buckets = "/".join(str(s["buckets"][b]) for b in BUCKETS)
         lines.append(
             f"| {name} | {s['rows']} | " + " | ".join(cells) + f" | {buckets} | {'PASS' if s['passed'] else 'FAIL'} |"
@@ -239,49 +197,6 @@ def markdown(report: dict) -> str:
             for r in v["worst"]
         ]
     return "\n".join(lines) + "\n"
-
-
-def _bar_chart(summary: dict) -> str:
-    """Inline SVG: mean similarity, topic and refusal accuracy per variant (no plotting library needed)."""
-    metrics = (("mean_similarity", "#4472c4"), ("topic_accuracy", "#70ad47"), ("refusal_accuracy", "#ed7d31"))
-    width, row_h, left = 640, 16, 110
-    parts, y = [], 10
-    for name, s in summary.items():
-        parts.append(f'<text x="4" y="{y + 2 * row_h}" font-size="13">{html.escape(name)}</text>')
-        for key, colour in metrics:
-            value = s.get(key) or 0.0
-            w = (width - left - 60) * value / 100
-            parts.append(
-                f'<rect x="{left}" y="{y}" width="{w:.1f}" height="{row_h - 3}" fill="{colour}"/>'
-                f'<text x="{left + w + 4:.1f}" y="{y + row_h - 5}" font-size="11">{key} {_fmt(s.get(key))}'
-                "</text>"
-            )
-            y += row_h
-        y += 12
-    return f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{y}">{"".join(parts)}</svg>'
-
-
-def html_page(report: dict) -> str:
-    rows = []
-    for name, v in report["variants"].items():
-        rows.append(
-            f"<h2>{html.escape(name)}</h2><table><tr><th>sim</th><th>char</th><th>question</th>"
-            "<th>expected</th><th>generated</th><th>source</th></tr>"
-        )
-        rows += [
-            f"<tr><td>{r['similarity']:g}</td><td>{r['char']:g}</td><td>{html.escape(r['question'])}</td>"
-            f"<td>{html.escape(r['expected'])}</td><td>{html.escape(r['generated'])}</td>"
-            f"<td>{html.escape(r['source'])}</td></tr>"
-            for r in v["worst"]
-        ]
-        rows.append("</table>")
-    body = markdown(report).split("\n## ")[0]
-    return (
-        "<!doctype html><meta charset='utf-8'><title>mlx-lora evaluation</title>"
-        "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}td,th{border:1px solid #ccc;"
-        "padding:3px;font-size:13px;vertical-align:top}table{border-collapse:collapse}</style>"
-        f"<pre>{html.escape(body)}</pre>{_bar_chart(report['summary'])}{''.join(rows)}"
-    )
 
 
 def write_report(

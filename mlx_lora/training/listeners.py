@@ -1,12 +1,14 @@
-"""Training-event listeners: the progress bar, metrics.jsonl and the plots, fed by the shared loop."""
+"""Training-event listeners: the progress bar, metrics.jsonl, the plots and TensorBoard, fed by the shared loop."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
 
 from mlx_lora.core.environment import main_process
+from mlx_lora.core.errors import UserError
 from mlx_lora.core.files import append_text
 from mlx_lora.training import events
 from mlx_lora.training.summary import write_plots
@@ -74,12 +76,46 @@ class PlotWriter:
             write_plots(self.run_dir)
 
 
-def standard_listeners(run_dir: str | Path, progress: bool = True) -> events.OnEvent:
-    """One on_event callable feeding the progress bar, metrics.jsonl and the plots."""
+class TensorBoardWriter:
+    """The scalars the events carry as TensorBoard event files (tensorboardX, imported only when asked for): per
+    step loss, lr, grad_norm, throughput and memory; per eval the valid loss. A resumed run adds a new event file,
+    and TensorBoard shows the steps it repeats once more."""
+
+    STEP_SCALARS = ("loss", "lr", "grad_norm", "tokens_per_s", "supervised_tokens_per_s", "memory_mb")
+    INSTALL = "pip install -e '.[tensorboard]'"
+
+    def __init__(self, log_dir: Path):
+        if importlib.util.find_spec("tensorboardX") is None:  # said before training starts, not at its first step
+            raise UserError(f"config key train.report_to: tensorboard needs tensorboardX: {self.INSTALL}")
+        self.log_dir, self.writer = Path(log_dir), None
+
+    def __call__(self, event: events.Event) -> None:
+        if isinstance(event, events.Start):
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.log_dir))
+        elif self.writer is None:
+            return
+        elif isinstance(event, events.Step):
+            for name in self.STEP_SCALARS:
+                self.writer.add_scalar(f"train/{name}", getattr(event, name), event.step)
+        elif isinstance(event, events.Eval):
+            self.writer.add_scalar("valid/loss", event.eval_loss, event.step)
+            self.writer.flush()
+        elif isinstance(event, events.Done):
+            self.writer.close()
+            self.writer = None
+
+
+def standard_listeners(run_dir: str | Path, progress: bool = True, report_to: str = "none") -> events.OnEvent:
+    """One on_event callable feeding the progress bar, metrics.jsonl, the plots and, with report_to tensorboard,
+    TensorBoard's event files."""
     if not main_process():
         return lambda event: None
     run_dir = Path(run_dir)
     listeners = [MetricsWriter(run_dir / "metrics.jsonl"), ProgressBar(progress), PlotWriter(run_dir)]
+    if report_to == "tensorboard":
+        listeners.append(TensorBoardWriter(run_dir / "tensorboard"))
 
     def on_event(event: events.Event) -> None:
         for listener in listeners:

@@ -98,7 +98,7 @@ def train_run(
             raise UserError(
                 f"{run_dir}: already holds a run; pass --resume {run_dir} to continue it, or choose another --out"
             )
-        listeners = standard_listeners(run_dir, progress)
+        listeners = standard_listeners(run_dir, progress, cfg.train.report_to)
 
         def on_event(event: events.Event) -> None:
             # The manifest describes the run only once the model, LoRA and any resume check have passed: written
