@@ -58,11 +58,11 @@ def make_batch(rows: list[Encoded], pad_id: int, pad: bool = False, first: float
     width = max(len(r.ids) for r in rows) - 1  # inputs drop the last token, targets the first
     width = bucket(width, WIDTH_QUANTUM) if pad else width
     ids = np.full((len(rows), width + 1), pad_id, dtype=np.int32)
-    mask = np.zeros((len(rows), width + 1), dtype=np.float32)
+    weighted = np.zeros((len(rows), width + 1), dtype=np.float32)  # each token's loss weight, 0 off the answers
     for j, row in enumerate(rows):
         ids[j, : len(row.ids)] = row.ids
-        mask[j, : len(row.mask)] = loss_weights(row.mask, first) if first != 1.0 else row.mask
-    flat = mask[:, 1:].reshape(-1)
+        weighted[j, : len(row.mask)] = loss_weights(row.mask, first) if first != 1.0 else row.mask
+    flat = weighted[:, 1:].reshape(-1)
     found = np.flatnonzero(flat)
     n = int(found.size)
     positions = np.zeros(bucket(n, POSITION_QUANTUM) if pad else n, dtype=np.uint32)  # extra: 0, weight 0
