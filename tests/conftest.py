@@ -7,6 +7,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -125,28 +127,13 @@ def qwen_tokenizer_dir(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture()
-def tiny_kb(tmp_path) -> Path:
-    from mlx_lora.data.kb import text_sha256
-
-    rows = [
-        {"doc_id": "vpn", "text": "VPN 設定:下載新版 client,以 SSO 登入。"},
-        {"doc_id": "leave", "text": "請假須於三天前在 HR 系統申請。"},
-        {"doc_id": "badge", "text": "識別證遺失請立即通報總務並補辦。"},
-    ]
-    path = tmp_path / "kb.jsonl"
-    path.write_text(
-        "".join(json.dumps({**r, "text_hash": text_sha256(r["text"])}, ensure_ascii=False) + "\n" for r in rows),
-        encoding="utf-8",
-    )
-    return path
-
-
-@pytest.fixture()
-def tiny_questions(tmp_path) -> Path:
-    path = tmp_path / "questions.yaml"
-    path.write_text(
-        """refusal: "抱歉,知識庫沒有這個資訊。"
+# The three-doc KB and question bank that data-level tests (and the serve tests' tiny run) build from.
+TINY_KB = [
+    ("vpn", "VPN 設定:下載新版 client,以 SSO 登入。"),
+    ("leave", "請假須於三天前在 HR 系統申請。"),
+    ("badge", "識別證遺失請立即通報總務並補辦。"),
+]
+TINY_QUESTIONS = """refusal: "抱歉,知識庫沒有這個資訊。"
 docs:
   vpn:
     short: ["VPN 怎麼設定", "VPN 連不上"]
@@ -164,9 +151,37 @@ docs:
     formal: ["請問識別證遺失的處理方式?"]
     mixed: ["badge 不見了要 report 給誰?"]
 unanswerable: ["今天天氣如何?", "公司股價多少?", "午餐吃什麼?", "尾牙什麼時候?", "寫一首詩", "年終幾個月?"]
-""",
-        encoding="utf-8",
+"""
+
+
+def run_cli(*args, cwd=REPO, timeout=120) -> subprocess.CompletedProcess:
+    """`mlx-lora ARGS` in a fresh interpreter (what a user's shell runs), output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-c", "from mlx_lora.cli import main; main()", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
     )
+
+
+def write_tiny_kb(path: Path) -> Path:
+    from mlx_lora.data.kb import text_sha256
+
+    rows = [{"doc_id": d, "text": t, "text_hash": text_sha256(t)} for d, t in TINY_KB]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture()
+def tiny_kb(tmp_path) -> Path:
+    return write_tiny_kb(tmp_path / "kb.jsonl")
+
+
+@pytest.fixture()
+def tiny_questions(tmp_path) -> Path:
+    path = tmp_path / "questions.yaml"
+    path.write_text(TINY_QUESTIONS, encoding="utf-8")
     return path
 
 

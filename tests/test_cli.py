@@ -6,7 +6,7 @@ import sys
 import textwrap
 
 import pytest
-from conftest import REPO
+from conftest import REPO, run_cli
 
 COMMANDS = [
     "data",
@@ -25,14 +25,7 @@ COMMANDS = [
 ]
 
 
-def cli(*args, cwd=REPO):
-    return subprocess.run(
-        [sys.executable, "-c", "from mlx_lora.cli import main; main()", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=120,
-    )
+cli = run_cli
 
 
 def test_help_lists_every_command():

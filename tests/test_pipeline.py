@@ -4,23 +4,16 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
+from functools import partial
 
+import conftest
 import pytest
 from conftest import REPO, build_tiny_model
 
 VARIANTS = {"base", "tuned", "tuned_rules", "retrieval", "top_passage"}
 
 
-def run_cli(*args, timeout=1800):
-    return subprocess.run(
-        [sys.executable, "-c", "from mlx_lora.cli import main; main()", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=timeout,
-    )
+run_cli = partial(conftest.run_cli, timeout=1800)  # whole pipelines: minutes, not the default 2
 
 
 def check_run(run_dir, out):

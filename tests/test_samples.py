@@ -1,21 +1,10 @@
 """The packaged samples: `data build` works from an empty folder, `init` copies them, and the checkout shares them."""
 
-import subprocess
-import sys
-
-from conftest import REPO
+from conftest import REPO, run_cli
 
 from mlx_lora.core.samples import INIT_FILES, sample_path
 
-
-def cli(*args, cwd):
-    return subprocess.run(
-        [sys.executable, "-c", "from mlx_lora.cli import main; main()", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=120,
-    )
+cli = run_cli
 
 
 def test_the_checkout_paths_are_the_packaged_files():

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import REPO, build_tiny_model
+from conftest import REPO, TINY_QUESTIONS, build_tiny_model, write_tiny_kb
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -30,30 +30,6 @@ BACKENDS = [
     pytest.param(name, marks=pytest.mark.skipif(not backends.installed(name), reason=f"{name} not installed"))
     for name in backends.names()
 ]
-KB = [
-    ("vpn", "VPN 設定:下載新版 client,以 SSO 登入。"),
-    ("leave", "請假須於三天前在 HR 系統申請。"),
-    ("badge", "識別證遺失請立即通報總務並補辦。"),
-]
-QUESTIONS = """refusal: "抱歉,知識庫沒有這個資訊。"
-docs:
-  vpn:
-    short: ["VPN 怎麼設定", "VPN 連不上"]
-    full: ["我在家要怎麼連回公司網路?", "出差時如何連線到內網?"]
-    formal: ["請問 VPN 的安裝步驟為何?"]
-    mixed: ["VPN client 要去哪 download?"]
-  leave:
-    short: ["請假", "怎麼請假"]
-    full: ["我下週想休假要怎麼申請?", "請假需要提前多久?"]
-    formal: ["敬請告知請假流程。"]
-    mixed: ["leave 要在哪個 system 申請?"]
-  badge:
-    short: ["識別證掉了", "門禁卡遺失"]
-    full: ["我的員工證不見了怎麼辦?", "識別證弄丟要找誰?"]
-    formal: ["請問識別證遺失的處理方式?"]
-    mixed: ["badge 不見了要 report 給誰?"]
-unanswerable: ["今天天氣如何?", "公司股價多少?", "午餐吃什麼?", "尾牙什麼時候?", "寫一首詩", "年終幾個月?"]
-"""
 RULES = """rules:
   - id: no-stock
     action: refuse
@@ -71,19 +47,13 @@ def tiny_run(tmp_path_factory, qwen_tokenizer_dir):
     """A tiny random Qwen2 (the real Qwen vocabulary, so real text tokenizes), 2 torch training steps on splits
     built from a three-doc KB, rules with a refuse and an override rule."""
     from mlx_lora.data.dataset import build_splits, write_splits
-    from mlx_lora.data.kb import load_kb, text_sha256
+    from mlx_lora.data.kb import load_kb
     from mlx_lora.data.questions import load_questions
     from mlx_lora.training.run import train_run
 
     root = tmp_path_factory.mktemp("serve")
-    kb = root / "kb.jsonl"
-    kb.write_text(
-        "".join(
-            json.dumps({"doc_id": d, "text": t, "text_hash": text_sha256(t)}, ensure_ascii=False) + "\n" for d, t in KB
-        ),
-        encoding="utf-8",
-    )
-    (root / "questions.yaml").write_text(QUESTIONS, encoding="utf-8")
+    kb = write_tiny_kb(root / "kb.jsonl")
+    (root / "questions.yaml").write_text(TINY_QUESTIONS, encoding="utf-8")
     (root / "rules.yaml").write_text(RULES, encoding="utf-8")
     cfg = Config()
     cfg.data.valid_fraction = cfg.data.test_fraction = 0.2
