@@ -244,6 +244,22 @@ def test_api_key_guards_v1_and_admin(torch_server):
         settings.api_key = None
 
 
+def test_accepted_connections_send_without_waiting_for_acks():
+    """Nagle off on every accepted socket: with it on, a keep-alive client waited ~40 ms for each response's end."""
+    import socket
+
+    listener = bind("127.0.0.1", 0)
+    client = socket.create_connection(listener.getsockname())
+    try:
+        accepted, _ = listener.accept()
+        with accepted:
+            assert accepted.proto == socket.IPPROTO_TCP  # what asyncio checks before it sets TCP_NODELAY itself
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        client.close()
+        listener.close()
+
+
 def test_non_loopback_without_a_key_is_refused():
     from mlx_lora.core.errors import UserError
 
@@ -531,5 +547,5 @@ def test_the_embedding_cache_stays_bounded():
     first = scorer.embed(["a", "bb"])
     for i in range(50):
         assert scorer.embed([f"q{i}", "a", ""]).shape == (3, 2)
-        assert len(scorer._cache) <= 10
+        assert len(scorer._cache) <= 10 and len(scorer._keys) <= 10
     assert (scorer.embed(["a", "bb"]) == first).all()  # evicted texts come back the same

@@ -33,8 +33,12 @@ def check_exposure(host: str, api_key: str | None) -> None:
 def bind(host: str, port: int) -> socket.socket:
     """The listening socket, opened before the model loads: a port in use fails in one line, at once."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP, not 0: asyncio turns Nagle off only on sockets that say they are TCP, and with Nagle on
+    # a keep-alive client waited ~40 ms (its delayed ACK) for the end of every response (56 ms vs 14 ms measured
+    # for a settled answer over the openai client).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.bind((host.strip("[]"), port))
     except OSError as exc:
