@@ -112,7 +112,6 @@ class EmbeddingScorer:
         for key in list(self._cache)[: len(self._cache) - int(self.max_cached * 0.9)]:  # list(): a snapshot
             self._cache.pop(key, None)
 
-
     def matrix(self, a: Sequence[str], b: Sequence[str]) -> np.ndarray:
         if not len(a) or not len(b):
             return np.zeros((len(a), len(b)))
