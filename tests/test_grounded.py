@@ -10,7 +10,7 @@ from mlx_lora.answer.decide import Decider
 from mlx_lora.core.config import DataConfig
 from mlx_lora.data.dataset import build_splits, ground_splits, write_splits
 from mlx_lora.data.formats import read_examples
-from mlx_lora.data.grounded import parse_citation, reground, user_turn
+from mlx_lora.data.grounded import fit_passages, fit_rows, parse_citation, reground, user_turn
 from mlx_lora.data.kb import load_kb
 from mlx_lora.data.questions import load_questions
 from mlx_lora.data.retrieval import PassageIndex
@@ -20,9 +20,8 @@ REFUSAL = "抱歉,知識庫沒有這個資訊。"
 
 
 def grounded(tiny_kb, tiny_questions, tmp_path, **data):
-    cfg = DataConfig(
-        kb=str(tiny_kb), questions=str(tiny_questions), dir=str(tmp_path / "out"), mode="grounded", passages=2, **data
-    )
+    data = {"passages": 2, **data}
+    cfg = DataConfig(kb=str(tiny_kb), questions=str(tiny_questions), dir=str(tmp_path / "out"), mode="grounded", **data)
     kb = load_kb(tiny_kb)
     splits = build_splits(kb, load_questions(tiny_questions, kb), cfg)
     ground_splits(splits, kb, REFUSAL, cfg, CharScorer())
@@ -126,3 +125,63 @@ def test_questions_about_a_doc_deleted_from_the_kb_are_left_out_of_the_index():
     index = PassageIndex(CharScorer(), {"a": "甲"}, [("問題", "deleted-doc")])
     assert index.labels == ["a"]  # a train question whose doc is gone finds nothing, and breaks nothing
     assert index.search(["問題"], 3) == [[("a", pytest.approx(index.doc_scores(["問題"])[0, 0]))]]
+
+
+def _chars(example) -> int:
+    """A stand-in token count: characters of the whole row (every turn)."""
+    return sum(len(m["content"]) for m in example.messages) if example.messages else len(example.text)
+
+
+@pytest.mark.parametrize("fmt", ["messages", "text"])
+def test_an_overlong_row_shows_fewer_passages_never_a_shorter_answer(tiny_kb, tiny_questions, tmp_path, fmt):
+    cfg, kb, _, _ = grounded(tiny_kb, tiny_questions, tmp_path, oracle_rate=1.0, passages=3, format=fmt)
+    texts = {d: doc.text for d, doc in kb.items()}
+    rows = [e for e in read_examples(tmp_path / "out" / "train.jsonl") if e.meta["answerable"]]
+    row = max(rows, key=_chars)
+    gold, ids = row.meta["doc_id"], row.meta["passages"]
+    assert gold in ids and len(ids) == 3
+    answer = row.answer if fmt == "messages" else row.text[row.text.rindex("[" + gold + "]") :]
+
+    def check(fitted, limit):
+        assert _chars(fitted) <= limit
+        whole = fitted.answer if fmt == "messages" else fitted.text
+        assert answer in whole  # the answer is never touched
+        assert fitted.meta["passages_shortened"] and gold in fitted.meta["passages"]
+
+    # One passage too many: the lowest-ranked non-gold one goes, the others are shown whole.
+    drop = max(i for i, d in enumerate(ids) if d != gold)
+    kept = [d for i, d in enumerate(ids) if i != drop]
+    limit = _chars(row) - len(texts[ids[drop]]) - 1
+    fitted, what = fit_passages(row, texts, cfg, _chars, limit)
+    assert what == "shortened" and fitted.meta["passages"] == kept
+    check(fitted, limit)
+    # Room for less than the gold passage alone: it is cut at the end, marked "…", the question still last.
+    limit = _chars(row) - sum(len(texts[d]) for d in ids) + 3
+    fitted, what = fit_passages(row, texts, cfg, _chars, limit)
+    assert what == "shortened" and fitted.meta["passages"] == [gold]
+    check(fitted, limit)
+    turn = fitted.messages[-2]["content"] if fmt == "messages" else fitted.text
+    assert "…" in turn and row.question in turn
+    # No room even for the question: left as it was (the usual cut from the end, warned about by training).
+    assert fit_passages(row, texts, cfg, _chars, 5) == (row, "kept")
+    # A row that fits, or whose passages today's KB no longer has, is left alone.
+    assert fit_passages(row, texts, cfg, _chars, 10**6) == (row, "fits")
+    assert fit_passages(row, {d: t + "改" for d, t in texts.items()}, cfg, _chars, limit) == (row, "kept")
+
+
+def test_fit_rows_uses_the_tokenizer_and_warns_once(tiny_kb, tiny_questions, tmp_path, qwen_tokenizer_dir):
+    from mlx_lora.data.formats import encode_example, token_count
+    from mlx_lora.data.render import ChatTokenizer
+
+    cfg, _, _, _ = grounded(tiny_kb, tiny_questions, tmp_path, oracle_rate=1.0, passages=3)
+    tokenizer = ChatTokenizer.from_dir(qwen_tokenizer_dir)
+    rows = read_examples(tmp_path / "out" / "train.jsonl")
+    lengths = sorted(encode_example(tokenizer, e, 10**9).full_length for e in rows)
+    limit = lengths[len(lengths) // 2]  # half the rows are over
+    fitted, warnings = fit_rows(rows, token_count(tokenizer), limit, cfg, "train.jsonl")
+    over = sum(n > limit for n in lengths)
+    assert len(warnings) == 1 and f"{over} of {len(rows)} grounded rows" in warnings[0]
+    for before, after in zip(rows, fitted):
+        assert after.answer == before.answer
+        encoded = encode_example(tokenizer, after, limit)
+        assert not encoded.truncated  # every row now fits whole

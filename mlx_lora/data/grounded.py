@@ -66,3 +66,93 @@ def ground_messages(messages: list[dict], passages: Sequence[tuple[str, str]], c
     last = max(i for i, m in enumerate(out) if m["role"] == "user")
     out[last]["content"] = user_turn(out[last]["content"], passages, cfg)
     return out
+
+
+def fit_passages(example, kb_texts: dict[str, str], cfg: DataConfig, length, limit: int):
+    """A grounded row (formats.Example) that fits `limit` tokens (`length(example)` counts them) by showing less
+    of its passages, never less of its answer: first the lowest-ranked passages that are not the gold doc's go
+    (one passage always stays), then the remaining passage's text is cut at the end ("…").
+
+    Returns (row, what happened): "fits" (unchanged), "shortened", or "kept" — not grounded, its prompt is not the
+    one today's KB gives (it cannot be rebuilt safely), or even an empty passage does not fit; a kept row is cut
+    from the end like any other and the caller warns about it."""
+    if length(example) <= limit:
+        return example, "fits"
+    ids = example.meta.get("passages") if example.grounded else None
+    if not ids or any(doc_id not in kb_texts for doc_id in ids):
+        return example, "kept"
+    question = example.question
+    current = user_turn(question, [(d, kb_texts[d]) for d in ids], cfg)
+    holder = example.text if example.messages is None else _last_user(example.messages)["content"]
+    if current not in holder or (example.text is not None and current not in example.text):
+        return example, "kept"
+
+    def with_passages(passages):
+        turn = user_turn(question, passages, cfg)
+        meta = {**example.meta, "passages": [d for d, _ in passages], "passages_shortened": True}
+        # A ChatML text row carries both: the turns parsed from the text (what is encoded) and the text itself.
+        text = None if example.text is None else example.text.replace(current, turn, 1)
+        messages = None if example.messages is None else [dict(m) for m in example.messages]
+        if messages is not None:
+            _last_user(messages)["content"] = turn
+        return dataclasses.replace(example, messages=messages, text=text, meta=meta)
+
+    passages = [(d, kb_texts[d]) for d in ids]
+    gold = example.meta.get("doc_id")
+    while len(passages) > 1:
+        drop = max((i for i, (d, _) in enumerate(passages) if d != gold), default=None)
+        if drop is None:
+            break
+        passages.pop(drop)
+        row = with_passages(passages)
+        if length(row) <= limit:
+            return row, "shortened"
+    # One passage left (or only gold ones): keep the longest start of the longest text that fits.
+    i = max(range(len(passages)), key=lambda j: len(passages[j][1]))
+    doc_id, text = passages[i]
+
+    def cut(n: int):
+        return with_passages([*passages[:i], (doc_id, text[:n] + "…"), *passages[i + 1 :]])
+
+    if length(cut(0)) > limit:
+        return example, "kept"
+    lo, hi = 0, len(text)  # cut(lo) fits; the longest n that fits, by bisection
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if length(cut(mid)) <= limit:
+            lo = mid
+        else:
+            hi = mid - 1
+    return cut(lo), "shortened"
+
+
+def _last_user(messages: list[dict]) -> dict:
+    return messages[max(i for i, m in enumerate(messages) if m["role"] == "user")]
+
+
+def fit_rows(examples: list, length, max_length: int, cfg: DataConfig, path) -> tuple[list, list[str]]:
+    """fit_passages() for every grounded row of a file, against today's KB (data.kb); `length(row)` is its token
+    count. Returns (rows, warnings). Without grounded rows, or without a readable KB, rows are returned as they
+    are (the usual cut applies)."""
+    from mlx_lora.core.errors import UserError
+    from mlx_lora.data.kb import load_kb
+
+    if not any(e.grounded for e in examples):
+        return examples, []
+    try:
+        kb_texts = {doc_id: doc.text for doc_id, doc in load_kb(cfg.kb).items()}
+    except (UserError, OSError):
+        return examples, []
+
+    out, shortened = [], 0
+    for example in examples:
+        row, what = fit_passages(example, kb_texts, cfg, length, max_length)
+        out.append(row)
+        shortened += what == "shortened"
+    if not shortened:
+        return out, []
+    return out, [
+        f"warning: {path}: {shortened} of {len(examples)} grounded rows are longer than train.max_length="
+        f"{max_length} tokens with all their passages: they show fewer passages or a shortened one (never a shorter "
+        "answer); raise train.max_length to show them whole"
+    ]

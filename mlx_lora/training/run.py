@@ -13,7 +13,8 @@ from mlx_lora.core.environment import main_process, versions
 from mlx_lora.core.errors import UserError
 from mlx_lora.core.files import locked, sha256_of_files, write_json
 from mlx_lora.core.model_store import local_model_dir, model_sha256
-from mlx_lora.data.formats import encode_rows, length_warnings, read_examples
+from mlx_lora.data.formats import encode_rows, length_warnings, read_examples, token_count
+from mlx_lora.data.grounded import fit_rows
 from mlx_lora.data.render import ChatTokenizer
 from mlx_lora.training import card, events, loop, summary
 from mlx_lora.training.listeners import standard_listeners
@@ -73,7 +74,9 @@ def train_run(
     tokenizer = ChatTokenizer.from_dir(model_dir)
     rows, dropped, warnings = {}, 0, []
     for path in (train_file, valid_file):
-        encoded = encode_rows(tokenizer, read_examples(path), cfg.train.max_length)
+        examples, notes = fit_rows(read_examples(path), token_count(tokenizer), cfg.train.max_length, cfg.data, path)
+        encoded = encode_rows(tokenizer, examples, cfg.train.max_length)
+        warnings += notes
         warnings += length_warnings(path, encoded, cfg.train.max_length)
         rows[path] = [r for r in encoded if r.supervised > 0]
         dropped += len(encoded) - len(rows[path])
