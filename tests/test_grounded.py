@@ -51,9 +51,10 @@ def test_a_train_row_never_retrieves_its_own_question(tiny_kb, tiny_questions):
     index = PassageIndex(CharScorer(), kb, [("VPN 連不上", "vpn"), ("請假", "leave")])
     own = index.doc_scores(["VPN 連不上"])[0]
     left_out = index.doc_scores(["VPN 連不上"], leave_out_own=True)[0]
+    without = PassageIndex(CharScorer(), kb, [("請假", "leave")]).doc_scores(["VPN 連不上"])[0]
     vpn = list(kb).index("vpn")
-    assert own[vpn] == pytest.approx(1.0)  # found itself
-    assert left_out[vpn] < 0.6  # only the doc's own text is left to find it by
+    assert own[vpn] > left_out[vpn] + 0.3  # found itself; left out, only the doc's own text finds it
+    assert left_out == pytest.approx(without)  # exactly as if the question had never been asked
 
 
 def test_oracle_free_rows_lose_their_gold_passage_and_follow_the_policy(tiny_kb, tiny_questions, tmp_path):
@@ -185,3 +186,21 @@ def test_fit_rows_uses_the_tokenizer_and_warns_once(tiny_kb, tiny_questions, tmp
         assert after.answer == before.answer
         encoded = encode_example(tokenizer, after, limit)
         assert not encoded.truncated  # every row now fits whole
+
+
+def test_a_doc_nobody_asked_about_is_found_by_its_clauses_and_words():
+    """A doc added after training has no questions in the index: its clauses and its words must find it."""
+    from mlx_lora.data.retrieval import clauses
+
+    kb = {
+        "vpn": "VPN 設定:下載 GlobalProtect client,閘道填 vpn.example.tw,以 SSO 登入;連不上時先重開機。",
+        "wifi": "訪客 Wi-Fi:名稱 Guest-Net,密碼每週一更換,請向櫃台索取。",
+        "leave": "請假須於三天前在 HR 系統申請,病假可事後補。",
+    }
+    assert clauses(kb["leave"]) == ["請假須於三天前在 HR 系統申請", "病假可事後補"]
+    assert clauses("一句話") == []
+    asked = [("VPN 連不上怎麼辦", "vpn"), ("我要請病假", "leave"), ("密碼忘了怎麼辦", "vpn")]
+    index = PassageIndex(CharScorer(), kb, asked)
+    # Whole texts and questions alone ranked vpn first here (its question shares "密碼…是"); wifi's clause wins.
+    for question in ("訪客的無線網路密碼是多少", "訪客密碼找誰拿"):
+        assert index.search([question], 1)[0][0][0] == "wifi", question
