@@ -108,3 +108,16 @@ def test_a_kb_answer_whose_doc_does_not_answer_becomes_the_refusal():
     assert got[3].source == "REFUSAL" and got[3].detail["by"] == "rule"  # refuse rules are not re-checked
     off = _decider(_Route(None, route.scores), [printer]).decide(["事務機可以印彩色嗎？"], [None])[0]
     assert off.source == "RULE_OVERRIDE"  # no calibrated floor: the check is off
+
+
+def test_a_doc_nobody_asked_about_is_not_checked():
+    """A doc added to the KB after training has no training questions: the model has no evidence about it (half its
+    features are closeness to the doc's questions), so its answers are not checked rather than always refused."""
+    from mlx_lora.answer.route import SemanticRoute
+
+    kb = {**KB, "wifi": "訪客 Wi-Fi:名稱 Guest-Net,密碼每週一更換,請向 1F 櫃台索取。"}
+    scorer = make_scorer("use")
+    route = SemanticRoute.__new__(SemanticRoute)  # only the answerability part is exercised here
+    route.answerability = AnswerabilityModel(scorer).fit(TRAIN, kb)
+    scores = route.answer_scores(["訪客 Wi-Fi 密碼去哪拿？", "VPN 閘道位址是什麼？"], ["wifi", "vpn"])
+    assert scores[0] is None and scores[1] is not None
