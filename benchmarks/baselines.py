@@ -46,14 +46,69 @@ def seed_collator(pad_id: int, log: list[dict], pad_to: int = SEED_PAD_TO):
     return collate
 
 
+def tuned_collator(pad_id: int, log: list[dict]):
+    """What a user who configures the Trainer well feeds it (DataCollatorForSeq2Seq / TRL's completion-only
+    collator): each batch padded to its own longest row, labels only on the answer tokens (our mask), the pad
+    positions masked by the attention mask. Logs each micro-batch's token counts."""
+    import torch
+
+    def collate(rows: list[dict]) -> dict:
+        width = max(len(row["input_ids"]) for row in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        for k, row in enumerate(rows):
+            n = len(row["input_ids"])
+            ids[k, :n] = torch.tensor(row["input_ids"])
+            attention[k, :n] = 1
+            answer = torch.tensor(row["mask"], dtype=torch.bool)
+            labels[k, :n] = torch.where(answer, ids[k, :n], torch.tensor(-100))
+        log.append(
+            {
+                "tokens": int(attention.sum()),
+                "computed": len(rows) * width,
+                "head": len(rows) * width,  # the Trainer's model computes logits for every position
+                "supervised": sum(sum(r["mask"][1:]) for r in rows),
+            }
+        )
+        return {"input_ids": ids, "attention_mask": attention, "labels": labels}
+
+    return collate
+
+
+def _length_grouped(arguments) -> dict:
+    """Length-grouped batches, in the spelling of the installed transformers (renamed in 5.x)."""
+    import inspect
+
+    names = inspect.signature(arguments).parameters
+    if "train_sampling_strategy" in names:
+        return {"train_sampling_strategy": "group_by_length"}
+    return {"group_by_length": True}
+
+
 def hf_trainer(
-    model_dir: Path, rows: list[Encoded], cfg: Config, steps: int, warmup: int, device: str, eos_id: int
+    model_dir: Path,
+    rows: list[Encoded],
+    cfg: Config,
+    steps: int,
+    warmup: int,
+    device: str,
+    eos_id: int,
+    style: str = "seed",
+    precision: str = "fp32",
+    valid: list[Encoded] | None = None,
 ) -> dict:
-    """`warmup + steps` optimizer steps of transformers' Trainer + PEFT LoRA with the same hyper-parameters."""
+    """`warmup + steps` optimizer steps of transformers' Trainer + PEFT LoRA with the same hyper-parameters.
+
+    style "seed": the seed's setup (pad to 192, loss on every token). style "tuned": dynamic padding,
+    length-grouped batches, loss on the answer tokens only. precision "bf16": the base weights loaded in bf16 and
+    the Trainer's bf16 autocast (PEFT keeps the LoRA weights fp32), what a user does on a CPU with bf16 units.
+    With `valid`, the answer-only valid loss after training (training.answer_loss, as for our loop)."""
     import torch
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
+    from benchmarks.training import answer_loss
     from mlx_lora.backends.torch.lora import peft_config  # the same PEFT LoRA settings our torch backend uses
 
     t = cfg.train
@@ -61,7 +116,8 @@ def hf_trainer(
     measure.reset_peak_rss()
     native.reset()
     tic = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, trust_remote_code=False)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, trust_remote_code=False)
     torch.manual_seed(t.seed)
     model = get_peft_model(model, peft_config(cfg.lora, model))
     load_s = time.perf_counter() - tic
@@ -95,15 +151,16 @@ def hf_trainer(
             dataloader_num_workers=0,
             remove_unused_columns=False,
             use_cpu=device == "cpu",
+            bf16=precision == "bf16",
+            **(_length_grouped(TrainingArguments) if style == "tuned" else {}),
         )
-        data = [{"ids": r.ids, "mask": r.mask} for r in rows]
-        trainer = Trainer(
-            model=model,
-            args=args,
-            train_dataset=data,
-            data_collator=seed_collator(eos_id, batches),
-            callbacks=[Clock()],
-        )
+        if style == "tuned":
+            data = [{"input_ids": r.ids, "mask": r.mask} for r in rows]
+            collator = tuned_collator(eos_id, batches)
+        else:
+            data = [{"ids": r.ids, "mask": r.mask} for r in rows]
+            collator = seed_collator(eos_id, batches)
+        trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collator, callbacks=[Clock()])
         result = trainer.train()
     per_step = []
     for k in range(1, len(marks)):
@@ -119,7 +176,10 @@ def hf_trainer(
         "peak_rss_mb": measure.peak_rss_mb(),
         **native.read(),
         "steps_raw": per_step,
+        "precision": precision,
     }
+    if valid:
+        row["valid_answer_loss"] = answer_loss(model, valid, eos_id, precision == "bf16")
     del trainer, model
     gc.collect()
     return row

@@ -11,7 +11,10 @@ from mlx_lora.core.files import atomic_write_text, write_json
 
 NAMES = {
     "ours": "{engine} (ours)",
+    "ours-bf16": "{engine} bf16 (ours)",
     "hf-trainer": "HF Trainer, seed-style ({engine})",
+    "hf-trainer-tuned": "HF Trainer, well-configured ({engine})",
+    "hf-trainer-tuned-bf16": "HF Trainer, well-configured, bf16 ({engine})",
     "mlx-lm": "mlx-lm lora ({engine})",
     "hf-generate": "HF generate ({engine})",
 }
@@ -63,6 +66,8 @@ def summarize_training(rows: list[dict]) -> list[dict]:
             "peak_rss_mb": spread([r.get("peak_rss_mb") for r in reps]),
             "train_flops_per_s": spread([r.get("train_flops_per_s") for r in reps]),
             "trainable_params": first.get("trainable_params"),
+            "precision": first.get("precision"),
+            "valid_answer_loss": spread([r.get("valid_answer_loss") for r in reps]),
         }
         # Each task measured the fp32 matmul peak in its own process right after its steps (same load);
         # rows without it fall back to the roofline suite's figure.
@@ -137,9 +142,20 @@ def ratios(rows: list[dict]) -> list[dict]:
             found.append({"title": title, **ratio})
 
     for engine, backend in engines.items():
-        base = "hf-trainer" if backend == "torch" else "mlx-lm"
-        for key in ("supervised_tokens_per_s", "tokens_per_s"):
-            add(f"{engine}: ours vs {base} ({key})", "training", (engine, "ours"), (engine, base), key)
+        if backend == "torch":
+            pairs = [
+                ("ours", "hf-trainer"),
+                ("ours", "hf-trainer-tuned"),
+                ("ours-bf16", "hf-trainer"),
+                ("ours-bf16", "hf-trainer-tuned"),
+                ("ours-bf16", "hf-trainer-tuned-bf16"),
+                ("ours-bf16", "ours"),
+            ]
+        else:
+            pairs = [("ours", "mlx-lm")]
+        for a, b in pairs:
+            for key in ("supervised_tokens_per_s", "tokens_per_s"):
+                add(f"{engine}: {a} vs {b} ({key})", "training", (engine, a), (engine, b), key)
     if "mlx-cpu+openblas" in engines and "mlx-cpu" in engines:
         for impl in ("ours", "mlx-lm"):
             add(
@@ -217,8 +233,8 @@ def markdown(
         "## Training",
         "",
         "| engine | tokens/s | supervised tokens/s | step s, median [p25–p75] | peak memory MB | peak RSS MB | "
-        "achieved FLOP/s | of the fp32 matmul FLOP/s measured after it |",
-        "|---|---|---|---|---|---|---|---|",
+        "achieved FLOP/s | of the matmul FLOP/s (its precision) measured after it | answer-only valid loss |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for t in training:
         q = t["step_s"]
@@ -231,7 +247,7 @@ def markdown(
         lines.append(
             f"| {t['name']} | {_med(t['tokens_per_s'])} | {_med(t['supervised_tokens_per_s'])} | {step} | "
             f"{_med(t['peak_mem_mb'])} ({t['peak_mem_kind']}) | {_med(t['peak_rss_mb'])} | "
-            f"{_med(t['train_flops_per_s'])} | {frac} |"
+            f"{_med(t['train_flops_per_s'])} | {frac} | {_med(t['valid_answer_loss'], 4)} |"
         )
     lines += ["", "## Ratios (paired by repetition, median)", "", "| comparison | ratio | range |", "|---|---|---|"]
     for r in found:

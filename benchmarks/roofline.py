@@ -107,6 +107,40 @@ def torch_matmul(
     return _row("torch", n, dtype_name, threads, times)
 
 
+def torch_model_matmul(shape: dict, dtype_name: str, threads: int | None, reps: int = 5, tokens: int = 512) -> dict:
+    """The model's own largest product on the CPU: (tokens × hidden) · (hidden × intermediate) through F.linear,
+    the up/gate projection a training step spends most of its time in. Best-of-`reps` → FLOP/s: the peak a
+    training run's achieved FLOP/s is a share of (a square 2048 product runs at a different rate)."""
+    import torch
+    import torch.nn.functional as F
+
+    k, n = shape["linears"]["up_proj"]
+    dtype = getattr(torch, dtype_name)
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        x, w = torch.randn(tokens, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
+        F.linear(x, w)
+        times = []
+        for _ in range(reps):
+            tic = time.perf_counter()
+            F.linear(x, w)
+            times.append(time.perf_counter() - tic)
+    finally:
+        torch.set_num_threads(before)
+    best = min(times)
+    return {
+        "framework": "torch",
+        "shape": [tokens, k, n],
+        "dtype": dtype_name,
+        "threads": threads,
+        "seconds": times,
+        "seconds_median": statistics.median(times),
+        "flops_per_s": 2 * tokens * k * n / best,
+    }
+
+
 def mlx_matmul(n: int, dtype_name: str, reps: int, budget_s: float = 3.0) -> dict:
     """The same for mlx on its default device (on Linux: whichever BLAS the process loaded)."""
     import mlx.core as mx

@@ -60,6 +60,7 @@ class Settings:
     isolate: bool | None = None  # one process per task (clean peak memory); default: not in quick mode
     out: Path | None = None
     data: Path | None = None
+    cpu_flags: list[str] = field(default_factory=list)  # filled by run_bench from the machine (bf16 units?)
 
     def resolved(self) -> Settings:
         quick = self.quick
@@ -144,9 +145,18 @@ def plan(engines: list[Engine], s: Settings) -> list[dict]:
         for e in engines:
             base = {"engine": e.name, "backend": e.backend, "device": e.device, "blas": e.blas, "rep": rep}
             train = {**base, "suite": "training", "steps": s.steps_for(e.name), "warmup": s.warmup}
-            tasks.append({**train, "impl": "ours"})
-            if s.baselines:
-                tasks.append({**train, "impl": "hf-trainer" if e.backend == "torch" else "mlx-lm"})
+            bf16 = e.backend == "torch" and bf16_units(e, s.cpu_flags)
+            tasks.append({**train, "impl": "ours", "precision": "fp32"})
+            if bf16:
+                tasks.append({**train, "impl": "ours-bf16", "precision": "bf16"})
+            if s.baselines and e.backend == "torch":
+                tasks.append({**train, "impl": "hf-trainer", "precision": "fp32"})
+                # The well-configured Trainer, in each precision a user would pick here.
+                tasks.append({**train, "impl": "hf-trainer-tuned", "precision": "fp32"})
+                if bf16:
+                    tasks.append({**train, "impl": "hf-trainer-tuned-bf16", "precision": "bf16"})
+            elif s.baselines:
+                tasks.append({**train, "impl": "mlx-lm"})
     if s.generation:
         for rep in range(s.reps):
             for e in engines:
@@ -185,6 +195,14 @@ def plan(engines: list[Engine], s: Settings) -> list[dict]:
                 for dtype in ("float32", "bfloat16"):
                     tasks.append({**base, "n": 4096 if e.device != "cpu" else 2048, "dtype": dtype, "threads": None})
     return tasks
+
+
+def bf16_units(engine: Engine, flags: list[str]) -> bool:
+    """Whether bf16 training is worth measuring on this engine: any CUDA GPU, or a CPU with bf16 instructions
+    (avx512_bf16 or AMX); AVX2-only CPUs emulate bf16 (7-10x slower than fp32 measured), so they are skipped."""
+    if engine.device == "cuda":
+        return True
+    return engine.device == "cpu" and any(f in flags for f in ("avx512_bf16", "amx_bf16"))
 
 
 def processes(tasks: list[dict], engines: list[Engine], isolate: bool) -> list[tuple[Engine, list[dict]]]:
@@ -241,6 +259,7 @@ def run_bench(s: Settings, cfg: Config | None = None, progress: bool = True) -> 
     started = time.time()
     hardware = measure.hardware()  # before the run: the load average says how busy the machine was
     engines = choose(available_engines(probe()), s.backends)
+    s.cpu_flags = list(hardware.get("cpu_flags") or [])
     work = Path(tempfile.mkdtemp(prefix="mlx-lora-bench-"))
     try:
         data_dir = prepare_data(s, work)

@@ -84,10 +84,51 @@ def _steps_from_events(events: list[dict], replay: list[dict]) -> tuple[list[dic
     return steps, consistent
 
 
+def answer_loss(model, rows: list[Encoded], pad_id: int, bf16: bool = False, batch: int = 8) -> float:
+    """Mean cross-entropy over the answer tokens (mask 1) of `rows`, for any HF/PEFT torch causal LM: the one
+    quality measure every torch implementation in the benchmark is held to after its steps (the pairs compare
+    speed at equal valid loss)."""
+    import contextlib
+
+    import torch
+    import torch.nn.functional as F
+
+    model.eval()
+    device = next(model.parameters()).device
+    arithmetic = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    total, count = 0.0, 0
+    order = sorted(rows, key=lambda r: len(r.ids))
+    with torch.no_grad(), arithmetic:
+        for i in range(0, len(order), batch):
+            chunk = order[i : i + batch]
+            width = max(len(r.ids) for r in chunk)
+            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long, device=device)
+            attention = torch.zeros_like(ids)
+            target = torch.zeros_like(ids, dtype=torch.bool)
+            for k, r in enumerate(chunk):
+                ids[k, : len(r.ids)] = torch.tensor(r.ids)
+                attention[k, : len(r.ids)] = 1
+                target[k, : len(r.ids)] = torch.tensor(r.mask, dtype=torch.bool)
+            logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
+            take = target[:, 1:]
+            total += F.cross_entropy(logits[take], ids[:, 1:][take], reduction="sum").item()
+            count += int(take.sum())
+    return total / max(count, 1)
+
+
 def run_ours(
-    backend_name: str, device: str, model_dir: Path, rows: list[Encoded], cfg: Config, steps: int, warmup: int
+    backend_name: str,
+    device: str,
+    model_dir: Path,
+    rows: list[Encoded],
+    cfg: Config,
+    steps: int,
+    warmup: int,
+    valid: list[Encoded] | None = None,
+    pad_id: int = 0,
 ) -> dict:
-    """Train `warmup + steps` optimizer steps with our loop on one backend/device; no eval set (speed only)."""
+    """Train `warmup + steps` optimizer steps with our loop on one backend/device; no eval during training (speed
+    only). With `valid` (torch only), the answer-only valid loss afterwards, measured as for the Trainer."""
     from mlx_lora import backends
 
     cfg.train.max_steps = warmup + steps
@@ -114,6 +155,10 @@ def run_ours(
         "peak_rss_mb": measure.peak_rss_mb(),
         **native.read(),
     }
+    if backend_name == "torch":
+        row["precision"] = start["device"].rsplit("(", 1)[-1].rstrip(")") if "(" in start["device"] else "fp32"
+        if valid:
+            row["valid_answer_loss"] = answer_loss(loaded.model, valid, pad_id, row["precision"] == "bf16")
     del loaded, backend
     gc.collect()
     return {**row, "steps_raw": measured}

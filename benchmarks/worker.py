@@ -16,6 +16,8 @@ from pathlib import Path
 from benchmarks import roofline
 from mlx_lora.core.config import Config, apply_mapping
 
+VALID_ROWS = 32  # enough to compare losses after a few steps, ~5 s of forward passes on the 0.5B
+
 
 class Context:
     """What the tasks of one process share: config, model, encoded training rows (read once)."""
@@ -42,6 +44,17 @@ class Context:
                 tokenizer, read_examples(self.data_dir / "train.jsonl"), self.cfg().train.max_length
             )
         return self._rows
+
+    def valid_rows(self, n: int = VALID_ROWS):
+        """The first n rows of valid.jsonl: the answer-only valid loss every torch implementation is held to."""
+        from mlx_lora.data.formats import encode_all, read_examples
+        from mlx_lora.data.render import ChatTokenizer
+
+        path = self.data_dir / "valid.jsonl"
+        if not path.is_file():
+            return None
+        rows, _ = encode_all(ChatTokenizer.from_dir(self.model_dir), read_examples(path), self.cfg().train.max_length)
+        return rows[:n]
 
     def eos_id(self) -> int:
         from mlx_lora.data.render import ChatTokenizer
@@ -91,10 +104,18 @@ def run_task(ctx: Context, task: dict) -> dict:
             ctx.pad_id(),
         )
     steps, warmup = task["steps"], task["warmup"]
-    if impl == "ours":
-        result = training.run_ours(task["backend"], task["device"], ctx.model_dir, ctx.rows(), cfg, steps, warmup)
-    elif impl == "hf-trainer":
-        result = baselines.hf_trainer(ctx.model_dir, ctx.rows(), cfg, steps, warmup, task["device"], ctx.eos_id())
+    precision = task.get("precision", "fp32")
+    valid = ctx.valid_rows() if task["backend"] == "torch" else None
+    if impl in ("ours", "ours-bf16"):
+        cfg.train.precision = precision
+        result = training.run_ours(
+            task["backend"], task["device"], ctx.model_dir, ctx.rows(), cfg, steps, warmup, valid, ctx.eos_id()
+        )
+    elif impl.startswith("hf-trainer"):
+        style = "tuned" if impl.startswith("hf-trainer-tuned") else "seed"
+        result = baselines.hf_trainer(
+            ctx.model_dir, ctx.rows(), cfg, steps, warmup, task["device"], ctx.eos_id(), style, precision, valid
+        )
     elif impl == "mlx-lm":
         result = baselines.mlx_lm_lora(ctx.model_dir, ctx.data_dir, cfg, steps, warmup)
     else:
@@ -104,13 +125,16 @@ def run_task(ctx: Context, task: dict) -> dict:
     row = {**result, **training.summarize(raw, warmup, ctx.shape, lora)}
     # The machine's speed drifts with other users' load: take the matmul peak right here, in the same process
     # and minute as the steps it is compared with.
-    if task["backend"] == "torch":
-        peak = roofline.torch_matmul(
-            2048, "float32", ctx.threads if task["device"] == "cpu" else None, 3, 1.5, task["device"]
-        )
+    if task["backend"] == "torch":  # the peak of the arithmetic the task used
+        dtype = "bfloat16" if result.get("precision", precision) == "bf16" else "float32"
+        threads = ctx.threads if task["device"] == "cpu" else None
+        if task["device"] == "cpu" and "linears" in ctx.shape:
+            peak = roofline.torch_model_matmul(ctx.shape, dtype, threads)
+        else:
+            peak = roofline.torch_matmul(2048, dtype, threads, 3, 1.5, task["device"])
     else:
         peak = roofline.mlx_matmul(2048, "float32", 3, 1.5)
-    row["peak_matmul"] = {k: peak[k] for k in ("n", "seconds_median", "flops_per_s")}
+    row["peak_matmul"] = {k: peak.get(k) for k in ("n", "shape", "dtype", "seconds_median", "flops_per_s")}
     if row.get("train_flops_per_s"):
         row["fraction_of_peak"] = row["train_flops_per_s"] / peak["flops_per_s"]
     return row

@@ -76,6 +76,32 @@ def test_ratios_pair_repetitions():
     assert ratio["median"] == 3.0 and (ratio["min"], ratio["max"], ratio["n"]) == (2.0, 4.0, 3)
 
 
+def test_the_well_configured_collator_pads_to_the_batch_and_learns_only_answers():
+    pytest.importorskip("torch")
+    from benchmarks.baselines import tuned_collator
+
+    log: list[dict] = []
+    rows = [{"input_ids": [5, 6, 7, 8], "mask": [0, 0, 1, 1]}, {"input_ids": [5, 9], "mask": [0, 1]}]
+    batch = tuned_collator(0, log)(rows)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8], [5, 9, 0, 0]]  # the longest row, not a fixed 192
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, -100, 7, 8], [-100, 9, -100, -100]]  # the answer tokens only
+    assert log == [{"tokens": 6, "computed": 8, "head": 8, "supervised": 3}]
+
+
+def test_bf16_is_measured_only_where_the_machine_has_bf16_units():
+    cpu, cuda = run.Engine("torch-cpu", "torch", "cpu"), run.Engine("torch-cuda", "torch", "cuda")
+    assert run.bf16_units(cpu, ["avx2", "avx512_bf16"]) and run.bf16_units(cpu, ["amx_bf16"])
+    assert not run.bf16_units(cpu, ["avx2", "fma"])  # AVX2-only: emulated bf16, never measured as an option
+    assert run.bf16_units(cuda, [])
+    s = run.Settings(quick=True, cpu_flags=["avx2"]).resolved()
+    impls = {t["impl"] for t in run.plan([cpu], s) if t["suite"] == "training"}
+    assert impls == {"ours", "hf-trainer", "hf-trainer-tuned"}
+    s = run.Settings(quick=True, cpu_flags=["avx512_bf16"]).resolved()
+    impls = {t["impl"] for t in run.plan([cpu], s) if t["suite"] == "training"}
+    assert impls == {"ours", "ours-bf16", "hf-trainer", "hf-trainer-tuned", "hf-trainer-tuned-bf16"}
+
+
 def test_unknown_or_missing_backend_is_a_user_error():
     from mlx_lora.core.errors import UserError
 
@@ -139,6 +165,8 @@ def test_quick_bench_writes_every_output(quick):
     assert results["meta"]["threads"] == 1 and results["meta"]["versions"]["torch"]
     titles = {r["title"] for r in results["ratios"]}
     assert "torch-cpu: ours vs hf-trainer (supervised_tokens_per_s)" in titles
+    assert "torch-cpu: ours vs hf-trainer-tuned (supervised_tokens_per_s)" in titles
+    assert "HF Trainer, well-configured (torch-cpu)" in text
     assert "mlx-cpu: ours vs mlx-lm (supervised_tokens_per_s)" in titles
 
 
@@ -150,6 +178,7 @@ def test_quick_bench_rows_are_valid(quick):
     assert kinds >= {
         ("training", "torch-cpu", "ours"),
         ("training", "torch-cpu", "hf-trainer"),
+        ("training", "torch-cpu", "hf-trainer-tuned"),
         ("training", "mlx-cpu", "ours"),
         ("training", "mlx-cpu", "mlx-lm"),
         ("generation", "torch-cpu", "ours"),
@@ -166,6 +195,8 @@ def test_quick_bench_rows_are_valid(quick):
             assert r["trainable_params"] > 0 and r["peak_matmul"]["flops_per_s"] > 0 and r["fraction_of_peak"] > 0
             if r["impl"] == "ours":
                 assert r["replay_matches_events"]  # our FLOP accounting saw the batches the loop trained on
+            if r["backend"] == "torch":  # every torch implementation is held to the same answer-only valid loss
+                assert r["valid_answer_loss"] > 0 and r["peak_matmul"]["dtype"] in ("float32", "bfloat16")
         elif r["suite"] == "generation":
             assert r["generated_tokens"] == r["batch"] * r["new_tokens"] == 2 * 3
             assert r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0
