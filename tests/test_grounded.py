@@ -204,3 +204,13 @@ def test_a_doc_nobody_asked_about_is_found_by_its_clauses_and_words():
     # Whole texts and questions alone ranked vpn first here (its question shares "密碼…是"); wifi's clause wins.
     for question in ("訪客的無線網路密碼是多少", "訪客密碼找誰拿"):
         assert index.search([question], 1)[0][0][0] == "wifi", question
+
+
+def test_without_scikit_learn_the_index_still_ranks_by_embeddings(monkeypatch):
+    import sys
+
+    kb = {"vpn": "VPN 設定:以 SSO 登入。", "leave": "請假須於三天前申請。"}
+    monkeypatch.setitem(sys.modules, "sklearn.feature_extraction.text", None)  # import fails as if not installed
+    index = PassageIndex(CharScorer(), kb, [("我要請假", "leave")])
+    assert "scikit-learn" in index.missing
+    assert index.search(["請假要多久前申請"], 1)[0][0][0] == "leave"

@@ -7,7 +7,6 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from mlx_lora.core.errors import UserError
 from mlx_lora.core.textnorm import compact, normalize
 
 # Weight of the lexical score (character uni/bigram TF-IDF cosine against the doc's text) added to the best
@@ -53,7 +52,14 @@ class PassageIndex:
         self._keys = [compact(t) for t in self.texts]
         self._docs = list(self.kb_texts)
         self._column = {d: i for i, d in enumerate(self._docs)}
-        self._lexical = _Lexical([self.kb_texts[d] for d in self._docs]) if self._docs else None
+        self._lexical, self.missing = None, None
+        if self._docs:
+            try:
+                self._lexical = _Lexical([self.kb_texts[d] for d in self._docs])
+            except ImportError:  # the eval extra is missing: still a retriever, by embeddings alone
+                self.missing = (
+                    "scikit-learn is not installed (pip install -e '.[eval]'): passages ranked by embeddings only"
+                )
 
     @classmethod
     def from_examples(cls, scorer, kb_texts: dict[str, str], examples) -> PassageIndex:
@@ -93,12 +99,8 @@ class _Lexical:
     """Character uni/bigram TF-IDF of the KB texts (IDF from the KB alone), cosine with a query."""
 
     def __init__(self, docs: list[str]):
-        try:
-            from sklearn.feature_extraction.text import TfidfVectorizer
-        except ImportError:
-            raise UserError(
-                "grounded prompts need scikit-learn for the passage index: pip install -e '.[eval]'"
-            ) from None
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
         self._vectorizer = TfidfVectorizer(
             analyzer="char_wb", ngram_range=(1, 2), preprocessor=normalize, sublinear_tf=True
         )

@@ -164,6 +164,8 @@ def evaluate_run(
         cfg, scorer, kb, train, valid, canonical, refusal, index, rules_path, model_first=grounded
     )
     passages = passage_index(scorer, kb, train)
+    if passages.missing:
+        notes["passages"] = passages.missing
     if grounded:  # the prompts show what the retriever finds in today's KB (docs may have been added since)
         test = reground(test, passages, data_cfg)
     questions = [e.question for e in test]
