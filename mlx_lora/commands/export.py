@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from mlx_lora.commands.options import build_config, config_option, set_option
+from mlx_lora.commands.options import adapter_option, build_config, config_option, set_option
 
 
 @click.group()
@@ -15,12 +15,7 @@ def export():
 @export.command()
 @config_option
 @set_option
-@click.option(
-    "--adapter",
-    type=click.Path(exists=True, file_okay=False),
-    required=True,
-    help="Run directory or adapter folder (PEFT or MLX format).",
-)
+@adapter_option
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="The .gguf file to write.")
 @click.option("--model", help="Base model (default: the run's; required for a bare adapter folder).")
 @click.option("--merged", is_flag=True, help="Write the base model with the adapter merged in, not an adapter.")

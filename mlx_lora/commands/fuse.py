@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from mlx_lora.commands.options import backend_choice, build_config, config_option, set_option
+from mlx_lora.commands.options import adapter_option, backend_choice, build_config, config_option, set_option
 from mlx_lora.core.errors import UserError
 
 
@@ -14,12 +14,7 @@ from mlx_lora.core.errors import UserError
 @config_option
 @set_option
 @click.option("--model", help="Base model (default: the adapter run's).")
-@click.option(
-    "--adapter",
-    type=click.Path(exists=True, file_okay=False),
-    required=True,
-    help="Run directory or adapter folder (PEFT or MLX format).",
-)
+@adapter_option
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Output folder for the merged model.")
 @click.option("--backend", type=backend_choice, help="Backend that merges (default: auto).")
 def fuse(config_path, overrides, model, adapter, out, backend):

@@ -24,6 +24,13 @@ set_option = click.option(
     help="Override a config key, e.g. --set train.lr=3e-4 (repeatable).",
 )
 backend_choice = click.Choice(CHOICES["backend.name"])
+# The trained run a command reads (`export gguf`, `fuse`).
+adapter_option = click.option(
+    "--adapter",
+    type=click.Path(exists=True, file_okay=False),
+    required=True,
+    help="Run directory or adapter folder (PEFT or MLX format).",
+)
 # How long to train: `train` and `run` take the same two, mlx-lm's --iters included.
 epochs_option = click.option("--epochs", type=int, help="Passes over the train split (default: train.epochs).")
 max_steps_option = click.option(

@@ -83,8 +83,8 @@ def fit_passages(example, kb_texts: dict[str, str], cfg: DataConfig, length, lim
         return example, "kept"
     question = example.question
     current = user_turn(question, [(d, kb_texts[d]) for d in ids], cfg)
-    holder = example.text if example.messages is None else _last_user(example.messages)["content"]
-    if current not in holder or (example.text is not None and current not in example.text):
+    shown = [example.text, None if example.messages is None else _last_user(example.messages)["content"]]
+    if any(current not in text for text in shown if text is not None):  # every copy of the prompt must hold it
         return example, "kept"
 
     def with_passages(passages):

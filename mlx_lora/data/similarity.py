@@ -78,9 +78,7 @@ class EmbeddingScorer:
         key = self._keys.get(text)
         if key is None:
             key = self._keys[text] = normalize(text)
-            if self.max_cached is not None and len(self._keys) > self.max_cached:
-                for old in list(self._keys)[: len(self._keys) - int(self.max_cached * 0.9)]:
-                    self._keys.pop(old, None)
+            self._bound(self._keys)
         return key
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
@@ -93,7 +91,7 @@ class EmbeddingScorer:
             norms = np.linalg.norm(vectors, axis=1, keepdims=True)
             for key, vector in zip(missing, vectors / np.maximum(norms, 1e-12)):
                 self._cache[key] = found[key] = vector
-            self._trim()
+            self._bound(self._cache)
         dim = next(iter(found.values())).shape[0] if found else self._dim()
         # An empty answer embeds as zeros: similar to nothing, which is what an empty answer deserves.
         return (
@@ -106,11 +104,12 @@ class EmbeddingScorer:
         first = next(iter(list(self._cache.values())[:1]), None)
         return first.shape[0] if first is not None else 1
 
-    def _trim(self) -> None:
-        if self.max_cached is None or len(self._cache) <= self.max_cached:
+    def _bound(self, cache: dict) -> None:
+        """Past max_cached entries, drop the oldest tenth (dicts keep insertion order)."""
+        if self.max_cached is None or len(cache) <= self.max_cached:
             return
-        for key in list(self._cache)[: len(self._cache) - int(self.max_cached * 0.9)]:  # list(): a snapshot
-            self._cache.pop(key, None)
+        for key in list(cache)[: len(cache) - int(self.max_cached * 0.9)]:  # list(): a snapshot
+            cache.pop(key, None)
 
     def matrix(self, a: Sequence[str], b: Sequence[str]) -> np.ndarray:
         if not len(a) or not len(b):
