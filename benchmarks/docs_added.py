@@ -1,8 +1,10 @@
 """Docs added after training: train with some KB docs held out, then add them to the KB (no retraining) and score
 their questions — the tuned model alone and with the route + answerability check, grounded vs closed-book.
 
-    python benchmarks/docs_added.py --out runs/docs-added [--held 4] [--steps 40] [--modes grounded,closed_book]
-        [--set train.precision=bf16 ...]
+    python benchmarks/docs_added.py --out runs/docs-added [--held 4] [--steps 90] [--modes grounded,closed_book]
+        [--config configs/default.yaml] [--set train.precision=bf16 ...]
+
+Both modes train with --config (default: the main job's, grounded) and `data.mode` set per mode.
 
 The held-out docs are a seeded sample of the KB. Training sees neither their passages nor any question about them;
 at scoring time the KB holds every doc, so the passage index and the route are rebuilt from it, and the questions
@@ -71,7 +73,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--held", type=int, default=4, help="docs held out of training")
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=90)
+    parser.add_argument("--config", type=Path, default=SAMPLES / "configs" / "default.yaml")
     parser.add_argument("--modes", default="grounded,closed_book")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra config overrides")
     args = parser.parse_args()
@@ -79,14 +82,21 @@ def main() -> None:
     out = args.out
     docs = held_out_kb(kb, questions, args.held, args.seed, out / "reduced")
     extra = [f"--set={o}" for o in args.overrides]
-    results = {"held_out_docs": docs, "steps": args.steps, "overrides": args.overrides, "modes": {}}
+    results = {
+        "held_out_docs": docs,
+        "steps": args.steps,
+        "config": args.config.name,
+        "overrides": args.overrides,
+        "modes": {},
+    }
     previous = out / "results.json"  # a mode run earlier with the same settings is kept beside this one
     if previous.is_file():
         kept = json.loads(previous.read_text(encoding="utf-8"))
-        if (kept["held_out_docs"], kept["steps"], kept["overrides"]) == (docs, args.steps, args.overrides):
+        same = (kept["held_out_docs"], kept["steps"], kept["overrides"], kept.get("config"))
+        if same == (docs, args.steps, args.overrides, args.config.name):
             results["modes"] = kept["modes"]
     for mode in args.modes.split(","):
-        config = ["-c", str(SAMPLES / "configs" / "grounded.yaml")] if mode == "grounded" else []
+        config = ["-c", str(args.config)]
         mode_set = ["--set=data.mode=" + mode]
         data, full, run = out / mode / "data", out / mode / "full", out / mode / "run"
         reduced = ["--kb", str(out / "reduced" / "kb.jsonl"), "--questions", str(out / "reduced" / "questions.yaml")]
@@ -100,6 +110,7 @@ def main() -> None:
             "eval", *config, *mode_set, *extra, "--adapter", str(run), "--data", str(out / mode / "added.jsonl"),
             "--kb", str(kb), "--train", str(data / "train.jsonl"), "--valid", str(data / "valid.jsonl"),
             "--rules", "none", "--variants", "tuned,tuned_rules,retrieval,top_passage", "--out", str(report),
+            "--set=eval.max_rows=null",  # every added question: the main job's config samples 40
             "--no-progress",
         )  # fmt: skip
         variants = json.loads((report / "report.json").read_text(encoding="utf-8"))["variants"]

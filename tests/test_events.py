@@ -108,7 +108,9 @@ def test_health_flags_each_problem_and_only_that():
     assert _codes(_steps(falling), _evals([(2, 1.8), (4, 1.5), (6, 1.6), (8, 1.7)])) == {"overfitting"}
     assert _codes(_steps(falling), _evals([(2, 1.8), (4, 1.5), (6, 1.6), (8, 1.4)])) == set()  # recovered
     assert _codes(_steps(falling), _evals([(2, 1.8), (4, 1.5), (6, 1.6)])) == set()  # one rise is not a trend
-    assert _codes(_steps(falling, norms=[2, 3, 25, 4, 2, 2, 2, 2])) == {"exploding_gradients"}
+    assert _codes(_steps(falling, norms=[2, 3, 25, 4, 2, 2, 2, 2])) == set()  # one clipped spike: no flag
+    assert _codes(_steps(falling, norms=[2, 3, 9, 12, 15, 20, 30, 40])) == {"exploding_gradients"}
+    assert _codes(_steps(falling, norms=[2, 3, 9, 12, 15, 20, 11, 8])) == set()  # settled: last quarter 11, 8
     assert _codes(_steps(falling, norms=[0.05] * 8)) == {"vanishing_gradients"}
     assert _codes(_steps(falling, lrs=[3e-4] * 8)) == {"flat_lr"}
     assert _codes(_steps(falling, lrs=[3e-4] * 8), schedule={"schedule": "constant", "warmup_steps": 0}) == set()

@@ -42,39 +42,37 @@ def check_run(run_dir, out):
     return summary, report
 
 
-def test_main_job_on_a_tiny_model(tmp_path, qwen_tokenizer_dir):
+def test_main_job_in_closed_book_mode_on_a_tiny_model(tmp_path, qwen_tokenizer_dir):
     model = build_tiny_model(tmp_path / "tiny", tokenizer_dir=qwen_tokenizer_dir)
     run_dir = tmp_path / "run"
     out = run_cli(
-        "run",
-        "--model",
-        str(model),
-        "--out",
-        str(run_dir),
-        "--max-steps",
-        "2",
-        "--no-progress",
-        "--set",
-        "eval.max_rows=8",
-        "--set",
-        "generate.max_new_tokens=8",
-    )
-    summary, _ = check_run(run_dir, out)
-    assert summary["train"]["steps"] == 2
+        "run", "--model", str(model), "--out", str(run_dir), "--max-steps", "2", "--no-progress",
+        "--set", "data.mode=closed_book", "--set", "train.max_length=192", "--set", "lora.num_layers=null",
+        "--set", "eval.max_rows=8", "--set", "generate.max_new_tokens=8",
+    )  # fmt: skip
+    summary, report = check_run(run_dir, out)
+    assert summary["train"]["steps"] == 2 and report["meta"]["prompt"] == "closed_book"
+    test = [json.loads(line) for line in (run_dir / "data" / "test.jsonl").read_text().splitlines()]
+    assert not any("參考資料" in row["messages"][-2]["content"] for row in test)
     # A second run into the same directory must not overwrite the first one's adapter.
     again = run_cli("run", "--model", str(model), "--out", str(run_dir), "--max-steps", "1")
     assert again.returncode == 2 and "already holds a run" in again.stderr
 
 
-def test_main_job_in_grounded_mode_on_a_tiny_model(tmp_path, qwen_tokenizer_dir):
+def test_main_job_on_a_tiny_model(tmp_path, qwen_tokenizer_dir):
+    """The main job's own config (grounded) on a 2-layer model: its top-12-layer setting is the one thing to lift."""
     model = build_tiny_model(tmp_path / "tiny", tokenizer_dir=qwen_tokenizer_dir)
     run_dir = tmp_path / "run"
+    too_deep = run_cli("run", "--model", str(model), "--out", str(run_dir), "--max-steps", "1", "--no-progress")
+    assert too_deep.returncode == 2 and "Traceback" not in too_deep.stderr
+    assert "lora.num_layers must be between 1 and 2" in too_deep.stderr.strip().splitlines()[-1]
     out = run_cli(
-        "run", "--model", str(model), "--out", str(run_dir), "--max-steps", "2", "--no-progress",
-        "--set", "data.mode=grounded", "--set", "train.max_length=320",
-        "--set", "eval.max_rows=8", "--set", "generate.max_new_tokens=8",
+        "run", "--model", str(model), "--out", str(tmp_path / "run2"), "--max-steps", "2", "--no-progress",
+        "--set", "lora.num_layers=null", "--set", "eval.max_rows=8", "--set", "generate.max_new_tokens=8",
     )  # fmt: skip
+    run_dir = tmp_path / "run2"
     summary, report = check_run(run_dir, out)
+    assert summary["train"]["steps"] == 2
     assert report["meta"]["prompt"] == "grounded" and report["meta"]["model_first"] is True
     test = [json.loads(line) for line in (run_dir / "data" / "test.jsonl").read_text().splitlines()]
     assert all("參考資料" in row["messages"][-2]["content"] and row["meta"]["question"] for row in test)

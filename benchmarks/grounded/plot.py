@@ -1,4 +1,9 @@
-"""Plot the grounded sweep (results.jsonl from sweep.sh): quality of the tuned model alone vs training rows seen."""
+"""Plot the grounded sweep (results.jsonl from sweep.sh): quality of the tuned model alone vs training rows seen.
+
+    python plot.py sweep.jsonl out.png [cpu.jsonl]
+
+The optional third file holds the 2-core CPU runs (one.sh lines with their --set overrides), drawn per step size.
+"""
 
 from __future__ import annotations
 
@@ -15,12 +20,28 @@ import matplotlib.pyplot as plt
 ROWS_PER_STEP = 8  # batch 4 x grad-accum 2
 
 
-def main(results: Path, out: Path) -> None:
-    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if "error" not in r and "tuned" in r and not r["extra"]]
+def _setting(extra: str, key: str, default: int) -> int:
+    """A --set train.KEY=N override in a run's extra arguments, else the sweep's fixed value."""
+    for part in extra.split():
+        if part.startswith(f"train.{key}="):
+            return int(part.split("=", 1)[1])
+    return default
+
+
+def _read(path: Path) -> list[dict]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if "error" not in r and "tuned" in r]
+
+
+def main(results: Path, out: Path, cpu: Path | None = None) -> None:
+    rows = [r for r in _read(results) if not r["extra"]]
     curves = defaultdict(list)
     for r in rows:
+        r["rows_per_step"] = ROWS_PER_STEP
         curves[f"{r['data']}, first-token weight {r['weight']:g}"].append(r)
+    for r in _read(cpu) if cpu else []:
+        r["rows_per_step"] = _setting(r["extra"], "batch_size", 4) * _setting(r["extra"], "grad_accum", 2)
+        curves[f"2 CPU cores, top 12 layers, {r['rows_per_step']} rows a step"].append(r)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     metrics = [
         ("mean_similarity", "mean similarity (tuned alone)"),
@@ -30,9 +51,10 @@ def main(results: Path, out: Path) -> None:
     for ax, (key, title) in zip(axes, metrics):
         for label, points in sorted(curves.items()):
             points.sort(key=lambda r: r["steps"])
-            if len(points) < 2:
+            if len(points) < 2 and not label.startswith("2 CPU"):
                 continue
-            ax.plot([p["steps"] * ROWS_PER_STEP for p in points], [p["tuned"][key] for p in points], "o-", label=label)
+            xs = [p["steps"] * p["rows_per_step"] for p in points]
+            ax.plot(xs, [p["tuned"][key] for p in points], "s--" if label.startswith("2 CPU") else "o-", label=label)
         baseline = rows[0].get("retrieval", {}).get(key)
         if baseline is not None:
             ax.axhline(baseline, color="grey", linestyle="--", label="retrieval baseline")
@@ -47,4 +69,4 @@ def main(results: Path, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    main(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]) if len(sys.argv) > 3 else None)

@@ -62,10 +62,14 @@ def health(steps: list[dict], evals: list[dict], schedule: dict | None = None) -
                 "fewer epochs, a lower lr or more data would help",
             )
     norms = _finite(e.get("grad_norm") for e in steps)
-    if norms and max(norms) > EXPLODING_GRAD:
+    # Sustained, not a spike: with small batches a hard row lifts one step's norm above 10 now and then (batch 2 on
+    # grounded rows: 3 of 120 steps, the loss still falling to 0.003), and clipping already bounds that step.
+    late = norms[len(norms) - max(1, len(norms) // 4) :]
+    if late and statistics.median(late) > EXPLODING_GRAD:
         flag(
             "exploding_gradients",
-            f"grad-norm peaked at {max(norms):.1f} (> {EXPLODING_GRAD:g}); lower train.lr or train.max_grad_norm",
+            f"grad-norm stayed above {EXPLODING_GRAD:g} (median {statistics.median(late):.1f} over the last quarter "
+            f"of steps, peak {max(norms):.1f}); lower train.lr",
         )
     if norms and statistics.median(norms) < VANISHING_GRAD:
         flag(

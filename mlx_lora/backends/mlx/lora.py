@@ -42,7 +42,10 @@ def lora_settings(model: nn.Module, lora: LoraConfig) -> dict:
     total = len(model.layers)
     num_layers = lora.num_layers if lora.num_layers is not None else total
     if not 1 <= num_layers <= total:
-        raise UserError(f"lora.num_layers must be between 1 and {total} for this model, got {lora.num_layers}")
+        raise UserError(
+            f"lora.num_layers must be between 1 and {total} for this model, got {lora.num_layers} "
+            "(--set lora.num_layers=null adapts every layer)"
+        )
     if lora.rank < 1:
         raise UserError(f"lora.rank must be >= 1, got {lora.rank}")
     # PEFT's rsLoRA scales by alpha/sqrt(r); mlx-lm takes the product as an absolute scale either way.

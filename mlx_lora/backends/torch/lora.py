@@ -44,7 +44,10 @@ def peft_config(lora: LoraConfig, model: torch.nn.Module) -> PeftLoraConfig:
     layers = None
     if lora.num_layers is not None:
         if not 1 <= lora.num_layers <= total:
-            raise UserError(f"lora.num_layers must be between 1 and {total} for this model, got {lora.num_layers}")
+            raise UserError(
+                f"lora.num_layers must be between 1 and {total} for this model, got {lora.num_layers} "
+                "(--set lora.num_layers=null adapts every layer)"
+            )
         layers = list(range(total - lora.num_layers, total))
     return PeftLoraConfig(
         r=lora.rank,
