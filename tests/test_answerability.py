@@ -81,6 +81,9 @@ class _Route:
     def answer_scores(self, questions, doc_ids):
         return [self.scores.get((q, d)) for q, d in zip(questions, doc_ids)]
 
+    def asked_docs(self):
+        return {d for _, d in self.scores}
+
 
 ANSWERS = {"vpn": "依據公司規範:VPN 以 SSO 登入。", "printer": "依據公司規範:列印後刷員工證。"}
 REFUSAL_TEXT = "抱歉,知識庫沒有這個資訊。"

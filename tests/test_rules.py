@@ -199,6 +199,9 @@ class _RouteAlwaysRetrieves:
     def decide(self, questions):
         return [self._decision() for _ in questions]
 
+    def asked_docs(self):
+        return set(ANSWERS)
+
 
 def test_refuse_rule_wins_by_priority_even_against_a_confident_route(tmp_path, kb):
     rules = load_rules(write(tmp_path, RULES + REFUSE_RULES), kb)

@@ -64,7 +64,9 @@ class Decider:
     cites a doc and reproduces its text, or that is the refusal, is the answer (KB_MATCH / REFUSAL, by the model)
     unless a guard overrules it: a refuse or override rule, the route's confident refusal, the answerability
     check. The route's retrieval no longer pre-empts it: the model saw the passages, the classifier only the
-    question.
+    question. Nor does the route's refusal overrule a citation of a doc no training question asks about (a doc
+    added after training): the classifier never saw that doc's questions, so to it they look unanswerable (with
+    4 docs held out of training it overruled 12 of the model's answers about them, wrongly 8 times, rightly none).
 
     Rule actions: override (above) and refuse compete by priority; a refuse rule is obeyed even against the
     route (it is the author's explicit choice, and a refusal invents nothing). An append rule changes no
@@ -84,6 +86,9 @@ class Decider:
         self.rules, self.doc_answers, self.index = list(rules), doc_answers, index
         self.refusal, self.threshold, self.route = refusal, kb_match_threshold, route
         self.model_first = model_first
+        # KB docs the route cannot judge (no training question asks about them): its refusal yields to a model
+        # that cites one of them.
+        self.unasked = set(doc_answers) - route.asked_docs() if route is not None else set()
 
     def cited(self, answer: str | None) -> tuple[str | None, str | None]:
         """(the doc id a model answer cites, if it is a KB doc; the answer without the citation)."""
@@ -116,7 +121,9 @@ class Decider:
             detail |= {"route": r.kind, "vote": r.label, "confidence": _r(r.confidence)}
         if verdict == REFUSAL:
             return Decision(self.refusal, "REFUSAL", detail)
-        if route_refuses:
+        if route_refuses and verdict in self.unasked:
+            detail["route_refusal_set_aside"] = "no training question asks about the cited doc"
+        elif route_refuses:
             why = {"low": self.route.low} if r.kind == "refuse" else {"refuse_at": self.route.refuse_at}
             return Decision(
                 self.refusal,
@@ -161,10 +168,13 @@ class Decider:
 
     def _settles(self, decision: Decision) -> bool:
         """Decided (with no model answer given) by a refuse rule or the route's refusal; or, unless model_first,
-        by the route's branch (its retrieval, and the answerability check of it, read the question only)."""
+        by the route's branch (its retrieval, and the answerability check of it, read the question only). With
+        model_first and a KB doc the route cannot judge, its refusal waits: the model may cite that doc."""
         detail = decision.detail
-        if decision.source == "REFUSAL" and detail.get("by") in ("rule", "route"):
+        if decision.source == "REFUSAL" and detail.get("by") == "rule":
             return True
+        if decision.source == "REFUSAL" and detail.get("by") == "route":
+            return not (self.model_first and self.unasked)
         return not self.model_first and detail.get("route") in ("refuse", "retrieve")
 
     def decide(self, questions: Sequence[str], model_answers: Sequence[str | None]) -> list[Decision]:

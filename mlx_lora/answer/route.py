@@ -222,6 +222,11 @@ class SemanticRoute:
                 d.kind = "retrieve"
         return out
 
+    def asked_docs(self) -> set[str]:
+        """Docs some training question asks about: the only docs the classifier has learned to tell apart from the
+        refusal. A doc added to the KB after training is not among them."""
+        return {n.label for n in self.neighbours if n.kind == "question" and n.label != REFUSAL}
+
     def answer_scores(self, questions: Sequence[str], doc_ids: Sequence[str]) -> list[float | None]:
         """Answerability of each (question, doc) pair; None where there is no model, no such KB doc, or no training
         question about the doc. Half the model's evidence is how close the question is to the doc's training
