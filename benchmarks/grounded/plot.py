@@ -41,7 +41,7 @@ def main(results: Path, out: Path, cpu: Path | None = None) -> None:
         curves[f"{r['data']}, first-token weight {r['weight']:g}"].append(r)
     for r in _read(cpu) if cpu else []:
         r["rows_per_step"] = _setting(r["extra"], "batch_size", 4) * _setting(r["extra"], "grad_accum", 2)
-        curves[f"2 CPU cores, top 12 layers, {r['rows_per_step']} rows a step"].append(r)
+        curves[f"2 CPU cores, {r['data']}, top 12 layers, {r['rows_per_step']} rows a step"].append(r)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     metrics = [
         ("mean_similarity", "mean similarity (tuned alone)"),
