@@ -54,7 +54,7 @@ def test_run_falls_back_to_the_packaged_default_config(tmp_path, monkeypatch):
     config = with_fallback("configs/default.yaml", used)  # what `run` does without -c
     assert config == str(sample_path("configs/default.yaml")) and used == ["configs/default.yaml"]
     cfg = build_config(config, (), samples_used=used)
-    assert cfg.train.max_steps == 90 and cfg.data.mode == "grounded"
+    assert cfg.train.max_steps == 120 and cfg.data.mode == "grounded"
     assert cfg.data.kb == str(sample_path("data/kb.jsonl"))
     assert cfg.train.out == "runs/latest"  # relative: written in the current folder
     assert with_fallback("elsewhere/kb.jsonl", used) == "elsewhere/kb.jsonl"  # only the defaults fall back
