@@ -63,14 +63,15 @@ def test_main_job_on_a_tiny_model(tmp_path, qwen_tokenizer_dir):
     """The main job's own config (grounded) on a 2-layer model: its top-12-layer setting is the one thing to lift."""
     model = build_tiny_model(tmp_path / "tiny", tokenizer_dir=qwen_tokenizer_dir)
     run_dir = tmp_path / "run"
-    too_deep = run_cli("run", "--model", str(model), "--out", str(run_dir), "--max-steps", "1", "--no-progress")
+    too_deep = run_cli(
+        "run", "--model", str(model), "--out", str(tmp_path / "deep"), "--max-steps", "1", "--no-progress"
+    )
     assert too_deep.returncode == 2 and "Traceback" not in too_deep.stderr
     assert "lora.num_layers must be between 1 and 2" in too_deep.stderr.strip().splitlines()[-1]
     out = run_cli(
-        "run", "--model", str(model), "--out", str(tmp_path / "run2"), "--max-steps", "2", "--no-progress",
+        "run", "--model", str(model), "--out", str(run_dir), "--max-steps", "2", "--no-progress",
         "--set", "lora.num_layers=null", "--set", "eval.max_rows=8", "--set", "generate.max_new_tokens=8",
     )  # fmt: skip
-    run_dir = tmp_path / "run2"
     summary, report = check_run(run_dir, out)
     assert summary["train"]["steps"] == 2
     assert report["meta"]["prompt"] == "grounded" and report["meta"]["model_first"] is True
