@@ -100,8 +100,20 @@ def main() -> None:
         mode_set = ["--set=data.mode=" + mode]
         data, full, run = out / mode / "data", out / mode / "full", out / mode / "run"
         reduced = ["--kb", str(out / "reduced" / "kb.jsonl"), "--questions", str(out / "reduced" / "questions.yaml")]
-        cli("data", "build", *config, *mode_set, *reduced, "--out", str(data))
-        cli("data", "build", *config, *mode_set, "--kb", str(kb), "--questions", str(questions), "--out", str(full))
+        cli("data", "build", *config, *mode_set, *extra, *reduced, "--out", str(data))
+        cli(
+            "data",
+            "build",
+            *config,
+            *mode_set,
+            *extra,
+            "--kb",
+            str(kb),
+            "--questions",
+            str(questions),
+            "--out",
+            str(full),
+        )
         counts = added_rows(full, docs, data / "train.jsonl", out / mode / "added.jsonl")
         steps = [f"--set=train.max_steps={args.steps}", "--set=train.epochs=20"]
         cli("train", *config, *mode_set, *steps, *extra, "--data", str(data), "--out", str(run), "--no-progress")

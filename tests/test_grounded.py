@@ -11,7 +11,15 @@ from mlx_lora.answer.route import Neighbour, RouteDecision
 from mlx_lora.core.config import DataConfig
 from mlx_lora.data.dataset import build_splits, ground_splits, write_splits
 from mlx_lora.data.formats import read_examples
-from mlx_lora.data.grounded import fit_passages, fit_rows, parse_citation, reground, user_turn
+from mlx_lora.data.grounded import (
+    fit_passages,
+    fit_rows,
+    own_citation_removed,
+    parse_citation,
+    reground,
+    user_turn,
+    with_doc_id,
+)
 from mlx_lora.data.kb import load_kb
 from mlx_lora.data.questions import load_questions
 from mlx_lora.data.retrieval import PassageIndex
@@ -46,6 +54,51 @@ def test_every_row_shows_k_passages_and_answerable_answers_cite_their_doc(tiny_k
                     assert meta["gold_in_passages"]
             else:
                 assert answer == REFUSAL and meta["doc_id"] is None
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_numbered_citations_name_the_gold_passage_by_its_place(tiny_kb, tiny_questions, tmp_path, shuffle):
+    cfg, kb, _, rows = grounded(
+        tiny_kb, tiny_questions, tmp_path, oracle_rate=1.0, cite="number", shuffle_passages=shuffle, passages=3
+    )
+    places = set()
+    for split in rows.values():
+        for row in split:
+            meta, user, answer = row["meta"], row["messages"][-2]["content"], row["messages"][-1]["content"]
+            ids = meta["passages"]
+            # The prompt labels passages 1..k and shows no doc id.
+            assert [line[:3] for line in user.splitlines()[1 : 1 + len(ids)]] == ["[1]", "[2]", "[3]"]
+            assert not any(f"[{d}]" in user for d in kb)
+            if meta["answerable"] and meta["doc_id"] in ids:
+                n = ids.index(meta["doc_id"]) + 1
+                places.add(n)
+                assert answer == f"[{n}] 依據公司規範:{kb[meta['doc_id']].text}"
+                example = read_examples(tmp_path / "out" / "train.jsonl")[0]  # any row: the helper reads meta
+                assert with_doc_id(answer, ids, cfg) == f"[{meta['doc_id']}] 依據公司規範:{kb[meta['doc_id']].text}"
+                assert own_citation_removed(type(example)(row["messages"], meta=meta)) == answer[len(f"[{n}] ") :]
+    assert 1 in places and (places - {1} or not shuffle)  # shuffled rows put the gold passage elsewhere too
+
+
+def test_with_doc_id_maps_only_a_shown_number_in_number_mode():
+    number, by_id = DataConfig(mode="grounded", cite="number"), DataConfig(mode="grounded", cite="doc_id")
+    shown = ["vpn", "leave"]
+    assert with_doc_id("[2] 請假三天前", shown, number) == "[leave] 請假三天前"
+    assert with_doc_id("[3] 沒有第三段", shown, number) == "[3] 沒有第三段"  # no such passage: left as it is
+    assert with_doc_id("[vpn] 以 SSO", shown, number) == "[vpn] 以 SSO"  # a doc id stays a doc id
+    assert with_doc_id("抱歉", shown, number) == "抱歉"
+    assert with_doc_id("[2] 請假", ["1", "2"], by_id) == "[2] 請假"  # doc_id mode: "2" is a doc's id
+
+
+def test_a_template_without_the_cited_label_is_refused(tmp_path):
+    from mlx_lora.core.config import Config, validate
+    from mlx_lora.core.errors import UserError
+
+    cfg = Config()
+    cfg.data.cite, cfg.data.passage_template = "number", "({doc_id}) {text}"
+    with pytest.raises(UserError, match=r"data.passage_template: must contain \{label\} or \{n\}"):
+        validate(cfg)
+    cfg.data.passage_template = "第{n}段:{text}"
+    validate(cfg)
 
 
 def test_a_train_row_never_retrieves_its_own_question(tiny_kb, tiny_questions):
@@ -255,3 +308,56 @@ def test_without_scikit_learn_the_index_still_ranks_by_embeddings(monkeypatch):
     index = PassageIndex(CharScorer(), kb, [("我要請假", "leave")])
     assert "scikit-learn" in index.missing
     assert index.search(["請假要多久前申請"], 1)[0][0][0] == "leave"
+
+
+@pytest.mark.parametrize("fmt", ["messages", "text"])
+def test_a_numbered_citation_follows_its_passage_when_one_before_it_is_dropped(tiny_kb, tiny_questions, tmp_path, fmt):
+    cfg, kb, _, _ = grounded(
+        tiny_kb, tiny_questions, tmp_path, oracle_rate=1.0, passages=3, format=fmt, cite="number", shuffle_passages=True
+    )
+    texts = {d: doc.text for d, doc in kb.items()}
+    rows = [e for e in read_examples(tmp_path / "out" / "train.jsonl") if e.meta["answerable"]]
+    row = next(e for e in rows if e.meta["passages"][-1] == e.meta["doc_id"])  # gold shown last, as [3]
+    ids, gold = row.meta["passages"], row.meta["doc_id"]
+    assert row.answer.startswith("[3] ")
+    fitted, what = fit_passages(row, texts, cfg, _chars, _chars(row) - len(texts[ids[1]]) - 1)
+    assert what == "shortened" and fitted.meta["passages"] == [ids[0], gold]
+    assert fitted.answer == "[2] " + row.answer[4:]  # the same answer, now citing the gold passage's new place
+    if fmt == "text":
+        assert fitted.text.rstrip().endswith("[2] " + row.answer[4:] + "<|im_end|>")
+        assert "[3] " + row.answer[4:] not in fitted.text
+
+
+def test_training_refuses_rows_built_with_another_citation_style(tiny_kb, tiny_questions, tmp_path):
+    from mlx_lora.core.errors import UserError
+
+    cfg = grounded(tiny_kb, tiny_questions, tmp_path, cite="number")[0]
+    rows = read_examples(tmp_path / "out" / "train.jsonl")
+    assert fit_rows(rows, _chars, 10**6, cfg, "train.jsonl")[0] == rows
+    other = DataConfig(kb=cfg.kb, mode="grounded", cite="doc_id")
+    with pytest.raises(UserError, match=r"train.jsonl:1: this row was built with data.cite=number .* data.cite=doc_id"):
+        fit_rows(rows, _chars, 10**6, other, "train.jsonl")
+
+
+def test_eval_reads_numbered_citations_as_the_doc_of_that_rows_passage(tiny_kb, tiny_questions, tmp_path):
+    from mlx_lora.core.config import Config
+    from mlx_lora.evaluation.run import evaluate_run
+
+    data_cfg = grounded(tiny_kb, tiny_questions, tmp_path, cite="number", passages=3)[0]
+    out = tmp_path / "out"
+    test = read_examples(out / "test.jsonl")
+    cfg = Config(data=data_cfg)
+    cfg.eval.embedder = "char"
+    cited = [e for e in test if e.meta["answerable"] and e.meta["gold_in_passages"]]
+    assert cited and all(e.answer.startswith(f"[{e.meta['passages'].index(e.meta['doc_id']) + 1}] ") for e in cited)
+    report = evaluate_run(
+        cfg, None, "unused-adapter", out / "test.jsonl", out / "valid.jsonl", out / "train.jsonl", tiny_kb,
+        tmp_path / "report", rules_path=None, answers={"tuned": [e.answer for e in test]},
+        variants=("tuned", "tuned_rules"), progress=False,
+    )  # fmt: skip
+    assert report["summary"]["tuned"]["mean_similarity"] == 100.0  # a perfect model, citations and all
+    audit = {a["question"]: a for a in map(json.loads, (tmp_path / "report" / "audit.jsonl").read_text().splitlines())}
+    for e in cited:
+        record = audit[e.question]
+        assert record["model_answer"].startswith(f"[{e.meta['doc_id']}] ")  # the number became the doc id
+        assert record["source"] == "KB_MATCH" and record["detail"]["cited"] == e.meta["doc_id"]

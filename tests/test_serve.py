@@ -501,18 +501,23 @@ def test_the_command_serves_reloads_on_sighup_and_stops_on_sigterm(tiny_run):
             proc.wait()
 
 
-def test_grounded_runs_get_the_prompt_generate_builds(tiny_run):
+@pytest.mark.parametrize("cite", ["doc_id", "number"])
+def test_grounded_runs_get_the_prompt_generate_builds(tiny_run, cite):
     from mlx_lora.answer.service import build_answering
     from mlx_lora.commands.generate import _grounding
 
     cfg = serve_cfg(tiny_run, "torch")
-    cfg.data.mode = "grounded"
+    cfg.data.mode, cfg.data.cite = "grounded", cite
     answering = build_answering(cfg, tiny_run / "run", None)
     assert answering.grounded and answering.decider.model_first
     for question in ("VPN 連不上怎麼辦?", REFUSE_Q):
-        turn = answering.user_turn(question)
-        assert turn == _grounding(cfg, tiny_run / "run")(question)
-        assert turn.endswith(question) and "[vpn]" in turn
+        turn, shown = answering.prompt(question)
+        assert answering.user_turn(question) == turn and len(shown) == cfg.data.passages
+        assert (turn, shown) == _grounding(cfg, tiny_run / "run")(question)
+        assert turn.endswith(question) and ("[vpn]" in turn) == (cite == "doc_id") and "vpn" in shown
+        # What the batcher does with the model's text before the decision and the audit log see it.
+        label = str(shown.index("vpn") + 1) if cite == "number" else "vpn"
+        assert answering.with_doc_id(f"[{label}] 依據", shown) == "[vpn] 依據"
 
 
 @pytest.mark.parametrize("mode", ["closed_book", "grounded"])

@@ -9,7 +9,7 @@ from mlx_lora.answer.decide import Decider, Decision
 from mlx_lora.answer.route import SemanticRoute, calibrate_route, neighbours_from
 from mlx_lora.answer.rules import load_rules
 from mlx_lora.core.config import Config
-from mlx_lora.data.grounded import parse_citation
+from mlx_lora.data.grounded import own_citation_removed
 from mlx_lora.data.similarity import REFUSAL
 
 DEFAULT_REFUSAL = "抱歉,公司知識庫中沒有這個問題的相關規範,請洽詢 HR 或 IT Helpdesk。"
@@ -20,8 +20,7 @@ def doc_answers(kb: dict, examples, prefix: str) -> dict[str, str]:
     answers = {doc_id: prefix + doc.text for doc_id, doc in kb.items()}
     for example in examples:
         doc_id = (example.meta or {}).get("doc_id")
-        cited, text = parse_citation(example.answer)  # a grounded row's answer starts with its citation
-        text = text if cited == doc_id else example.answer
+        text = own_citation_removed(example)  # a grounded row's answer starts with its citation
         if doc_id in kb and text.endswith(kb[doc_id].text):
             answers[doc_id] = text
     return answers

@@ -11,7 +11,7 @@ from mlx_lora.answer.decide import Decider, Decision
 from mlx_lora.backends.loading import read_manifest
 from mlx_lora.core.config import Config, DataConfig
 from mlx_lora.data.formats import read_examples
-from mlx_lora.data.grounded import retrieve, user_turn
+from mlx_lora.data.grounded import retrieve, user_turn, with_doc_id
 from mlx_lora.data.kb import load_kb
 from mlx_lora.data.retrieval import PassageIndex
 from mlx_lora.data.similarity import answer_index, make_scorer
@@ -54,7 +54,16 @@ class Answering:
 
     def user_turn(self, question: str) -> str:
         """The user message the model reads: the question, or in grounded mode the question with its passages."""
-        return question if self.passages is None else grounded_turn(self.passages, question, self.data)
+        return self.prompt(question)[0]
+
+    def prompt(self, question: str) -> tuple[str, list[str]]:
+        """(the user message the model reads, the doc ids of the passages it shows: none when closed-book)."""
+        return (question, []) if self.passages is None else grounded_prompt(self.passages, question, self.data)
+
+    def with_doc_id(self, answer: str, shown: list[str]) -> str:
+        """The model's answer citing the doc id of the passage it cites (a numbered citation names a passage of
+        its own prompt, `shown`)."""
+        return with_doc_id(answer, shown, self.data)
 
     def settled(self, questions: list[str]) -> list[Decision | None]:
         return self.decider.settled(questions)
@@ -63,9 +72,11 @@ class Answering:
         return self.decider.decide(questions, model_answers)
 
 
-def grounded_turn(index: PassageIndex, question: str, data: DataConfig) -> str:
-    """The grounded user turn: the question with the passages the retriever finds for it (as training built it)."""
-    return user_turn(question, retrieve(index, [question], data)[0], data)
+def grounded_prompt(index: PassageIndex, question: str, data: DataConfig) -> tuple[str, list[str]]:
+    """(the grounded user turn: the question with the passages the retriever finds for it, as training built it;
+    the doc ids of those passages)."""
+    passages = retrieve(index, [question], data)[0]
+    return user_turn(question, passages, data), [doc_id for doc_id, _ in passages]
 
 
 def grounding(cfg: Config, adapter, scorer=None, kb=None, train=None):

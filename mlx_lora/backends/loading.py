@@ -14,7 +14,14 @@ from mlx_lora.core.model_store import local_model_dir, model_sha256
 from mlx_lora.data.render import ChatTokenizer
 
 # The data settings that shape a prompt: generation must use the ones the adapter was trained with.
-PROMPT_KEYS = ("system_prompt", "mode", "passages", "passage_template", "grounded_template")
+PROMPT_KEYS = ("system_prompt", "mode", "passages", "cite", "passage_template", "grounded_template")
+
+
+def saved_prompt_settings(saved_data: dict) -> dict:
+    """The prompt settings a run was trained with, from its manifest's data config. A run from before data.cite
+    existed cited doc ids."""
+    prompt = {k: saved_data[k] for k in PROMPT_KEYS if k in saved_data}
+    return {"cite": "doc_id", **prompt} if prompt.get("mode") == "grounded" else prompt
 
 
 def read_manifest(run_dir: Path) -> dict:
@@ -70,7 +77,7 @@ def load_for_generation(
         if run is not None:
             # Generation must render prompts exactly as training did: take the run's settings, not today's defaults.
             saved = run["config"]
-            prompt = {k: saved["data"][k] for k in PROMPT_KEYS if k in saved["data"]}
+            prompt = saved_prompt_settings(saved["data"])
             apply_mapping(cfg, {"lora": saved["lora"], "data": prompt}, str(Path(adapter) / "manifest.json"))
             system_prompt = run.get("system_prompt", system_prompt)
             if model is None:

@@ -105,7 +105,11 @@ class DataConfig:
     # top-k KB passages the retriever finds (data/retrieval.py), the answer cites the passage it used.
     mode: str = "closed_book"
     passages: int = 3  # grounded: passages per prompt
-    passage_template: str = "[{doc_id}] {text}"  # grounded: one passage; {doc_id} is what the answer cites
+    # grounded: how an answer says which passage it used, "[<label>] <answer>": number (the passage's place in the
+    # prompt, 1..k; the decision layer maps it back to the doc) or doc_id (the doc's id, which a LoRA can tie to
+    # the topics it trained on instead of reading: see benchmarks/results/grounded/README.md)
+    cite: str = "doc_id"
+    passage_template: str = "[{label}] {text}"  # grounded: one passage; {label} is what the answer cites
     grounded_template: str = "參考資料:\n{passages}\n問題:{question}"  # grounded: the user turn
     # grounded, RAFT-style: the share of answerable train rows that see their gold passage; in the others it is
     # replaced by the next retrieved one and the row answers by data.oracle_free. 0.8 with "refuse" (hard
@@ -230,6 +234,7 @@ CHOICES = {
     "data.format": ("messages", "text"),
     "data.mode": ("closed_book", "grounded"),
     "data.oracle_free": ("refuse", "answer"),
+    "data.cite": ("number", "doc_id"),
 }
 # key → (lowest, highest or None, whether each end itself is allowed, what the key is).
 RANGES = {
@@ -289,7 +294,12 @@ def validate(cfg: Config) -> Config:
             raise UserError(f"config key {dotted}: {value!r} must be {wanted} ({meaning})")
     if cfg.data.valid_fraction + cfg.data.test_fraction >= 1:
         raise UserError("config keys data.valid_fraction + data.test_fraction must add up to less than 1")
-    for key, fields in (("passage_template", ("doc_id", "text")), ("grounded_template", ("passages", "question"))):
+    # A passage shows what the answer cites: {label} (the cited label in either mode) or the mode's own field.
+    cited = ("label", "n" if cfg.data.cite == "number" else "doc_id")
+    for key, fields, needed in (
+        ("passage_template", ("label", "n", "doc_id", "text"), (cited, ("text",))),
+        ("grounded_template", ("passages", "question"), (("passages",), ("question",))),
+    ):
         template = getattr(cfg.data, key)
         try:
             template.format(**{f: "" for f in fields})
@@ -297,8 +307,10 @@ def validate(cfg: Config) -> Config:
             raise UserError(
                 f"config key data.{key}: {template!r} is not a template of {{{'}, {'.join(fields)}}} ({exc!r})"
             ) from None
-        if any("{" + f + "}" not in template for f in fields):
-            raise UserError(f"config key data.{key}: must contain {' and '.join('{' + f + '}' for f in fields)}")
+        missing = [" or ".join("{" + f + "}" for f in any_of) for any_of in needed]
+        missing = [m for m, any_of in zip(missing, needed) if not any("{" + f + "}" in template for f in any_of)]
+        if missing:
+            raise UserError(f"config key data.{key}: must contain {' and '.join(missing)}")
     if not cfg.lora.targets:
         raise UserError("config key lora.targets: name at least one module, e.g. [q_proj, v_proj]")
     try:

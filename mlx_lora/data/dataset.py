@@ -42,6 +42,7 @@ class Item:
         if self.passages is not None:
             ids = [doc_id for doc_id, _ in self.passages]
             meta |= {"question": self.question, "passages": ids, "gold_in_passages": self.doc_id in ids}
+            meta["cite"] = cfg.cite
         if cfg.format == "text":
             return {"text": chatml_text(messages), "meta": meta}
         return {"messages": messages, "meta": meta}
@@ -143,7 +144,7 @@ def ground_splits(splits: dict[str, list[Item]], kb: dict[str, Doc], refusal: st
     instead and answer by data.oracle_free: the refusal (the passages do not answer) or the gold answer from
     memory. Unanswerable rows keep what retrieval finds: on-topic passages that do not answer are the near-miss
     lesson. With data.shuffle_passages, train rows show their passages in a seeded random order. Answers cite
-    the doc they come from: "[doc_id] <answer>"."""
+    the passage they come from by its label (data.cite): "[2] <answer>" or "[doc_id] <answer>"."""
     texts = {doc_id: doc.text for doc_id, doc in kb.items()}
     index = PassageIndex(scorer, texts, [(i.question, i.doc_id) for i in splits["train"] if i.doc_id])
     rng = random.Random(cfg.seed + 1)
@@ -165,14 +166,18 @@ def ground_splits(splits: dict[str, list[Item]], kb: dict[str, Doc], refusal: st
                         item.answer = refusal
                         item.passages = rng.sample(passages, len(passages)) if cfg.shuffle_passages else passages
                         continue
-            if item.doc_id is not None:
-                item.answer = cited_answer(item.doc_id, item.answer)
             if name == "train" and cfg.shuffle_passages:
                 # Retrieval puts the gold passage first for ~80% of questions, so a model may learn "copy the first
                 # passage" (a 16-step adapter's topic accuracy on valid equalled the top passage's, 81.2%).
                 # Shuffled, it must read — but a 20-step run then picked worse (52.1%): off by default.
                 passages = list(passages)
                 rng.shuffle(passages)
+            if item.doc_id is not None:  # cited as shown (a number names the gold passage's final place)
+                shown = [doc_id for doc_id, _ in passages]
+                if item.doc_id in shown:
+                    item.answer = cited_answer(item.doc_id, item.answer, shown, cfg)
+                else:  # an oracle-free row answered from memory: its doc is not among the passages
+                    item.answer = f"[{item.doc_id}] {item.answer}"
             item.passages = passages
 
 

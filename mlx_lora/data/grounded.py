@@ -9,13 +9,23 @@ from collections.abc import Sequence
 from mlx_lora.core.config import DataConfig
 from mlx_lora.data.retrieval import PassageIndex
 
-# An answer that uses a passage starts with its doc id in brackets, as the passages are shown: "[vpn-setup] …".
-# A doc id is a short slug; the pattern is anchored and has no nested repetition, so it cannot backtrack badly.
+# An answer that uses a passage starts with its label in brackets, as the passages are shown: "[2] …" (data.cite
+# number) or "[vpn-setup] …" (doc_id). A label is a short slug; the pattern is anchored and has no nested
+# repetition, so it cannot backtrack badly.
 _CITATION = re.compile(r"\s*\[([A-Za-z0-9][A-Za-z0-9_.\-]{0,80})\]\s*")
 
 
+def labels(doc_ids: Sequence[str], cfg: DataConfig) -> list[str]:
+    """What the prompt calls each passage, and what an answer cites: its place (1..k) or its doc id."""
+    return [str(i + 1) for i in range(len(doc_ids))] if cfg.cite == "number" else list(doc_ids)
+
+
 def passages_text(passages: Sequence[tuple[str, str]], cfg: DataConfig) -> str:
-    return "\n".join(cfg.passage_template.format(doc_id=doc_id, text=text) for doc_id, text in passages)
+    names = labels([doc_id for doc_id, _ in passages], cfg)
+    return "\n".join(
+        cfg.passage_template.format(label=label, n=i + 1, doc_id=doc_id, text=text)
+        for i, (label, (doc_id, text)) in enumerate(zip(names, passages))
+    )
 
 
 def user_turn(question: str, passages: Sequence[tuple[str, str]], cfg: DataConfig) -> str:
@@ -23,12 +33,13 @@ def user_turn(question: str, passages: Sequence[tuple[str, str]], cfg: DataConfi
     return cfg.grounded_template.format(passages=passages_text(passages, cfg), question=question)
 
 
-def cited_answer(doc_id: str, answer: str) -> str:
-    return f"[{doc_id}] {answer}"
+def cited_answer(doc_id: str, answer: str, shown: Sequence[str], cfg: DataConfig) -> str:
+    """The answer citing doc_id by its label among the shown passages' doc ids."""
+    return f"[{labels(shown, cfg)[list(shown).index(doc_id)]}] {answer}"
 
 
 def parse_citation(answer: str) -> tuple[str | None, str]:
-    """(cited doc id or None, the answer without its citation)."""
+    """(cited label or None, the answer without its citation)."""
     match = _CITATION.match(answer or "")
     if not match:
         return None, (answer or "").strip()
@@ -39,22 +50,57 @@ def strip_citation(answer: str) -> str:
     return parse_citation(answer)[1]
 
 
+def with_doc_id(answer: str, shown: Sequence[str], cfg: DataConfig) -> str:
+    """A model's answer with its citation turned into the doc id it names ("[2] …" → "[vpn-setup] …") from the
+    doc ids of the passages its prompt showed; unchanged when it cites no shown passage (or cites doc ids)."""
+    label, text = parse_citation(answer)
+    names = labels(shown, cfg)
+    if cfg.cite != "number" or label not in names:
+        return answer
+    return f"[{shown[names.index(label)]}] {text}"
+
+
+def own_citation_removed(example) -> str:
+    """A built row's answer without its citation when it cites the row's own doc (by doc id, or by its number
+    among the row's passages); else the answer as it is."""
+    meta = example.meta or {}
+    label, text = parse_citation(example.answer)
+    doc_id, shown = meta.get("doc_id"), meta.get("passages") or []
+    if label is None or doc_id is None:
+        return example.answer
+    by_number = doc_id in shown and label == str(shown.index(doc_id) + 1)
+    return text if label == doc_id or by_number else example.answer
+
+
 def retrieve(index: PassageIndex, questions: Sequence[str], cfg: DataConfig, leave_out_own: bool = False):
     """Per question, the top data.passages docs as (doc_id, text)."""
     found = index.search(questions, cfg.passages, leave_out_own=leave_out_own)
     return [[(doc_id, index.kb_texts[doc_id]) for doc_id, _ in hits] for hits in found]
 
 
+def recited(example, shown: Sequence[str], cfg: DataConfig) -> str:
+    """A built row's answer citing its own doc as the passages `shown` label it (by doc id when it is not among
+    them); the answer as it is when it cites no doc of its own (a refusal)."""
+    answer, text = example.answer, own_citation_removed(example)
+    if text == answer:
+        return answer
+    doc_id = example.meta["doc_id"]
+    return cited_answer(doc_id, text, shown, cfg) if doc_id in shown else f"[{doc_id}] {text}"
+
+
 def reground(examples, index: PassageIndex, cfg: DataConfig) -> list:
     """Grounded examples with passages retrieved anew from `index` (the current KB): what the model would be
-    shown today. With the KB and train questions the rows were built from, the prompts come out unchanged."""
+    shown today, and the expected answer citing its doc as that prompt labels it. With the KB and train
+    questions the rows were built from, the prompts come out unchanged."""
     found = retrieve(index, [e.question for e in examples], cfg)
     out = []
     for example, passages in zip(examples, found):
         messages = [dict(m) for m in example.messages]
-        last = max(i for i, m in enumerate(messages) if m["role"] == "user")
-        messages[last]["content"] = user_turn(example.question, passages, cfg)
         ids = [doc_id for doc_id, _ in passages]
+        _last_user(messages)["content"] = user_turn(example.question, passages, cfg)
+        answer = recited(example, ids, cfg)
+        if answer != example.answer:
+            _last_assistant(messages)["content"] = answer
         meta = {**example.meta, "passages": ids, "gold_in_passages": example.meta.get("doc_id") in ids}
         out.append(dataclasses.replace(example, messages=messages, meta=meta))
     return out
@@ -87,14 +133,23 @@ def fit_passages(example, kb_texts: dict[str, str], cfg: DataConfig, length, lim
     if any(current not in text for text in shown if text is not None):  # every copy of the prompt must hold it
         return example, "kept"
 
+    answer = example.answer
+
     def with_passages(passages):
         turn = user_turn(question, passages, cfg)
-        meta = {**example.meta, "passages": [d for d, _ in passages], "passages_shortened": True}
+        shown = [d for d, _ in passages]
+        meta = {**example.meta, "passages": shown, "passages_shortened": True}
+        # A numbered citation follows its passage to its new place (a dropped passage may have come before it).
+        new_answer = recited(example, shown, cfg)
         # A ChatML text row carries both: the turns parsed from the text (what is encoded) and the text itself.
-        text = None if example.text is None else example.text.replace(current, turn, 1)
+        text = example.text
+        if text is not None:
+            text = _swap_answer(text.replace(current, turn, 1), answer, new_answer)
         messages = None if example.messages is None else [dict(m) for m in example.messages]
         if messages is not None:
             _last_user(messages)["content"] = turn
+            if new_answer != answer:
+                _last_assistant(messages)["content"] = new_answer
         return dataclasses.replace(example, messages=messages, text=text, meta=meta)
 
     passages = [(d, kb_texts[d]) for d in ids]
@@ -130,6 +185,18 @@ def _last_user(messages: list[dict]) -> dict:
     return messages[max(i for i, m in enumerate(messages) if m["role"] == "user")]
 
 
+def _last_assistant(messages: list[dict]) -> dict:
+    return messages[max(i for i, m in enumerate(messages) if m["role"] == "assistant")]
+
+
+def _swap_answer(text: str, old: str, new: str) -> str:
+    """A ChatML text row with its (last) answer replaced."""
+    if old == new:
+        return text
+    head, sep, tail = text.rpartition(old)
+    return head + new + tail if sep else text
+
+
 def fit_rows(examples: list, length, max_length: int, cfg: DataConfig, path) -> tuple[list, list[str]]:
     """fit_passages() for every grounded row of a file, against today's KB (data.kb); `length(row)` is its token
     count. Returns (rows, warnings). Without grounded rows, or without a readable KB, rows are returned as they
@@ -139,6 +206,13 @@ def fit_rows(examples: list, length, max_length: int, cfg: DataConfig, path) -> 
 
     if not any(e.grounded for e in examples):
         return examples, []
+    for example in examples:  # an adapter must be told to read citations the way its rows wrote them
+        cite = example.meta.get("cite")
+        if example.grounded and cite is not None and cite != cfg.cite:
+            raise UserError(
+                f"{path}:{example.line}: this row was built with data.cite={cite} but the config says "
+                f"data.cite={cfg.cite}: set data.cite: {cite}, or rebuild the data with `mlx-lora data build`"
+            )
     try:
         kb_texts = {doc_id: doc.text for doc_id, doc in load_kb(cfg.kb).items()}
     except (UserError, OSError):

@@ -12,11 +12,11 @@ from pathlib import Path
 from mlx_lora.answer.audit import audit_records
 from mlx_lora.answer.build import build_decider, doc_answers, refusal_text, retrieval_decisions
 from mlx_lora.answer.decide import Decision
-from mlx_lora.backends.loading import read_manifest
+from mlx_lora.backends.loading import read_manifest, saved_prompt_settings
 from mlx_lora.core.config import Config
 from mlx_lora.core.errors import UserError
 from mlx_lora.data.formats import read_examples
-from mlx_lora.data.grounded import reground
+from mlx_lora.data.grounded import reground, with_doc_id
 from mlx_lora.data.kb import load_kb
 from mlx_lora.data.retrieval import PassageIndex
 from mlx_lora.data.similarity import answer_index, describe, make_scorer
@@ -65,9 +65,8 @@ def _prompt_settings(cfg: Config, adapter_run):
     """The grounded-prompt settings the adapter was trained with (its run's manifest), else the config's."""
     data = cfg.data
     if adapter_run is not None and (Path(adapter_run) / "manifest.json").is_file():
-        saved = read_manifest(Path(adapter_run))["config"].get("data", {})
-        keys = ("passages", "passage_template", "grounded_template")
-        data = dataclasses.replace(data, **{k: saved[k] for k in keys if k in saved})
+        saved = saved_prompt_settings(read_manifest(Path(adapter_run))["config"].get("data", {}))
+        data = dataclasses.replace(data, **{k: v for k, v in saved.items() if k not in ("system_prompt", "mode")})
     return data
 
 
@@ -184,6 +183,8 @@ def evaluate_run(
             got[name], timings[f"{name}_generate_s"] = _generate_variant(
                 cfg, model, adapters[name], test, progress, strict
             )
+        # A numbered citation names a passage of that row's prompt: from here on answers cite doc ids.
+        got[name] = [with_doc_id(a, (e.meta or {}).get("passages") or [], data_cfg) for a, e in zip(got[name], test)]
     audit = []
     for name in DECIDED:
         if name in variants:

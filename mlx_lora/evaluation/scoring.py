@@ -8,7 +8,7 @@ from pathlib import Path
 from mlx_lora.core.config import parse_threshold
 from mlx_lora.core.files import write_dir, write_jsonl
 from mlx_lora.core.jsonl import json_text, jsonl_text
-from mlx_lora.data.grounded import parse_citation
+from mlx_lora.data.grounded import own_citation_removed
 from mlx_lora.data.similarity import REFUSAL, CharScorer, LabelIndex, example_labels
 from mlx_lora.evaluation.report_html import html_page
 from mlx_lora.evaluation.report_text import EM, PLAIN, STRONG, SUMMARY_COLUMNS, fmt, intro, notes
@@ -42,7 +42,7 @@ def score_rows(examples, answers, scorer, index: LabelIndex, char: CharScorer | 
     char = char or CharScorer()
     texts = [a if isinstance(a, str) else (a.answer or "") for a in answers]
     # A grounded row's expected answer cites its doc: the citation is how, the text is what is scored.
-    expected = [_uncited(e) for e in examples]
+    expected = [own_citation_removed(e) for e in examples]
     if hasattr(scorer, "embed"):  # one batched encode instead of one call per row
         scorer.embed(texts + expected)
     primary = [float(scorer.matrix([t], [x])[0, 0]) for t, x in zip(texts, expected)]
@@ -72,11 +72,6 @@ def score_rows(examples, answers, scorer, index: LabelIndex, char: CharScorer | 
             }
         )
     return rows
-
-
-def _uncited(example) -> str:
-    cited, text = parse_citation(example.answer)
-    return text if cited is not None and cited == (example.meta or {}).get("doc_id") else example.answer
 
 
 def _mean(values) -> float | None:

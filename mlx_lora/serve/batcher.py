@@ -25,6 +25,7 @@ class Job:
     top_p: float
     stop: tuple[str, ...]
     answering: object
+    shown: list[str] = field(default_factory=list)  # doc ids of the passages the prompt shows (grounded runs)
     future: Future = field(default_factory=Future)  # a thread-safe future: the request awaits it wrapped
     cancelled: bool = False  # the client left: skipped if not yet generating, its result dropped otherwise
 
@@ -178,7 +179,8 @@ class Batcher:
                 ids = list(ids)[: job.max_tokens]  # each row keeps its own limit: the first tokens of a longer run
                 text, stopped = cut_at_stop(self.tokenizer.decode(ids).strip(), job.stop)
                 finish = "length" if len(ids) >= job.max_tokens and not stopped else "stop"
-                answers.append((text.strip() if stopped else text, len(ids), finish))
+                text = job.answering.with_doc_id(text.strip() if stopped else text, job.shown)
+                answers.append((text, len(ids), finish))
             decided = {}
             for state in {id(job.answering): job.answering for job in jobs}.values():  # a reload may split a batch
                 mine = [i for i, job in enumerate(jobs) if job.answering is state]

@@ -190,7 +190,8 @@ class Service:
 
     def _queue(self, request: ChatRequest, answering: Answering):
         batcher = self.batcher
-        turn = {"role": "user", "content": answering.user_turn(request.question)}
+        content, shown = answering.prompt(request.question)
+        turn = {"role": "user", "content": content}
         # Message text is encoded as plain text (data/render.py): a `<|im_start|>` typed into a question stays text.
         prompt = batcher.tokenizer.prompt_ids([turn], batcher.system_prompt)
         if len(prompt) > self.settings.max_prompt_tokens:
@@ -203,7 +204,14 @@ class Service:
         if batcher.pending >= self.settings.max_pending:
             return ApiError(503, "too many requests are waiting for the model; retry shortly", "overloaded")
         job = Job(
-            request.question, prompt, request.max_tokens, request.temperature, request.top_p, request.stop, answering
+            request.question,
+            prompt,
+            request.max_tokens,
+            request.temperature,
+            request.top_p,
+            request.stop,
+            answering,
+            shown,
         )
         batcher.submit(job)
         return None, job
