@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from mlx_lora.answer.answerability import AnswerabilityModel
+from mlx_lora.answer.calibration import calibrate_answer_floor
 from mlx_lora.answer.decide import Decider
-from mlx_lora.answer.route import calibrate_answer_floor
 from mlx_lora.answer.rules import Rule
 from mlx_lora.data.similarity import REFUSAL, CharScorer, answer_index, make_scorer
 

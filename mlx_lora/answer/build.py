@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+from mlx_lora.answer.calibration import calibrate_route
 from mlx_lora.answer.decide import Decider, Decision
-from mlx_lora.answer.route import SemanticRoute, calibrate_route, neighbours_from
+from mlx_lora.answer.route import SemanticRoute, neighbours_from
 from mlx_lora.answer.rules import load_rules
 from mlx_lora.core.config import Config
 from mlx_lora.data.grounded import own_citation_removed
@@ -59,7 +60,7 @@ def build_decider(
     """Keyword rules, then the semantic route (a topic classifier trained on the train split only).
 
     Route thresholds not set in cfg.rules are calibrated out-of-fold on the train and valid questions
-    (route.calibrate_route); the test split is never used.
+    (calibration.calibrate_route); the test split is never used.
     """
     info: dict = {}
     route = None
