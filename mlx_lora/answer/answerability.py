@@ -7,7 +7,7 @@ unanswerable training questions with their nearest doc. Features: the two senten
 product and absolute difference, plus how close the question is to the doc text and to the doc's other training
 questions, and how many of its characters/bigrams occur in them. Logistic regression; `score` is its decision
 value (below 0 leans "not answered"). The threshold that turns a score into a refusal is calibrated out-of-fold
-(route.calibrate_route), never on the test split.
+(calibration.calibrate_route), never on the test split.
 """
 
 from __future__ import annotations

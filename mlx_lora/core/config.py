@@ -146,7 +146,7 @@ class RulesConfig:
     route_low: float | None = None  # refuse below this similarity to anything known; None = calibrate
     answerability: bool = True  # refuse a KB answer whose doc does not answer the question (answerability.py)
     answer_floor: float | None = None  # answerability score below which it refuses; None = calibrate
-    # (calibration: out-of-fold on the train + valid questions, route.calibrate_route)
+    # (calibration: out-of-fold on the train + valid questions, calibration.calibrate_route)
     audit_log: str = "audit.jsonl"
 
 
