@@ -300,6 +300,32 @@ def test_a_doc_nobody_asked_about_is_found_by_its_clauses_and_words():
         assert index.search([question], 1)[0][0][0] == "wifi", question
 
 
+class _FixedScorer:
+    """Similarities from a table: (query, entry text) → score, 0 elsewhere."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def matrix(self, a, b):
+        import numpy as np
+
+        return np.array([[self.table.get((x, y), 0.0) for y in b] for x in a])
+
+
+def test_a_question_like_the_query_counts_less_than_a_docs_own_words():
+    """A doc added after training has no question entries: a training question about another doc, a bit more like
+    the query than the new doc's text, must not push it out of first place."""
+    from mlx_lora.data.retrieval import QUESTION_WEIGHT
+
+    kb = {"old": "甲乙丙", "new": "丁戊己"}
+    table = {("q", "丁戊己"): 0.7, ("q", "甲乙丙"): 0.2, ("q", "舊的問題"): 0.8}
+    assert 0.8 * QUESTION_WEIGHT < 0.7 < 0.8  # the case this test is about
+    index = PassageIndex(_FixedScorer(table), kb, [("舊的問題", "old")])
+    assert [d for d, _ in index.search(["q"], 2)[0]] == ["new", "old"]
+    table[("q", "舊的問題")] = 0.95  # a question (nearly) the same as the query still wins
+    assert index.search(["q"], 1)[0][0][0] == "old"
+
+
 def test_without_scikit_learn_the_index_still_ranks_by_embeddings(monkeypatch):
     import sys
 
