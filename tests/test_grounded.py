@@ -41,7 +41,7 @@ def grounded(tiny_kb, tiny_questions, tmp_path, **data):
 
 
 def test_every_row_shows_k_passages_and_answerable_answers_cite_their_doc(tiny_kb, tiny_questions, tmp_path):
-    cfg, kb, _, rows = grounded(tiny_kb, tiny_questions, tmp_path, oracle_rate=1.0)
+    cfg, kb, _, rows = grounded(tiny_kb, tiny_questions, tmp_path, oracle_rate=1.0, cite="doc_id")
     for name, split in rows.items():
         for row in split:
             meta, user, answer = row["meta"], row["messages"][-2]["content"], row["messages"][-1]["content"]
@@ -119,6 +119,7 @@ def test_oracle_free_rows_lose_their_gold_passage_and_follow_the_policy(tiny_kb,
     assert all(r["messages"][-1]["content"] == REFUSAL for r in answerable)
     assert all(r["meta"]["style"].endswith("+oracle_free") for r in answerable)
     _, _, _, rows = grounded(tiny_kb, tiny_questions, tmp_path / "b", oracle_rate=0.0, oracle_free="answer")
+    # Their doc is not among the passages, so even a numbered citation names it by its id.
     answerable = [r for r in rows["train"] if r["meta"]["answerable"]]
     assert all(r["messages"][-1]["content"].startswith(f"[{r['meta']['doc_id']}] ") for r in answerable)
     # Held-out rows are never forced either way: they get what inference gets.
@@ -229,7 +230,7 @@ def _chars(example) -> int:
 
 @pytest.mark.parametrize("fmt", ["messages", "text"])
 def test_an_overlong_row_shows_fewer_passages_never_a_shorter_answer(tiny_kb, tiny_questions, tmp_path, fmt):
-    cfg, kb, _, _ = grounded(tiny_kb, tiny_questions, tmp_path, oracle_rate=1.0, passages=3, format=fmt)
+    cfg, kb, _, _ = grounded(tiny_kb, tiny_questions, tmp_path, oracle_rate=1.0, passages=3, format=fmt, cite="doc_id")
     texts = {d: doc.text for d, doc in kb.items()}
     rows = [e for e in read_examples(tmp_path / "out" / "train.jsonl") if e.meta["answerable"]]
     row = max(rows, key=_chars)
@@ -277,7 +278,9 @@ def test_fit_rows_uses_the_tokenizer_and_warns_once(tiny_kb, tiny_questions, tmp
     over = sum(n > limit for n in lengths)
     assert len(warnings) == 1 and f"{over} of {len(rows)} grounded rows" in warnings[0]
     for before, after in zip(rows, fitted):
-        assert after.answer == before.answer
+        # The same answer, its numbered citation following the gold passage if one before it was dropped.
+        assert own_citation_removed(after) == own_citation_removed(before)
+        assert parse_citation(after.answer)[0] == parse_citation(before.answer)[0] or after.meta["passages_shortened"]
         encoded = encode_example(tokenizer, after, limit)
         assert not encoded.truncated  # every row now fits whole
 
@@ -363,6 +366,11 @@ def test_training_refuses_rows_built_with_another_citation_style(tiny_kb, tiny_q
     other = DataConfig(kb=cfg.kb, mode="grounded", cite="doc_id")
     with pytest.raises(UserError, match=r"train.jsonl:1: this row was built with data.cite=number .* data.cite=doc_id"):
         fit_rows(rows, _chars, 10**6, other, "train.jsonl")
+    # Rows built before data.cite existed cited doc ids: a numbered config refuses them too.
+    for row in rows:
+        del row.meta["cite"]
+    with pytest.raises(UserError, match=r"built with data.cite=doc_id but the config says data.cite=number"):
+        fit_rows(rows, _chars, 10**6, cfg, "train.jsonl")
 
 
 def test_eval_reads_numbered_citations_as_the_doc_of_that_rows_passage(tiny_kb, tiny_questions, tmp_path):

@@ -207,8 +207,8 @@ def fit_rows(examples: list, length, max_length: int, cfg: DataConfig, path) -> 
     if not any(e.grounded for e in examples):
         return examples, []
     for example in examples:  # an adapter must be told to read citations the way its rows wrote them
-        cite = example.meta.get("cite")
-        if example.grounded and cite is not None and cite != cfg.cite:
+        cite = example.meta.get("cite", "doc_id")  # rows built before data.cite existed cite doc ids
+        if example.grounded and cite != cfg.cite:
             raise UserError(
                 f"{path}:{example.line}: this row was built with data.cite={cite} but the config says "
                 f"data.cite={cfg.cite}: set data.cite: {cite}, or rebuild the data with `mlx-lora data build`"
