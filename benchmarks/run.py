@@ -49,6 +49,7 @@ class Settings:
     backends: list[str] | None = None  # None: every available one
     quick: bool = False
     baselines: bool = True
+    training: bool = True
     generation: bool = True
     roofline: bool = True
     reps: int | None = None
@@ -141,7 +142,7 @@ def choose(engines: dict[str, Engine], wanted: list[str] | None) -> list[Engine]
 def plan(engines: list[Engine], s: Settings) -> list[dict]:
     """Every task in run order: repetitions interleaved across engines (A B A B), baselines next to theirs."""
     tasks: list[dict] = []
-    for rep in range(s.reps):
+    for rep in range(s.reps if s.training else 0):
         for e in engines:
             base = {"engine": e.name, "backend": e.backend, "device": e.device, "blas": e.blas, "rep": rep}
             train = {**base, "suite": "training", "steps": s.steps_for(e.name), "warmup": s.warmup}

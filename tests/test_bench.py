@@ -102,6 +102,14 @@ def test_bf16_is_measured_only_where_the_machine_has_bf16_units():
     assert impls == {"ours", "ours-bf16", "hf-trainer", "hf-trainer-tuned", "hf-trainer-tuned-bf16"}
 
 
+def test_no_training_plans_generation_only():
+    cpu = run.Engine("torch-cpu", "torch", "cpu")
+    s = run.Settings(quick=True, training=False, roofline=False).resolved()
+    suites = [t["suite"] for t in run.plan([cpu], s)]
+    assert suites and set(suites) == {"generation"}
+    assert {t["impl"] for t in run.plan([cpu], s)} == {"ours", "hf-generate"}
+
+
 def test_unknown_or_missing_backend_is_a_user_error():
     from mlx_lora.core.errors import UserError
 

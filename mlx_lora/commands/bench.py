@@ -77,6 +77,7 @@ def _steps(values: tuple[str, ...]) -> dict[str, int]:
 @click.option("--gen-batch", type=int, help="Prompts per generation batch (default 4 quick, 8 full).")
 @click.option("--gen-tokens", type=int, help="New tokens per prompt (default 8 quick, 32 full).")
 @click.option("--no-baselines", is_flag=True, help="Skip HF Trainer / mlx-lm / HF generate.")
+@click.option("--no-training", is_flag=True)
 @click.option("--no-generation", is_flag=True)
 @click.option("--no-roofline", is_flag=True)
 @click.option(
@@ -115,6 +116,7 @@ def bench(
     gen_batch,
     gen_tokens,
     no_baselines,
+    no_training,
     no_generation,
     no_roofline,
     isolate,
@@ -155,6 +157,7 @@ def bench(
         model=model,
         quick=quick,
         baselines=not no_baselines,
+        training=not no_training,
         generation=not no_generation,
         roofline=not no_roofline,
         reps=reps,
