@@ -87,8 +87,9 @@ def test_main_job_on_a_tiny_model(tmp_path, qwen_tokenizer_dir):
 
     cfg = Config()
     cfg.data.mode, cfg.data.kb = "grounded", str(REPO / "data" / "kb.jsonl")
-    turn = _grounding(cfg, run_dir)("VPN 連不上怎麼辦?")
-    assert turn.startswith("參考資料:\n[vpn-setup] ") and turn.endswith("問題:VPN 連不上怎麼辦?")
+    turn, shown = _grounding(cfg, run_dir)("VPN 連不上怎麼辦?")
+    assert turn.startswith("參考資料:\n[1] ") and turn.endswith("問題:VPN 連不上怎麼辦?")
+    assert shown[0] == "vpn-setup" and "[vpn-setup]" not in turn  # passages are numbered, their doc ids kept aside
     answered = run_cli("generate", "--adapter", str(run_dir), "--max-new-tokens", "4", "--no-progress", "VPN?")
     assert answered.returncode == 0, answered.stderr[-2000:]
 
