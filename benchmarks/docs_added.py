@@ -1,7 +1,7 @@
 """Docs added after training: train with some KB docs held out, then add them to the KB (no retraining) and score
 their questions — the tuned model alone and with the route + answerability check, grounded vs closed-book.
 
-    python benchmarks/docs_added.py --out runs/docs-added [--held 4] [--steps 90] [--modes grounded,closed_book]
+    python benchmarks/docs_added.py --out runs/docs-added [--held 4] [--steps N] [--modes grounded,closed_book]
         [--config configs/default.yaml] [--set train.precision=bf16 ...]
 
 Both modes train with --config (default: the main job's, grounded) and `data.mode` set per mode.
@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--held", type=int, default=4, help="docs held out of training")
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=90)
+    parser.add_argument("--steps", type=int, help="training steps (default: the config's train.max_steps)")
     parser.add_argument("--config", type=Path, default=SAMPLES / "configs" / "default.yaml")
     parser.add_argument("--modes", default="grounded,closed_book")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra config overrides")
@@ -115,7 +115,8 @@ def main() -> None:
             str(full),
         )
         counts = added_rows(full, docs, data / "train.jsonl", out / mode / "added.jsonl")
-        steps = [f"--set=train.max_steps={args.steps}", "--set=train.epochs=20"]
+        steps = [f"--set=train.max_steps={args.steps}"] if args.steps else []
+        steps.append("--set=train.epochs=20")  # the step count, not the epochs, ends training (as in the main job)
         cli("train", *config, *mode_set, *steps, *extra, "--data", str(data), "--out", str(run), "--no-progress")
         report = out / mode / "eval"
         cli(
