@@ -97,7 +97,12 @@ def test_a_template_without_the_cited_label_is_refused(tmp_path):
     cfg.data.cite, cfg.data.passage_template = "number", "({doc_id}) {text}"
     with pytest.raises(UserError, match=r"data.passage_template: must contain \{label\} or \{n\}"):
         validate(cfg)
-    cfg.data.passage_template = "第{n}段:{text}"
+    cfg.data.passage_template = "[{doc_id}] {text}"  # a template written for doc-id citations
+    with pytest.raises(UserError, match=r"or set data.cite: doc_id"):
+        validate(cfg)
+    cfg.data.cite = "doc_id"
+    validate(cfg)
+    cfg.data.cite, cfg.data.passage_template = "number", "第{n}段:{text}"
     validate(cfg)
 
 

@@ -311,7 +311,9 @@ def validate(cfg: Config) -> Config:
         missing = [" or ".join("{" + f + "}" for f in any_of) for any_of in needed]
         missing = [m for m, any_of in zip(missing, needed) if not any("{" + f + "}" in template for f in any_of)]
         if missing:
-            raise UserError(f"config key data.{key}: must contain {' and '.join(missing)}")
+            by_id = "{n}" in missing[0] and "{doc_id}" in template  # a template written for doc-id citations
+            hint = " (or set data.cite: doc_id to cite doc ids)" if by_id else ""
+            raise UserError(f"config key data.{key}: must contain {' and '.join(missing)}{hint}")
     if not cfg.lora.targets:
         raise UserError("config key lora.targets: name at least one module, e.g. [q_proj, v_proj]")
     try:
