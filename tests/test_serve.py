@@ -512,7 +512,7 @@ def test_grounded_runs_get_the_prompt_generate_builds(tiny_run, cite):
     assert answering.grounded and answering.decider.model_first
     for question in ("VPN 連不上怎麼辦?", REFUSE_Q):
         turn, shown = answering.prompt(question)
-        assert answering.user_turn(question) == turn and len(shown) == cfg.data.passages
+        assert len(shown) == cfg.data.passages
         assert (turn, shown) == _grounding(cfg, tiny_run / "run")(question)
         assert turn.endswith(question) and ("[vpn]" in turn) == (cite == "doc_id") and "vpn" in shown
         # What the batcher does with the model's text before the decision and the audit log see it.

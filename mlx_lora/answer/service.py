@@ -52,12 +52,9 @@ class Answering:
     def grounded(self) -> bool:
         return self.passages is not None
 
-    def user_turn(self, question: str) -> str:
-        """The user message the model reads: the question, or in grounded mode the question with its passages."""
-        return self.prompt(question)[0]
-
     def prompt(self, question: str) -> tuple[str, list[str]]:
-        """(the user message the model reads, the doc ids of the passages it shows: none when closed-book)."""
+        """(the user message the model reads: the question, or in grounded mode the question with its passages;
+        the doc ids of the passages it shows: none when closed-book)."""
         return (question, []) if self.passages is None else grounded_prompt(self.passages, question, self.data)
 
     def with_doc_id(self, answer: str, shown: list[str]) -> str:

@@ -173,11 +173,7 @@ def ground_splits(splits: dict[str, list[Item]], kb: dict[str, Doc], refusal: st
                 passages = list(passages)
                 rng.shuffle(passages)
             if item.doc_id is not None:  # cited as shown (a number names the gold passage's final place)
-                shown = [doc_id for doc_id, _ in passages]
-                if item.doc_id in shown:
-                    item.answer = cited_answer(item.doc_id, item.answer, shown, cfg)
-                else:  # an oracle-free row answered from memory: its doc is not among the passages
-                    item.answer = f"[{item.doc_id}] {item.answer}"
+                item.answer = cited_answer(item.doc_id, item.answer, [doc_id for doc_id, _ in passages], cfg)
             item.passages = passages
 
 

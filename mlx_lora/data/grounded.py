@@ -34,8 +34,10 @@ def user_turn(question: str, passages: Sequence[tuple[str, str]], cfg: DataConfi
 
 
 def cited_answer(doc_id: str, answer: str, shown: Sequence[str], cfg: DataConfig) -> str:
-    """The answer citing doc_id by its label among the shown passages' doc ids."""
-    return f"[{labels(shown, cfg)[list(shown).index(doc_id)]}] {answer}"
+    """The answer citing doc_id by its label among the shown passages' doc ids; by the doc id itself when it is not
+    shown (an answer from memory, or a held-out row whose passages missed its doc)."""
+    label = labels(shown, cfg)[list(shown).index(doc_id)] if doc_id in shown else doc_id
+    return f"[{label}] {answer}"
 
 
 def parse_citation(answer: str) -> tuple[str | None, str]:
@@ -44,10 +46,6 @@ def parse_citation(answer: str) -> tuple[str | None, str]:
     if not match:
         return None, (answer or "").strip()
     return match.group(1), answer[match.end() :].strip()
-
-
-def strip_citation(answer: str) -> str:
-    return parse_citation(answer)[1]
 
 
 def with_doc_id(answer: str, shown: Sequence[str], cfg: DataConfig) -> str:
@@ -79,13 +77,12 @@ def retrieve(index: PassageIndex, questions: Sequence[str], cfg: DataConfig, lea
 
 
 def recited(example, shown: Sequence[str], cfg: DataConfig) -> str:
-    """A built row's answer citing its own doc as the passages `shown` label it (by doc id when it is not among
-    them); the answer as it is when it cites no doc of its own (a refusal)."""
+    """A built row's answer citing its own doc as the passages `shown` label it (cited_answer); the answer as it is
+    when it cites no doc of its own (a refusal)."""
     answer, text = example.answer, own_citation_removed(example)
     if text == answer:
         return answer
-    doc_id = example.meta["doc_id"]
-    return cited_answer(doc_id, text, shown, cfg) if doc_id in shown else f"[{doc_id}] {text}"
+    return cited_answer(example.meta["doc_id"], text, shown, cfg)
 
 
 def reground(examples, index: PassageIndex, cfg: DataConfig) -> list:
