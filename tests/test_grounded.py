@@ -79,6 +79,24 @@ def test_numbered_citations_name_the_gold_passage_by_its_place(tiny_kb, tiny_que
     assert 1 in places and (places - {1} or not shuffle)  # shuffled rows put the gold passage elsewhere too
 
 
+def test_move_gold_moves_first_place_gold_passages_of_train_rows_only(tiny_kb, tiny_questions, tmp_path):
+    kept = grounded(tiny_kb, tiny_questions, tmp_path / "a", oracle_rate=1.0, passages=3)[3]
+    moved = grounded(tiny_kb, tiny_questions, tmp_path / "b", oracle_rate=1.0, passages=3, move_gold=1.0)[3]
+
+    def gold_places(rows):
+        return [r["meta"]["passages"].index(r["meta"]["doc_id"]) + 1 for r in rows if r["meta"]["answerable"]]
+
+    assert 1 in gold_places(kept["train"])  # retrieval put some gold passages first...
+    assert 1 not in gold_places(moved["train"])  # ...and move_gold 1 moved every one of them
+    assert moved["valid"] == kept["valid"] and moved["test"] == kept["test"]  # what inference sees is untouched
+    for row in moved["train"]:
+        meta = row["meta"]
+        if meta["answerable"]:  # the answer cites the gold passage's new place, and the passages are the same set
+            assert row["messages"][-1]["content"].startswith(f"[{meta['passages'].index(meta['doc_id']) + 1}] ")
+    same = {r["meta"]["question"]: set(r["meta"]["passages"]) for r in kept["train"]}
+    assert all(set(r["meta"]["passages"]) == same[r["meta"]["question"]] for r in moved["train"])
+
+
 def test_with_doc_id_maps_only_a_shown_number_in_number_mode():
     number, by_id = DataConfig(mode="grounded", cite="number"), DataConfig(mode="grounded", cite="doc_id")
     shown = ["vpn", "leave"]

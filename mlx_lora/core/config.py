@@ -120,6 +120,7 @@ class DataConfig:
     oracle_rate: float = 0.8
     oracle_free: str = "refuse"  # refuse (a hard negative) | answer (from memory, citing the gold doc)
     shuffle_passages: bool = False  # grounded: show train rows' passages in a seeded random order
+    move_gold: float = 0.0  # grounded: share of train rows with the gold passage first that see it moved later
 
 
 @dataclass
@@ -259,6 +260,7 @@ RANGES = {
     "data.answerable_ratio": (0, 1, (False, True), "the share of answerable train rows"),
     "data.passages": (1, None, (True, False), "passages per grounded prompt"),
     "data.oracle_rate": (0, 1, (True, True), "the share of answerable grounded rows that see their gold passage"),
+    "data.move_gold": (0, 1, (True, True), "the share of grounded train rows whose first-place gold passage moves"),
     "data.valid_fraction": (0, 1, (True, False), "the share of phrasings held out for validation"),
     "data.test_fraction": (0, 1, (True, False), "the share of phrasings held out for testing"),
     "generate.max_new_tokens": (1, None, (True, False), "tokens to generate"),

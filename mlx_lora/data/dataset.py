@@ -143,7 +143,8 @@ def ground_splits(splits: dict[str, list[Item]], kb: dict[str, Doc], refusal: st
     passage (put in at a seeded position when retrieval missed it); the rest see the next retrieved passages
     instead and answer by data.oracle_free: the refusal (the passages do not answer) or the gold answer from
     memory. Unanswerable rows keep what retrieval finds: on-topic passages that do not answer are the near-miss
-    lesson. With data.shuffle_passages, train rows show their passages in a seeded random order. Answers cite
+    lesson. data.move_gold moves a share of the train rows' first-place gold passages to a seeded later place;
+    with data.shuffle_passages, train rows show their passages in a seeded random order. Answers cite
     the passage they come from by its label (data.cite): "[2] <answer>" or "[doc_id] <answer>"."""
     texts = {doc_id: doc.text for doc_id, doc in kb.items()}
     index = PassageIndex(scorer, texts, [(i.question, i.doc_id) for i in splits["train"] if i.doc_id])
@@ -166,6 +167,18 @@ def ground_splits(splits: dict[str, list[Item]], kb: dict[str, Doc], refusal: st
                         item.answer = refusal
                         item.passages = rng.sample(passages, len(passages)) if cfg.shuffle_passages else passages
                         continue
+            if (
+                name == "train"
+                and cfg.move_gold
+                and len(passages) > 1
+                and passages[0][0] == item.doc_id
+                and rng.random() < cfg.move_gold
+            ):
+                # Retrieval puts the gold passage first for ~88% of the sample's train rows, so a model may learn
+                # "cite [1]"; then every question whose gold comes 2nd or 3rd is lost. Moving it down in a share of
+                # rows keeps first place informative but makes the model read.
+                passages = list(passages)
+                passages.insert(rng.randrange(1, len(passages)), passages.pop(0))
             if name == "train" and cfg.shuffle_passages:
                 # Retrieval puts the gold passage first for ~80% of questions, so a model may learn "copy the first
                 # passage" (a 16-step adapter's topic accuracy on valid equalled the top passage's, 81.2%).
