@@ -226,3 +226,63 @@ def browser():
     driver = start_browser()
     yield driver
     driver.quit()
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, qwen_tokenizer_dir):
+    """A tiny random Qwen2 (the real Qwen vocabulary, so real text tokenizes), 2 torch training steps on splits
+    built from a three-doc KB, rules with a refuse and an override rule. Shared by the serve and chat-page tests
+    (each writes only files of its own names into it)."""
+    from serve_helpers import RULES  # skips the requesting test when serve's or torch's packages are missing
+
+    from mlx_lora.core.config import Config
+    from mlx_lora.data.dataset import build_splits, write_splits
+    from mlx_lora.data.kb import load_kb
+    from mlx_lora.data.questions import load_questions
+    from mlx_lora.training.run import train_run
+
+    root = tmp_path_factory.mktemp("serve")
+    kb = write_tiny_kb(root / "kb.jsonl")
+    (root / "questions.yaml").write_text(TINY_QUESTIONS, encoding="utf-8")
+    (root / "rules.yaml").write_text(RULES, encoding="utf-8")
+    cfg = Config()
+    cfg.data.valid_fraction = cfg.data.test_fraction = 0.2
+    docs = load_kb(kb)
+    write_splits(build_splits(docs, load_questions(root / "questions.yaml", docs), cfg.data), root / "data", cfg.data)
+    model = build_tiny_model(root / "model", tokenizer_dir=qwen_tokenizer_dir)
+    cfg.model.path, cfg.backend.name = str(model), "torch"
+    cfg.train.max_steps, cfg.train.batch_size, cfg.train.grad_accum, cfg.lora.rank = 2, 4, 1, 4
+    cfg.train.precision = "fp32"
+    train_run(cfg, root / "data", root / "run", progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def torch_server(tiny_run):
+    """tiny_run served by torch behind uvicorn in a thread (one per test module, closed after it)."""
+    from serve_helpers import Running
+
+    running = Running(tiny_run, "torch", max_batch=8, window_ms=400)
+    yield running
+    running.close()
+
+
+# Grounded data: the tiny KB and question bank built into grounded splits (test_grounded*.py).
+REFUSAL = "抱歉,知識庫沒有這個資訊。"
+
+
+def grounded(tiny_kb, tiny_questions, tmp_path, **data):
+    from mlx_lora.core.config import DataConfig
+    from mlx_lora.data.dataset import build_splits, ground_splits, write_splits
+    from mlx_lora.data.kb import load_kb
+    from mlx_lora.data.questions import load_questions
+    from mlx_lora.data.similarity import CharScorer
+
+    data = {"passages": 2, **data}
+    cfg = DataConfig(kb=str(tiny_kb), questions=str(tiny_questions), dir=str(tmp_path / "out"), mode="grounded", **data)
+    kb = load_kb(tiny_kb)
+    splits = build_splits(kb, load_questions(tiny_questions, kb), cfg)
+    ground_splits(splits, kb, REFUSAL, cfg, CharScorer())
+    write_splits(splits, cfg.dir, cfg)
+    rows = {s: [json.loads(x) for x in (tmp_path / "out" / f"{s}.jsonl").read_text().splitlines()] for s in splits}
+    return cfg, kb, splits, rows

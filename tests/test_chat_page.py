@@ -14,9 +14,9 @@ import pytest
 from browser import By, screenshot
 from conftest import REPO
 
-# The other serve tests' tiny run (a random Qwen2 trained 2 steps, a 3-doc KB, a refuse and an override rule):
-# importing the fixture makes it this module's too.
-from test_serve import REFUSE_Q, RULE_Q, tiny_run  # noqa: F401
+# The serve tests' questions; their tiny run (a random Qwen2 trained 2 steps, a 3-doc KB, a refuse and an override
+# rule) is conftest's session fixture `tiny_run`.
+from serve_helpers import REFUSE_Q, RULE_Q
 
 KEY = "page-test-key"
 STATIC = REPO / "mlx_lora" / "serve" / "static" / "index.html"
@@ -77,7 +77,7 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def served(tiny_run):  # noqa: F811 (the imported fixture, requested by name)
+def served(tiny_run):
     running = Served(tiny_run)
     yield running
     running.close()

@@ -1,0 +1,132 @@
+"""Grounded rows past the build: fitted to the token limit, the citation style training accepts, eval's citations."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import grounded
+
+from mlx_lora.core.config import DataConfig
+from mlx_lora.data.formats import read_examples
+from mlx_lora.data.grounded import fit_passages, fit_rows, own_citation_removed, parse_citation
+
+
+def _chars(example) -> int:
+    """A stand-in token count: characters of the whole row (every turn)."""
+    return sum(len(m["content"]) for m in example.messages) if example.messages else len(example.text)
+
+
+@pytest.mark.parametrize("fmt", ["messages", "text"])
+def test_an_overlong_row_shows_fewer_passages_never_a_shorter_answer(tiny_kb, tiny_questions, tmp_path, fmt):
+    cfg, kb, _, _ = grounded(tiny_kb, tiny_questions, tmp_path, oracle_rate=1.0, passages=3, format=fmt, cite="doc_id")
+    texts = {d: doc.text for d, doc in kb.items()}
+    rows = [e for e in read_examples(tmp_path / "out" / "train.jsonl") if e.meta["answerable"]]
+    row = max(rows, key=_chars)
+    gold, ids = row.meta["doc_id"], row.meta["passages"]
+    assert gold in ids and len(ids) == 3
+    answer = row.answer if fmt == "messages" else row.text[row.text.rindex("[" + gold + "]") :]
+
+    def check(fitted, limit):
+        assert _chars(fitted) <= limit
+        whole = fitted.answer if fmt == "messages" else fitted.text
+        assert answer in whole  # the answer is never touched
+        assert fitted.meta["passages_shortened"] and gold in fitted.meta["passages"]
+
+    # One passage too many: the lowest-ranked non-gold one goes, the others are shown whole.
+    drop = max(i for i, d in enumerate(ids) if d != gold)
+    kept = [d for i, d in enumerate(ids) if i != drop]
+    limit = _chars(row) - len(texts[ids[drop]]) - 1
+    fitted, what = fit_passages(row, texts, cfg, _chars, limit)
+    assert what == "shortened" and fitted.meta["passages"] == kept
+    check(fitted, limit)
+    # Room for less than the gold passage alone: it is cut at the end, marked "…", the question still last.
+    limit = _chars(row) - sum(len(texts[d]) for d in ids) + 3
+    fitted, what = fit_passages(row, texts, cfg, _chars, limit)
+    assert what == "shortened" and fitted.meta["passages"] == [gold]
+    check(fitted, limit)
+    turn = fitted.messages[-2]["content"] if fmt == "messages" else fitted.text
+    assert "…" in turn and row.question in turn
+    # No room even for the question: left as it was (the usual cut from the end, warned about by training).
+    assert fit_passages(row, texts, cfg, _chars, 5) == (row, "kept")
+    # A row that fits, or whose passages today's KB no longer has, is left alone.
+    assert fit_passages(row, texts, cfg, _chars, 10**6) == (row, "fits")
+    assert fit_passages(row, {d: t + "改" for d, t in texts.items()}, cfg, _chars, limit) == (row, "kept")
+
+
+def test_fit_rows_uses_the_tokenizer_and_warns_once(tiny_kb, tiny_questions, tmp_path, qwen_tokenizer_dir):
+    from mlx_lora.data.formats import encode_example, token_count
+    from mlx_lora.data.render import ChatTokenizer
+
+    cfg, _, _, _ = grounded(tiny_kb, tiny_questions, tmp_path, oracle_rate=1.0, passages=3)
+    tokenizer = ChatTokenizer.from_dir(qwen_tokenizer_dir)
+    rows = read_examples(tmp_path / "out" / "train.jsonl")
+    lengths = sorted(encode_example(tokenizer, e, 10**9).full_length for e in rows)
+    limit = lengths[len(lengths) // 2]  # half the rows are over
+    fitted, warnings = fit_rows(rows, token_count(tokenizer), limit, cfg, "train.jsonl")
+    over = sum(n > limit for n in lengths)
+    assert len(warnings) == 1 and f"{over} of {len(rows)} grounded rows" in warnings[0]
+    for before, after in zip(rows, fitted):
+        # The same answer, its numbered citation following the gold passage if one before it was dropped.
+        assert own_citation_removed(after) == own_citation_removed(before)
+        assert parse_citation(after.answer)[0] == parse_citation(before.answer)[0] or after.meta["passages_shortened"]
+        encoded = encode_example(tokenizer, after, limit)
+        assert not encoded.truncated  # every row now fits whole
+
+
+@pytest.mark.parametrize("fmt", ["messages", "text"])
+def test_a_numbered_citation_follows_its_passage_when_one_before_it_is_dropped(tiny_kb, tiny_questions, tmp_path, fmt):
+    cfg, kb, _, _ = grounded(
+        tiny_kb, tiny_questions, tmp_path, oracle_rate=1.0, passages=3, format=fmt, cite="number", shuffle_passages=True
+    )
+    texts = {d: doc.text for d, doc in kb.items()}
+    rows = [e for e in read_examples(tmp_path / "out" / "train.jsonl") if e.meta["answerable"]]
+    row = next(e for e in rows if e.meta["passages"][-1] == e.meta["doc_id"])  # gold shown last, as [3]
+    ids, gold = row.meta["passages"], row.meta["doc_id"]
+    assert row.answer.startswith("[3] ")
+    fitted, what = fit_passages(row, texts, cfg, _chars, _chars(row) - len(texts[ids[1]]) - 1)
+    assert what == "shortened" and fitted.meta["passages"] == [ids[0], gold]
+    assert fitted.answer == "[2] " + row.answer[4:]  # the same answer, now citing the gold passage's new place
+    if fmt == "text":
+        assert fitted.text.rstrip().endswith("[2] " + row.answer[4:] + "<|im_end|>")
+        assert "[3] " + row.answer[4:] not in fitted.text
+
+
+def test_training_refuses_rows_built_with_another_citation_style(tiny_kb, tiny_questions, tmp_path):
+    from mlx_lora.core.errors import UserError
+
+    cfg = grounded(tiny_kb, tiny_questions, tmp_path, cite="number")[0]
+    rows = read_examples(tmp_path / "out" / "train.jsonl")
+    assert fit_rows(rows, _chars, 10**6, cfg, "train.jsonl")[0] == rows
+    other = DataConfig(kb=cfg.kb, mode="grounded", cite="doc_id")
+    with pytest.raises(UserError, match=r"train.jsonl:1: this row was built with data.cite=number .* data.cite=doc_id"):
+        fit_rows(rows, _chars, 10**6, other, "train.jsonl")
+    # Rows built before data.cite existed cited doc ids: a numbered config refuses them too.
+    for row in rows:
+        del row.meta["cite"]
+    with pytest.raises(UserError, match=r"built with data.cite=doc_id but the config says data.cite=number"):
+        fit_rows(rows, _chars, 10**6, cfg, "train.jsonl")
+
+
+def test_eval_reads_numbered_citations_as_the_doc_of_that_rows_passage(tiny_kb, tiny_questions, tmp_path):
+    from mlx_lora.core.config import Config
+    from mlx_lora.evaluation.run import evaluate_run
+
+    data_cfg = grounded(tiny_kb, tiny_questions, tmp_path, cite="number", passages=3)[0]
+    out = tmp_path / "out"
+    test = read_examples(out / "test.jsonl")
+    cfg = Config(data=data_cfg)
+    cfg.eval.embedder = "char"
+    cited = [e for e in test if e.meta["answerable"] and e.meta["gold_in_passages"]]
+    assert cited and all(e.answer.startswith(f"[{e.meta['passages'].index(e.meta['doc_id']) + 1}] ") for e in cited)
+    report = evaluate_run(
+        cfg, None, "unused-adapter", out / "test.jsonl", out / "valid.jsonl", out / "train.jsonl", tiny_kb,
+        tmp_path / "report", rules_path=None, answers={"tuned": [e.answer for e in test]},
+        variants=("tuned", "tuned_rules"), progress=False,
+    )  # fmt: skip
+    assert report["summary"]["tuned"]["mean_similarity"] == 100.0  # a perfect model, citations and all
+    audit = {a["question"]: a for a in map(json.loads, (tmp_path / "report" / "audit.jsonl").read_text().splitlines())}
+    for e in cited:
+        record = audit[e.question]
+        assert record["model_answer"].startswith(f"[{e.meta['doc_id']}] ")  # the number became the doc id
+        assert record["source"] == "KB_MATCH" and record["detail"]["cited"] == e.meta["doc_id"]
