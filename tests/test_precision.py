@@ -44,3 +44,43 @@ def test_bf16_training_matches_fp32_valid_loss(tiny_model, tiny_rows, tmp_path):
         assert frozen == {torch.float32 if name == "fp32" else torch.bfloat16}
     # The tolerance was fixed before measuring: 2% relative on the valid loss after the same steps and rows.
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.02), losses
+
+
+@pytest.mark.parametrize(
+    "setting, bf16_wins, expected",
+    [("auto", True, "bf16"), ("auto", False, "fp32"), ("fp32", True, "fp32"), ("bf16", False, "bf16")],
+)
+def test_generate_precision_casts_the_loaded_model_once(
+    monkeypatch, tmp_path, tiny_model, setting, bf16_wins, expected
+):
+    from mlx_lora import backends
+    from mlx_lora.core.config import Config, GenerateConfig
+
+    monkeypatch.setattr(
+        precision, "_gflops", lambda dtype, reps=3: 170.0 if (dtype == torch.bfloat16) == bf16_wins else 60.0
+    )
+    monkeypatch.setenv("MLX_LORA_CACHE", str(tmp_path))  # a probe of its own, not the machine's cached one
+    backend = backends.get("torch")
+    loaded = backend.load(tiny_model, None, Config())
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    gen = GenerateConfig(max_new_tokens=4, batch_size=2, precision=setting)
+    first = backend.generate(loaded, prompts, gen, stop_ids=[])
+    dtypes = {p.dtype for p in loaded.model.parameters()}
+    assert dtypes == {torch.bfloat16 if expected == "bf16" else torch.float32}
+    assert loaded.extra["generation_precision"] == expected
+    assert backend.generate(loaded, prompts, gen, stop_ids=[]) == first  # decided once, greedy stays greedy
+    assert [len(o) for o in first] == [4, 4]
+
+
+def test_an_explicit_model_dtype_is_kept_for_generation(monkeypatch, tmp_path, tiny_model):
+    from mlx_lora import backends
+    from mlx_lora.core.config import Config, GenerateConfig
+
+    monkeypatch.setattr(precision, "_gflops", lambda dtype, reps=3: 170.0 if dtype == torch.bfloat16 else 60.0)
+    monkeypatch.setenv("MLX_LORA_CACHE", str(tmp_path))
+    cfg = Config()
+    cfg.model.dtype = "float32"  # e.g. a parity check that compares logits with another runtime
+    backend = backends.get("torch")
+    loaded = backend.load(tiny_model, None, cfg)
+    backend.generate(loaded, [[5, 6, 7]], GenerateConfig(max_new_tokens=2, precision="bf16"), stop_ids=[])
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.float32}

@@ -130,6 +130,9 @@ class GenerateConfig:
     top_p: float = 0.9
     repetition_penalty: float = 1.0
     batch_size: int = 32
+    # torch: auto casts the loaded model (base and adapter) to bf16 before generating where this CPU's bf16 matmuls
+    # beat fp32 (the probe train.precision uses); CUDA models already load in bf16. fp32 | bf16 force it.
+    precision: str = "auto"
 
 
 @dataclass
@@ -232,6 +235,7 @@ CHOICES = {
     "backend.device": ("auto", "cpu", "cuda", "mps"),
     "train.schedule": SCHEDULES,
     "train.precision": ("auto", "fp32", "bf16"),
+    "generate.precision": ("auto", "fp32", "bf16"),
     "train.report_to": ("none", "tensorboard"),
     "data.format": ("messages", "text"),
     "data.mode": ("closed_book", "grounded"),

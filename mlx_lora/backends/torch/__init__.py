@@ -31,7 +31,7 @@ def precision_note() -> str:
     auto = resolve("auto", torch.device("cpu"), default_cache_dir())
     return (
         f"matmul {found['shape']}: fp32 {found['fp32_gflops']} GFLOP/s, bf16 {found['bf16_gflops']} GFLOP/s "
-        f"→ train.precision=auto picks {auto} on the CPU"
+        f"→ train.precision=auto and generate.precision=auto pick {auto} on the CPU"
     )
 
 
@@ -66,7 +66,10 @@ class TorchBackend:
         on_token: Callable[[int, int], None] | None = None,
     ) -> list[list[int]]:
         from mlx_lora.backends.torch.generate import generate
+        from mlx_lora.backends.torch.precision import for_generation
+        from mlx_lora.core.model_store import default_cache_dir
 
+        for_generation(loaded, cfg.precision, default_cache_dir())
         return generate(loaded.model, prompts, cfg, stop_ids, loaded.pad_id, loaded.device, on_token)
 
     def fuse(self, loaded, out_dir: Path) -> Path:

@@ -21,7 +21,8 @@ def _pick(logits: torch.Tensor, cfg: GenerateConfig, generator: torch.Generator 
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / cfg.temperature, dim=-1)
     if 0 < cfg.top_p < 1:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # stable: tied tokens keep index order, so a top_p that keeps one token keeps argmax's (bf16 logits tie)
+        sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
         # Drop a token when the tokens ranked above it already cover top_p; the top token always stays.
         drop = sorted_probs.cumsum(dim=-1) - sorted_probs > cfg.top_p
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
@@ -78,7 +79,11 @@ def generate_batch(
             attention_mask=attention,
             position_ids=step_pos,
             use_cache=True,
-            logits_to_keep=1,
+            # The last position, as an index tensor rather than the int 1: transformers slices an int as a strided
+            # view, and on CPU the lm_head of a [batch, 1, hidden] view then ran as a bmm against the vocabulary
+            # matrix copied once per row (batch x 896 x 152k): 11 of a 16-prompt prefill's 21 s on the 0.5B.
+            # Indexing makes the hidden state contiguous and the lm_head one matmul.
+            logits_to_keep=torch.tensor([step_ids.shape[1] - 1], device=device),
             **{cache_name: cache},
         )
         cache = returned_cache(result, cache_name)

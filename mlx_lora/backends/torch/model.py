@@ -149,7 +149,7 @@ def load(model: str | Path, adapter: str | Path | None, cfg: Config, trainable: 
     pad = base.config.pad_token_id
     eos = base.config.eos_token_id
     pad_id = pad if isinstance(pad, int) else (eos[0] if isinstance(eos, list) and eos else eos) or 0
-    loaded = Loaded(base, device, dtype, str(model), pad_id=int(pad_id))
+    loaded = Loaded(base, device, dtype, str(model), pad_id=int(pad_id), extra={"dtype_setting": cfg.model.dtype})
     if adapter is not None:
         loaded.adapter = adapter_dir(adapter)
         loaded.model = _attach_adapter(base, loaded.adapter, trainable)

@@ -64,3 +64,19 @@ def resolve(setting: str, device: torch.device, cache_dir: Path | None = None) -
         return "fp32"  # MPS: bf16 support varies by macOS version; fp32 is always right
     found = probe(cache_dir)
     return "bf16" if found["bf16_gflops"] >= MIN_GAIN * found["fp32_gflops"] else "fp32"
+
+
+def for_generation(loaded, setting: str, cache_dir: Path | None = None) -> str:
+    """Put a loaded model in the arithmetic generate.precision resolves to here, once: an fp32 model (base and
+    adapter) becomes bf16 where bf16 wins. Generation only reads the weights, so nothing is kept in fp32. A dtype
+    the user chose (model.dtype) is kept, as is a model loaded in bf16 (CUDA). Returns what generation uses."""
+    if "generation_precision" not in loaded.extra:
+        chosen = "fp32"
+        automatic = loaded.extra.get("dtype_setting", "auto") == "auto"
+        if automatic and loaded.dtype == torch.float32 and resolve(setting, loaded.device, cache_dir) == "bf16":
+            loaded.model.to(torch.bfloat16)
+            loaded.dtype, chosen = torch.bfloat16, "bf16"
+        elif loaded.dtype != torch.float32:
+            chosen = str(loaded.dtype).removeprefix("torch.")
+        loaded.extra["generation_precision"] = chosen
+    return loaded.extra["generation_precision"]
