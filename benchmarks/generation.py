@@ -36,7 +36,7 @@ def prompts(model_dir: Path, data_dir: Path, batch: int) -> list[list[int]]:
     return [tokenizer.prompt_ids(e.prompt_messages()) for e in examples]
 
 
-def _ours(backend_name: str, device: str, model_dir: Path, cfg: Config):
+def _ours(backend_name: str, device: str, model_dir: Path, cfg: Config, precision: str):
     from mlx_lora import backends
 
     if backend_name == "torch":
@@ -45,18 +45,19 @@ def _ours(backend_name: str, device: str, model_dir: Path, cfg: Config):
     loaded = backend.load(model_dir, None, cfg)
 
     def run(batch: list[list[int]], new_tokens: int) -> list[list[int]]:
-        gen = GenerateConfig(max_new_tokens=new_tokens, temperature=0.0, batch_size=len(batch))
+        gen = GenerateConfig(max_new_tokens=new_tokens, temperature=0.0, batch_size=len(batch), precision=precision)
         return backend.generate(loaded, batch, gen, stop_ids=[])
 
     return run, loaded
 
 
-def _hf(device: str, model_dir: Path, pad_id: int):
+def _hf(device: str, model_dir: Path, pad_id: int, precision: str):
     """Plain transformers: AutoModelForCausalLM + generate (greedy, KV cache, left padding), as a user would."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, trust_remote_code=False)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, trust_remote_code=False)
     model.to(device).eval()
 
     @torch.no_grad()
@@ -88,17 +89,18 @@ def measure_generation(
     batch: int,
     new_tokens: int,
     pad_id: int,
+    precision: str = "fp32",
 ) -> dict:
-    """One repetition: warm up, then T(1) and T(N) on the same batch of prompts."""
+    """One repetition in fp32 or bf16 weights: warm up, then T(1) and T(N) on the same batch of prompts."""
     batch_prompts = prompts(model_dir, data_dir, batch)
     native = NativeMemory(backend_name, device)
     measure.reset_peak_rss()
     native.reset()
     tic = time.perf_counter()
     if engine == "hf-generate":
-        run, handle = _hf(device, model_dir, pad_id)
+        run, handle = _hf(device, model_dir, pad_id, precision)
     else:
-        run, handle = _ours(backend_name, device, model_dir, cfg)
+        run, handle = _ours(backend_name, device, model_dir, cfg, precision)
     load_s = time.perf_counter() - tic
     run(batch_prompts, 2)  # warm-up: allocator, thread pools, lazy compilation
     _sync(device)
@@ -116,6 +118,7 @@ def measure_generation(
     made = sum(len(o) for o in out)
     prompt_tokens = sum(len(p) for p in batch_prompts)
     row = {
+        "precision": precision,
         "batch": len(batch_prompts),
         "prompt_tokens": prompt_tokens,
         "new_tokens": new_tokens,

@@ -17,6 +17,7 @@ NAMES = {
     "hf-trainer-tuned-bf16": "HF Trainer, well-configured, bf16 ({engine})",
     "mlx-lm": "mlx-lm lora ({engine})",
     "hf-generate": "HF generate ({engine})",
+    "hf-generate-bf16": "HF generate, bf16 ({engine})",
 }
 
 
@@ -175,8 +176,12 @@ def ratios(rows: list[dict]) -> list[dict]:
                 "tokens_per_s",
             )
     for engine in {r["engine"] for r in rows if r["suite"] == "generation" and r["impl"] == "hf-generate"}:
-        for key in ("prefill_tokens_per_s", "decode_tokens_per_s"):
-            add(f"{engine}: ours vs HF generate ({key})", "generation", (engine, "ours"), (engine, "hf-generate"), key)
+        for suffix, name in (("", ""), ("-bf16", ", bf16")):
+            for key in ("prefill_tokens_per_s", "decode_tokens_per_s"):
+                ours, hf = (engine, "ours" + suffix), (engine, "hf-generate" + suffix)
+                add(f"{engine}: ours vs HF generate{name} ({key})", "generation", ours, hf, key)
+        for key in ("prefill_tokens_per_s", "decode_tokens_per_s"):  # what generate.precision=auto gains here
+            add(f"{engine}: ours bf16 vs ours fp32 ({key})", "generation", (engine, "ours-bf16"), (engine, "ours"), key)
     return found
 
 

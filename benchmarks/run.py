@@ -171,9 +171,13 @@ def plan(engines: list[Engine], s: Settings) -> list[dict]:
                     "batch": s.gen_batch,
                     "new_tokens": s.gen_tokens,
                 }
-                tasks.append({**base, "impl": "ours"})
-                if s.baselines and e.backend == "torch":
-                    tasks.append({**base, "impl": "hf-generate"})
+                # Each precision against HF generate in the same one: generate.precision would otherwise pick bf16
+                # for ours alone on a CPU with bf16 units.
+                bf16 = e.backend == "torch" and bf16_units(e, s.cpu_flags)
+                for suffix, precision in [("", "fp32")] + ([("-bf16", "bf16")] if bf16 else []):
+                    tasks.append({**base, "impl": "ours" + suffix, "precision": precision})
+                    if s.baselines and e.backend == "torch":
+                        tasks.append({**base, "impl": "hf-generate" + suffix, "precision": precision})
     if s.roofline:
         reps = 2 if s.quick else 5
         for e in engines:

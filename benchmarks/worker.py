@@ -93,7 +93,7 @@ def run_task(ctx: Context, task: dict) -> dict:
     cfg = ctx.cfg()
     if suite == "generation":
         return generation.measure_generation(
-            impl if impl == "hf-generate" else "ours",
+            "hf-generate" if impl.startswith("hf-generate") else "ours",
             task["backend"],
             task["device"],
             ctx.model_dir,
@@ -102,6 +102,7 @@ def run_task(ctx: Context, task: dict) -> dict:
             task["batch"],
             task["new_tokens"],
             ctx.pad_id(),
+            task.get("precision", "fp32"),
         )
     steps, warmup = task["steps"], task["warmup"]
     precision = task.get("precision", "fp32")

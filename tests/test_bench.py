@@ -108,6 +108,14 @@ def test_no_training_plans_generation_only():
     suites = [t["suite"] for t in run.plan([cpu], s)]
     assert suites and set(suites) == {"generation"}
     assert {t["impl"] for t in run.plan([cpu], s)} == {"ours", "hf-generate"}
+    s = run.Settings(quick=True, training=False, roofline=False, cpu_flags=["avx512_bf16"]).resolved()
+    tasks = run.plan([cpu], s)  # each precision against HF generate in the same one
+    assert {(t["impl"], t["precision"]) for t in tasks} == {
+        ("ours", "fp32"),
+        ("hf-generate", "fp32"),
+        ("ours-bf16", "bf16"),
+        ("hf-generate-bf16", "bf16"),
+    }
 
 
 def test_unknown_or_missing_backend_is_a_user_error():
@@ -210,5 +218,10 @@ def test_quick_bench_rows_are_valid(quick):
             assert r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0
         else:
             assert r["flops_per_s"] > 0 and r["seconds_median"] > 0
-    same = {r["outputs_sha"] for r in rows if r["suite"] == "generation" and r["engine"] == "torch-cpu"}
-    assert len(same) == 1  # greedy: our batched generate and HF generate pick the same tokens
+    for precision in {r.get("precision") for r in rows if r["suite"] == "generation"}:
+        same = {
+            r["outputs_sha"]
+            for r in rows
+            if r["suite"] == "generation" and r["engine"] == "torch-cpu" and r["precision"] == precision
+        }
+        assert len(same) == 1  # greedy: our batched generate and HF generate pick the same tokens
