@@ -120,7 +120,9 @@ class DataConfig:
     oracle_rate: float = 0.8
     oracle_free: str = "refuse"  # refuse (a hard negative) | answer (from memory, citing the gold doc)
     shuffle_passages: bool = False  # grounded: show train rows' passages in a seeded random order
-    move_gold: float = 0.0  # grounded: share of train rows with the gold passage first that see it moved later
+    # grounded: the share of train rows with the gold passage first that see it moved to a later place (against
+    # "always cite [1]"). 0.3 scored 90.0 / 92.7 on valid at two seeds against 94.7 / 94.6 at 0: off by default.
+    move_gold: float = 0.0
 
 
 @dataclass
