@@ -41,6 +41,8 @@ def _ours(backend_name: str, device: str, model_dir: Path, cfg: Config, precisio
 
     if backend_name == "torch":
         cfg.backend.device = device
+        if precision == "fp32":  # else a CUDA model loads in bf16 (model.dtype auto)
+            cfg.model.dtype = "float32"
     backend = backends.get(backend_name)
     loaded = backend.load(model_dir, None, cfg)
 
@@ -118,7 +120,7 @@ def measure_generation(
     made = sum(len(o) for o in out)
     prompt_tokens = sum(len(p) for p in batch_prompts)
     row = {
-        "precision": precision,
+        "precision": precision if backend_name == "torch" else None,  # MLX generates in the model's own dtype
         "batch": len(batch_prompts),
         "prompt_tokens": prompt_tokens,
         "new_tokens": new_tokens,

@@ -218,7 +218,8 @@ def test_quick_bench_rows_are_valid(quick):
             assert r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0
         else:
             assert r["flops_per_s"] > 0 and r["seconds_median"] > 0
-    for precision in {r.get("precision") for r in rows if r["suite"] == "generation"}:
+    assert {r["precision"] for r in rows if r["suite"] == "generation" and r["engine"] == "mlx-cpu"} == {None}
+    for precision in {r["precision"] for r in rows if r["suite"] == "generation" and r["engine"] == "torch-cpu"}:
         same = {
             r["outputs_sha"]
             for r in rows

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -24,6 +26,13 @@ def test_the_probe_is_measured_once_per_machine(monkeypatch, tmp_path):
     (tmp_path / precision.PROBE_FILE).write_text("{broken")
     precision.probe(tmp_path)
     assert len(calls) == 4  # a broken cache is measured again
+    monkeypatch.setattr(precision.torch, "get_num_threads", lambda: 7)
+    precision.probe(tmp_path)  # another thread count: measured, kept beside the first
+    monkeypatch.undo()
+    monkeypatch.setattr(precision, "_gflops", lambda dtype, reps=3: calls.append(dtype) or 10.0)
+    precision.probe(tmp_path)
+    assert len(calls) == 6  # the first thread count's entry survived
+    assert len(json.loads((tmp_path / precision.PROBE_FILE).read_text())["entries"]) == 2
 
 
 def test_bf16_training_matches_fp32_valid_loss(tiny_model, tiny_rows, tmp_path):

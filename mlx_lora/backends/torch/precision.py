@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from mlx_lora.core.environment import cpu_name
+from mlx_lora.core.files import atomic_write_text
 
 # A matmul of the embedded 0.5B's MLP shape (tokens × hidden) · (hidden × intermediate): what a step spends on.
 PROBE_SHAPE = (512, 896, 4864)
@@ -33,22 +34,25 @@ def _gflops(dtype: torch.dtype, reps: int = 3) -> float:
 
 def probe(cache_dir: Path | None = None, refresh: bool = False) -> dict:
     """fp32 vs bf16 matmul rate on this CPU (best of 3; about a second), cached per CPU model, torch version and
-    thread count so that every run on a machine makes the same choice."""
+    thread count so that every run on a machine makes the same choice. The cache keeps one entry per key: a
+    1-thread test run and a 2-thread main job do not re-measure each other's out."""
     key = f"{cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
     path = Path(cache_dir) / PROBE_FILE if cache_dir is not None else None
-    if path is not None and path.is_file() and not refresh:
+    entries: dict = {}
+    if path is not None and path.is_file():
         try:
             cached = json.loads(path.read_text(encoding="utf-8"))
-            if cached.get("key") == key:
-                return cached
+            entries = cached.get("entries", {}) if isinstance(cached, dict) else {}
         except (OSError, json.JSONDecodeError):
             pass  # a broken cache is measured again
+        if key in entries and not refresh:
+            return entries[key]
     fp32, bf16 = _gflops(torch.float32), _gflops(torch.bfloat16)
     result = {"key": key, "fp32_gflops": round(fp32, 1), "bf16_gflops": round(bf16, 1), "shape": list(PROBE_SHAPE)}
     if path is not None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+            atomic_write_text(path, json.dumps({"entries": {**entries, key: result}}, indent=2) + "\n")
         except OSError:
             pass  # a read-only cache costs a second per run, nothing else
     return result
