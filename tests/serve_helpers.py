@@ -1,4 +1,7 @@
-"""The serve tests' shared pieces: their rules and questions, a Service behind uvicorn in a thread, audit reads."""
+"""The serve tests' shared pieces: their rules and questions, a Service behind uvicorn in a thread, audit reads.
+
+Importing it skips the importing test module when serve's dependencies (or torch, which trains the tiny run) are
+missing, and hands it the httpx and openai modules."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
-pytest.importorskip("httpx")
+httpx = pytest.importorskip("httpx")
 pytest.importorskip("torch")  # the tiny run is trained with the torch backend; both backends then serve it
 
 from mlx_lora.core.config import Config

@@ -7,14 +7,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
-pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
-pytest.importorskip("torch")  # the tiny run is trained with the torch backend; both backends then serve it
-
-from serve_helpers import REFUSE_Q, RULE_Q, SOURCES, audit_lines, chat, serve_cfg, unsettled
+from serve_helpers import REFUSE_Q, RULE_Q, SOURCES, audit_lines, chat, httpx, serve_cfg, unsettled
 
 
 def test_user_text_never_becomes_special_tokens(torch_server):

@@ -5,14 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
-openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
-pytest.importorskip("torch")  # the tiny run is trained with the torch backend; both backends then serve it
-
-from serve_helpers import REFUSE_Q, RULE_Q, SOURCES, Running, audit_lines, chat, unsettled
+from serve_helpers import REFUSE_Q, RULE_Q, SOURCES, Running, audit_lines, chat, httpx, openai, unsettled
 
 from mlx_lora import backends
 

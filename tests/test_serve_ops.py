@@ -11,14 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import REPO
-
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
-pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
-pytest.importorskip("torch")  # the tiny run is trained with the torch backend; both backends then serve it
-
-from serve_helpers import REFUSE_Q, RULE_Q, RULES, SOURCES, Running, chat, unsettled
+from serve_helpers import REFUSE_Q, RULE_Q, RULES, SOURCES, Running, chat, httpx, unsettled
 
 from mlx_lora.serve.server import bind, check_exposure
 
