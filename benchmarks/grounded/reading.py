@@ -20,11 +20,11 @@ from pathlib import Path
 from mlx_lora.backends.loading import load_for_generation
 from mlx_lora.core.config import Config, GenerateConfig
 from mlx_lora.data.formats import Example, read_examples
-from mlx_lora.data.grounded import parse_citation, user_turn
+from mlx_lora.data.grounded import labels, parse_citation, user_turn
 from mlx_lora.data.kb import load_kb
 from mlx_lora.evaluation.run import generate_answers
 
-CITATION_TOKENS = 6  # "[2] " is 3 tokens with Qwen's tokenizer; a refusal shows in its first words
+CITATION_TOKENS = 6  # enough for "[2] " or a short doc id; a refusal shows in its first words
 
 
 def moved(order: list[str], gold: str, place: int) -> list[str]:
@@ -45,8 +45,7 @@ def probes(rows: list[Example], texts: dict[str, str], data_cfg) -> list[tuple[E
             turn = user_turn(row.question, [(d, texts[d]) for d in ids], data_cfg)
             messages = [dict(m) for m in row.prompt_messages()]
             messages[-1]["content"] = turn
-            label = str(place + 1) if data_cfg.cite == "number" else gold
-            out.append((Example(messages=messages, meta=row.meta), place + 1, label))
+            out.append((Example(messages=messages, meta=row.meta), place + 1, labels(ids, data_cfg)[place]))
     return out
 
 
