@@ -96,6 +96,9 @@ def test_listeners_write_metrics_plots_and_summary(tmp_path, capsys):
     assert summary["eval_losses"] == [{"step": 4, "eval_loss": 1.8}, {"step": 8, "eval_loss": 1.2}]
     assert summary["peak_memory_mb"] == 507.0 and summary["tokens_per_s"] == 1003.5
     assert summary["trainable_params"] == 10 and summary["plots"] == [f"plots/{p}" for p in run_summary.PLOTS]
+    assert "compile_traces" not in summary  # torch: no compiled step to count
+    traced = run_summary.finish(tmp_path, TrainOutcome(tmp_path, 8, 1.2, 8, "completed", {"compile_traces": 3}))
+    assert traced["compile_traces"] == 3
 
 
 def _codes(steps, evals=(), schedule=None):

@@ -114,3 +114,24 @@ def test_step_is_traced_per_shape_not_per_step(tiny_model, rows_and_vocab, tmp_p
     # 12 steps, 18 batches. A shape is traced at most once per role: first or later batch of a group, last or not.
     assert outcome.steps == 12 and len(traces) <= min(3 * len(set(traces)), 9)
     assert all(inputs[1] % 8 == 0 and positions[0] % 32 == 0 for inputs, positions in traces)
+    # the engine counts its own traces (the run's summary shows them): the same number
+    assert outcome.extra["compile_traces"] == len(traces)
+
+
+def test_eager_steps_match_compiled_ones(tiny_model, rows_and_vocab):
+    """compile=False (the benchmark's baseline) runs the same step: the same losses and weights, step for step."""
+    from mlx.utils import tree_flatten
+
+    from mlx_lora.backends.mlx.engine import MLXEngine
+    from mlx_lora.backends.mlx.model import load
+
+    rows = rows_and_vocab[0]
+    runs = []
+    for compile in (True, False):
+        engine = MLXEngine(load(tiny_model, None, make_cfg()), make_cfg(), compile=compile)
+        losses = [engine.step([rows[2 * k : 2 * k + 2], rows[5:7]], 1e-2, k).loss for k in range(3)]
+        runs.append((losses, dict(tree_flatten(engine.model.trainable_parameters())), list(engine.traces)))
+    (compiled, w0, traces0), (eager, w1, traces1) = runs
+    assert compiled == pytest.approx(eager, rel=1e-5)
+    assert max(mx.abs(w0[k] - w1[k]).max().item() for k in w0) < 1e-5
+    assert traces1 == [3, 3] and sum(traces0) < sum(traces1)  # eager: a Python run per call; compiled: per shape

@@ -244,6 +244,7 @@ class Loop:
                     "format": STATE_FORMAT,
                     "backend": self.engine.name,
                     "position": asdict(pos),
+                    **(self.engine.report() if hasattr(self.engine, "report") else {}),
                     "fingerprint": self.fingerprint,
                     "total_steps": self.plan.total,
                 }
@@ -358,6 +359,7 @@ class Loop:
                 "total_steps": self.plan.total,
                 "elapsed_s": elapsed,
                 "position": asdict(pos),
+                **(self.engine.report() if hasattr(self.engine, "report") else {}),
                 **({"error": self._error} if self._error else {}),
             },
         )

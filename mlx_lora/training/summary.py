@@ -180,6 +180,8 @@ def finish(run_dir: str | Path, outcome) -> dict:
         "supervised_tokens_per_s": statistics.median(sup_speeds) if sup_speeds else None,
         "grad_norm": {"median": statistics.median(norms), "max": max(norms)} if norms else None,
         "peak_memory_mb": max(_finite(e.get("memory_mb") for e in steps), default=None),
+        # MLX: how often the compiled step was traced; every new batch shape costs one (they are bucketed)
+        **({"compile_traces": outcome.extra["compile_traces"]} if "compile_traces" in outcome.extra else {}),
         "warnings": [e["message"] for e in other if e.get("type") == "warning"],
         "health": health(steps, evals, _train_config(run_dir)),
         "plots": [f"plots/{name}" for name in write_plots(run_dir)],

@@ -89,7 +89,14 @@ def make_loss(model: nn.Module):
     return loss_sum
 
 
-def compiled_step(model: nn.Module, optimizer: optim.Optimizer, loss_sum, max_grad_norm: float | None):
+def compiled_step(
+    model: nn.Module,
+    optimizer: optim.Optimizer,
+    loss_sum,
+    max_grad_norm: float | None,
+    traces: list[int] | None = None,
+    compile: bool = True,
+):
     """(state, accumulate, step), compiled with mx.compile as mlx-lm's tuner compiles its step.
 
     accumulate adds one batch's loss and gradients to the running sums; step does the same for the group's last
@@ -97,18 +104,24 @@ def compiled_step(model: nn.Module, optimizer: optim.Optimizer, loss_sum, max_gr
     A compiled function sees arrays only through its arguments and `state` (weights, AdamW moments and
     learning rate, the dropout RNG key); anything else would be frozen into the graph when traced. So build this
     after a resume has replaced optimizer.state, and keep the model in train mode while stepping. Dropout draws
-    from mx.random.state as eager code does, so reseeding per step still replays it exactly on resume."""
+    from mx.random.state as eager code does, so reseeding per step still replays it exactly on resume.
+
+    `traces` ([accumulate, step]) counts how often each body ran in Python: once per trace when compiled (every
+    new input shape re-traces), once per call when not. compile=False runs the same bodies eagerly (a benchmark's
+    baseline)."""
     value_and_grad = nn.value_and_grad(model, loss_sum)
     compiled_state = [model.state, optimizer.state, mx.random.state]
+    traces = traces if traces is not None else [0, 0]
 
-    def add(inputs, targets, positions, weights, norm, loss, grads):
+    def add(inputs, targets, positions, weights, norm, loss, grads, _which=0):
+        traces[_which] += 1
         (value, _), g = value_and_grad(model, inputs, targets, positions, weights, norm)
         if grads is None:  # the group's first batch: a separate trace
             return value, g
         return loss + value, tree_map(mx.add, grads, g)
 
     def step(inputs, targets, positions, weights, norm, loss, grads):
-        loss, grads = add(inputs, targets, positions, weights, norm, loss, grads)
+        loss, grads = add(inputs, targets, positions, weights, norm, loss, grads, _which=1)
         # One concatenation and one reduction rather than one reduction per LoRA matrix: on a small model
         # the step's cost is the number of kernels more than their size.
         flat = mx.concatenate([g.astype(mx.float32).reshape(-1) for _, g in tree_flatten(grads)])
@@ -119,6 +132,8 @@ def compiled_step(model: nn.Module, optimizer: optim.Optimizer, loss_sum, max_gr
         optimizer.update(model, grads)
         return loss, grad_norm
 
+    if not compile:
+        return compiled_state, add, step
     compile_ = partial(mx.compile, inputs=compiled_state, outputs=compiled_state)
     return compiled_state, compile_(add), compile_(step)
 
@@ -154,9 +169,12 @@ class MLXEngine:
     rank, world = 0, 1
     precision = "fp32"  # train.precision applies to torch; MLX trains in the model's own dtype
 
-    def __init__(self, loaded: MLXLoaded, cfg: Config):
+    def __init__(self, loaded: MLXLoaded, cfg: Config, compile: bool = True):
         t = cfg.train
         self.loaded, self.cfg, self.model = loaded, cfg, loaded.model
+        self.compile = compile
+        # Python runs of the accumulate and step bodies: traces when compiled (benchmarks/mlx_compile.py)
+        self.traces = [0, 0]
         self.device = str(mx.default_device())
         self.warnings = list(loaded.warnings)
         mx.random.seed(t.seed)  # lora_a's init is random: the same seed gives the same adapter start
@@ -176,7 +194,7 @@ class MLXEngine:
     def _build(self) -> None:
         # The compiled functions capture optimizer.state: rebuild them whenever a resume replaces it.
         self._state, self._accumulate, self._step = compiled_step(
-            self.model, self.optimizer, self.loss_sum, self.cfg.train.max_grad_norm
+            self.model, self.optimizer, self.loss_sum, self.cfg.train.max_grad_norm, self.traces, self.compile
         )
         self._slots = update_slots(self.model, self.optimizer)
 
@@ -246,6 +264,10 @@ class MLXEngine:
 
     def barrier(self) -> None:
         pass
+
+    def report(self) -> dict:
+        """Figures for the run's summary: how often the compiled step was traced (one per batch shape is the aim)."""
+        return {"compile_traces": sum(self.traces)} if self.compile else {}
 
     def close(self) -> None:
         self.model.eval()
