@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -118,3 +120,58 @@ def test_sampling_options(lively, tok, barely_trained):
         0
     ]
     assert len(set(plain)) < len(plain) and len(set(penalised)) == len(penalised)
+
+
+def test_draft_takes_what_followed_the_latest_earlier_tail():
+    from mlx_lora.backends.torch.lookup import draft
+
+    assert draft([1, 2, 3, 9, 1, 2, 3, 4, 5, 1, 2, 3], 2) == [4, 5]  # latest earlier "1 2 3", not the first
+    assert draft([7, 8, 9, 8], 3) == [9, 8]  # "9 8" never came before; the 1-gram "8" did: what followed it
+    assert draft([7, 8, 9, 8], 3, min_ngram=2) == []
+    assert draft([5], 4) == [] and draft([], 4) == []
+
+
+def _looked_up(loaded, prompts, draft_tokens: int, stops: list[int]):
+    """(tokens, streamed (row, token) pairs, forward passes) of prompt-lookup decoding, 20 new tokens at most."""
+    from mlx_lora.backends.torch import lookup
+
+    model, calls, streamed = loaded.model, [], []
+    forward = model.forward
+    model.forward = functools.wraps(forward)(lambda *a, **kw: calls.append(1) or forward(*a, **kw))
+    try:
+        got = lookup.generate_batch(
+            model, prompts, 20, draft_tokens, stops, loaded.pad_id, "cpu", lambda i, t: streamed.append((i, t))
+        )
+    finally:
+        del model.forward
+    return got, streamed, len(calls)
+
+
+@pytest.mark.parametrize("draft_tokens", [1, 4])
+def test_prompt_lookup_decoding_is_greedy_decoding(lively, barely_trained, tok, draft_tokens):
+    """Same tokens as the plain loop, streamed per row, early stops and the limit kept; with fewer passes where
+    the drafts are right (the barely trained model repeats a token that its context holds)."""
+    from mlx_lora.backends.torch import generate as plain
+
+    prompts = _prompts(tok)
+    for loaded in (lively[1], barely_trained[1]):
+        free = plain.generate_batch(loaded.model, prompts, GenerateConfig(max_new_tokens=20), [], loaded.pad_id, "cpu")
+        # lively: row 1 stops at its third token, rows that never emit it run to the limit; the barely trained
+        # model repeats one token, so it runs to the limit (a stop on that token would end every row at once)
+        stop = free[1][2] if loaded is lively[1] else -1
+        expected = [out[: out.index(stop)] if stop in out else out for out in free]
+        got, streamed, passes = _looked_up(loaded, prompts, draft_tokens, [stop])
+        assert got == expected
+        assert [[t for i, t in streamed if i == k] for k in range(len(prompts))] == expected
+        if loaded is barely_trained[1]:
+            assert passes < max(map(len, expected))  # drafts were accepted: fewer passes than tokens
+
+
+def test_prompt_lookup_drafts_less_as_the_batch_grows():
+    from mlx_lora.backends.torch.generate import _lookup
+    from mlx_lora.backends.torch.lookup import STEP_BUDGET, draft_size
+
+    assert draft_size(1, 8) == 8 and draft_size(8, 8) == STEP_BUDGET // 8 - 1 and draft_size(STEP_BUDGET, 8) == 0
+    assert _lookup(GenerateConfig(), 1) and not _lookup(GenerateConfig(), STEP_BUDGET)  # 40 rows: the plain loop
+    assert not _lookup(GenerateConfig(prompt_lookup=0), 1)
+    assert not _lookup(GenerateConfig(temperature=0.7), 1) and not _lookup(GenerateConfig(repetition_penalty=1.1), 1)

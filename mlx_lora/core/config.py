@@ -115,8 +115,9 @@ class DataConfig:
     # grounded, RAFT-style: the share of answerable train rows that see their gold passage; in the others it is
     # replaced by the next retrieved one and the row answers by data.oracle_free. 0.8 with "refuse" (hard
     # negatives) refused 93.8% of valid's unanswerable questions after 160 steps, against 68.8% at 1.0
-    # (benchmarks/results/grounded/README.md). "answer" (from memory) is not measured yet: it teaches an answer
-    # for the same kind of prompt (passages that do not answer) as the unanswerable rows' refusal.
+    # (benchmarks/results/grounded/README.md). "answer" (from memory) measured worse: at one of two seeds the
+    # adapter answered half of valid's unanswerable questions (an answer for passages that do not answer is the
+    # same kind of prompt as an unanswerable question's refusal).
     oracle_rate: float = 0.8
     oracle_free: str = "refuse"  # refuse (a hard negative) | answer (from memory, citing the gold doc)
     shuffle_passages: bool = False  # grounded: show train rows' passages in a seeded random order
@@ -135,6 +136,9 @@ class GenerateConfig:
     # torch: auto casts the loaded model (base and adapter) to bf16 before generating where this CPU's bf16 matmuls
     # beat fp32 (the probe train.precision uses); CUDA models already load in bf16. fp32 | bf16 force it.
     precision: str = "auto"
+    # torch, greedy: check up to this many tokens per step that the prompt predicts (a grounded answer copies its
+    # passage): one pass keeps every drafted token greedy decoding agrees with. 0 = off (backends/torch/lookup.py)
+    prompt_lookup: int = 8
 
 
 @dataclass
@@ -274,6 +278,7 @@ RANGES = {
     "generate.top_p": (0, 1, (False, True), "nucleus sampling mass"),
     "generate.repetition_penalty": (0, None, (False, False), "the repetition penalty (1 = off)"),
     "generate.batch_size": (1, None, (True, False), "prompts decoded together"),
+    "generate.prompt_lookup": (0, None, (True, False), "drafted tokens checked per step (0 = off)"),
     "eval.worst_n": (0, None, (True, False), "worst cases listed"),
     "eval.max_rows": (1, None, (True, False), "test rows to sample; null = all"),
     "rules.kb_match_threshold": (0, 1, (True, True), "a similarity"),

@@ -114,6 +114,14 @@ def generate_batch(
     return out
 
 
+def _lookup(cfg: GenerateConfig, rows: int) -> bool:
+    """Prompt-lookup decoding applies: greedy, no repetition penalty, and room to draft at this batch size."""
+    from mlx_lora.backends.torch.lookup import draft_size
+
+    plain_greedy = cfg.temperature <= 0 and cfg.repetition_penalty == 1.0
+    return plain_greedy and cfg.prompt_lookup > 0 and draft_size(rows, cfg.prompt_lookup) > 0
+
+
 def generate(
     model,
     prompts: list[list[int]],
@@ -134,6 +142,14 @@ def generate(
     size = max(1, cfg.batch_size)
     try:
         for start in range(0, len(prompts), size):
+            batch = prompts[start : start + size]
+            if _lookup(cfg, len(batch)):  # greedy with prompt-lookup drafts: the same tokens in fewer passes
+                from mlx_lora.backends.torch import lookup
+
+                results += lookup.generate_batch(
+                    model, batch, cfg.max_new_tokens, cfg.prompt_lookup, stop_ids, pad_id, device, on_token, start
+                )
+                continue
             results += generate_batch(
                 model,
                 prompts[start : start + size],
