@@ -131,8 +131,8 @@ def test_draft_takes_what_followed_the_latest_earlier_tail():
     assert draft([5], 4) == [] and draft([], 4) == []
 
 
-def _looked_up(loaded, prompts, draft_tokens: int, stops: list[int]):
-    """(tokens, streamed (row, token) pairs, forward passes) of prompt-lookup decoding, 20 new tokens at most."""
+def _looked_up(loaded, prompts, draft_tokens: int, stops: list[int], limit: int = 20):
+    """(tokens, streamed (row, token) pairs, forward passes) of prompt-lookup decoding, `limit` new tokens at most."""
     from mlx_lora.backends.torch import lookup
 
     model, calls, streamed = loaded.model, [], []
@@ -140,7 +140,7 @@ def _looked_up(loaded, prompts, draft_tokens: int, stops: list[int]):
     model.forward = functools.wraps(forward)(lambda *a, **kw: calls.append(1) or forward(*a, **kw))
     try:
         got = lookup.generate_batch(
-            model, prompts, 20, draft_tokens, stops, loaded.pad_id, "cpu", lambda i, t: streamed.append((i, t))
+            model, prompts, limit, draft_tokens, stops, loaded.pad_id, "cpu", lambda i, t: streamed.append((i, t))
         )
     finally:
         del model.forward
@@ -165,6 +165,10 @@ def test_prompt_lookup_decoding_is_greedy_decoding(lively, barely_trained, tok, 
         assert [[t for i, t in streamed if i == k] for k in range(len(prompts))] == expected
         if loaded is barely_trained[1]:
             assert passes < max(map(len, expected))  # drafts were accepted: fewer passes than tokens
+    # every row done after its first token: one pass, no cache left to shrink
+    loaded = lively[1]
+    one = plain.generate_batch(loaded.model, prompts, GenerateConfig(max_new_tokens=1), [], loaded.pad_id, "cpu")
+    assert _looked_up(loaded, prompts, draft_tokens, [], limit=1)[0] == one
 
 
 def test_prompt_lookup_drafts_less_as_the_batch_grows():

@@ -90,6 +90,8 @@ def generate_batch(
 
     # per row still writing: its index, next input token (already emitted), tokens in the cache, its draft
     rows = [[i, t, len(p), []] for i, (t, p) in enumerate(zip(first, prompts)) if not emit(i, [t])]
+    if not rows:  # every row stopped at its first token (or the limit is one token)
+        return out
     keep = [i for i, *_ in rows]
     for row in rows:
         row[3] = draft(contexts[row[0]], draft_size(len(rows), draft_tokens))
