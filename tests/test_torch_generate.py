@@ -126,8 +126,8 @@ def test_draft_takes_what_followed_the_latest_earlier_tail():
     from mlx_lora.backends.torch.lookup import draft
 
     assert draft([1, 2, 3, 9, 1, 2, 3, 4, 5, 1, 2, 3], 2) == [4, 5]  # latest earlier "1 2 3", not the first
-    assert draft([7, 8, 9, 8], 3) == [9, 8]  # "9 8" never came before; the 1-gram "8" did: what followed it
-    assert draft([7, 8, 9, 8], 3, min_ngram=2) == []
+    assert draft([7, 8, 9, 8], 3) == []  # "9 8" never came before, and a 1-token match is not enough by default
+    assert draft([7, 8, 9, 8], 3, min_ngram=1) == [9, 8]  # the 1-gram "8" did: what followed it
     assert draft([5], 4) == [] and draft([], 4) == []
 
 
@@ -173,7 +173,11 @@ def test_prompt_lookup_decoding_is_greedy_decoding(lively, barely_trained, tok, 
 
 def test_prompt_lookup_drafts_less_as_the_batch_grows():
     from mlx_lora.backends.torch.generate import _lookup
-    from mlx_lora.backends.torch.lookup import STEP_BUDGET, draft_size
+    from mlx_lora.backends.torch.lookup import STEP_BUDGET, adapt, draft_size
+
+    # a row's draft grows by two after a draft kept whole, shrinks to what was kept otherwise (0: off for now)
+    assert [adapt(8, 4, 4, 8), adapt(8, 4, 2, 8), adapt(8, 4, 0, 8), adapt(3, 0, 0, 8)] == [6, 2, 0, 3]
+    assert adapt(4, 7, 7, 8) == 8
 
     assert draft_size(1, 8) == 8 and draft_size(8, 8) == STEP_BUDGET // 8 - 1 and draft_size(STEP_BUDGET, 8) == 0
     assert _lookup(GenerateConfig(), 1) and not _lookup(GenerateConfig(), STEP_BUDGET)  # 40 rows: the plain loop
