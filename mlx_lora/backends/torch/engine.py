@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from mlx_lora.backends.protocol import StepResult
 from mlx_lora.backends.torch import ddp, state
-from mlx_lora.backends.torch.generate import cache_kwarg, returned_cache
+from mlx_lora.backends.torch.cache import cache_kwarg, returned_cache
 from mlx_lora.backends.torch.lora import attach
 from mlx_lora.backends.torch.model import Loaded
 from mlx_lora.backends.torch.precision import resolve

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 
 import torch
 
+from mlx_lora.backends.torch import lookup
+from mlx_lora.backends.torch.cache import cache_kwarg, returned_cache
 from mlx_lora.core.config import GenerateConfig
 
 
@@ -28,17 +29,6 @@ def _pick(logits: torch.Tensor, cfg: GenerateConfig, generator: torch.Generator 
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def cache_kwarg(model) -> str:
-    """transformers 5.2x renamed `past_key_values` to `cache` (the old name still works, with a warning)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-
-
-def returned_cache(result, name: str):
-    """The KV cache a forward pass with use_cache=True returned, under either name."""
-    return result[name] if name in result else result.past_key_values
 
 
 @torch.no_grad()
@@ -116,10 +106,8 @@ def generate_batch(
 
 def _lookup(cfg: GenerateConfig, rows: int) -> bool:
     """Prompt-lookup decoding applies: greedy, no repetition penalty, and room to draft at this batch size."""
-    from mlx_lora.backends.torch.lookup import draft_size
-
     plain_greedy = cfg.temperature <= 0 and cfg.repetition_penalty == 1.0
-    return plain_greedy and cfg.prompt_lookup > 0 and draft_size(rows, cfg.prompt_lookup) > 0
+    return plain_greedy and cfg.prompt_lookup > 0 and lookup.draft_size(rows, cfg.prompt_lookup) > 0
 
 
 def generate(
@@ -144,8 +132,6 @@ def generate(
         for start in range(0, len(prompts), size):
             batch = prompts[start : start + size]
             if _lookup(cfg, len(batch)):  # greedy with prompt-lookup drafts: the same tokens in fewer passes
-                from mlx_lora.backends.torch import lookup
-
                 results += lookup.generate_batch(
                     model, batch, cfg.max_new_tokens, cfg.prompt_lookup, stop_ids, pad_id, device, on_token, start
                 )

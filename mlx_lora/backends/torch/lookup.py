@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from mlx_lora.backends.torch.generate import cache_kwarg, returned_cache
+from mlx_lora.backends.torch.cache import cache_kwarg, returned_cache
 
 MAX_NGRAM = 3  # the longest tail searched for; shorter tails are tried when it does not occur
 # A one-token match drafts mostly junk in free text: on a base model's answers (8 rows, adaptive drafts) decoding
