@@ -13,6 +13,7 @@ each row's positions count only the tokens it kept, so the model sees exactly th
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -52,6 +53,17 @@ def adapt(size: int, proposed: int, accepted: int, most: int) -> int:
     if not proposed:
         return size
     return min(most, proposed + 2) if accepted == proposed else accepted
+
+
+@dataclass
+class _Row:
+    """A row still writing."""
+
+    index: int  # its prompt's place in the batch
+    token: int  # its next input: the last token it emitted, not yet in the KV cache
+    cached: int  # its tokens in the KV cache (its next position)
+    size: int  # how many tokens it may draft next (adapt())
+    proposed: list[int] = field(default_factory=list)  # its draft for this step
 
 
 @torch.no_grad()
@@ -99,31 +111,28 @@ def generate_batch(
                 return True
         return False
 
-    # per row still writing: its index, next input token (already emitted), tokens in the cache, its draft, and
-    # how many tokens it drafts next (adapt())
-    rows = [[i, t, len(p), [], draft_tokens] for i, (t, p) in enumerate(zip(first, prompts)) if not emit(i, [t])]
+    rows = [_Row(i, t, len(p), draft_tokens) for i, (t, p) in enumerate(zip(first, prompts)) if not emit(i, [t])]
     if not rows:  # every row stopped at its first token (or the limit is one token)
         return out
-    keep = [i for i, *_ in rows]
+    keep = [row.index for row in rows]
 
     def redraft() -> None:
         cap = draft_size(len(rows), draft_tokens)
         for row in rows:
-            context, want = contexts[row[0]], min(row[4], cap)
-            # a row whose drafts keep failing drafts only on a match of 2+ tokens, and then 2 tokens
-            row[3] = draft(context, want) if want else draft(context, min(2, cap), min_ngram=2)
+            # a row whose last draft missed (size 0) tries again with 2 tokens: the text may quote the prompt again
+            row.proposed = draft(contexts[row.index], min(row.size, cap) or min(2, cap))
 
     redraft()
     if len(keep) < len(prompts):
         cache.batch_select_indices(torch.tensor(keep, device=device))
         attention = attention[keep]
     while rows:
-        span = 1 + max(len(r[3]) for r in rows)  # the input token and the longest draft
+        span = 1 + max(len(row.proposed) for row in rows)  # the input token and the longest draft
         step_ids = torch.tensor(
-            [[token, *d, *[pad_id] * (span - 1 - len(d))] for _, token, _, d, _ in rows], device=device
+            [[row.token, *row.proposed, *[pad_id] * (span - 1 - len(row.proposed))] for row in rows], device=device
         )
-        step_pos = torch.tensor([[n + j for j in range(span)] for _, _, n, _, _ in rows], device=device)
-        real = torch.tensor([[int(j <= len(d)) for j in range(span)] for _, _, _, d, _ in rows], device=device)
+        step_pos = torch.tensor([[row.cached + j for j in range(span)] for row in rows], device=device)
+        real = torch.tensor([[int(j <= len(row.proposed)) for j in range(span)] for row in rows], device=device)
         result = model(
             input_ids=step_ids,
             attention_mask=torch.cat([attention, real.to(attention.dtype)], dim=1),
@@ -137,16 +146,15 @@ def generate_batch(
         kept = torch.zeros(len(rows), span, dtype=attention.dtype, device=device)
         still = []
         for k, (row, choice) in enumerate(zip(rows, picks)):
-            index, _, _, proposed, _ = row
-            accepted = 0
+            proposed, accepted = row.proposed, 0
             while accepted < len(proposed) and proposed[accepted] == choice[accepted]:
                 accepted += 1
-            row[4] = adapt(row[4], len(proposed), accepted, draft_tokens)
+            row.size = adapt(row.size, len(proposed), accepted, draft_tokens)
             kept[k, : accepted + 1] = 1  # the input token and the accepted drafts; the rest stays masked out
-            row[2] += accepted + 1
+            row.cached += accepted + 1
             new = proposed[:accepted] + [choice[accepted]]
-            if not emit(index, new):
-                row[1] = new[-1]
+            if not emit(row.index, new):
+                row.token = new[-1]
                 still.append(k)
         attention = torch.cat([attention, kept], dim=1)
         if len(still) < len(rows):
