@@ -28,15 +28,28 @@ MIN_PAIRS_S = 1.0
 MAX_PAIRS = 50
 
 
-def prompts(model_dir: Path, data_dir: Path, batch: int) -> list[list[int]]:
-    """The first `batch` test questions, rendered as generation prompts (with the data's system prompt)."""
+def prompts(model_dir: Path, data_dir: Path, batch: int, adapter: Path | None = None) -> list[list[int]]:
+    """The first `batch` test questions, rendered as generation prompts; with an adapter, with the system prompt
+    its run was trained with (as `generate` and `serve` render them)."""
     tokenizer = ChatTokenizer.from_dir(model_dir)
     source = data_dir / "test.jsonl" if (data_dir / "test.jsonl").is_file() else data_dir / "valid.jsonl"
     examples = read_examples(source)[:batch]
-    return [tokenizer.prompt_ids(e.prompt_messages()) for e in examples]
+    system_prompt = None
+    if adapter is not None:
+        from mlx_lora.backends.loading import adapter_location
+
+        _, run = adapter_location(adapter)
+        system_prompt = (run or {}).get("system_prompt")
+    return [tokenizer.prompt_ids(e.prompt_messages(), system_prompt) for e in examples]
 
 
-def _ours(backend_name: str, device: str, model_dir: Path, cfg: Config, precision: str):
+def _adapter_folder(adapter: Path | None) -> Path | None:
+    from mlx_lora.backends.loading import adapter_location
+
+    return adapter_location(adapter)[0] if adapter is not None else None
+
+
+def _ours(backend_name: str, device: str, model_dir: Path, cfg: Config, precision: str, adapter: Path | None):
     from mlx_lora import backends
 
     if backend_name == "torch":
@@ -44,7 +57,7 @@ def _ours(backend_name: str, device: str, model_dir: Path, cfg: Config, precisio
         if precision == "fp32":  # else a CUDA model loads in bf16 (model.dtype auto)
             cfg.model.dtype = "float32"
     backend = backends.get(backend_name)
-    loaded = backend.load(model_dir, None, cfg)
+    loaded = backend.load(model_dir, _adapter_folder(adapter), cfg)
 
     def run(batch: list[list[int]], new_tokens: int) -> list[list[int]]:
         gen = GenerateConfig(max_new_tokens=new_tokens, temperature=0.0, batch_size=len(batch), precision=precision)
@@ -53,13 +66,18 @@ def _ours(backend_name: str, device: str, model_dir: Path, cfg: Config, precisio
     return run, loaded
 
 
-def _hf(device: str, model_dir: Path, pad_id: int, precision: str):
-    """Plain transformers: AutoModelForCausalLM + generate (greedy, KV cache, left padding), as a user would."""
+def _hf(device: str, model_dir: Path, pad_id: int, precision: str, adapter: Path | None = None):
+    """Plain transformers: AutoModelForCausalLM + generate (greedy, KV cache, left padding), as a user would; with
+    an adapter, PEFT's PeftModel on top (the whole model in the task's precision, as ours generates)."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, trust_remote_code=False)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(_adapter_folder(adapter))).to(dtype)
     model.to(device).eval()
 
     @torch.no_grad()
@@ -92,17 +110,19 @@ def measure_generation(
     new_tokens: int,
     pad_id: int,
     precision: str = "fp32",
+    adapter: Path | None = None,
 ) -> dict:
-    """One repetition in fp32 or bf16 weights: warm up, then T(1) and T(N) on the same batch of prompts."""
-    batch_prompts = prompts(model_dir, data_dir, batch)
+    """One repetition in fp32 or bf16 weights, with or without a trained adapter: warm up, then T(1) and T(N) on
+    the same batch of prompts."""
+    batch_prompts = prompts(model_dir, data_dir, batch, adapter)
     native = NativeMemory(backend_name, device)
     measure.reset_peak_rss()
     native.reset()
     tic = time.perf_counter()
     if engine == "hf-generate":
-        run, handle = _hf(device, model_dir, pad_id, precision)
+        run, handle = _hf(device, model_dir, pad_id, precision, adapter)
     else:
-        run, handle = _ours(backend_name, device, model_dir, cfg, precision)
+        run, handle = _ours(backend_name, device, model_dir, cfg, precision, adapter)
     load_s = time.perf_counter() - tic
     run(batch_prompts, 2)  # warm-up: allocator, thread pools, lazy compilation
     _sync(device)
@@ -121,6 +141,7 @@ def measure_generation(
     prompt_tokens = sum(len(p) for p in batch_prompts)
     row = {
         "precision": precision if backend_name == "torch" else None,  # MLX generates in the model's own dtype
+        "adapter": str(adapter) if adapter is not None else None,
         "batch": len(batch_prompts),
         "prompt_tokens": prompt_tokens,
         "new_tokens": new_tokens,

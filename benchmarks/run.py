@@ -61,6 +61,7 @@ class Settings:
     isolate: bool | None = None  # one process per task (clean peak memory); default: not in quick mode
     out: Path | None = None
     data: Path | None = None
+    adapter: Path | None = None  # generation with this run's adapter (ours and HF generate + PEFT)
     cpu_flags: list[str] = field(default_factory=list)  # filled by run_bench from the machine (bf16 units?)
 
     def resolved(self) -> Settings:
@@ -170,6 +171,7 @@ def plan(engines: list[Engine], s: Settings) -> list[dict]:
                     "suite": "generation",
                     "batch": s.gen_batch,
                     "new_tokens": s.gen_tokens,
+                    **({"adapter": str(s.adapter)} if s.adapter else {}),
                 }
                 # Each precision against HF generate in the same one: generate.precision would otherwise pick bf16
                 # for ours alone on a CPU with bf16 units.

@@ -103,6 +103,7 @@ def run_task(ctx: Context, task: dict) -> dict:
             task["new_tokens"],
             ctx.pad_id(),
             task.get("precision", "fp32"),
+            Path(task["adapter"]) if task.get("adapter") else None,
         )
     steps, warmup = task["steps"], task["warmup"]
     precision = task.get("precision", "fp32")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO
@@ -116,6 +117,8 @@ def test_no_training_plans_generation_only():
         ("ours-bf16", "bf16"),
         ("hf-generate-bf16", "bf16"),
     }
+    s = run.Settings(quick=True, training=False, roofline=False, adapter=Path("runs/x")).resolved()
+    assert {t["adapter"] for t in run.plan([cpu], s)} == {"runs/x"}  # both ours and HF generate load it
 
 
 def test_unknown_or_missing_backend_is_a_user_error():

@@ -94,7 +94,8 @@ def _steps(values: tuple[str, ...]) -> dict[str, int]:
 @click.option(
     "--adapter",
     type=click.Path(exists=True, file_okay=False),
-    help="With --serve: the run to serve (default: a --model run trained 2 steps on the sample KB).",
+    help="With --serve: the run to serve (default: a --model run trained 2 steps on the sample KB); otherwise the "
+    "generation tasks load this run's adapter (ours, and HF generate through PEFT).",
 )
 @click.option("--clients", type=int, default=8, show_default=True, help="With --serve: concurrent clients.")
 @click.option("--requests", type=int, default=64, show_default=True, help="With --serve: requests in the load test.")
@@ -169,6 +170,7 @@ def bench(
         isolate=isolate,
         out=Path(out) if out else None,
         data=Path(data) if data else None,
+        adapter=Path(adapter) if adapter else None,
         backends=[b.strip() for b in backends.split(",") if b.strip()] if backends else None,
     )
     folder = run.run_bench(settings, cfg)
