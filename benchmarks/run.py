@@ -363,6 +363,7 @@ def _settings_dict(s: Settings) -> dict:
     d = asdict(s)
     d["out"] = str(d["out"]) if d["out"] else None
     d["data"] = str(d["data"]) if d["data"] else None
+    d["adapter"] = str(d["adapter"]) if d["adapter"] else None
     return d
 
 

@@ -63,6 +63,9 @@ class Engine(Protocol):
     def barrier(self) -> None:
         """Wait for every rank (after rank 0 wrote files)."""
 
+    def report(self) -> dict:
+        """Figures of the run for its summary (MLX: compile_traces); {} when the engine has none."""
+
     def close(self) -> None:
         """Release process groups and the like."""
 

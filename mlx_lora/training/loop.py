@@ -244,7 +244,6 @@ class Loop:
                     "format": STATE_FORMAT,
                     "backend": self.engine.name,
                     "position": asdict(pos),
-                    **(self.engine.report() if hasattr(self.engine, "report") else {}),
                     "fingerprint": self.fingerprint,
                     "total_steps": self.plan.total,
                 }
@@ -359,7 +358,7 @@ class Loop:
                 "total_steps": self.plan.total,
                 "elapsed_s": elapsed,
                 "position": asdict(pos),
-                **(self.engine.report() if hasattr(self.engine, "report") else {}),
+                **self.engine.report(),
                 **({"error": self._error} if self._error else {}),
             },
         )

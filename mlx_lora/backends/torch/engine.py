@@ -227,6 +227,9 @@ class TorchEngine:
     def barrier(self) -> None:
         ddp.barrier(self.dist)
 
+    def report(self) -> dict:
+        return {}  # nothing traced or compiled to count
+
     def close(self) -> None:
         ddp.shutdown(self.dist)
         self.model.eval()
