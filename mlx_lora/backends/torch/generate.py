@@ -138,7 +138,7 @@ def generate(
                 continue
             results += generate_batch(
                 model,
-                prompts[start : start + size],
+                batch,
                 cfg,
                 stop_ids,
                 pad_id,
