@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
-import json
-from pathlib import Path
+
+from mlx_adapter import write_mlx_adapter
+
+__all__ = ["HAS_TORCH", "one_error_line", "run_cli", "write_mlx_adapter"]
 
 HAS_TORCH = all(importlib.util.find_spec(n) for n in ("torch", "transformers", "peft"))
 
@@ -26,23 +28,3 @@ def one_error_line(err: str) -> str:
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
     return lines[0]
-
-
-def write_mlx_adapter(folder: Path) -> None:
-    import numpy as np
-    from safetensors.numpy import save_file
-
-    rng = np.random.default_rng(0)
-    tensors = {}
-    for i in (0, 1):
-        tensors[f"model.layers.{i}.self_attn.q_proj.lora_a"] = rng.normal(size=(32, 4)).astype(np.float32)
-        tensors[f"model.layers.{i}.self_attn.q_proj.lora_b"] = rng.normal(size=(4, 32)).astype(np.float32)
-    folder.mkdir(parents=True)
-    save_file(tensors, str(folder / "adapters.safetensors"), metadata={"format": "mlx"})
-    config = {
-        "fine_tune_type": "lora",
-        "num_layers": 2,
-        "model": None,
-        "lora_parameters": {"rank": 4, "scale": 2.0, "dropout": 0.0, "keys": ["self_attn.q_proj"]},
-    }
-    (folder / "adapter_config.json").write_text(json.dumps(config))

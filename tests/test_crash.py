@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import REPO, build_tiny_model
+from mlx_adapter import write_mlx_adapter
 
 RUNNER = Path(__file__).with_name("crash_runner.py")
 # Imported once by the runner; each forked child starts warm (torch alone takes ~5 s to import here).
@@ -245,30 +246,13 @@ def test_eval_leaves_the_old_or_the_new_report_whole(harness, tmp_path, tiny_kb,
     sweep(harness, tmp_path, "eval", REPORT_FILES, evaluate, whole, start)
 
 
-def write_mlx_adapter(folder: Path, seed: int) -> None:
-    """A small mlx-lm adapter for a model of hidden size 64 with 2 kv heads of 16 (tiny_model's shapes)."""
-    from safetensors.numpy import save_file
-
-    rng = np.random.default_rng(seed)
-    tensors = {}
-    for i in (1, 2):
-        for module, (din, dout) in {"self_attn.q_proj": (64, 64), "self_attn.v_proj": (64, 32)}.items():
-            tensors[f"model.layers.{i}.{module}.lora_a"] = rng.normal(size=(din, 4)).astype(np.float32)
-            tensors[f"model.layers.{i}.{module}.lora_b"] = rng.normal(size=(4, dout)).astype(np.float32) * 0.1
-    folder.mkdir(parents=True)
-    save_file(tensors, str(folder / "adapters.safetensors"), metadata={"format": "mlx"})
-    params = {"rank": 4, "scale": 2.0, "dropout": 0.0, "keys": ["self_attn.q_proj", "self_attn.v_proj"]}
-    config = {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": params}
-    (folder / "adapter_config.json").write_text(json.dumps(config))
-
-
 @pytest.mark.parametrize("start", ["generation", "plain"])
 def test_adapter_convert_leaves_the_old_or_the_new_adapter_whole(harness, tmp_path, start):
     from mlx_lora.backends.adapters import read_adapter
     from mlx_lora.core.errors import UserError
 
     for seed, name in ((0, "old"), (1, "new")):
-        write_mlx_adapter(tmp_path / f"src-{name}", seed)
+        write_mlx_adapter(tmp_path / f"src-{name}", seed=seed)
 
     def convert(work, which, kill_at=None):
         argv = ["adapter", "convert", tmp_path / f"src-{which}", "--to", "peft", "--out", work / "peft"]

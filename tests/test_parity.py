@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import build_tiny_model
+from mlx_adapter import write_mlx_adapter
 
 from mlx_lora.backends.adapters import convert, detect_format, info, mlx_to_peft, peft_to_mlx, read_safetensors
 from mlx_lora.core.config import Config
@@ -22,32 +23,6 @@ STEP_TOLERANCE = 1e-4
 
 
 # -- conversion alone: numpy + safetensors, no framework ---------------------------------------------------------
-
-
-def write_mlx_adapter(folder: Path, layers=(1, 2), rank=4, scale=2.5, seed=0) -> dict:
-    from safetensors.numpy import save_file
-
-    rng = np.random.default_rng(seed)
-    tensors = {}
-    for i in layers:
-        for module, (din, dout) in {"self_attn.q_proj": (64, 64), "self_attn.v_proj": (64, 32)}.items():
-            tensors[f"model.layers.{i}.{module}.lora_a"] = rng.normal(size=(din, rank)).astype(np.float32)
-            tensors[f"model.layers.{i}.{module}.lora_b"] = rng.normal(size=(rank, dout)).astype(np.float32)
-    folder.mkdir(parents=True)
-    save_file(tensors, str(folder / "adapters.safetensors"), metadata={"format": "mlx"})
-    config = {
-        "fine_tune_type": "lora",
-        "num_layers": 2,
-        "model": None,
-        "lora_parameters": {
-            "rank": rank,
-            "scale": scale,
-            "dropout": 0.0,
-            "keys": ["self_attn.q_proj", "self_attn.v_proj"],
-        },
-    }
-    (folder / "adapter_config.json").write_text(json.dumps(config))
-    return tensors
 
 
 def test_mlx_to_peft_transposes_renames_and_translates_scale(tmp_path):
