@@ -20,9 +20,14 @@ from mlx_lora.data.render import ChatTokenizer
 # On a tiny model T(N) − T(1) is a few milliseconds, below this machine's noise (one run measured T(N) < T(1)),
 # so the pair is repeated, interleaved, until MIN_PAIRS_S is spent, and each is its fastest repetition. A real
 # model's pair already takes longer than that: it runs once.
+# Decode without a stop token times every row for N tokens, past where an answer ends: a fair kernel figure, but
+# not the product's. A grounded answer copies its passage, which prompt lookup drafts, and then stops; after its
+# end a row writes text no prompt predicts. So each task also answers the batch once with the stop tokens (what
+# `eval` and `serve` do) and reports those answers' tokens per second, end to end.
 METHOD = (
     "prefill = prompt tokens / T(1 new token); decode = batch·(N−1) / (T(N) − T(1)); no stop token; "
-    "T = fastest of interleaved repetitions lasting ≥ 1 s together"
+    "T = fastest of interleaved repetitions lasting ≥ 1 s together; answers = the tokens each row writes before "
+    "its stop token (N at most) / the time the batch takes, prefill included, once"
 )
 MIN_PAIRS_S = 1.0
 MAX_PAIRS = 50
@@ -59,9 +64,9 @@ def _ours(backend_name: str, device: str, model_dir: Path, cfg: Config, precisio
     backend = backends.get(backend_name)
     loaded = backend.load(model_dir, _adapter_folder(adapter), cfg)
 
-    def run(batch: list[list[int]], new_tokens: int) -> list[list[int]]:
+    def run(batch: list[list[int]], new_tokens: int, stop_ids=()) -> list[list[int]]:
         gen = GenerateConfig(max_new_tokens=new_tokens, temperature=0.0, batch_size=len(batch), precision=precision)
-        return backend.generate(loaded, batch, gen, stop_ids=[])
+        return backend.generate(loaded, batch, gen, stop_ids=list(stop_ids))
 
     return run, loaded
 
@@ -81,15 +86,22 @@ def _hf(device: str, model_dir: Path, pad_id: int, precision: str, adapter: Path
     model.to(device).eval()
 
     @torch.no_grad()
-    def run(batch: list[list[int]], new_tokens: int) -> list[list[int]]:
+    def run(batch: list[list[int]], new_tokens: int, stop_ids=()) -> list[list[int]]:
         width = max(len(p) for p in batch)
         ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch], device=device)
         attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
-        config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=pad_id)
+        eos = list(stop_ids) or None
+        config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad_id)
         out = model.generate(input_ids=ids, attention_mask=attention, generation_config=config)
-        return out[:, width:].tolist()
+        return [_before_stop(row, stop_ids) for row in out[:, width:].tolist()]
 
     return run, model
+
+
+def _before_stop(tokens: list[int], stop_ids) -> list[int]:
+    """A row's tokens before its first stop token (HF pads a finished row after it; ours returns none of them)."""
+    stops = set(stop_ids)
+    return next((tokens[:i] for i, t in enumerate(tokens) if t in stops), tokens)
 
 
 def _sync(device: str) -> None:
@@ -138,6 +150,11 @@ def measure_generation(
         many = time.perf_counter() - tic
         t1, tn, spent, pairs = min(t1, one), min(tn, many), spent + one + many, pairs + 1
     made = sum(len(o) for o in out)
+    tic = time.perf_counter()
+    answers = run(batch_prompts, new_tokens, ChatTokenizer.from_dir(model_dir).stop_ids())
+    _sync(device)
+    answer_s = time.perf_counter() - tic
+    answer_tokens = sum(len(a) for a in answers)
     prompt_tokens = sum(len(p) for p in batch_prompts)
     row = {
         "precision": precision if backend_name == "torch" else None,  # MLX generates in the model's own dtype
@@ -153,6 +170,10 @@ def measure_generation(
         "prefill_tokens_per_s": prompt_tokens / t1,
         "decode_tokens_per_s": len(batch_prompts) * (new_tokens - 1) / (tn - t1) if tn > t1 else None,
         "outputs_sha": hashlib.sha256(json.dumps(out).encode()).hexdigest()[:16],
+        "answer_s": answer_s,
+        "answer_tokens": answer_tokens,
+        "answer_tokens_per_s": answer_tokens / answer_s if answer_tokens else None,
+        "answers_sha": hashlib.sha256(json.dumps(answers).encode()).hexdigest()[:16],
         "peak_rss_mb": measure.peak_rss_mb(),
         **native.read(),
     }

@@ -1,12 +1,13 @@
 """Prompt-lookup decoding against the plain greedy loop (torch), on a model with or without an adapter.
 
     python benchmarks/lookup.py --data runs/latest/data/valid.jsonl [--adapter runs/latest | none]
-        [--batches 1,8] [--drafts 4,8,16] [--reps 2] [--precision bf16] [--answerable-only]
+        [--batches 1,8] [--drafts 4,8,16] [--budgets 40] [--reps 2] [--precision bf16] [--answerable-only]
 
 Per batch size, the first rows of the data file are answered (100 new tokens at most) by the plain loop and by
 prompt lookup at each draft size, in turn (plain, 4, 8, 16, plain, 4, …); prints the median seconds and their
 range, the forward passes of the first repetition, the tokens, and how many rows came out identical to the plain
-loop's. 2 threads.
+loop's. With several --budgets (lookup.STEP_BUDGET: tokens one pass may check, all rows together), each draft size
+runs at each budget in the same rotation. 2 threads.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ def main() -> int:
     parser.add_argument("--adapter", default="runs/latest", help="a run folder, or none for the base model")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--drafts", default="4,8,16")
+    parser.add_argument("--budgets", default="", help="STEP_BUDGET values to compare (default: the shipped one)")
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "auto"])
     parser.add_argument("--answerable-only", action="store_true", help="skip rows whose answer is the refusal")
@@ -32,6 +34,7 @@ def main() -> int:
     import torch
 
     from mlx_lora.backends.loading import load_for_generation
+    from mlx_lora.backends.torch import lookup as lookup_module
     from mlx_lora.backends.torch.generate import generate_batch as plain
     from mlx_lora.backends.torch.lookup import generate_batch as lookup
     from mlx_lora.backends.torch.precision import for_generation
@@ -41,7 +44,8 @@ def main() -> int:
 
     torch.set_num_threads(2)
     batches = [int(x) for x in args.batches.split(",")]
-    drafts = [int(x) for x in args.drafts.split(",")]
+    budgets = [int(x) for x in args.budgets.split(",")] if args.budgets else [lookup_module.STEP_BUDGET]
+    drafts = [(k, b) for k in (int(x) for x in args.drafts.split(",")) for b in budgets]
     cfg = Config()
     cfg.generate = GenerateConfig(max_new_tokens=100, precision=args.precision)
     adapter = None if args.adapter == "none" else args.adapter
@@ -56,20 +60,22 @@ def main() -> int:
     for size in batches:
         batch, runs = prompts[:size], {}
         for _ in range(args.reps):
-            for k in [0, *drafts]:
+            for k, budget in [(0, None), *drafts]:
                 passes[0] = 0
+                lookup_module.STEP_BUDGET = budget or lookup_module.STEP_BUDGET
                 start = time.perf_counter()
                 if k:
                     out = lookup(model, batch, 100, k, stops, loaded.pad_id, loaded.device)
                 else:
                     out = plain(model, batch, cfg.generate, stops, loaded.pad_id, loaded.device)
-                runs.setdefault(k, []).append((time.perf_counter() - start, passes[0], out))
-        base = runs[0][0][2]
-        for k, got in runs.items():
+                runs.setdefault((k, budget), []).append((time.perf_counter() - start, passes[0], out))
+        base = runs[0, None][0][2]
+        for (k, budget), got in runs.items():
             seconds = [s for s, _, _ in got]
             same = sum(a == b for a, b in zip(got[0][2], base))
+            name = "plain" if k == 0 else f"lookup {k:2d} budget {budget}"
             print(
-                f"batch {size} {'plain' if k == 0 else f'lookup {k:2d}'}: {statistics.median(seconds):6.2f} s "
+                f"batch {size} {name}: {statistics.median(seconds):6.2f} s "
                 f"({min(seconds):.2f}-{max(seconds):.2f}), {got[0][1]} passes, {sum(map(len, got[0][2]))} tokens, "
                 f"{same}/{size} as plain",
                 flush=True,

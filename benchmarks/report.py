@@ -98,8 +98,11 @@ def summarize_generation(rows: list[dict]) -> list[dict]:
                 "new_tokens": first["new_tokens"],
                 "prefill_tokens_per_s": spread([r["prefill_tokens_per_s"] for r in reps]),
                 "decode_tokens_per_s": spread([r["decode_tokens_per_s"] for r in reps]),
+                "answer_tokens_per_s": spread([r.get("answer_tokens_per_s") for r in reps]),
+                "answer_tokens": first.get("answer_tokens"),
                 "peak_mem_mb": spread([r.get("peak_mem_mb") for r in reps]),
                 "outputs_sha": first["outputs_sha"],
+                "answers_sha": first.get("answers_sha"),
             }
         )
     return out
@@ -177,7 +180,7 @@ def ratios(rows: list[dict]) -> list[dict]:
             )
     for engine in {r["engine"] for r in rows if r["suite"] == "generation" and r["impl"] == "hf-generate"}:
         for suffix, name in (("", ""), ("-bf16", ", bf16")):
-            for key in ("prefill_tokens_per_s", "decode_tokens_per_s"):
+            for key in ("prefill_tokens_per_s", "decode_tokens_per_s", "answer_tokens_per_s"):
                 ours, hf = (engine, "ours" + suffix), (engine, "hf-generate" + suffix)
                 add(f"{engine}: ours vs HF generate{name} ({key})", "generation", ours, hf, key)
         for key in ("prefill_tokens_per_s", "decode_tokens_per_s"):  # what generate.precision=auto gains here
@@ -264,15 +267,16 @@ def markdown(
             "",
             f"Method: {meta['generation_method']}.",
             "",
-            "| engine | batch | prompt tokens | new tokens | prefill tokens/s | decode tokens/s | "
-            "peak memory MB | outputs |",
-            "|---|---|---|---|---|---|---|---|",
+            "| engine | batch | prompt tokens | new tokens | prefill tokens/s | decode tokens/s | answer tokens | "
+            "answers: tokens/s | peak memory MB | outputs | answers |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for g in gen:
             lines.append(
                 f"| {g['name']} | {g['batch']} | {g['prompt_tokens']} | {g['new_tokens']} | "
                 f"{_med(g['prefill_tokens_per_s'])} | {_med(g['decode_tokens_per_s'], 1)} | "
-                f"{_med(g['peak_mem_mb'])} | `{g['outputs_sha']}` |"
+                f"{_num(g.get('answer_tokens'))} | {_med(g.get('answer_tokens_per_s', {}), 1)} | "
+                f"{_med(g['peak_mem_mb'])} | `{g['outputs_sha']}` | `{g.get('answers_sha')}` |"
             )
     if roof:
         lines += [
@@ -313,11 +317,12 @@ def chart(path: Path, training: list[dict], gen: list[dict]) -> None:
         ("training: supervised tokens/s", training, "supervised_tokens_per_s"),
         ("generation: prefill tokens/s", gen, "prefill_tokens_per_s"),
         ("generation: decode tokens/s", gen, "decode_tokens_per_s"),
+        ("generation: answers (to the stop token), tokens/s", gen, "answer_tokens_per_s"),
     ]
     panels = [p for p in panels if p[1]]
     fig, axes = plt.subplots(len(panels), 1, figsize=(9, 2.2 + 1.6 * len(panels) + 0.25 * len(training)), squeeze=False)
     for ax, (title, items, key) in zip(axes[:, 0], panels):
-        items = [i for i in items if i[key]["median"]]
+        items = [i for i in items if (i.get(key) or {}).get("median")]
         names = [i["name"] for i in items]
         med = [i[key]["median"] for i in items]
         err = [[m - i[key]["min"] for m, i in zip(med, items)], [i[key]["max"] - m for m, i in zip(med, items)]]

@@ -219,6 +219,7 @@ def test_quick_bench_rows_are_valid(quick):
         elif r["suite"] == "generation":
             assert r["generated_tokens"] == r["batch"] * r["new_tokens"] == 2 * 3
             assert r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0
+            assert 0 <= r["answer_tokens"] <= r["generated_tokens"] and r["answer_s"] > 0
         else:
             assert r["flops_per_s"] > 0 and r["seconds_median"] > 0
     assert {r["precision"] for r in rows if r["suite"] == "generation" and r["engine"] == "mlx-cpu"} == {None}
@@ -229,3 +230,9 @@ def test_quick_bench_rows_are_valid(quick):
             if r["suite"] == "generation" and r["engine"] == "torch-cpu" and r["precision"] == precision
         }
         assert len(same) == 1  # greedy: our batched generate and HF generate pick the same tokens
+        answers = {
+            r["answers_sha"]
+            for r in rows
+            if r["suite"] == "generation" and r["engine"] == "torch-cpu" and r["precision"] == precision
+        }
+        assert len(answers) == 1  # and stop at the same stop token
