@@ -237,13 +237,16 @@ def markdown(
         "",
         "Medians over repetitions; ±x% = half the min–max range of the repetitions' values. Repetitions ran "
         "interleaved (A B A B …) on a shared, noisy machine: compare ratios, not absolute numbers.",
-        "",
-        "## Training",
-        "",
-        "| engine | tokens/s | supervised tokens/s | step s, median [p25–p75] | peak memory MB | peak RSS MB | "
-        "achieved FLOP/s | of the matmul FLOP/s (its precision) measured after it | answer-only valid loss |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
+    if training:  # `--no-training` runs generation alone
+        lines += [
+            "",
+            "## Training",
+            "",
+            "| engine | tokens/s | supervised tokens/s | step s, median [p25–p75] | peak memory MB | peak RSS MB | "
+            "achieved FLOP/s | of the matmul FLOP/s (its precision) measured after it | answer-only valid loss |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
     for t in training:
         q = t["step_s"]
         step = f"{q['median']:.3f} [{q['p25']:.3f}–{q['p75']:.3f}]" if q["median"] is not None else "–"
