@@ -131,7 +131,24 @@ def test_draft_takes_what_followed_the_latest_earlier_tail():
     assert draft([5], 4) == [] and draft([], 4) == []
 
 
-def _looked_up(loaded, prompts, draft_tokens: int, stops: list[int], limit: int = 20):
+def test_draft_falls_back_to_earlier_answers_and_remembers_each_once():
+    from mlx_lora.backends.torch.lookup import AnswerMemory, draft
+
+    memory = AnswerMemory()
+    memory.add([[40, 41, 42, 43], [50, 51, 52]], max_new_tokens=8, stop_id=2)
+    assert draft([1, 40, 41], 3, memory=memory) == [42, 43, 2]  # in no prompt: an earlier answer has it, and its stop
+    assert draft([40, 41, 7, 40, 41], 2, memory=memory) == [7, 40]  # the row's own context comes first
+    assert draft([1, 51, 52, 2], 3, memory=memory) == []  # a tail that ends a remembered answer has nothing after it
+    assert draft([1, 9, 40, 41, 42], 1, memory=memory) == [43]  # the longest tail first
+    kept = AnswerMemory(size=2)
+    kept.add([[5, 6, 7], [5, 6, 7], [8, 9, 10, 11], [1]], max_new_tokens=4, stop_id=2)
+    assert list(kept.answers) == [[5, 6, 7, 2], [8, 9, 10, 11]]  # stopped: its stop token follows; at the limit: none
+    kept.add([[3, 4, 5], [8, 9, 4]], max_new_tokens=4, stop_id=2)
+    assert list(kept.answers) == [[3, 4, 5, 2], [8, 9, 4, 2]]  # the oldest go
+    assert kept.follow([5, 6], 2) == [] and kept.follow([8, 9], 2) == [4, 2]  # and their n-grams with them
+
+
+def _looked_up(loaded, prompts, draft_tokens: int, stops: list[int], limit: int = 20, memory=None):
     """(tokens, streamed (row, token) pairs, forward passes) of prompt-lookup decoding, `limit` new tokens at most."""
     from mlx_lora.backends.torch import lookup
 
@@ -140,7 +157,15 @@ def _looked_up(loaded, prompts, draft_tokens: int, stops: list[int], limit: int 
     model.forward = functools.wraps(forward)(lambda *a, **kw: calls.append(1) or forward(*a, **kw))
     try:
         got = lookup.generate_batch(
-            model, prompts, limit, draft_tokens, stops, loaded.pad_id, "cpu", lambda i, t: streamed.append((i, t))
+            model,
+            prompts,
+            limit,
+            draft_tokens,
+            stops,
+            loaded.pad_id,
+            "cpu",
+            lambda i, t: streamed.append((i, t)),
+            memory=memory,
         )
     finally:
         del model.forward
@@ -169,6 +194,25 @@ def test_prompt_lookup_decoding_is_greedy_decoding(lively, barely_trained, tok, 
     loaded = lively[1]
     one = plain.generate_batch(loaded.model, prompts, GenerateConfig(max_new_tokens=1), [], loaded.pad_id, "cpu")
     assert _looked_up(loaded, prompts, draft_tokens, [], limit=1)[0] == one
+
+
+def test_remembered_answers_save_passes_and_change_no_token(lively, tok):
+    """An answer the prompt does not predict (the lively model's free text) is drafted from the same answer
+    written before: the same tokens, in fewer passes; the backend keeps that memory between calls."""
+    from mlx_lora.backends.torch import TorchBackend
+    from mlx_lora.backends.torch.lookup import AnswerMemory
+
+    loaded, prompts = lively[1], _prompts(tok)[:1]
+    first, _, passes = _looked_up(loaded, prompts, 8, [])
+    memory = AnswerMemory()
+    memory.add(first, max_new_tokens=20, stop_id=None)
+    again, _, fewer = _looked_up(loaded, prompts, 8, [], memory=memory)
+    assert again == first and fewer < passes / 2
+
+    backend, cfg = TorchBackend(), GenerateConfig(max_new_tokens=20, precision="fp32")
+    loaded.extra.pop("lookup_memory", None)
+    assert backend.generate(loaded, prompts, cfg, []) == first
+    assert list(loaded.extra["lookup_memory"].answers) == first  # at the limit: no stop token appended
 
 
 def test_prompt_lookup_drafts_less_as_the_batch_grows():

@@ -65,12 +65,15 @@ class TorchBackend:
         stop_ids: list[int],
         on_token: Callable[[int, int], None] | None = None,
     ) -> list[list[int]]:
+        from mlx_lora.backends.torch import lookup
         from mlx_lora.backends.torch.generate import generate
         from mlx_lora.backends.torch.precision import for_generation
         from mlx_lora.core.model_store import default_cache_dir
 
         for_generation(loaded, cfg.precision, default_cache_dir())
-        return generate(loaded.model, prompts, cfg, stop_ids, loaded.pad_id, loaded.device, on_token)
+        # Answers this model wrote before: prompt lookup drafts repeated text (a refusal) from them.
+        memory = loaded.extra.setdefault("lookup_memory", lookup.AnswerMemory())
+        return generate(loaded.model, prompts, cfg, stop_ids, loaded.pad_id, loaded.device, on_token, memory=memory)
 
     def fuse(self, loaded, out_dir: Path) -> Path:
         """Merge the loaded adapter into the base weights and save an HF folder (with tokenizer and template)."""

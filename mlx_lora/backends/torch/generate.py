@@ -119,8 +119,11 @@ def generate(
     device: torch.device,
     on_token: Callable[[int, int], None] | None = None,
     seed: int = 0,
+    memory=None,
 ) -> list[list[int]]:
-    """New token ids per prompt (stop token excluded), in batches of cfg.batch_size; on_token streams them."""
+    """New token ids per prompt (stop token excluded), in batches of cfg.batch_size; on_token streams them.
+    `memory` (a lookup.AnswerMemory the caller keeps between calls) collects answers that prompt lookup drafts
+    from later."""
     was_training = model.training
     model.eval()
     generator = None
@@ -132,9 +135,21 @@ def generate(
         for start in range(0, len(prompts), size):
             batch = prompts[start : start + size]
             if _lookup(cfg, len(batch)):  # greedy with prompt-lookup drafts: the same tokens in fewer passes
-                results += lookup.generate_batch(
-                    model, batch, cfg.max_new_tokens, cfg.prompt_lookup, stop_ids, pad_id, device, on_token, start
+                answers = lookup.generate_batch(
+                    model,
+                    batch,
+                    cfg.max_new_tokens,
+                    cfg.prompt_lookup,
+                    stop_ids,
+                    pad_id,
+                    device,
+                    on_token,
+                    start,
+                    memory=memory,
                 )
+                if memory is not None:
+                    memory.add(answers, cfg.max_new_tokens, stop_ids[0] if stop_ids else None)
+                results += answers
                 continue
             results += generate_batch(
                 model,

@@ -1,10 +1,10 @@
 """Greedy decoding with prompt-lookup drafts: a grounded answer copies its passage, so the prompt predicts it.
 
 Each step, every row proposes the tokens that followed the latest earlier occurrence of its last few tokens
-(in its prompt or its answer so far) and the model checks them all in one forward pass: the longest prefix that
-greedy decoding would also have chosen is kept, plus the model's own next token. The output is greedy
-decoding's (to float rounding: a pass over several tokens sums in another order than one over one); a step costs
-one pass whether it keeps one token or eleven.
+(in its prompt or its answer so far, else in an answer written before: AnswerMemory) and the model checks them all
+in one forward pass: the longest prefix that greedy decoding would also have chosen is kept, plus the model's own
+next token. The output is greedy decoding's (to float rounding: a pass over several tokens sums in another order
+than one over one); a step costs one pass whether it keeps one token or eleven.
 
 Rows keep one KV cache of the same length: a rejected draft token stays in it, masked out (attention mask 0), and
 each row's positions count only the tokens it kept, so the model sees exactly the sequence greedy decoding built.
@@ -12,6 +12,7 @@ each row's positions count only the tokens it kept, so the model sees exactly th
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -28,6 +29,9 @@ MIN_NGRAM = 2
 # (6.0 s plain -> 2.0 s; 4: 2.3 s, 16: 2.5 s) and 8 rows 4 each (14.7 s -> 9.6 s; 8: 11.4 s, 16: 12.8 s). So each
 # step drafts up to budget / rows - 1 tokens per row; from 40 rows on there is nothing to draft (the plain loop).
 STEP_BUDGET = 40
+# Answers kept as draft sources for later ones. A refusal quotes no prompt, so without them a row that refuses
+# takes one pass per token and is the batch's slowest row; the same sentence recurs in every refusal.
+MEMORY = 32
 
 
 def draft_size(rows: int, most: int) -> int:
@@ -35,15 +39,48 @@ def draft_size(rows: int, most: int) -> int:
     return max(0, min(most, STEP_BUDGET // max(1, rows) - 1))
 
 
-def draft(context: list[int], size: int, max_ngram: int = MAX_NGRAM, min_ngram: int = MIN_NGRAM) -> list[int]:
+def draft(
+    context: list[int], size: int, max_ngram: int = MAX_NGRAM, min_ngram: int = MIN_NGRAM, memory=None
+) -> list[int]:
     """Up to `size` tokens that followed the latest earlier occurrence of the context's last n tokens (n from
-    max_ngram down to min_ngram); none when no such tail occurs earlier."""
+    max_ngram down to min_ngram), else what followed it in an earlier answer (`memory`, an AnswerMemory); none
+    when the tail occurs in neither."""
     for n in range(min(max_ngram, len(context) - 1), min_ngram - 1, -1):
         tail = context[-n:]
         for start in range(len(context) - n - 1, -1, -1):  # latest occurrence first, never the tail itself
             if context[start : start + n] == tail:
                 return context[start + n : start + n + size]
+        found = memory.follow(tail, size) if memory is not None else []
+        if found:
+            return found
     return []
+
+
+class AnswerMemory:
+    """The last MEMORY answers a model wrote, indexed by their n-grams (MIN_NGRAM..MAX_NGRAM tokens): a lookup is
+    one dict access, so a row whose tail is nowhere pays nothing per remembered answer."""
+
+    def __init__(self, size: int = MEMORY):
+        self.answers: deque[list[int]] = deque(maxlen=size)
+        self._after: dict[tuple[int, ...], tuple[list[int], int]] = {}
+
+    def add(self, answers: list[list[int]], max_new_tokens: int, stop_id: int | None) -> None:
+        """Remember a batch's answers, each once: one that stopped (shorter than the limit) with the stop token
+        after it, so a draft can end a row in the pass that checks it."""
+        for answer in answers:
+            seq = [*answer, stop_id] if stop_id is not None and len(answer) < max_new_tokens else list(answer)
+            if len(seq) > MIN_NGRAM and seq not in self.answers:
+                self.answers.append(seq)
+        self._after = {}
+        for seq in self.answers:  # oldest first: a newer answer's occurrence replaces an older one's
+            for n in range(MIN_NGRAM, MAX_NGRAM + 1):
+                for start in range(len(seq) - n):  # a tail that ends an answer has nothing after it
+                    self._after[tuple(seq[start : start + n])] = (seq, start + n)
+
+    def follow(self, tail: list[int], size: int) -> list[int]:
+        """Up to `size` tokens that followed `tail` in the newest remembered answer holding it."""
+        hit = self._after.get(tuple(tail))
+        return hit[0][hit[1] : hit[1] + size] if hit else []
 
 
 def adapt(size: int, proposed: int, accepted: int, most: int) -> int:
@@ -77,9 +114,10 @@ def generate_batch(
     device: torch.device,
     on_token: Callable[[int, int], None] | None = None,
     offset: int = 0,
+    memory: AnswerMemory | None = None,
 ) -> list[list[int]]:
     """Greedy new tokens per prompt (stop token excluded), checking up to `draft_tokens` drafted tokens per row
-    a step (fewer while many rows write: draft_size)."""
+    a step (fewer while many rows write: draft_size); `memory`: earlier answers to draft from (draft())."""
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
     attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
@@ -120,7 +158,7 @@ def generate_batch(
         cap = draft_size(len(rows), draft_tokens)
         for row in rows:
             # a row whose last draft missed (size 0) tries again with 2 tokens: the text may quote the prompt again
-            row.proposed = draft(contexts[row.index], min(row.size, cap) or min(2, cap))
+            row.proposed = draft(contexts[row.index], min(row.size, cap) or min(2, cap), memory=memory)
 
     redraft()
     if len(keep) < len(prompts):
