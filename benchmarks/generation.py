@@ -77,6 +77,8 @@ def _hf(device: str, model_dir: Path, pad_id: int, precision: str, adapter: Path
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
+    from mlx_lora.backends.torch.cache import left_padded
+
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, trust_remote_code=False)
     if adapter is not None:
@@ -88,8 +90,7 @@ def _hf(device: str, model_dir: Path, pad_id: int, precision: str, adapter: Path
     @torch.no_grad()
     def run(batch: list[list[int]], new_tokens: int, stop_ids=()) -> list[list[int]]:
         width = max(len(p) for p in batch)
-        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch], device=device)
-        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+        ids, attention = left_padded(batch, pad_id, device)
         eos = list(stop_ids) or None
         config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad_id)
         out = model.generate(input_ids=ids, attention_mask=attention, generation_config=config)

@@ -1,8 +1,11 @@
-"""The KV cache argument of a transformers forward pass, under the name this transformers version uses."""
+"""What both decoding loops share: left-padded prompt batches, and the KV cache argument under this transformers
+version's name."""
 
 from __future__ import annotations
 
 import inspect
+
+import torch
 
 
 def cache_kwarg(model) -> str:
@@ -14,3 +17,12 @@ def cache_kwarg(model) -> str:
 def returned_cache(result, name: str):
     """The KV cache a forward pass with use_cache=True returned, under either name."""
     return result[name] if name in result else result.past_key_values
+
+
+def left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) of prompts padded on the left to the longest: every row's last token is the last
+    column, where its first new token is read from."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return ids, attention

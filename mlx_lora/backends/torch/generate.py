@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from mlx_lora.backends.torch import lookup
-from mlx_lora.backends.torch.cache import cache_kwarg, returned_cache
+from mlx_lora.backends.torch.cache import cache_kwarg, left_padded, returned_cache
 from mlx_lora.core.config import GenerateConfig
 
 
@@ -48,9 +48,7 @@ def generate_batch(
     A row that stops leaves the batch (and the cache): eval answers differ a lot in length, and without this the
     longest answer would keep every finished row computing to the end.
     """
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
-    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    ids, attention = left_padded(prompts, pad_id, device)
     # Positions count real tokens only, so a left-padded row sees the same positions as it would alone.
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
     seen = None

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mlx_lora.backends.torch.cache import cache_kwarg, returned_cache
+from mlx_lora.backends.torch.cache import cache_kwarg, left_padded, returned_cache
 
 MAX_NGRAM = 3  # the longest tail searched for; shorter tails are tried when it does not occur
 # A one-token match drafts mostly junk in free text: on a base model's answers (8 rows, adaptive drafts) decoding
@@ -118,9 +118,8 @@ def generate_batch(
 ) -> list[list[int]]:
     """Greedy new tokens per prompt (stop token excluded), checking up to `draft_tokens` drafted tokens per row
     a step (fewer while many rows write: draft_size); `memory`: earlier answers to draft from (draft())."""
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
-    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    ids, attention = left_padded(prompts, pad_id, device)
+    width = ids.shape[1]
     cache_name = cache_kwarg(model)
     result = model(
         input_ids=ids,
