@@ -41,8 +41,11 @@ def main(results: Path, out: Path, cpu: Path | None = None) -> None:
         curves[f"{r['data']}, first-token weight {r['weight']:g}"].append(r)
     for r in _read(cpu) if cpu else []:
         r["rows_per_step"] = _setting(r["extra"], "batch_size", 4) * _setting(r["extra"], "grad_accum", 2)
-        curves[f"2 CPU cores, {r['data']}, top 12 layers, {r['rows_per_step']} rows a step"].append(r)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+        # one curve per data folder, step size, seed and LoRA targets: the same settings at different lengths
+        targets = ", all linear layers" if "lora.targets" in r["extra"] else ""
+        seed = _setting(r["extra"], "seed", 42)
+        curves[f"2 CPU cores, {r['data']}, {r['rows_per_step']} rows a step, seed {seed}{targets}"].append(r)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 6.8))
     metrics = [
         ("mean_similarity", "mean similarity (tuned alone)"),
         ("refusal_accuracy", "% unanswerable refused"),
@@ -62,9 +65,10 @@ def main(results: Path, out: Path, cpu: Path | None = None) -> None:
         ax.set_xlabel("training rows seen")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()  # one legend under the panels: it would hide a curve
     fig.suptitle("Grounded LoRA on the sample KB, valid split (64 rows), no hand-written rules")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.34, 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
     fig.savefig(out, dpi=110)
 
 
