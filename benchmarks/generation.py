@@ -66,6 +66,9 @@ def _ours(backend_name: str, device: str, model_dir: Path, cfg: Config, precisio
 
     def run(batch: list[list[int]], new_tokens: int, stop_ids=()) -> list[list[int]]:
         gen = GenerateConfig(max_new_tokens=new_tokens, temperature=0.0, batch_size=len(batch), precision=precision)
+        # Every timed call answers the same batch again: the torch backend's answer memory (prompt lookup drafts
+        # from earlier answers) would draft it from its own previous copy. Each call starts without it.
+        getattr(loaded, "extra", {}).pop("lookup_memory", None)
         return backend.generate(loaded, batch, gen, stop_ids=list(stop_ids))
 
     return run, loaded

@@ -149,6 +149,10 @@ def run_serve_bench(b: ServeBench, cfg: Config) -> dict:
         lines_before = service.audit.lines
         batches_before = len(service.batcher.stats.batch_sizes)
         lock, asked, done, errors = threading.Lock(), [0], [], []
+        # Not the questions asked above: prompt lookup drafts from recent answers, so a question asked again would
+        # be drafted from its own answer (a real repeat, but not what this figure compares across runs).
+        used = set(needs_model[:9]) | {needs_model[-1]} if needs_model else set()
+        fresh = [q for q in questions if q not in used] or questions
         deadline = time.perf_counter() + b.seconds
 
         def worker():
@@ -157,7 +161,7 @@ def run_serve_bench(b: ServeBench, cfg: Config) -> dict:
                 with lock:
                     if asked[0] >= b.requests:
                         return
-                    question = questions[asked[0] % len(questions)]
+                    question = fresh[asked[0] % len(fresh)]
                     asked[0] += 1
                 try:
                     done.append(ask(c, question))
