@@ -92,8 +92,8 @@ def _hf(device: str, model_dir: Path, pad_id: int, precision: str, adapter: Path
 
     @torch.no_grad()
     def run(batch: list[list[int]], new_tokens: int, stop_ids=()) -> list[list[int]]:
-        width = max(len(p) for p in batch)
         ids, attention = left_padded(batch, pad_id, device)
+        width = ids.shape[1]
         eos = list(stop_ids) or None
         config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad_id)
         out = model.generate(input_ids=ids, attention_mask=attention, generation_config=config)

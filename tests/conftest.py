@@ -173,6 +173,17 @@ def write_tiny_kb(path: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    """The crash harness's warm runner (tests/crash_harness.py), one per test module that asks for it."""
+    from crash_harness import Harness
+
+    runner = Harness(tmp_path_factory.mktemp("crash-logs"))
+    assert runner.ready["ready"].startswith(str(REPO)), runner.ready  # the code under test is this checkout's
+    yield runner
+    runner.close()
+
+
 @pytest.fixture()
 def tiny_kb(tmp_path) -> Path:
     return write_tiny_kb(tmp_path / "kb.jsonl")

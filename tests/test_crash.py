@@ -9,17 +9,8 @@ import os
 
 import numpy as np
 import pytest
-from conftest import REPO
-from crash_harness import SPLIT_FILES, Harness, sweep
+from crash_harness import SPLIT_FILES, sweep
 from mlx_adapter import write_mlx_adapter
-
-
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory):
-    runner = Harness(tmp_path_factory.mktemp("crash-logs"))
-    assert runner.ready["ready"].startswith(str(REPO)), runner.ready  # the code under test is this checkout's
-    yield runner
-    runner.close()
 
 
 @pytest.mark.parametrize("start", ["generation", "plain"])

@@ -6,18 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
-from conftest import REPO, build_tiny_model
-from crash_harness import Harness, Outcome, killed
-
-
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory):
-    runner = Harness(tmp_path_factory.mktemp("crash-logs"))
-    assert runner.ready["ready"].startswith(str(REPO)), runner.ready  # the code under test is this checkout's
-    yield runner
-    runner.close()
-
+from conftest import build_tiny_model
+from crash_harness import Outcome, killed
 
 # -- train (torch): kills at the adapter's and the checkpoints' switches and removals --------------------------
 
