@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from mlx_lora.backends.adapters import adapter_dir, detect_format
+from mlx_lora.backends.torch.allocator import keep_freed_memory
 from mlx_lora.core.config import Config
 from mlx_lora.core.errors import UserError
 from mlx_lora.core.model_store import require_safetensors
@@ -142,6 +143,7 @@ def load(model: str | Path, adapter: str | Path | None, cfg: Config, trainable: 
     """The base model on the chosen device and dtype, plus an adapter when given."""
     if cfg.backend.threads:
         torch.set_num_threads(cfg.backend.threads)
+    keep_freed_memory()  # before the first large buffers: steps and answers reuse them instead of faulting in pages
     device = pick_device(cfg.backend.device)
     dtype = pick_dtype(cfg.model.dtype, device)
     base = _from_pretrained(str(model), dtype)
