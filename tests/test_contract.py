@@ -13,7 +13,7 @@ import pytest
 from mlx_lora import backends
 from mlx_lora.core.config import Config
 from mlx_lora.core.errors import UserError
-from mlx_lora.training import loop
+from mlx_lora.training import checkpoints, loop
 from mlx_lora.training.events import Event
 
 LAYERS = 3  # tiny_model's
@@ -113,7 +113,7 @@ def test_ctrl_c_checkpoints_and_resume_equals_the_uninterrupted_run(name, tiny_m
 
     _, _, first, first_events = run(name, tiny_model, rows, cfg, tmp_path / "cut", on_event=ctrl_c_at_3)
     assert first.stopped == "interrupted" and first.steps == 3
-    assert loop.list_checkpoints(tmp_path / "cut" / "checkpoints")[-1] == 3
+    assert checkpoints.list_checkpoints(tmp_path / "cut" / "checkpoints")[-1] == 3
     _, _, resumed, resumed_events = run(name, tiny_model, rows, cfg, tmp_path / "cut", resume=tmp_path / "cut")
     assert resumed.stopped == "completed" and [e["step"] for e in of(resumed_events, "step")] == [4, 5, 6]
     losses = [e["loss"] for e in of(first_events, "step") + of(resumed_events, "step")]
@@ -147,7 +147,7 @@ def test_early_stopping_keeps_the_best_adapter_and_its_checkpoint(name, tiny_mod
     final = adapter(name, tmp_path / "run" / "adapter")
     assert all(np.array_equal(final[k], best_adapters[2][k]) for k in final)
     # Retention keeps the latest (to resume) and the best (three evals old here), nothing else.
-    assert loop.list_checkpoints(tmp_path / "run" / "checkpoints") == [2, 5]
+    assert checkpoints.list_checkpoints(tmp_path / "run" / "checkpoints") == [2, 5]
     kept = adapter(name, tmp_path / "run" / "checkpoints" / "step-2" / "adapter")
     assert all(np.array_equal(final[k], kept[k]) for k in final)
     # The model in memory ends on the best adapter too: whoever generates next uses what the run folder holds.
@@ -167,7 +167,7 @@ def test_non_finite_loss_stops_without_applying_the_step(name, tiny_model, tiny_
     assert all(math.isfinite(e["loss"]) for e in of(events, "step"))
     # No checkpoint after the last applied step, and the final adapter is that step's weights: the bad step
     # was undone, not half-applied.
-    kept = loop.list_checkpoints(tmp_path / "run" / "checkpoints")
+    kept = checkpoints.list_checkpoints(tmp_path / "run" / "checkpoints")
     assert kept and kept[-1] == outcome.steps
     final = adapter(name, tmp_path / "run" / "adapter")
     last = adapter(name, tmp_path / "run" / "checkpoints" / f"step-{kept[-1]}" / "adapter")
@@ -223,7 +223,7 @@ def test_a_run_killed_between_checkpoint_and_adapter_resumes(name, tiny_model, t
     monkeypatch.setattr(loop, "publish_dir", die)
     with pytest.raises(SystemExit):
         run(name, tiny_model, rows, make_cfg(max_steps=4, eval_every=1), tmp_path / "run")
-    assert loop.list_checkpoints(tmp_path / "run" / "checkpoints") == [1]
+    assert checkpoints.list_checkpoints(tmp_path / "run" / "checkpoints") == [1]
     assert not (tmp_path / "run" / "adapter").exists()
     monkeypatch.setattr(loop, "publish_dir", real_publish)
     _, _, outcome, _ = run(
@@ -257,7 +257,7 @@ def test_a_checkpoint_of_an_earlier_version_is_refused_in_one_line(name, tiny_mo
     old = tmp_path / "old" / "checkpoints" / "step-2"
     old.mkdir(parents=True)
     # What the per-backend loops wrote before the shared one: no format key.
-    (old / loop.STATE_FILE).write_text('{"position": {"step": 2}, "optimizer_steps": {}, "fingerprint": {}}')
+    (old / checkpoints.STATE_FILE).write_text('{"position": {"step": 2}, "optimizer_steps": {}, "fingerprint": {}}')
     with pytest.raises(UserError, match="earlier mlx-lora.*start a new run") as info:
         run(name, tiny_model, rows, make_cfg(max_steps=4), tmp_path / "old", resume=tmp_path / "old")
     assert "\n" not in str(info.value)

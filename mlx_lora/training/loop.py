@@ -16,12 +16,17 @@ from mlx_lora.core.files import publish_dir, remove_dir, staged_dir
 from mlx_lora.data.batching import epoch_batches, rank_share, steps_per_epoch, total_steps
 from mlx_lora.data.render import Encoded
 from mlx_lora.training import events
+from mlx_lora.training.checkpoints import (
+    STATE_FILE,
+    STATE_FORMAT,
+    find_checkpoint,
+    fingerprint_mismatch,
+    list_checkpoints,
+    read_state,
+)
 from mlx_lora.training.events import OnEvent
 from mlx_lora.training.schedule import lr_at
 
-STATE_FILE = "trainer_state.json"
-# Written into trainer_state.json; checkpoints of earlier versions (no format key) are refused with one line.
-STATE_FORMAT = 2
 STOP_REASONS = ("completed", "max_steps", "early_stopped", "interrupted", "non_finite")
 # Runs that stopped short of what was asked exit non-zero, so that scripts never read them as success: 130 is the
 # shell's code for Ctrl-C; a non-finite loss is 3.
@@ -70,62 +75,6 @@ class Plan:
     def epoch_of(self, step: int) -> int:
         """1-based epoch of the last finished step."""
         return max(step - 1, 0) // self.per_epoch + 1
-
-
-# -- checkpoints: checkpoints/step-N/{adapter/, engine state files, trainer_state.json} ------------------------
-def list_checkpoints(root: Path) -> list[int]:
-    """Steps of the complete checkpoints under root (a folder without its state file is not one)."""
-    if not root.is_dir():
-        return []
-    found = []
-    for child in root.iterdir():
-        if child.name.startswith("step-") and child.name[5:].isdigit() and (child / STATE_FILE).is_file():
-            found.append(int(child.name[5:]))
-    return sorted(found)
-
-
-def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or the newest checkpoint of a run folder or of its checkpoints/ folder."""
-    path = Path(path)
-    if (path / STATE_FILE).is_file():
-        return path
-    for root in (path / "checkpoints", path):
-        steps = list_checkpoints(root)
-        if steps:
-            return root / f"step-{steps[-1]}"
-    raise UserError(f"{path}: no checkpoint to resume from (expected checkpoints/step-N/{STATE_FILE})")
-
-
-def read_state(folder: Path, backend: str) -> dict:
-    """The loop's saved state of a checkpoint, checked to be this version's and this backend's."""
-    path = folder / STATE_FILE
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-        state["position"], state["fingerprint"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise UserError(f"{path}: unreadable checkpoint state ({exc}); resume from another checkpoint") from None
-    if state.get("format") != STATE_FORMAT:
-        raise UserError(
-            f"{path}: written by an earlier mlx-lora (checkpoint format {state.get('format', 1)}, "
-            f"this version reads {STATE_FORMAT}); start a new run — the old run's adapter/ still "
-            "loads for generate and eval"
-        )
-    if state.get("backend") != backend:
-        other = state.get("backend")
-        raise UserError(f"{folder}: a {other} checkpoint; resume it with --backend {other}")
-    return state
-
-
-def _fingerprint_mismatch(now: dict, saved: dict, prefix: str = "") -> list[str]:
-    """'key now X vs Y in the checkpoint' for each differing key (nested settings by their dotted name)."""
-    found = []
-    for key in sorted(now):
-        a, b = now[key], saved.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            found += _fingerprint_mismatch(a, b, f"{prefix}{key}.")
-        elif a != b:
-            found.append(f"{prefix}{key} now {a!r} vs {b!r} in the checkpoint")
-    return found
 
 
 class _Interrupt:
@@ -201,7 +150,7 @@ class Loop:
     def resume(self, path: Path) -> None:
         folder = find_checkpoint(path)
         state = read_state(folder, self.engine.name)
-        mismatch = _fingerprint_mismatch(self.fingerprint, state["fingerprint"])
+        mismatch = fingerprint_mismatch(self.fingerprint, state["fingerprint"])
         if mismatch:
             raise UserError(f"{folder}: cannot resume with other data, model or settings ({'; '.join(mismatch)})")
         self.engine.restore_state(folder)

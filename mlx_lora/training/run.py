@@ -16,7 +16,7 @@ from mlx_lora.core.model_store import local_model_dir, model_sha256
 from mlx_lora.data.formats import encode_rows, length_warnings, read_examples, token_count
 from mlx_lora.data.grounded import fit_rows
 from mlx_lora.data.render import ChatTokenizer
-from mlx_lora.training import card, events, loop, summary
+from mlx_lora.training import card, checkpoints, events, loop, summary
 from mlx_lora.training.listeners import standard_listeners
 from mlx_lora.training.loop import TrainOutcome
 
@@ -97,7 +97,7 @@ def train_run(
     if not main_process():  # torchrun: rank 0 locks the folder and writes every file
         return _train(backend, model_dir, train, valid, cfg, run_dir, run, resume, lambda event: None)
     with locked(run_dir, "training run"):
-        if resume is None and ((run_dir / "adapter").exists() or loop.list_checkpoints(run_dir / "checkpoints")):
+        if resume is None and ((run_dir / "adapter").exists() or checkpoints.list_checkpoints(run_dir / "checkpoints")):
             raise UserError(
                 f"{run_dir}: already holds a run; pass --resume {run_dir} to continue it, or choose another --out"
             )

@@ -4,10 +4,12 @@ glibc serves a block above its mmap threshold (128 KiB at start, rising to at mo
 unmaps it when freed, and hands the top of its heap back to the kernel above its trim threshold. A step of the
 0.5B allocates blocks of tens of megabytes (the vocabulary logits of the supervised positions alone are
 positions x 151,936 floats), so every step touched ~1 million fresh pages on this project's 2-core VMs: each a
-page fault (0.15-0.25 s of system time a step) plus zeroing. Measured in one process, steps alternated 4 times
-between glibc's defaults and the settings below (6 grounded steps of 2 rows, bf16, 2 threads): 1.11-1.23x faster
-(median 1.15x), page faults 0.7-1.0 million -> 33-52 thousand. The price is that the process keeps its peak
-memory until it exits instead of returning it between steps — the peak itself does not change.
+page fault (0.15-0.25 s of system time a step) plus zeroing. With these settings: 1-25 thousand faults a step
+instead of 50-97 thousand; 12 grounded steps of 2 rows (bf16, 2 threads), separate processes alternated three
+times: 1.17x, 0.94x and 1.18x the tokens/s — a gain of the size of this machine's noise, which the main job's
+training time did not show (352 s against 351 s). Kept because it removes work (most of the faults) without
+changing a number. The price is that the process keeps its peak memory until it exits instead of returning it
+between steps — the peak itself does not change.
 """
 
 from __future__ import annotations
