@@ -128,4 +128,5 @@ def test_loss_weights_mark_each_answers_first_token():
     mask = [0, 0, 1, 1, 1, 0, 0, 1, 1]  # two assistant turns
     assert loss_weights(mask, 5.0) == [0, 0, 5, 1, 1, 0, 0, 5, 1]
     assert loss_weights(mask, 1.0) == [float(m) for m in mask]
+    assert loss_weights(mask, 5.0, lead=2) == [0, 0, 5, 5, 1, 0, 0, 5, 5]
     assert weight_sum([Encoded(list(range(9)), mask)], 3.0) == 5 + 2 * 2

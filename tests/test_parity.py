@@ -285,24 +285,30 @@ def test_rope_theta_only_nested_still_matches_torch(rows_and_vocab, tmp_path):
 
 
 @needs_both
-def test_first_token_weight_is_the_same_objective_on_both_backends(hf_model, start_adapter, rows_and_vocab, tmp_path):
+def test_leading_token_weights_are_the_same_objective_on_both_backends(
+    hf_model, start_adapter, rows_and_vocab, tmp_path
+):
     from mlx_lora.backends.mlx import MLXBackend
     from mlx_lora.backends.torch import TorchBackend
     from mlx_lora.training import loop
 
     rows = rows_and_vocab[0]
     first_losses = {}
-    for weight in (1.0, 4.0):
+    settings = ((1.0, 1), (4.0, 1), (4.0, 2))  # (train.first_token_weight, train.first_tokens)
+    for weight, lead in settings:
         for backend in (TorchBackend(), MLXBackend()):
             cfg = parity_cfg()
-            cfg.train.first_token_weight = weight
+            cfg.train.first_token_weight, cfg.train.first_tokens = weight, lead
             cfg.train.max_steps = 2
             events = []
             loaded = backend.load(hf_model, start_adapter, cfg)
-            out = tmp_path / f"{backend.name}-{weight}"
+            out = tmp_path / f"{backend.name}-{weight}-{lead}"
             loop.train(backend, loaded, rows[:4] + rows[5:], rows[4:5], cfg, out, lambda e, ev=events: ev.append(e))
-            first_losses[backend.name, weight] = [e.to_dict()["loss"] for e in events if e.to_dict()["type"] == "step"]
-    for weight in (1.0, 4.0):
-        assert first_losses["mlx", weight] == pytest.approx(first_losses["torch", weight], abs=STEP_TOLERANCE)
-    # the weighted mean leans towards the first tokens' loss, which differs from the others': the loss moves
-    assert abs(first_losses["torch", 4.0][0] - first_losses["torch", 1.0][0]) > 1e-3
+            first_losses[backend.name, weight, lead] = [
+                e.to_dict()["loss"] for e in events if e.to_dict()["type"] == "step"
+            ]
+    for setting in settings:
+        assert first_losses[("mlx", *setting)] == pytest.approx(first_losses[("torch", *setting)], abs=STEP_TOLERANCE)
+    # the weighted mean leans towards the leading tokens' loss, which differs from the others': the loss moves
+    assert abs(first_losses["torch", 4.0, 1][0] - first_losses["torch", 1.0, 1][0]) > 1e-3
+    assert abs(first_losses["torch", 4.0, 2][0] - first_losses["torch", 4.0, 1][0]) > 1e-3

@@ -47,14 +47,18 @@ def total_steps(
     return min(steps, max_steps) if max_steps else steps
 
 
-def loss_weights(mask: list[int], first: float) -> list[float]:
-    """Per-token loss weights: 0 off the answers, `first` on each answer's first token, 1 on the rest."""
-    return [float(m and (first if i == 0 or not mask[i - 1] else 1.0)) for i, m in enumerate(mask)]
+def loss_weights(mask: list[int], first: float, lead: int = 1) -> list[float]:
+    """Per-token loss weights: 0 off the answers, `first` on each answer's first `lead` tokens, 1 on the rest."""
+    weights, run = [], 0  # run: how many answer tokens in a row end here
+    for m in mask:
+        run = run + 1 if m else 0
+        weights.append(float(m and (first if run <= lead else 1.0)))
+    return weights
 
 
-def weight_sum(rows: list[Encoded], first: float) -> float:
-    """What a group's loss is divided by: its supervised tokens, each answer's first token counted `first` times."""
-    return sum(sum(loss_weights(r.mask, first)) for r in rows)
+def weight_sum(rows: list[Encoded], first: float, lead: int = 1) -> float:
+    """What a group's loss is divided by: its supervised tokens, each answer's first `lead` counted `first` times."""
+    return sum(sum(loss_weights(r.mask, first, lead)) for r in rows)
 
 
 def pad_batch(rows: list[Encoded], pad_id: int) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:

@@ -60,6 +60,7 @@ def resume_fingerprint(run: dict) -> dict:
         "lora": {k: lora[k] for k in sorted(lora)},
         "max_length": run["config"]["train"]["max_length"],
         "first_token_weight": run["config"]["train"].get("first_token_weight", 1.0),
+        "first_tokens": run["config"]["train"].get("first_tokens", 1),
     }
 
 

@@ -48,9 +48,9 @@ def bucket(n: int, quantum: int) -> int:
     return -(-n // step) * step
 
 
-def make_batch(rows: list[Encoded], pad_id: int, pad: bool = False, first: float = 1.0):
+def make_batch(rows: list[Encoded], pad_id: int, pad: bool = False, first: float = 1.0, lead: int = 1):
     """(inputs, targets, positions, weights, n): flat indices of the n target positions that carry loss, and their
-    weights (train.first_token_weight on each answer's first token, else 1; n counts positions, not weight).
+    weights (train.first_token_weight on each answer's first `lead` tokens, else 1; n counts positions, not weight).
 
     Rows are right-padded to the longest as pad_batch() does; with pad, the width and the count of loss
     positions are rounded up by bucket() so the compiled step sees few shapes: extra columns come after every
@@ -61,7 +61,7 @@ def make_batch(rows: list[Encoded], pad_id: int, pad: bool = False, first: float
     weighted = np.zeros((len(rows), width + 1), dtype=np.float32)  # each token's loss weight, 0 off the answers
     for j, row in enumerate(rows):
         ids[j, : len(row.ids)] = row.ids
-        weighted[j, : len(row.mask)] = loss_weights(row.mask, first) if first != 1.0 else row.mask
+        weighted[j, : len(row.mask)] = loss_weights(row.mask, first, lead) if first != 1.0 else row.mask
     flat = weighted[:, 1:].reshape(-1)
     found = np.flatnonzero(flat)
     n = int(found.size)
@@ -204,11 +204,11 @@ class MLXEngine:
 
     def step(self, group: list[list[Encoded]], lr: float, step: int) -> StepResult:
         mx.random.seed(self.cfg.train.seed * 1_000_003 + step)  # dropout noise per step, reproducible on resume
-        first = self.cfg.train.first_token_weight
-        prepared = [make_batch(rows, self.loaded.pad_id, pad=True, first=first) for rows in group]
+        first, lead = self.cfg.train.first_token_weight, self.cfg.train.first_tokens
+        prepared = [make_batch(rows, self.loaded.pad_id, pad=True, first=first, lead=lead) for rows in group]
         prepared = [p for p in prepared if p[4]]
         # the whole group's supervised tokens, first tokens weighted (as torch does)
-        norm = weight_sum([r for rows in group for r in rows], first)
+        norm = weight_sum([r for rows in group for r in rows], first, lead)
         supervised = sum(p[4] for p in prepared)
         norm_array = mx.array(norm, mx.float32)  # an array, not a float: a Python number would retrace
         loss, grads = None, None

@@ -155,10 +155,10 @@ class TorchEngine:
         return torch.tensor(rows, dtype=torch.long, device=self.device_)
 
     def step(self, group: list[list[Encoded]], lr: float, step: int) -> StepResult:
-        first = self.cfg.train.first_token_weight
+        first, lead = self.cfg.train.first_token_weight, self.cfg.train.first_tokens
         local_sup = sum(supervised(r) for b in group for r in b)
         local_tok = sum(len(r.ids) for b in group for r in b)
-        local_weight = weight_sum([r for b in group for r in b], first)
+        local_weight = weight_sum([r for b in group for r in b], first, lead)
         # The loss is a (weighted) mean over the supervised tokens of the whole group on all ranks: each
         # micro-batch's sum is divided by that global weight (× world, because DDP averages gradients over ranks).
         (global_weight,) = ddp.all_sum([local_weight], self.dist, self.device_)
@@ -168,7 +168,7 @@ class TorchEngine:
             ids, mask, _ = pad_batch(batch, self.loaded.pad_id)
             weights = None
             if first != 1.0:
-                weights = torch.tensor([loss_weights(m, first) for m in mask], device=self.device_)
+                weights = torch.tensor([loss_weights(m, first, lead) for m in mask], device=self.device_)
             with ddp.no_sync(self.wrapped, skip=k < len(group) - 1):
                 with self._arithmetic():
                     part = self.wrapped(self._tensor(ids), self._tensor(mask), weights)
