@@ -212,6 +212,25 @@ def test_resume_refuses_other_data_model_lora_or_batching(name, tiny_model, tiny
     assert outcome.steps == 4  # the same settings resume (max_steps may grow)
 
 
+def test_first_tokens_joins_the_resume_fingerprint_only_when_set():
+    from mlx_lora.training.run import resume_fingerprint
+
+    def fingerprint(**train):
+        config = {"lora": {"rank": 4}, "train": {"max_length": 64, "first_token_weight": 5.0, **train}}
+        return resume_fingerprint({"config": config, "data": {"sha256": "d"}, "base_model": {"sha256": "m"}})
+
+    old = fingerprint()  # a checkpoint from before the key existed, or with its default
+    assert "first_tokens" not in old and fingerprint(first_tokens=1) == old
+    assert checkpoints.fingerprint_mismatch(fingerprint(first_tokens=1), old) == []
+    # either way round, 2 against 1 is a different objective: no silent resume
+    assert checkpoints.fingerprint_mismatch(fingerprint(first_tokens=2), old) == [
+        "first_tokens now 2 vs None in the checkpoint"
+    ]
+    assert checkpoints.fingerprint_mismatch(old, fingerprint(first_tokens=2)) == [
+        "first_tokens now None vs 2 in the checkpoint"
+    ]
+
+
 @pytest.mark.parametrize("name", BACKENDS)
 def test_a_run_killed_between_checkpoint_and_adapter_resumes(name, tiny_model, tiny_rows, tmp_path, monkeypatch):
     rows, _ = tiny_rows

@@ -58,8 +58,8 @@ def read_state(folder: Path, backend: str) -> dict:
 def fingerprint_mismatch(now: dict, saved: dict, prefix: str = "") -> list[str]:
     """'key now X vs Y in the checkpoint' for each differing key (nested settings by their dotted name)."""
     found = []
-    for key in sorted(now):
-        a, b = now[key], saved.get(key)
+    for key in sorted(set(now) | set(saved)):  # a key the checkpoint has and this run leaves out differs too
+        a, b = now.get(key), saved.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             found += fingerprint_mismatch(a, b, f"{prefix}{key}.")
         elif a != b:

@@ -60,7 +60,8 @@ def resume_fingerprint(run: dict) -> dict:
         "lora": {k: lora[k] for k in sorted(lora)},
         "max_length": run["config"]["train"]["max_length"],
         "first_token_weight": run["config"]["train"].get("first_token_weight", 1.0),
-        "first_tokens": run["config"]["train"].get("first_tokens", 1),
+        # only when set: checkpoints written before the key existed (1, implicitly) still resume
+        **({"first_tokens": lead} if (lead := run["config"]["train"].get("first_tokens", 1)) != 1 else {}),
     }
 
 
