@@ -224,10 +224,10 @@ def test_first_tokens_joins_the_resume_fingerprint_only_when_set():
     assert checkpoints.fingerprint_mismatch(fingerprint(first_tokens=1), old) == []
     # either way round, 2 against 1 is a different objective: no silent resume
     assert checkpoints.fingerprint_mismatch(fingerprint(first_tokens=2), old) == [
-        "first_tokens now 2 vs None in the checkpoint"
+        "first_tokens now 2 vs unset in the checkpoint"
     ]
     assert checkpoints.fingerprint_mismatch(old, fingerprint(first_tokens=2)) == [
-        "first_tokens now None vs 2 in the checkpoint"
+        "first_tokens now unset vs 2 in the checkpoint"
     ]
 
 

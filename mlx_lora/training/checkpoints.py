@@ -55,6 +55,10 @@ def read_state(folder: Path, backend: str) -> dict:
     return state
 
 
+def _shown(value) -> str:
+    return "unset" if value is None else repr(value)
+
+
 def fingerprint_mismatch(now: dict, saved: dict, prefix: str = "") -> list[str]:
     """'key now X vs Y in the checkpoint' for each differing key (nested settings by their dotted name)."""
     found = []
@@ -63,5 +67,5 @@ def fingerprint_mismatch(now: dict, saved: dict, prefix: str = "") -> list[str]:
         if isinstance(a, dict) and isinstance(b, dict):
             found += fingerprint_mismatch(a, b, f"{prefix}{key}.")
         elif a != b:
-            found.append(f"{prefix}{key} now {a!r} vs {b!r} in the checkpoint")
+            found.append(f"{prefix}{key} now {_shown(a)} vs {_shown(b)} in the checkpoint")
     return found
