@@ -44,6 +44,7 @@ def main(results: Path, out: Path, cpu: Path | None = None) -> None:
         # one curve per data folder, step size, seed and LoRA targets: the same settings at different lengths
         targets = ", all linear layers" if "lora.targets" in r["extra"] else ""
         targets += ", 2 tokens weighted" if "first_tokens=2" in r["extra"] else ""
+        targets += ", no LoRA dropout" if "lora.dropout=0" in r["extra"] else ""
         seed = _setting(r["extra"], "seed", 42)
         curves[f"2 CPU cores, {r['data']}, {r['rows_per_step']} rows a step, seed {seed}{targets}"].append(r)
     fig, axes = plt.subplots(1, 3, figsize=(15, 6.8))
