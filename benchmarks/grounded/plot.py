@@ -19,6 +19,13 @@ import matplotlib.pyplot as plt
 
 ROWS_PER_STEP = 8  # batch 4 x grad-accum 2
 
+# --set overrides in a CPU run's extra arguments that make it a variant of the main job's recipe, and their labels
+VARIANTS = (
+    ("lora.targets", ", all linear layers"),
+    ("first_tokens=2", ", 2 tokens weighted"),
+    ("lora.dropout=0", ", no LoRA dropout"),
+)
+
 
 def _setting(extra: str, key: str, default: int) -> int:
     """A --set train.KEY=N override in a run's extra arguments, else the sweep's fixed value."""
@@ -41,12 +48,10 @@ def main(results: Path, out: Path, cpu: Path | None = None) -> None:
         curves[f"{r['data']}, first-token weight {r['weight']:g}"].append(r)
     for r in _read(cpu) if cpu else []:
         r["rows_per_step"] = _setting(r["extra"], "batch_size", 4) * _setting(r["extra"], "grad_accum", 2)
-        # one curve per data folder, step size, seed and LoRA targets: the same settings at different lengths
-        targets = ", all linear layers" if "lora.targets" in r["extra"] else ""
-        targets += ", 2 tokens weighted" if "first_tokens=2" in r["extra"] else ""
-        targets += ", no LoRA dropout" if "lora.dropout=0" in r["extra"] else ""
+        # one curve per data folder, step size, seed and recipe variant: the same settings at different lengths
+        variant = "".join(label for marker, label in VARIANTS if marker in r["extra"])
         seed = _setting(r["extra"], "seed", 42)
-        curves[f"2 CPU cores, {r['data']}, {r['rows_per_step']} rows a step, seed {seed}{targets}"].append(r)
+        curves[f"2 CPU cores, {r['data']}, {r['rows_per_step']} rows a step, seed {seed}{variant}"].append(r)
     fig, axes = plt.subplots(1, 3, figsize=(15, 6.8))
     metrics = [
         ("mean_similarity", "mean similarity (tuned alone)"),

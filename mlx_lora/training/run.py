@@ -53,16 +53,17 @@ def resume_fingerprint(run: dict) -> dict:
     """What must not change between a checkpoint and its resume: the data, the base model, the LoRA layout
     (the loop adds the batch settings). Same shapes are not enough: other data or another model of the same
     architecture would silently continue from weights trained on something else."""
-    lora = run["config"]["lora"]
-    return {
+    lora, train = run["config"]["lora"], run["config"]["train"]
+    fingerprint = {
         "data_sha256": run["data"]["sha256"],
         "base_model_sha256": run["base_model"]["sha256"],
         "lora": {k: lora[k] for k in sorted(lora)},
-        "max_length": run["config"]["train"]["max_length"],
-        "first_token_weight": run["config"]["train"].get("first_token_weight", 1.0),
-        # only when set: checkpoints written before the key existed (1, implicitly) still resume
-        **({"first_tokens": lead} if (lead := run["config"]["train"].get("first_tokens", 1)) != 1 else {}),
+        "max_length": train["max_length"],
+        "first_token_weight": train.get("first_token_weight", 1.0),
     }
+    if train.get("first_tokens", 1) != 1:  # only when set: checkpoints from before the key (1, implicitly) resume
+        fingerprint["first_tokens"] = train["first_tokens"]
+    return fingerprint
 
 
 def train_run(
