@@ -9,7 +9,7 @@ import pytest
 
 from mlx_lora.answer.build import retrieval_decisions
 from mlx_lora.answer.calibration import calibrate, calibrate_route
-from mlx_lora.answer.classifier import TopicClassifier
+from mlx_lora.data.classifier import TopicClassifier
 from mlx_lora.answer.decide import Decider
 from mlx_lora.answer.route import NEVER, Neighbour, SemanticRoute, kb_clauses, neighbours_from, training_texts
 from mlx_lora.answer.rules import Rule

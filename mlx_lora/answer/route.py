@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mlx_lora.answer.answerability import AnswerabilityModel
-from mlx_lora.answer.classifier import TopicClassifier
+from mlx_lora.data.classifier import TopicClassifier
 from mlx_lora.core.textnorm import compact
 from mlx_lora.data.similarity import REFUSAL, LabelIndex, example_labels
 
