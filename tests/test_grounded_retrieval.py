@@ -78,3 +78,51 @@ def test_without_scikit_learn_the_index_still_ranks_by_embeddings(monkeypatch):
     index = PassageIndex(CharScorer(), kb, [("我要請假", "leave")])
     assert "scikit-learn" in index.missing
     assert index.search(["請假要多久前申請"], 1)[0][0][0] == "leave"
+
+
+KB3 = {
+    "leave": "請假須於三天前在 HR 系統申請,病假可事後補。",
+    "vpn": "VPN 設定:下載 GlobalProtect client,以 SSO 登入。",
+    "wifi": "訪客 Wi-Fi:名稱 Guest-Net,密碼每週一更換。",
+}
+ASKED3 = [
+    ("想休假要走什麼流程", "leave"),
+    ("休假單要誰簽", "leave"),
+    ("明天臨時休假可以嗎", "leave"),
+    ("在家連不上內網", "vpn"),
+    ("內網連線一直失敗", "vpn"),
+    ("出差時連回內網", "vpn"),
+]
+
+
+def test_the_topic_classifier_ranks_by_the_words_a_docs_questions_use(monkeypatch):
+    """No single entry is like the query, but every question asking for "leave" says 休假: the classifier knows."""
+    import mlx_lora.data.retrieval as retrieval
+
+    query = "休假要先跟誰講"
+    table = {(query, "出差時連回內網"): 0.5}  # the nearest entry is a vpn question, half alike
+    index = PassageIndex(_FixedScorer(table), KB3, ASKED3)
+    assert index.search([query], 1)[0][0][0] == "leave"
+    monkeypatch.setattr(retrieval, "TOPIC_WEIGHT", 0.0)
+    assert index.search([query], 1)[0][0][0] == "vpn"  # by entries and words alone
+
+
+def test_a_doc_nobody_asked_about_gets_the_rows_best_topic_probability():
+    """The classifier learnt such a doc from its text alone; it competes on its text, not on that handicap."""
+    index = PassageIndex(_FixedScorer({}), KB3, ASKED3)  # wifi: no questions
+    probs = index._topics.probabilities(["休假單", "連不上", "密碼"], leave_out_own=False)
+    wifi = list(KB3).index("wifi")
+    assert (probs[:, wifi] == probs.max(axis=1)).all()
+    assert probs[0, wifi] == probs[0, list(KB3).index("leave")]  # 休假單 is leave's; wifi ties, not below
+
+
+def test_a_train_question_gets_the_topic_probability_of_a_classifier_that_never_saw_it():
+    """With one question a fold, leaving a question out is exactly an index built without it (so a training row's
+    passages come from the same kind of ranking a user's question gets)."""
+    asked = ASKED3[:2] + ASKED3[3:5]  # four questions, five folds: one question a fold
+    index = PassageIndex(CharScorer(), KB3, asked)
+    for i, (question, _) in enumerate(asked):
+        without = PassageIndex(CharScorer(), KB3, asked[:i] + asked[i + 1 :])
+        left_out = index.doc_scores([question], leave_out_own=True)[0]
+        assert left_out == pytest.approx(without.doc_scores([question])[0]), question
+        assert not index.doc_scores([question])[0] == pytest.approx(left_out)  # in sample it differs

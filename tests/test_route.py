@@ -9,10 +9,10 @@ import pytest
 
 from mlx_lora.answer.build import retrieval_decisions
 from mlx_lora.answer.calibration import calibrate, calibrate_route
-from mlx_lora.data.classifier import TopicClassifier
 from mlx_lora.answer.decide import Decider
 from mlx_lora.answer.route import NEVER, Neighbour, SemanticRoute, kb_clauses, neighbours_from, training_texts
 from mlx_lora.answer.rules import Rule
+from mlx_lora.data.classifier import TopicClassifier
 from mlx_lora.data.formats import Example
 from mlx_lora.data.similarity import REFUSAL, CharScorer, EmbeddingScorer, answer_index
 

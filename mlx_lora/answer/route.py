@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from mlx_lora.answer.answerability import AnswerabilityModel
-from mlx_lora.data.classifier import TopicClassifier
 from mlx_lora.core.textnorm import compact
+from mlx_lora.data.classifier import TopicClassifier
 from mlx_lora.data.similarity import REFUSAL, LabelIndex, example_labels
 
 NEVER = 1.01  # a probability threshold no probability reaches: the uncalibrated route never retrieves or refuses

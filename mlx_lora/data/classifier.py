@@ -1,4 +1,4 @@
-"""The topic classifier (the route's and the retriever's): which doc (or REFUSAL) a question is about, with a probability."""
+"""The topic classifier (the route's and the retriever's): which doc, or REFUSAL, a question is about."""
 
 from __future__ import annotations
 

@@ -133,25 +133,27 @@ class _Topics:
         from mlx_lora.data.classifier import TopicClassifier
 
         self._make = lambda: TopicClassifier(scorer)
-        self._docs = index._docs
+        self._docs, self._column = index._docs, index._column
         self._texts, self._labels = index.texts, index.labels
         self._first_question, self._keys = index._first_question, index._keys
-        asked = set(self._labels[self._first_question :])
-        self._unasked = [j for j, d in enumerate(self._docs) if d not in asked]
         self._all = self._fit(range(len(self._texts))) if len(set(self._labels)) > 1 else None
         self._out_of_fold: dict[str, np.ndarray] | None = None
 
     def _fit(self, keep):
+        """A classifier on the kept entries, and the docs none of the kept questions asks for."""
         keep = list(keep)
-        return self._make().fit([self._texts[i] for i in keep], [self._labels[i] for i in keep])
+        model = self._make().fit([self._texts[i] for i in keep], [self._labels[i] for i in keep])
+        asked = {self._labels[i] for i in keep if i >= self._first_question}
+        return model, [j for j, d in enumerate(self._docs) if d not in asked]
 
-    def _columns(self, model, queries: list[str]) -> np.ndarray:
+    def _columns(self, fitted, queries: list[str]) -> np.ndarray:
+        model, unasked = fitted
         probs = model.predict_proba(queries)
         out = np.zeros((len(queries), len(self._docs)))
         for c, doc_id in enumerate(model.classes):
-            out[:, self._docs.index(doc_id)] = probs[:, c]
-        if self._unasked:
-            out[:, self._unasked] = out.max(axis=1, keepdims=True)
+            out[:, self._column[doc_id]] = probs[:, c]
+        if unasked:
+            out[:, unasked] = out.max(axis=1, keepdims=True)
         return out
 
     def _own(self) -> dict[str, np.ndarray]:
@@ -163,10 +165,8 @@ class _Topics:
                 held = questions[fold::TOPIC_FOLDS]
                 if not held:
                     continue
-                kept = set(range(len(self._texts))) - set(held)
-                if len({self._labels[i] for i in kept}) < 2:
-                    continue
-                probs = self._columns(self._fit(sorted(kept)), [self._texts[i] for i in held])
+                kept = sorted(set(range(len(self._texts))) - set(held))  # every KB text stays: every doc a class
+                probs = self._columns(self._fit(kept), [self._texts[i] for i in held])
                 self._out_of_fold.update({self._keys[i]: row for i, row in zip(held, probs)})
         return self._out_of_fold
 
