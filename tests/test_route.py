@@ -10,10 +10,11 @@ import pytest
 from mlx_lora.answer.build import retrieval_decisions
 from mlx_lora.answer.calibration import calibrate, calibrate_route
 from mlx_lora.answer.decide import Decider
-from mlx_lora.answer.route import NEVER, Neighbour, SemanticRoute, kb_clauses, neighbours_from, training_texts
+from mlx_lora.answer.route import NEVER, Neighbour, SemanticRoute, neighbours_from, training_texts
 from mlx_lora.answer.rules import Rule
 from mlx_lora.data.classifier import TopicClassifier
 from mlx_lora.data.formats import Example
+from mlx_lora.data.retrieval import clauses
 from mlx_lora.data.similarity import REFUSAL, CharScorer, EmbeddingScorer, answer_index
 
 ANSWERS = {"vpn": "answer vpn", "leave": "answer leave"}
@@ -95,12 +96,20 @@ def test_decide_refuse_retrieve_model(route):
 
 
 def test_kb_clauses_are_extra_examples_of_their_doc():
-    assert kb_clauses("VPN 設定：請下載 client，以 SSO 登入；連不上時重開機。") == [
-        "VPN 設定：請下載 client",
+    """The route learns from the clauses the retriever indexes (one definition of a clause)."""
+    assert clauses("VPN 設定：請下載 client，以 SSO 登入；連不上時重開機。") == [
+        "VPN 設定",
+        "請下載 client",
         "以 SSO 登入",
         "連不上時重開機",
     ]
-    assert kb_clauses("短，也短。") == []  # pieces under 4 characters say too little
+    assert clauses("短，也短。") == []  # pieces under 4 characters say too little
+    # A time is not a clause boundary; an ASCII colon after a label is.
+    assert clauses("可於 8:00–10:00 之間打卡上班，每日須滿 9 小時") == [
+        "可於 8:00–10:00 之間打卡上班",
+        "每日須滿 9 小時",
+    ]
+    assert clauses("VPN 設定:下載 client,以 SSO 登入") == ["VPN 設定", "下載 client", "以 SSO 登入"]
     texts, labels = training_texts([Neighbour("q", "vpn", "question"), Neighbour("甲乙丙丁，戊己庚辛", "leave", "kb")])
     assert texts == ["q", "甲乙丙丁，戊己庚辛", "甲乙丙丁", "戊己庚辛"] and labels == ["vpn", "leave", "leave", "leave"]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -11,6 +10,7 @@ import numpy as np
 from mlx_lora.answer.answerability import AnswerabilityModel
 from mlx_lora.core.textnorm import compact
 from mlx_lora.data.classifier import TopicClassifier
+from mlx_lora.data.retrieval import clauses
 from mlx_lora.data.similarity import REFUSAL, LabelIndex, example_labels
 
 NEVER = 1.01  # a probability threshold no probability reaches: the uncalibrated route never retrieves or refuses
@@ -44,20 +44,14 @@ def neighbours_from(train_examples, kb_texts: dict[str, str], index: LabelIndex)
     return out + [Neighbour(text, doc_id, "kb") for doc_id, text in kb_texts.items()]
 
 
-def kb_clauses(text: str) -> list[str]:
-    """A KB text cut at clause punctuation: question-sized pieces, each still saying something about its doc."""
-    parts = [p.strip() for p in re.split(r"[；;，,。！!？?\n]", text)]
-    return [p for p in parts if len(compact(p)) >= 4]
-
-
 def training_texts(neighbours: Sequence[Neighbour]) -> tuple[list[str], list[str]]:
     """The classifier's examples: every neighbour, plus each KB text's clauses labelled with its doc."""
     texts, labels = [n.text for n in neighbours], [n.label for n in neighbours]
     for n in neighbours:
         if n.kind == "kb":
-            clauses = kb_clauses(n.text)
-            texts += clauses
-            labels += [n.label] * len(clauses)
+            parts = clauses(n.text)
+            texts += parts
+            labels += [n.label] * len(parts)
     return texts, labels
 
 

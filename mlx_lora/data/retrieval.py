@@ -36,15 +36,18 @@ QUESTION_WEIGHT = 0.8
 TOPIC_WEIGHT = 0.5
 TOPIC_FOLDS = 5
 MIN_CLAUSE_CHARS = 4
-# Clause boundaries: CJK and ASCII sentence and clause punctuation (a character class: linear, cannot hang).
-_CLAUSE_END = re.compile(r"[；;。，,：:、！？!?\n]")
+# Clause boundaries: CJK and ASCII sentence and clause punctuation, and an ASCII colon unless it sits between two
+# digits (9:30 is a time, not a boundary: cut there, "8:00–10:00" became the clauses "可於 8" and "00–10").
+# One character or a colon with a one-character look-around: linear, cannot hang.
+_CLAUSE_END = re.compile(r"[；;。，,：、！？!?\n]|(?<!\d):|:(?!\d)")
 
 
 def clauses(text: str) -> list[str]:
-    """The clauses of a KB text worth indexing on their own (a short question matches one clause better than the
-    whole policy); none when the text is a single clause."""
+    """The clauses of a KB text worth using on their own (a short question matches one clause better than the
+    whole policy): the retriever indexes them, the route's classifier learns from them. None when the text is a
+    single clause; pieces under MIN_CLAUSE_CHARS characters (spaces not counted) say too little."""
     parts = [p.strip() for p in _CLAUSE_END.split(text)]
-    parts = [p for p in parts if len(p) >= MIN_CLAUSE_CHARS]
+    parts = [p for p in parts if len(compact(p)) >= MIN_CLAUSE_CHARS]
     return parts if len(parts) > 1 else []
 
 
