@@ -83,7 +83,7 @@ class PassageIndex:
         if self._docs:
             try:
                 self._lexical = _Lexical([self.kb_texts[d] for d in self._docs])
-                self._topics = _Topics(scorer, self)
+                self._topics = _Topics(scorer, self.texts, self.labels, self._first_question, self._docs)
             except ImportError:  # the eval extra is missing: still a retriever, by embeddings alone
                 self.missing = (
                     "scikit-learn is not installed (pip install -e '.[eval]'): passages ranked by embeddings only"
@@ -133,20 +133,19 @@ class _Topics:
     alone and would rank them below every doc users have asked about. Out-of-fold probabilities for the index's
     own questions are computed once, on first need (TOPIC_FOLDS fits, questions dealt to folds in entry order)."""
 
-    def __init__(self, scorer, index: PassageIndex):
-        from mlx_lora.data.classifier import TopicClassifier
-
-        self._make = lambda: TopicClassifier(scorer)
-        self._docs, self._column = index._docs, index._column
-        self._texts, self._labels = index.texts, index.labels
-        self._first_question, self._keys = index._first_question, index._keys
-        self._all = self._fit(range(len(self._texts))) if len(set(self._labels)) > 1 else None
+    def __init__(self, scorer, texts: list[str], labels: list[str], first_question: int, docs: list[str]):
+        """texts/labels: the index's entries (KB texts and clauses first, questions from first_question on)."""
+        self._scorer, self._texts, self._labels, self._first_question = scorer, texts, labels, first_question
+        self._docs, self._column = docs, {d: i for i, d in enumerate(docs)}
+        self._all = self._fit(range(len(texts))) if len(set(labels)) > 1 else None
         self._out_of_fold: dict[str, np.ndarray] | None = None
 
     def _fit(self, keep):
         """A classifier on the kept entries, and the docs none of the kept questions asks for."""
+        from mlx_lora.data.classifier import TopicClassifier
+
         keep = list(keep)
-        model = self._make().fit([self._texts[i] for i in keep], [self._labels[i] for i in keep])
+        model = TopicClassifier(self._scorer).fit([self._texts[i] for i in keep], [self._labels[i] for i in keep])
         asked = {self._labels[i] for i in keep if i >= self._first_question}
         return model, [j for j, d in enumerate(self._docs) if d not in asked]
 
@@ -171,10 +170,11 @@ class _Topics:
                     continue
                 kept = sorted(set(range(len(self._texts))) - set(held))  # every KB text stays: every doc a class
                 probs = self._columns(self._fit(kept), [self._texts[i] for i in held])
-                self._out_of_fold.update({self._keys[i]: row for i, row in zip(held, probs)})
+                self._out_of_fold.update({compact(self._texts[i]): row for i, row in zip(held, probs)})
         return self._out_of_fold
 
     def probabilities(self, queries: list[str], leave_out_own: bool) -> np.ndarray:
+        """(queries × docs); with leave_out_own, a query that is one of the index's questions gets its fold's row."""
         if self._all is None:  # one doc: nothing to tell apart
             return np.zeros((len(queries), len(self._docs)))
         out = self._columns(self._all, queries)
