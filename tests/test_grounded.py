@@ -142,3 +142,24 @@ def test_reground_rebuilds_the_prompt_from_todays_kb(tiny_kb, tiny_questions, tm
 )
 def test_parse_citation(answer, cited, text):
     assert parse_citation(answer) == (cited, text)
+
+
+def test_stats_say_how_often_the_retriever_finds_valids_gold_passage(tiny_kb, tiny_questions, tmp_path):
+    """A new user's first sign of whether retrieval works on their KB: counted from the rows as written."""
+    import json
+
+    from mlx_lora.data.dataset import format_stats
+
+    _, _, _, rows = grounded(tiny_kb, tiny_questions, tmp_path, oracle_rate=1.0)
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    answerable = [r["meta"] for r in rows["valid"] if r["meta"]["answerable"]]
+    first = sum(m["passages"][0] == m["doc_id"] for m in answerable)
+    shown = sum(m["gold_in_passages"] for m in answerable)
+    got = stats["splits"]["valid"]["retrieval"]
+    assert got == {
+        "gold_first_pct": round(100 * first / len(answerable), 1),
+        "gold_shown_pct": round(100 * shown / len(answerable), 1),
+        "passages": 2,
+    }
+    assert "retrieval" not in stats["splits"]["train"]  # train rows' passages are rearranged on purpose
+    assert f"first for {got['gold_first_pct']}% of the answerable" in format_stats(stats, tmp_path / "out")
