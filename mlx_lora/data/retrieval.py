@@ -1,4 +1,4 @@
-"""The passage retriever: KB docs ranked for a question by their text, its clauses and the questions asked of them."""
+"""The passage retriever: KB docs ranked for a question by their text, clauses, questions asked of them and topic."""
 
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ QUESTION_WEIGHT = 0.8
 # questions (one added after training) is given the row's highest probability, so it competes on its text alone:
 # leave one doc's questions out and its questions found it first 77.6% → 80.9% (top 3 89.7% → 97.1%), and the
 # other docs' questions, with it in the KB, 86.3% → 92.9%. Taking its own low probability instead cost the added
-# doc (72.1% first). Through this index (own question left out, as training rows are built): train first 85.3% →
-# 92.6%, a left-out doc 77.6% → 82.9% (with today's clause cut).
+# doc (72.1% first). Through this index (own question left out, as training rows are built; today's clause cut):
+# train first 85.6% → 92.6%, a left-out doc 78.2% → 82.9% (benchmarks/grounded/ranking.py prints these).
 TOPIC_WEIGHT = 0.5
 TOPIC_FOLDS = 5
 MIN_CLAUSE_CHARS = 4
