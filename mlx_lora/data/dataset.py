@@ -218,7 +218,7 @@ def overlap_report(splits: dict[str, list[Item]]) -> dict:
             "rows": len(keys),
             "exact_overlap": exact,
             "near_duplicates": near,
-            "near_duplicate_pct": round(100 * near / max(len(keys), 1), 1),
+            "near_duplicate_pct": _pct(near, max(len(keys), 1)),
             "mean_max_similarity": round(sum(scores) / max(len(scores), 1), 3),
         }
     return report
