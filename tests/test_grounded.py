@@ -7,7 +7,14 @@ from conftest import REFUSAL, grounded
 
 from mlx_lora.core.config import DataConfig
 from mlx_lora.data.formats import read_examples
-from mlx_lora.data.grounded import own_citation_removed, parse_citation, reground, user_turn, with_doc_id
+from mlx_lora.data.grounded import (
+    own_citation_removed,
+    parse_citation,
+    reground,
+    user_turn,
+    with_doc_id,
+    without_answer,
+)
 from mlx_lora.data.retrieval import PassageIndex
 from mlx_lora.data.similarity import CharScorer
 
@@ -163,3 +170,29 @@ def test_stats_say_how_often_the_retriever_finds_valids_gold_passage(tiny_kb, ti
     }
     assert "retrieval" not in stats["splits"]["train"]  # train rows' passages are rearranged on purpose
     assert f"first for {got['gold_first_pct']}% of the answerable" in format_stats(stats, tmp_path / "out")
+
+
+def test_without_answer_keeps_the_part_least_related_to_the_question():
+    text = "SSO 密碼每 90 天須更換一次；連續輸錯 5 次帳號會被鎖定 30 分鐘。"
+    assert without_answer("密碼多久要更換一次？", text, CharScorer()) == "連續輸錯 5 次帳號會被鎖定 30 分鐘。"
+    assert without_answer("輸錯幾次會被鎖定？", text, CharScorer()) == "SSO 密碼每 90 天須更換一次。"
+    assert without_answer("密碼多久要更換？", "密碼每 90 天須更換一次。", CharScorer()) is None  # one part only
+    assert without_answer("今天天氣如何？", text, CharScorer()) is None  # asks about no part more than another
+    # One sentence splits at its commas (not inside a list); of two equally unrelated parts, the first is kept.
+    one = "離職須提前 30 天申請，最後工作日前須歸還 laptop、員工證，並完成交接清單。"
+    assert without_answer("離職要提前幾天申請？", one, CharScorer()) == "最後工作日前須歸還 laptop、員工證。"
+
+
+def test_near_miss_rows_show_their_gold_passage_cut_short_and_refuse(tiny_kb, tiny_questions, tmp_path):
+    _, kb, _, plain = grounded(tiny_kb, tiny_questions, tmp_path / "a", oracle_rate=1.0)
+    _, _, _, cut = grounded(tiny_kb, tiny_questions, tmp_path / "b", oracle_rate=1.0, near_miss_rate=1.0)
+    made = [r for r in cut["train"] if r["meta"]["style"].endswith("+near_miss")]
+    # Only the vpn text has two parts ("VPN 設定:下載新版 client" / "以 SSO 登入"); the others cannot be cut.
+    assert made and {r["meta"]["doc_id"] for r in made} == {"vpn"}
+    for row in made:
+        assert row["messages"][-1]["content"] == REFUSAL
+        user = row["messages"][-2]["content"]
+        assert kb["vpn"].text not in user and ("以 SSO 登入。" in user or "VPN 設定:下載新版 client。" in user)
+    others = [r for r in cut["train"] if not r["meta"]["style"].endswith("+near_miss")]
+    assert others == [r for r in plain["train"] if r["meta"]["question"] in {o["meta"]["question"] for o in others}]
+    assert cut["valid"] == plain["valid"] and cut["test"] == plain["test"]  # what inference sees is untouched

@@ -127,6 +127,9 @@ class DataConfig:
     # grounded: the share of train rows with the gold passage first that see it moved to a later place (against
     # "always cite [1]"). 0.3 scored 90.0 / 92.7 on valid at two seeds against 94.7 / 94.6 at 0: off by default.
     move_gold: float = 0.0
+    # grounded: the share of answerable train rows that see only the part of their gold passage least related to
+    # the question and answer the refusal (a near-miss made from an answerable question: on topic, no answer).
+    near_miss_rate: float = 0.0
 
 
 @dataclass
@@ -275,6 +278,7 @@ RANGES = {
     "data.passages": (1, None, (True, False), "passages per grounded prompt"),
     "data.oracle_rate": (0, 1, (True, True), "the share of answerable grounded rows that see their gold passage"),
     "data.move_gold": (0, 1, (True, True), "the share of grounded train rows whose first-place gold passage moves"),
+    "data.near_miss_rate": (0, 1, (True, True), "the share of answerable grounded rows shown a passage cut short"),
     "data.valid_fraction": (0, 1, (True, False), "the share of phrasings held out for validation"),
     "data.test_fraction": (0, 1, (True, False), "the share of phrasings held out for testing"),
     "generate.max_new_tokens": (1, None, (True, False), "tokens to generate"),

@@ -15,7 +15,7 @@ from mlx_lora.core.files import write_dir
 from mlx_lora.core.jsonl import json_text, jsonl_text
 from mlx_lora.core.textnorm import compact
 from mlx_lora.core.userfiles import load_yaml
-from mlx_lora.data.grounded import cited_answer, retrieve, user_turn
+from mlx_lora.data.grounded import cited_answer, retrieve, user_turn, without_answer
 from mlx_lora.data.kb import Doc, load_kb
 from mlx_lora.data.questions import QuestionBank, load_questions
 from mlx_lora.data.render import chatml_text
@@ -143,12 +143,15 @@ def ground_splits(splits: dict[str, list[Item]], kb: dict[str, Doc], refusal: st
     passage (put in at a seeded position when retrieval missed it); the rest see the next retrieved passages
     instead and answer by data.oracle_free: the refusal (the passages do not answer) or the gold answer from
     memory. Unanswerable rows keep what retrieval finds: on-topic passages that do not answer are the near-miss
-    lesson. data.move_gold moves a share of the train rows' first-place gold passages to a seeded later place;
-    with data.shuffle_passages, train rows show their passages in a seeded random order. Answers cite
-    the passage they come from by its label (data.cite): "[2] <answer>" or "[doc_id] <answer>"."""
+    lesson; data.near_miss_rate adds more of it: a share of the rows that see their gold passage see only its
+    part least related to the question instead (grounded.without_answer) and answer the refusal. data.move_gold
+    moves a share of the train rows' first-place gold passages to a seeded later place; with
+    data.shuffle_passages, train rows show their passages in a seeded random order. Answers cite the passage they
+    come from by its label (data.cite): "[2] <answer>" or "[doc_id] <answer>"."""
     texts = {doc_id: doc.text for doc_id, doc in kb.items()}
     index = PassageIndex(scorer, texts, [(i.question, i.doc_id) for i in splits["train"] if i.doc_id])
     rng = random.Random(cfg.seed + 1)
+    near_miss = random.Random(cfg.seed + 2)  # its own stream: the other rows' draws stay as they were
     k = cfg.passages
     for name, items in splits.items():
         wider = retrieve(index, [i.question for i in items], _wider(cfg), leave_out_own=name == "train")
@@ -160,6 +163,13 @@ def ground_splits(splits: dict[str, list[Item]], kb: dict[str, Doc], refusal: st
                     if item.doc_id not in ids:
                         passages = passages[: k - 1]
                         passages.insert(rng.randrange(len(passages) + 1), (item.doc_id, texts[item.doc_id]))
+                    cut = None
+                    if cfg.near_miss_rate and near_miss.random() < cfg.near_miss_rate / max(cfg.oracle_rate, 1e-9):
+                        cut = without_answer(item.question, texts[item.doc_id], scorer)
+                    if cut is not None:
+                        item.passages = [(d, cut if d == item.doc_id else t) for d, t in passages]
+                        item.answer, item.style = refusal, item.style + "+near_miss"
+                        continue
                 else:
                     passages = [p for p in found if p[0] != item.doc_id][:k]
                     item.style += "+oracle_free"
