@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
 from conftest import build_tiny_model
-from test_torch_backend import adapter_tensors, chat_rows, make_cfg, train
+from torch_helpers import adapter_tensors, chat_rows, make_cfg, train
 
 from mlx_lora.data.render import ChatTokenizer
 

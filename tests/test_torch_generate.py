@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
 from conftest import build_tiny_model
-from test_torch_backend import chat_rows, make_cfg, train
+from torch_helpers import chat_rows, make_cfg, train
 
 from mlx_lora.core.config import Config, GenerateConfig
 from mlx_lora.data.render import ChatTokenizer
