@@ -75,7 +75,8 @@ def main() -> None:
             (folder / name).write_text(text, encoding="utf-8")
         shutil.copy(args.data / "valid.jsonl", folder / "valid.jsonl")
         restored = sum(h is not r for h, r in zip(held, (r for i, r in enumerate(rows) if i % args.folds == f)))
-        print(f"fold {f}: {len(train)} train rows, {len(held)} held ({restored} hard negatives given their answer)")
+        taught = f"{restored} answerable rows taught to refuse expect their answer"
+        print(f"fold {f}: {len(train)} train rows, {len(held)} held ({taught})")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,45 @@
+"""Pooled figures over out-of-fold reports (fold.sh's /tmp/fr/NAME-fF/ev/report.json): each variant's mean
+similarity, unanswerable and answerable questions refused, and the right doc, over every held row of the folds.
+
+    python benchmarks/grounded/pooled.py '/tmp/fr/base-f*/ev/report.json' '/tmp/fr/nm15-f*/ev/report.json'
+
+Each pattern is one recipe; compare recipes on the same folds only.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import sys
+
+
+def pooled(paths: list[str]) -> dict[str, dict]:
+    rows: dict[str, list[dict]] = {}
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            for name, variant in json.load(f)["variants"].items():
+                rows.setdefault(name, []).extend(variant["rows"])
+    out = {}
+    for name, found in rows.items():
+        answerable = [r for r in found if r["answerable"]]
+        unanswerable = [r for r in found if not r["answerable"]]
+        out[name] = {
+            "rows": len(found),
+            "mean_similarity": round(sum(r["similarity"] for r in found) / len(found), 1),
+            "unanswerable_refused": f"{sum(r['refused'] for r in unanswerable)}/{len(unanswerable)}",
+            "answerable_refused": f"{sum(r['refused'] for r in answerable)}/{len(answerable)}",
+            "right_doc": f"{sum(r['predicted_doc'] == r['expected_doc'] for r in answerable)}/{len(answerable)}",
+        }
+    return out
+
+
+def main() -> None:
+    for pattern in sys.argv[1:]:
+        paths = sorted(glob.glob(pattern))
+        print(f"{pattern}: {len(paths)} folds")
+        for name, figures in pooled(paths).items():
+            print(f"  {name:<12} " + "  ".join(f"{k} {v}" for k, v in figures.items()))
+
+
+if __name__ == "__main__":
+    main()
