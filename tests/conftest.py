@@ -289,7 +289,7 @@ def grounded(tiny_kb, tiny_questions, tmp_path, **data):
     from mlx_lora.data.questions import load_questions
     from mlx_lora.data.similarity import CharScorer
 
-    data = {"passages": 2, **data}
+    data = {"passages": 2, "near_miss_rate": 0.0, **data}  # near-miss rows have their own tests
     cfg = DataConfig(kb=str(tiny_kb), questions=str(tiny_questions), dir=str(tmp_path / "out"), mode="grounded", **data)
     kb = load_kb(tiny_kb)
     splits = build_splits(kb, load_questions(tiny_questions, kb), cfg)
