@@ -129,10 +129,12 @@ class DataConfig:
     move_gold: float = 0.0
     # grounded: the share of answerable train rows that see only the part of their gold passage least related to
     # the question and answer the refusal (a near-miss made from an answerable question: on topic, no answer).
-    # Judged out of fold (train on 4/5 of the train questions, score the held fifth; 3 folds, 273 rows, the main
-    # job's recipe): 0 → 0.15, the model alone 89.9 → 93.0, unanswerable refused 40 → 56 of 67, answerable refused
-    # 4 → 8 of 206; 0.3: 91.8, 56 of 67, 12 of 206 (benchmarks/results/grounded/README.md).
-    near_miss_rate: float = 0.15
+    # Out of fold (train on 4/5 of the train questions, score the held fifth; 3 folds, 273 rows, the main job's
+    # recipe) 0.15 took the model alone 89.9 → 93.0 and unanswerable refused 40 → 56 of 67 — but questions about
+    # docs added after training were refused 62.5% of the time instead of 11.2% (alone 82.5 → 63.6): a cut passage
+    # is a text the model never saw whole, and so is a new doc's. Off until that is fixed
+    # (benchmarks/results/grounded/README.md).
+    near_miss_rate: float = 0.0
 
 
 @dataclass
