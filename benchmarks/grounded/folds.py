@@ -38,7 +38,8 @@ def doc_answers(rows: list[dict]) -> dict[str, str]:
         example = parse_row(row, "train.jsonl", line)
         meta = example.meta or {}
         text = own_citation_removed(example)
-        if meta.get("answerable") and meta.get("gold_in_passages") and text != example.answer:
+        plain = "+" not in meta.get("style", "")  # a row shaped for training (a cut passage…) is not the doc's answer
+        if meta.get("answerable") and meta.get("gold_in_passages") and plain and text != example.answer:
             out.setdefault(meta["doc_id"], text)
     return out
 
