@@ -222,6 +222,12 @@ def rows_and_vocab(tiny_rows, qwen_tokenizer_dir):
     return rows, vocab, qwen_tokenizer_dir
 
 
+@pytest.fixture(scope="module")
+def tiny_qwen2(tmp_path_factory, qwen_tokenizer_dir) -> Path:
+    """A tiny random Qwen2 with the real Qwen tokenizer (its whole vocabulary), one per test module."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), tokenizer_dir=qwen_tokenizer_dir)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, tiny_rows, qwen_tokenizer_dir) -> Path:
     """A 3-layer tiny Qwen2 over tiny_rows' vocabulary (the tokenizer files ride along: mlx_lm.load wants them)."""

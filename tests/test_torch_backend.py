@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from conftest import build_tiny_model
 from torch_helpers import chat_rows, make_cfg, train
 
 from mlx_lora.core.config import Config, LoraConfig
@@ -21,22 +19,17 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, qwen_tokenizer_dir) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), tokenizer_dir=qwen_tokenizer_dir)
+def tok(tiny_qwen2):
+    return ChatTokenizer.from_dir(tiny_qwen2)
 
 
 @pytest.fixture(scope="module")
-def tok(tiny):
-    return ChatTokenizer.from_dir(tiny)
-
-
-@pytest.fixture(scope="module")
-def trained(tiny, tok, tmp_path_factory):
+def trained(tiny_qwen2, tok, tmp_path_factory):
     """One 3-epoch run shared by several tests."""
     run_dir = tmp_path_factory.mktemp("run")
     cfg = make_cfg(epochs=3)
     outcome, events, backend, loaded = train(
-        tiny, chat_rows(tok, 12), chat_rows(tok, 4, question="VPN 連線"), cfg, run_dir
+        tiny_qwen2, chat_rows(tok, 12), chat_rows(tok, 4, question="VPN 連線"), cfg, run_dir
     )
     return {"run_dir": run_dir, "cfg": cfg, "outcome": outcome, "events": events, "backend": backend, "loaded": loaded}
 
@@ -50,12 +43,12 @@ def trained(tiny, tok, tmp_path_factory):
         LoraConfig(rank=4, targets=["o_proj", "down_proj"], rslora=True, num_layers=2),
     ],
 )
-def test_trainable_parameter_count_is_exact(tiny, lora):
+def test_trainable_parameter_count_is_exact(tiny_qwen2, lora):
     from transformers import AutoModelForCausalLM
 
     from mlx_lora.backends.torch.lora import attach
 
-    model = attach(AutoModelForCausalLM.from_pretrained(tiny), lora)
+    model = attach(AutoModelForCausalLM.from_pretrained(tiny_qwen2), lora)
     h, kv, inter = 64, 2 * 16, 128  # hidden, kv heads × head_dim, intermediate
     shapes = {
         "q_proj": (h, h),
@@ -88,13 +81,13 @@ def _lora_grads(model, ids, mask):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_masked_positions_contribute_no_gradient(tiny, tok):
+def test_masked_positions_contribute_no_gradient(tiny_qwen2, tok):
     from transformers import AutoModelForCausalLM
 
     from mlx_lora.backends.torch.lora import attach
 
     torch.manual_seed(1)
-    model = attach(AutoModelForCausalLM.from_pretrained(tiny), make_cfg().lora)
+    model = attach(AutoModelForCausalLM.from_pretrained(tiny_qwen2), make_cfg().lora)
     for name, param in model.named_parameters():
         if "lora_B" in name:  # B starts at zero, which would leave every A-gradient zero and the test blind
             torch.nn.init.normal_(param, std=0.5)
@@ -117,7 +110,7 @@ def test_masked_positions_contribute_no_gradient(tiny, tok):
     assert any(not torch.allclose(base[n], unmasked[n]) for n in base)
 
 
-def test_shared_prefix_pass_equals_the_plain_pass(tiny, tok):
+def test_shared_prefix_pass_equals_the_plain_pass(tiny_qwen2, tok):
     from transformers import AutoModelForCausalLM
 
     from mlx_lora.backends.torch.engine import MaskedLMLoss, shared_prefix
@@ -125,7 +118,7 @@ def test_shared_prefix_pass_equals_the_plain_pass(tiny, tok):
     from mlx_lora.data.batching import pad_batch
 
     torch.manual_seed(2)
-    model = attach(AutoModelForCausalLM.from_pretrained(tiny), make_cfg().lora)
+    model = attach(AutoModelForCausalLM.from_pretrained(tiny_qwen2), make_cfg().lora)
     for name, param in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.5)
@@ -170,11 +163,13 @@ def test_shared_prefix_pass_equals_the_plain_pass(tiny, tok):
     assert all(g.abs().sum() > 0 for g in shared.values())
 
 
-def test_adapter_loads_in_plain_peft_with_identical_logits(trained, tiny, tok):
+def test_adapter_loads_in_plain_peft_with_identical_logits(trained, tiny_qwen2, tok):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny), str(trained["run_dir"] / "adapter"))
+    plain = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_qwen2), str(trained["run_dir"] / "adapter")
+    )
     plain.eval()
     ids = torch.tensor([tok.prompt_ids([{"role": "user", "content": "VPN 怎麼連 3?"}])])
     with torch.no_grad():
@@ -185,12 +180,12 @@ def test_adapter_loads_in_plain_peft_with_identical_logits(trained, tiny, tok):
     assert config["r"] == 4 and config["lora_alpha"] == 8.0 and config["peft_type"] == "LORA"
 
 
-def test_fuse_writes_a_folder_transformers_loads(trained, tiny, tok, tmp_path):
+def test_fuse_writes_a_folder_transformers_loads(trained, tiny_qwen2, tok, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from mlx_lora.backends.torch.fuse import fuse
 
-    out = fuse(tiny, trained["run_dir"], tmp_path / "fused")
+    out = fuse(tiny_qwen2, trained["run_dir"], tmp_path / "fused")
     config = json.loads((out / "config.json").read_text())
     assert config["rope_theta"] == 10000.0
     assert (out / "tokenizer.json").is_file() and (out / "chat_template.jinja").is_file()
@@ -204,12 +199,12 @@ def test_fuse_writes_a_folder_transformers_loads(trained, tiny, tok, tmp_path):
     )
 
 
-def test_mlx_format_adapter_loads_with_identical_logits(trained, tiny, tok, tmp_path):
+def test_mlx_format_adapter_loads_with_identical_logits(trained, tiny_qwen2, tok, tmp_path):
     from mlx_lora.backends.adapters import peft_to_mlx
 
     peft_to_mlx(trained["run_dir"] / "adapter", tmp_path / "mlx", num_layers=2)
     assert (tmp_path / "mlx" / "adapters.safetensors").is_file()
-    loaded = trained["backend"].load(tiny, tmp_path / "mlx", Config())
+    loaded = trained["backend"].load(tiny_qwen2, tmp_path / "mlx", Config())
     ids = torch.tensor([tok.prompt_ids([{"role": "user", "content": "VPN 怎麼連 2?"}])])
     with torch.no_grad():
         diff = (loaded.model(input_ids=ids).logits - trained["loaded"].model(input_ids=ids).logits).abs().max()
@@ -238,7 +233,7 @@ def test_an_adapter_from_another_base_model_is_a_one_line_error(trained, tmp_pat
     assert "adapter does not fit this model" in str(info.value) and "\n" not in str(info.value)
 
 
-def test_an_adapter_whose_tensors_name_no_lora_layer_is_an_error(trained, tiny, tmp_path):
+def test_an_adapter_whose_tensors_name_no_lora_layer_is_an_error(trained, tiny_qwen2, tmp_path):
     # PEFT alone only warns and returns the base model unchanged: answers would silently be the base model's.
     from safetensors.torch import load_file, save_file
 
@@ -253,5 +248,5 @@ def test_an_adapter_whose_tensors_name_no_lora_layer_is_an_error(trained, tiny, 
         str(renamed / "adapter_model.safetensors"),
     )
     with pytest.raises(UserError, match="missing adapter keys"):
-        TorchBackend().load(tiny, renamed, trained["cfg"])
-    TorchBackend().load(tiny, trained["run_dir"] / "adapter", trained["cfg"])  # the intact adapter still loads
+        TorchBackend().load(tiny_qwen2, renamed, trained["cfg"])
+    TorchBackend().load(tiny_qwen2, trained["run_dir"] / "adapter", trained["cfg"])  # the intact adapter still loads

@@ -10,34 +10,26 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from conftest import build_tiny_model
-
 from mlx_lora.core.config import Config, GenerateConfig
 
 torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, qwen_tokenizer_dir) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), tokenizer_dir=qwen_tokenizer_dir)
-
-
-def test_cli_train_generate_fuse_end_to_end(tiny, tmp_path, capsys):
-    from mlx_lora.cli import main
-
-    data = tmp_path / "data"
-    data.mkdir()
-    chat = lambda q, a: json.dumps(
-        {
-            "messages": [
-                {"role": "user", "content": q},
-                {"role": "assistant", "content": a},
-            ]
-        },
+def _chat_data(folder: Path) -> Path:
+    folder.mkdir()
+    row = lambda q: json.dumps(
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "依據公司規範:以 SSO 登入。"}]},
         ensure_ascii=False,
     )
-    (data / "train.jsonl").write_text("\n".join(chat(f"VPN 問題 {i}", "依據公司規範:以 SSO 登入。") for i in range(8)))
-    (data / "valid.jsonl").write_text(chat("VPN 怎麼連?", "依據公司規範:以 SSO 登入。"))
+    (folder / "train.jsonl").write_text("\n".join(row(f"VPN 問題 {i}") for i in range(8)))
+    (folder / "valid.jsonl").write_text(row("VPN 怎麼連?"))
+    return folder
+
+
+def test_cli_train_generate_fuse_end_to_end(tiny_qwen2, tmp_path, capsys):
+    from mlx_lora.cli import main
+
+    data = _chat_data(tmp_path / "data")
     run = tmp_path / "run"
     main(
         [
@@ -45,7 +37,7 @@ def test_cli_train_generate_fuse_end_to_end(tiny, tmp_path, capsys):
             "--backend",
             "torch",
             "--model",
-            str(tiny),
+            str(tiny_qwen2),
             "--data",
             str(data),
             "--out",
@@ -87,7 +79,7 @@ def test_cli_train_generate_fuse_end_to_end(tiny, tmp_path, capsys):
                 "--backend",
                 "torch",
                 "--model",
-                str(tiny),
+                str(tiny_qwen2),
                 "--data",
                 str(data),
                 "--out",
@@ -110,22 +102,11 @@ def test_cli_train_generate_fuse_end_to_end(tiny, tmp_path, capsys):
     assert {name: (run / name).read_bytes() for name in before} == before
 
 
-def _chat_data(folder: Path) -> Path:
-    folder.mkdir()
-    row = lambda q: json.dumps(
-        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "依據公司規範:以 SSO 登入。"}]},
-        ensure_ascii=False,
-    )
-    (folder / "train.jsonl").write_text("\n".join(row(f"VPN 問題 {i}") for i in range(8)))
-    (folder / "valid.jsonl").write_text(row("VPN 怎麼連?"))
-    return folder
-
-
-def test_cli_train_exit_codes_non_finite_and_resume_of_other_data(tiny, tmp_path, capsys):
+def test_cli_train_exit_codes_non_finite_and_resume_of_other_data(tiny_qwen2, tmp_path, capsys):
     from mlx_lora.cli import main
 
     data = _chat_data(tmp_path / "data")
-    base = ["train", "--backend", "torch", "--model", str(tiny), "--data", str(data), "--no-progress"]
+    base = ["train", "--backend", "torch", "--model", str(tiny_qwen2), "--data", str(data), "--no-progress"]
     with pytest.raises(SystemExit) as info:  # NaN/Inf: exit 3, one line naming the fix
         main([*base, "--out", str(tmp_path / "nan"), "--set", "train.lr=1e30", "--set", "train.max_grad_norm=0"])
     err = capsys.readouterr().err.strip().splitlines()
