@@ -83,7 +83,7 @@ def run_pipeline(cfg: Config, progress: bool = True) -> dict:
             "steps": outcome.steps,
             "stopped": outcome.stopped,
             "best_eval_loss": outcome.best_eval_loss,
-            **_train_speed(run_dir),
+            **_train_figures(run_dir),
         },
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
     }
@@ -108,14 +108,16 @@ def _preflight(cfg: Config) -> None:
         make_scorer(cfg.eval.embedder)
 
 
-def _train_speed(run_dir: Path) -> dict:
+def _train_figures(run_dir: Path) -> dict:
     import json
 
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file():
         return {}
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    return {k: summary[k] for k in ("tokens_per_s", "supervised_tokens_per_s", "health") if k in summary}
+    return {
+        k: summary[k] for k in ("tokens_per_s", "supervised_tokens_per_s", "health", "refusal_bias") if k in summary
+    }
 
 
 def print_summary(summary: dict) -> None:
@@ -138,6 +140,10 @@ def print_summary(summary: dict) -> None:
         + (f", best valid loss {best:.4f}" if isinstance(best, (int, float)) else ", no valid loss")
         + (f", {speed:.0f} tok/s" if isinstance(speed, (int, float)) else "")
     )
+    if train.get("refusal_bias"):
+        from mlx_lora.training.refusal_bias import describe_bias
+
+        click.echo(f"refusal bias: {describe_bias(train['refusal_bias'])}")
     t = summary["timings_s"]
     click.echo(
         f"time: {t['total_s']:.0f} s (model {t['model_s']:.0f}, train {t['train_s']:.0f}, eval {t['eval_s']:.0f})"

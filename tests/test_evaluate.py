@@ -312,6 +312,9 @@ def test_evaluate_run_end_to_end_with_a_tiny_torch_model(tmp_path, tiny_kb, tiny
     assert list(report["summary"]) == ["base", "tuned", "tuned_rules", "retrieval", "top_passage"]
     assert all(report["summary"][v]["rows"] == test_rows for v in report["summary"])
     assert report["meta"]["timings"]["tuned_generate_s"] > 0 and report["meta"]["adapter"].endswith("run")
+    # the tuned model answered with the bias its training calibrated on valid; the base model with none
+    calibrated = json.loads((tmp_path / "run" / "calibration.json").read_text(encoding="utf-8"))["refusal_bias"]
+    assert report["meta"]["refusal_bias"] == {"base": 0.0, "tuned": calibrated}
     assert (tmp_path / "eval" / "audit.jsonl").read_text().count("\n") == test_rows
 
 

@@ -13,6 +13,7 @@ from mlx_lora.core.errors import UserError
 from mlx_lora.core.model_store import local_model_dir, model_sha256
 from mlx_lora.data.render import ChatTokenizer
 
+CALIBRATION = "calibration.json"  # a run's refusal bias (training/refusal_bias.py writes it)
 # The data settings that shape a prompt: generation must use the ones the adapter was trained with.
 PROMPT_KEYS = ("system_prompt", "mode", "passages", "cite", "passage_template", "grounded_template")
 
@@ -89,4 +90,27 @@ def load_for_generation(
     if run is not None:  # a bare adapter folder records no base model to compare with
         check_base_model(run, model_dir, Path(adapter) / "manifest.json", cfg.model.cache_dir, strict)
     loaded = backend.load(model_dir, adapter_dir, cfg)
+    loaded.first_token_bias = first_token_bias(Path(adapter) if run is not None else None, cfg)
     return backend, loaded, ChatTokenizer.from_dir(model_dir), system_prompt
+
+
+def first_token_bias(run_dir: Path | None, cfg: Config) -> dict[int, float]:
+    """{the refusal's first token: its bias} from the run's calibration (training/refusal_bias.py), the bias
+    replaced by generate.refusal_bias when that is set; {} without a calibration or at a zero bias."""
+    path = run_dir / CALIBRATION if run_dir is not None else None
+    if path is None or not path.is_file():
+        if cfg.generate.refusal_bias:
+            print(
+                f"warning: generate.refusal_bias {cfg.generate.refusal_bias} ignored: "
+                f"{path or 'a bare adapter folder'} has no calibration naming the refusal's first token",
+                file=sys.stderr,
+            )
+        return {}
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        token, bias = int(saved["token"]), float(saved["refusal_bias"])
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise UserError(f"{path}: unreadable calibration ({exc}); delete it to answer unbiased") from None
+    if cfg.generate.refusal_bias is not None:
+        bias = cfg.generate.refusal_bias
+    return {token: bias} if bias else {}

@@ -90,7 +90,12 @@ class Backend(Protocol):
         stop_ids: list[int],
         on_token: Callable[[int, int], None] | None = None,
     ) -> list[list[int]]:
-        """New token ids for each prompt (batched); on_token(prompt_index, token_id) streams them."""
+        """New token ids for each prompt (batched); on_token(prompt_index, token_id) streams them. The loaded
+        model's first_token_bias (token id → logit bias) is added to each prompt's first new token's logits."""
+
+    def token_margins(self, loaded: Any, prompts: list[list[int]], cfg: GenerateConfig, token: int) -> list[float]:
+        """Per prompt, the logit of `token` as its first new token minus the highest other logit (> 0: greedy
+        decoding starts with it), no first-token bias applied; in the precision generate() uses."""
 
     def fuse(self, loaded: Any, out_dir: Path) -> Path:
         """Merge the loaded adapter into the base weights and save an HF folder."""

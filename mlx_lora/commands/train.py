@@ -93,6 +93,7 @@ def train(config_path, overrides, data_dir, resume, no_progress, mask_prompt, **
     """
     from mlx_lora.core.environment import main_process
     from mlx_lora.training.loop import EXIT_CODES
+    from mlx_lora.training.refusal_bias import describe_bias
     from mlx_lora.training.run import train_run
 
     cfg = train_config(config_path, overrides, **options)
@@ -104,6 +105,8 @@ def train(config_path, overrides, data_dir, resume, no_progress, mask_prompt, **
         return
     best = f"{outcome.best_eval_loss:.4f} at step {outcome.best_step}" if outcome.best_eval_loss is not None else "-"
     click.echo(f"run: {run_dir}  stopped: {outcome.stopped}  steps: {outcome.steps}  best eval loss: {best}")
+    if "refusal_bias" in outcome.extra:
+        click.echo(f"refusal bias: {describe_bias(outcome.extra['refusal_bias'])}")
     if outcome.stopped == "interrupted":
         click.echo(f"resume with: mlx-lora train --out {run_dir} --resume {run_dir}  (same config and data)")
     summary_path = run_dir / "summary.json"

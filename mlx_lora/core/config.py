@@ -150,6 +150,9 @@ class GenerateConfig:
     # torch, greedy: check up to this many tokens per step that the prompt predicts (a grounded answer copies its
     # passage): one pass keeps every drafted token greedy decoding agrees with. 0 = off (backends/torch/lookup.py)
     prompt_lookup: int = 8
+    # Added to the logit of the refusal's first token at the first new token: > 0 refuses more often, < 0 less.
+    # None = the run's own, calibrated on its valid split after training (calibration.json; 0 where it has none).
+    refusal_bias: float | None = None
 
 
 @dataclass
@@ -292,6 +295,7 @@ RANGES = {
     "generate.repetition_penalty": (0, None, (False, False), "the repetition penalty (1 = off)"),
     "generate.batch_size": (1, None, (True, False), "prompts decoded together"),
     "generate.prompt_lookup": (0, None, (True, False), "drafted tokens checked per step (0 = off)"),
+    "generate.refusal_bias": (-20, 20, (True, True), "a logit bias; null = the run's calibrated one"),
     "eval.worst_n": (0, None, (True, False), "worst cases listed"),
     "eval.max_rows": (1, None, (True, False), "test rows to sample; null = all"),
     "rules.kb_match_threshold": (0, 1, (True, True), "a similarity"),

@@ -59,6 +59,12 @@ def intro(report: dict) -> list[list[tuple[str, str]]]:
             + "."
         )
         lines.append([(PLAIN, text)])
+    biased = {name: b for name, b in (meta.get("refusal_bias") or {}).items() if b}
+    if biased:
+        shown = ", ".join(f"{name} {b:+g}" for name, b in biased.items())
+        lines.append(
+            [(PLAIN, f"Refusal bias (logit of the refusal's first token, calibrated on the valid split): {shown}.")]
+        )
     if meta.get("rules"):
         rules = meta["rules"]
         lines.append(

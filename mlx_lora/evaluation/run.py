@@ -47,7 +47,8 @@ def generate_answers(
 
 def _generate_variant(
     cfg: Config, model, adapter, examples, progress: bool, strict: bool = False
-) -> tuple[list[str], float]:
+) -> tuple[list[str], float, float]:
+    """(answers, seconds generating, the refusal bias the model answered with: 0 without one)."""
     from mlx_lora.backends.loading import load_for_generation
 
     backend, loaded, tokenizer, system_prompt = load_for_generation(
@@ -56,9 +57,10 @@ def _generate_variant(
     start = time.perf_counter()
     answers = generate_answers(backend, loaded, tokenizer, examples, cfg, system_prompt, progress)
     elapsed = time.perf_counter() - start
+    bias = max(loaded.first_token_bias.values(), default=0.0)
     del loaded
     gc.collect()
-    return answers, elapsed
+    return answers, elapsed, bias
 
 
 def _prompt_settings(cfg: Config, adapter_run):
@@ -170,6 +172,7 @@ def evaluate_run(
     questions = [e.question for e in test]
     got: dict[str, list] = dict(answers or {})
     timings: dict[str, float] = {}
+    biases: dict[str, float] = {}
     if "retrieval" in variants:
         if decider.route is None:
             notes["retrieval"] = "no train split given: retrieval baseline skipped"
@@ -180,7 +183,7 @@ def evaluate_run(
     adapters = {"tuned": adapter_run, "base": None}
     for name in models_for(variants):
         if name not in got:
-            got[name], timings[f"{name}_generate_s"] = _generate_variant(
+            got[name], timings[f"{name}_generate_s"], biases[name] = _generate_variant(
                 cfg, model, adapters[name], test, progress, strict
             )
         # A numbered citation names a passage of that row's prompt: from here on answers cite doc ids.
@@ -211,6 +214,7 @@ def evaluate_run(
         "adapter": str(adapter_run) if adapter_run else None,
         "test_rows": len(test),
         "refusal": refusal,
+        "refusal_bias": biases,  # per generated model: the logit its refusal's first token was given
         "timings": timings,
         "notes": notes,
         **decider_info,

@@ -16,7 +16,7 @@ from mlx_lora.core.model_store import local_model_dir, model_sha256
 from mlx_lora.data.formats import encode_rows, length_warnings, read_examples, token_count
 from mlx_lora.data.grounded import fit_rows
 from mlx_lora.data.render import ChatTokenizer
-from mlx_lora.training import card, checkpoints, events, loop, summary
+from mlx_lora.training import card, checkpoints, events, loop, refusal_bias, summary
 from mlx_lora.training.listeners import standard_listeners
 from mlx_lora.training.loop import TrainOutcome
 
@@ -75,9 +75,10 @@ def train_run(
     backend = backends.resolve(cfg.backend.name)
     model_dir = local_model_dir(cfg.model.path, cfg.model.cache_dir, progress)
     tokenizer = ChatTokenizer.from_dir(model_dir)
-    rows, dropped, warnings = {}, 0, []
+    rows, kept, dropped, warnings = {}, {}, 0, []
     for path in (train_file, valid_file):
         examples, notes = fit_rows(read_examples(path), token_count(tokenizer), cfg.train.max_length, cfg.data, path)
+        kept[path] = examples
         encoded = encode_rows(tokenizer, examples, cfg.train.max_length)
         warnings += notes
         warnings += length_warnings(path, encoded, cfg.train.max_length)
@@ -115,6 +116,11 @@ def train_run(
             listeners(event)
 
         outcome = _train(backend, model_dir, train, valid, cfg, run_dir, run, resume, on_event)
+        if outcome.stopped in ("completed", "max_steps", "early_stopped") and cfg.generate.refusal_bias is None:
+            (run_dir / refusal_bias.FILE).unlink(missing_ok=True)  # a resumed run's old one no longer fits
+            calibration = refusal_bias.calibrate(backend, model_dir, run_dir, kept[valid_file], tokenizer, cfg)
+            if calibration is not None:
+                outcome.extra["refusal_bias"] = calibration
         summary.finish(run_dir, outcome)
         card.write_model_card(run_dir)  # what is known now; `run` rewrites it with the evaluation
     return outcome

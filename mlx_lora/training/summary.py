@@ -182,6 +182,7 @@ def finish(run_dir: str | Path, outcome) -> dict:
         "peak_memory_mb": max(_finite(e.get("memory_mb") for e in steps), default=None),
         # MLX: how often the compiled step was traced; every new batch shape costs one (they are bucketed)
         **({"compile_traces": outcome.extra["compile_traces"]} if "compile_traces" in outcome.extra else {}),
+        **({"refusal_bias": outcome.extra["refusal_bias"]} if "refusal_bias" in outcome.extra else {}),
         "warnings": [e["message"] for e in other if e.get("type") == "warning"],
         "health": health(steps, evals, _train_config(run_dir)),
         "plots": [f"plots/{name}" for name in write_plots(run_dir)],

@@ -47,6 +47,11 @@ class MLXBackend:
 
         return generate(loaded, prompts, cfg, stop_ids, on_token)
 
+    def token_margins(self, loaded, prompts: list[list[int]], cfg: GenerateConfig, token: int) -> list[float]:
+        from mlx_lora.backends.mlx.generate import token_margins
+
+        return token_margins(loaded, prompts, token)
+
     def fuse(self, loaded, out_dir: Path) -> Path:
         """Merge the loaded adapter into the base weights and save an HF-style folder."""
         from mlx_lora.backends.mlx.fuse import fuse

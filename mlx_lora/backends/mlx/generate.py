@@ -12,6 +12,18 @@ from mlx_lora.core.errors import UserError
 _warned = False
 
 
+def _first_step(bias: dict[int, float]):
+    import mlx.core as mx
+
+    ids, values, calls = mx.array(list(bias)), mx.array(list(bias.values())), [0]
+
+    def add(context, logits):
+        calls[0] += 1
+        return logits.at[..., ids].add(values.astype(logits.dtype)) if calls[0] == 1 else logits
+
+    return add
+
+
 def generate(
     loaded: MLXLoaded,
     prompts: list[list[int]],
@@ -39,6 +51,11 @@ def generate(
         repetition_context_size=max(len(p) for p in prompts) + cfg.max_new_tokens,
     )
     size = max(1, cfg.batch_size)
+    # One processor per prompt that adds the bias to its first new token's logits and then stands aside (a call
+    # count, not the context's length: what context mlx-lm passes differs between its versions).
+    per_row = [
+        [*processors, *([_first_step(loaded.first_token_bias)] if loaded.first_token_bias else [])] for _ in prompts
+    ]
     gen = BatchGenerator(
         loaded.model,
         max_tokens=cfg.max_new_tokens,
@@ -50,7 +67,7 @@ def generate(
     )
     results: list[list[int]] = [[] for _ in prompts]
     try:
-        uids = gen.insert([list(p) for p in prompts])
+        uids = gen.insert([list(p) for p in prompts], logits_processors=per_row)
         index = {uid: i for i, uid in enumerate(uids)}
         while responses := gen.next_generated():
             for response in responses:
@@ -63,3 +80,18 @@ def generate(
     finally:
         gen.close()
     return results
+
+
+def token_margins(loaded: MLXLoaded, prompts: list[list[int]], token: int) -> list[float]:
+    """Per prompt, the logit of `token` as its first new token minus the highest other logit, unbiased; one
+    prompt at a time (no padding to get right, and calibration scores a valid split's few dozen prompts)."""
+    import mlx.core as mx
+
+    loaded.model.eval()
+    margins = []
+    for prompt in prompts:
+        logits = loaded.model(mx.array([prompt]))[0, -1].astype(mx.float32)
+        own = logits[token]
+        others = mx.where(mx.arange(logits.shape[-1]) == token, -mx.inf, logits)
+        margins.append(float(own - others.max()))
+    return margins

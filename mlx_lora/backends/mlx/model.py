@@ -41,6 +41,7 @@ class MLXLoaded:
     adapter_format: str | None = None
     lora: dict | None = None  # {rank, scale, alpha, dropout, keys, num_layers, dora} once LoRA layers exist
     warnings: list[str] = field(default_factory=list)
+    first_token_bias: dict[int, float] = field(default_factory=dict)  # added to the first new token's logits
 
 
 def blas_note() -> str | None:

@@ -73,7 +73,25 @@ class TorchBackend:
         for_generation(loaded, cfg.precision, default_cache_dir())
         # Answers this model wrote before: prompt lookup drafts repeated text (a refusal) from them.
         memory = loaded.extra.setdefault("lookup_memory", lookup.AnswerMemory())
-        return generate(loaded.model, prompts, cfg, stop_ids, loaded.pad_id, loaded.device, on_token, memory=memory)
+        return generate(
+            loaded.model,
+            prompts,
+            cfg,
+            stop_ids,
+            loaded.pad_id,
+            loaded.device,
+            on_token,
+            memory=memory,
+            first_bias=loaded.first_token_bias,
+        )
+
+    def token_margins(self, loaded, prompts: list[list[int]], cfg: GenerateConfig, token: int) -> list[float]:
+        from mlx_lora.backends.torch.generate import token_margins
+        from mlx_lora.backends.torch.precision import for_generation
+        from mlx_lora.core.model_store import default_cache_dir
+
+        for_generation(loaded, cfg.precision, default_cache_dir())  # the precision generate() will answer in
+        return token_margins(loaded.model, prompts, token, loaded.pad_id, loaded.device, cfg.batch_size)
 
     def fuse(self, loaded, out_dir: Path) -> Path:
         """Merge the loaded adapter into the base weights and save an HF folder (with tokenizer and template)."""

@@ -1,5 +1,5 @@
-"""What both decoding loops share: left-padded prompt batches, and the KV cache argument under this transformers
-version's name."""
+"""What both decoding loops share: left-padded prompt batches, the first step's bias, and the KV cache argument
+under this transformers version's name."""
 
 from __future__ import annotations
 
@@ -26,3 +26,12 @@ def left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Te
     ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
     attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     return ids, attention
+
+
+def biased(logits: torch.Tensor, bias: dict[int, float] | None) -> torch.Tensor:
+    """The first step's logits with the run's calibrated first-token bias added (training/refusal_bias.py)."""
+    if not bias:
+        return logits
+    add = torch.zeros(logits.shape[-1], dtype=logits.dtype, device=logits.device)
+    add[list(bias)] = torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device)
+    return logits + add

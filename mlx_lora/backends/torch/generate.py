@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from mlx_lora.backends.torch import lookup
-from mlx_lora.backends.torch.cache import cache_kwarg, left_padded, returned_cache
+from mlx_lora.backends.torch.cache import biased, cache_kwarg, left_padded, returned_cache
 from mlx_lora.core.config import GenerateConfig
 
 
@@ -42,6 +42,7 @@ def generate_batch(
     on_token: Callable[[int, int], None] | None = None,
     offset: int = 0,
     generator: torch.Generator | None = None,
+    first_bias: dict[int, float] | None = None,
 ) -> list[list[int]]:
     """One left-padded batch: prefill once, then one token per step from the cache until every row stops.
 
@@ -61,7 +62,7 @@ def generate_batch(
     active = list(range(len(prompts)))  # original row of each batch row still generating
     cache, cache_name = None, cache_kwarg(model)
     step_ids, step_pos = ids, positions
-    for _ in range(cfg.max_new_tokens):
+    for step in range(cfg.max_new_tokens):
         result = model(
             input_ids=step_ids,
             attention_mask=attention,
@@ -76,6 +77,8 @@ def generate_batch(
         )
         cache = returned_cache(result, cache_name)
         logits = result.logits[:, -1, :].float()
+        if step == 0:
+            logits = biased(logits, first_bias)
         if seen is not None:
             logits = _penalise(logits, seen, cfg.repetition_penalty)
         chosen = _pick(logits, cfg, generator)
@@ -118,10 +121,11 @@ def generate(
     on_token: Callable[[int, int], None] | None = None,
     seed: int = 0,
     memory=None,
+    first_bias: dict[int, float] | None = None,
 ) -> list[list[int]]:
     """New token ids per prompt (stop token excluded), in batches of cfg.batch_size; on_token streams them.
     `memory` (a lookup.AnswerMemory the caller keeps between calls) collects answers that prompt lookup drafts
-    from later."""
+    from later; `first_bias` is added to the logits of the first new token (token id → bias)."""
     was_training = model.training
     model.eval()
     generator = None
@@ -144,6 +148,7 @@ def generate(
                     on_token,
                     start,
                     memory=memory,
+                    first_bias=first_bias,
                 )
                 if memory is not None:
                     memory.add(answers, cfg.max_new_tokens, stop_ids[0] if stop_ids else None)
@@ -159,7 +164,39 @@ def generate(
                 on_token,
                 offset=start,
                 generator=generator,
+                first_bias=first_bias,
             )
     finally:
         model.train(was_training)
     return results
+
+
+@torch.no_grad()
+def token_margins(model, prompts: list[list[int]], token: int, pad_id: int, device, batch_size: int) -> list[float]:
+    """Per prompt, the logit of `token` as its first new token minus the highest other logit (> 0: greedy
+    decoding starts with it), with no first-token bias applied."""
+    was_training = model.training
+    model.eval()
+    margins: list[float] = [0.0] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # little padding per batch
+    try:
+        for start in range(0, len(order), max(1, batch_size)):
+            rows = order[start : start + max(1, batch_size)]
+            ids, attention = left_padded([prompts[i] for i in rows], pad_id, device)
+            logits = (
+                model(
+                    input_ids=ids,
+                    attention_mask=attention,
+                    position_ids=(attention.cumsum(-1) - 1).clamp(min=0),
+                    logits_to_keep=torch.tensor([ids.shape[1] - 1], device=device),  # an index: see generate_batch
+                )
+                .logits[:, -1, :]
+                .float()
+            )
+            own = logits[:, token].clone()
+            logits[:, token] = float("-inf")
+            for i, margin in zip(rows, (own - logits.max(dim=-1).values).tolist()):
+                margins[i] = margin
+    finally:
+        model.train(was_training)
+    return margins

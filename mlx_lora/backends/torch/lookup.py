@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mlx_lora.backends.torch.cache import cache_kwarg, left_padded, returned_cache
+from mlx_lora.backends.torch.cache import biased, cache_kwarg, left_padded, returned_cache
 
 MAX_NGRAM = 3  # the longest tail searched for; shorter tails are tried when it does not occur
 # A one-token match drafts mostly junk in free text: on a base model's answers (8 rows, adaptive drafts) decoding
@@ -115,6 +115,7 @@ def generate_batch(
     on_token: Callable[[int, int], None] | None = None,
     offset: int = 0,
     memory: AnswerMemory | None = None,
+    first_bias: dict[int, float] | None = None,
 ) -> list[list[int]]:
     """Greedy new tokens per prompt (stop token excluded), checking up to `draft_tokens` drafted tokens per row
     a step (fewer while many rows write: draft_size); `memory`: earlier answers to draft from (draft())."""
@@ -130,7 +131,7 @@ def generate_batch(
         logits_to_keep=torch.tensor([width - 1], device=device),
     )
     cache = returned_cache(result, cache_name)
-    first = result.logits[:, -1].float().argmax(dim=-1).tolist()
+    first = biased(result.logits[:, -1].float(), first_bias).argmax(dim=-1).tolist()
 
     stops, out = set(stop_ids), [[] for _ in prompts]
     contexts = [list(p) for p in prompts]  # where each row's drafts are looked up: its prompt and answer so far

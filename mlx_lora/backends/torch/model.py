@@ -30,6 +30,7 @@ class Loaded:
     adapter: Path | None = None
     pad_id: int = 0
     extra: dict = field(default_factory=dict)
+    first_token_bias: dict[int, float] = field(default_factory=dict)  # added to the first new token's logits
 
 
 def pick_device(name: str = "auto") -> torch.device:

@@ -1,0 +1,86 @@
+"""The run's refusal bias: how far to shift its cite-or-refuse decision, calibrated on the valid split after training.
+
+A grounded (or closed-book) adapter decides to refuse with its answer's first token. Where that decision sits moves
+with the seed: five adapters of one recipe, trained on five folds of the sample's train split, answered between
+2 and 14 of ~22 held-out unanswerable questions each while refusing 0 to 4 of ~69 answerable ones. Adding a bias
+b to the refusal's first-token logit moves the decision without retraining; it is chosen where it turns the
+most valid rows right: unanswerable ones refused minus answerable ones refused (each turn is worth about the
+same similarity either way: a refused answerable row scores ~34, an answered unanswerable one ~34).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from mlx_lora.backends.loading import CALIBRATION
+from mlx_lora.core.config import Config
+from mlx_lora.core.files import write_json
+from mlx_lora.data.render import ChatTokenizer, encode_messages
+
+FILE = CALIBRATION  # in the run folder, beside manifest.json; backends/loading.py reads it
+# Biases tried, in logits. Confident answers' margins cluster near 4, so past 3 the bias refuses answerable rows
+# wholesale. None below 0: on those folds a valid split that over-refused picked -0.25 and -1.5, and held out they
+# answered 2 and 10 more unanswerable questions for 1 and 1 answerable ones fewer refused.
+GRID = [b / 4 for b in range(0, 13)]
+
+
+def pick(margins: list[float], answerable: list[bool]) -> tuple[float, dict]:
+    """(the bias that refuses the most unanswerable rows net of answerable ones — the smallest |b| among equals,
+    so no evidence means no shift; the counts at b = 0 and at the bias)."""
+
+    def counts(b: float) -> tuple[int, int]:
+        refused = [m + b > 0 for m in margins]
+        return (
+            sum(r for r, a in zip(refused, answerable) if not a),
+            sum(r for r, a in zip(refused, answerable) if a),
+        )
+
+    best = max(GRID, key=lambda b: (counts(b)[0] - counts(b)[1], -abs(b), -b))
+    before, after = counts(0.0), counts(best)
+    n_unanswerable = answerable.count(False)
+    return best, {
+        "rows": len(margins),
+        "unanswerable": n_unanswerable,
+        "unanswerable_refused": {"unbiased": before[0], "biased": after[0]},
+        "answerable_refused": {"unbiased": before[1], "biased": after[1]},
+    }
+
+
+def calibrate(backend, model_dir: Path, run_dir: Path, examples, tokenizer: ChatTokenizer, cfg: Config) -> dict | None:
+    """Score the valid rows' first answer token with the saved adapter (as generation loads it), pick the bias,
+    write run_dir/calibration.json and return it; None (and no file) when valid lacks answerable or unanswerable
+    chat rows to calibrate on."""
+    rows = [e for e in examples if e.messages and (e.meta or {}).get("answerable") in (True, False)]
+    unanswerable = [e for e in rows if e.meta["answerable"] is False]
+    if not unanswerable or len(unanswerable) == len(rows):
+        return None
+    refusal = Counter(e.answer for e in unanswerable).most_common(1)[0][0]
+    sample = next(e for e in unanswerable if e.answer == refusal)
+    encoded = encode_messages(tokenizer, sample.messages, 10**9)
+    token = encoded.ids[encoded.mask.index(1)]  # the refusal's first token, as training rendered it
+    loaded = backend.load(model_dir, run_dir / "adapter", cfg)
+    prompts = [tokenizer.prompt_ids(e.prompt_messages(), cfg.data.system_prompt) for e in rows]
+    margins = backend.token_margins(loaded, prompts, cfg.generate, token)
+    bias, figures = pick(margins, [e.meta["answerable"] for e in rows])
+    result = {
+        "refusal_bias": bias,
+        "token": token,
+        "token_text": tokenizer.decode([token]),
+        "refusal": refusal,
+        "valid": figures,
+    }
+    write_json(run_dir / FILE, result)
+    return result
+
+
+def describe_bias(calibration: dict) -> str:
+    """One line: the bias and what it changed on the valid split."""
+    v = calibration["valid"]
+    answerable = v["rows"] - v["unanswerable"]
+    return (
+        f"{calibration['refusal_bias']:+g} on {calibration['token_text']!r} (valid: unanswerable refused "
+        f"{v['unanswerable_refused']['unbiased']} -> {v['unanswerable_refused']['biased']} of {v['unanswerable']}, "
+        f"answerable refused {v['answerable_refused']['unbiased']} -> {v['answerable_refused']['biased']} of "
+        f"{answerable})"
+    )
