@@ -237,8 +237,8 @@ class FakeBackend:
     def __init__(self, tokenizer):
         self.tokenizer, self.calls = tokenizer, []
 
-    def generate(self, loaded, prompts, cfg, stop_ids, on_token=None):
-        self.calls.append(([len(p) for p in prompts], cfg.temperature, list(stop_ids)))
+    def generate(self, loaded, prompts, cfg, stop_ids, on_token=None, biased=None):
+        self.calls.append(([len(p) for p in prompts], cfg.temperature, list(stop_ids), biased))
         return [self.tokenizer.encode(f"len {len(p)}") for p in prompts]
 
 
@@ -260,6 +260,16 @@ def test_generate_answers_batches_by_length_greedy_and_keeps_order(qwen_tokenize
     assert answers == [f"len {n}" for n in lengths]
     assert [c[0] for c in backend.calls] == [sorted(lengths)[:2], sorted(lengths)[2:]]
     assert all(c[1] == 0.0 for c in backend.calls) and backend.calls[0][2] == tok.stop_ids()
+    assert [c[3] for c in backend.calls] == [[True, True], [True]]  # closed-book prompts: the run's bias applies
+
+    # Grounded: a prompt that shows a doc no training question asks for (added after training) is answered unbiased.
+    from types import SimpleNamespace
+
+    for e, shown in zip(examples, (["vpn"], ["vpn", "new-doc"], ["leave", "vpn"])):
+        e.meta = {"passages": shown}
+    backend.calls.clear()
+    generate_answers(backend, None, tok, examples, cfg, "你是助理。", index=SimpleNamespace(asked={"vpn", "leave"}))
+    assert [c[3] for c in backend.calls] == [[True, True], [False]]  # by length: 短, 中等…, then the long one
 
 
 def test_evaluate_run_end_to_end_with_a_tiny_torch_model(tmp_path, tiny_kb, tiny_splits, qwen_tokenizer_dir):

@@ -61,6 +61,10 @@ def test_torch_bias_moves_the_first_token_only(lively_torch, lookup):
     loaded.first_token_bias = {token: bias}
     try:
         moved = backend.generate(loaded, prompts, cfg, [])
+        # Per prompt: a prompt flagged False (it shows a doc added after training) is answered unbiased.
+        loaded.first_token_bias = {token: -min(margins) + 1e-3}  # enough to flip every prompt
+        flags = [True, False, True, False]
+        some = backend.generate(loaded, prompts, cfg, [], biased=flags)
     finally:
         loaded.first_token_bias = {}
     for margin, before, after in zip(margins, plain, moved):
@@ -69,6 +73,7 @@ def test_torch_bias_moves_the_first_token_only(lively_torch, lookup):
         else:
             assert after == before  # the bias changed nothing where it did not flip the first token
     assert sum(a[0] == token for a in moved) == 2
+    assert [a[0] == token for a in some] == flags and all(s == p for s, p, f in zip(some, plain, flags) if not f)
 
 
 def test_mlx_bias_moves_the_first_token_only(tiny_model, rows_and_vocab):
@@ -90,6 +95,9 @@ def test_mlx_bias_moves_the_first_token_only(tiny_model, rows_and_vocab):
     flipped = [i for i, m in enumerate(margins) if m + bias > 0]
     assert len(flipped) == 1 and moved[flipped[0]][0] == token
     assert all(moved[i] == plain[i] for i in range(3) if i not in flipped)
+    loaded.first_token_bias = {token: -min(margins) + 1e-3}  # enough to flip every prompt, but one is not flagged
+    some = backend.generate(loaded, prompts, cfg, [], biased=[True, False, True])
+    assert [s[0] == token for s in some] == [True, False, True] and some[1] == plain[1]
 
 
 def _grounded_like_data(folder: Path) -> Path:
@@ -165,3 +173,16 @@ def test_valid_without_unanswerable_rows_writes_no_calibration(tiny_qwen2, tmp_p
     main([*args, "--epochs", "1", "--no-progress", "--set", "train.batch_size=3", "--set", "train.precision=fp32"])
     assert (run / "adapter").is_dir() and not (run / "calibration.json").exists()
     assert "refusal_bias" not in json.loads((run / "summary.json").read_text(encoding="utf-8"))
+
+
+def test_familiar_means_every_shown_doc_was_asked_in_training():
+    from mlx_lora.data.grounded import familiar
+    from mlx_lora.data.retrieval import PassageIndex
+    from mlx_lora.data.similarity import CharScorer
+
+    kb = {"vpn": "VPN 用 SSO 登入。", "new": "新規範:週五便服。"}
+    index = PassageIndex(CharScorer(), kb, [("VPN 怎麼連", "vpn")])
+    assert index.asked == {"vpn"}
+    assert familiar(["vpn"], index) and familiar([], index)
+    assert not familiar(["vpn", "new"], index)  # "new" was added after training: no bias
+    assert familiar(["new"], None)  # closed-book: no retriever, the bias applies

@@ -128,17 +128,17 @@ def test_serve_answers_as_eval_and_generate_do(tiny_run, torch_server, capsys):
 
 @pytest.mark.parametrize("cite", ["doc_id", "number"])
 def test_grounded_runs_get_the_prompt_generate_builds(tiny_run, cite):
-    from mlx_lora.answer.service import build_answering
-    from mlx_lora.commands.generate import _grounding
+    from mlx_lora.answer.service import build_answering, grounded_prompt, grounding
 
     cfg = serve_cfg(tiny_run, "torch")
     cfg.data.mode, cfg.data.cite = "grounded", cite
     answering = build_answering(cfg, tiny_run / "run", None)
     assert answering.grounded and answering.decider.model_first
+    index = grounding(cfg, tiny_run / "run")  # what `generate` builds its prompts from
     for question in ("VPN 連不上怎麼辦?", REFUSE_Q):
         turn, shown = answering.prompt(question)
         assert len(shown) == cfg.data.passages
-        assert (turn, shown) == _grounding(cfg, tiny_run / "run")(question)
+        assert (turn, shown) == grounded_prompt(index, question, cfg.data)
         assert turn.endswith(question) and ("[vpn]" in turn) == (cite == "doc_id") and "vpn" in shown
         # What the batcher does with the model's text before the decision and the audit log see it.
         label = str(shown.index("vpn") + 1) if cite == "number" else "vpn"

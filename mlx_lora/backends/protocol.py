@@ -89,9 +89,11 @@ class Backend(Protocol):
         cfg: GenerateConfig,
         stop_ids: list[int],
         on_token: Callable[[int, int], None] | None = None,
+        biased: list[bool] | None = None,
     ) -> list[list[int]]:
         """New token ids for each prompt (batched); on_token(prompt_index, token_id) streams them. The loaded
-        model's first_token_bias (token id → logit bias) is added to each prompt's first new token's logits."""
+        model's first_token_bias (token id → logit bias) is added to the first new token's logits of each prompt
+        flagged in `biased` (None: every prompt; grounded.familiar decides)."""
 
     def token_margins(self, loaded: Any, prompts: list[list[int]], cfg: GenerateConfig, token: int) -> list[float]:
         """Per prompt, the logit of `token` as its first new token minus the highest other logit (> 0: greedy

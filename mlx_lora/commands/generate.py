@@ -10,7 +10,7 @@ import click
 
 from mlx_lora.commands.options import backend_choice, build_config, config_option, set_option, use_samples
 from mlx_lora.core.errors import UserError
-from mlx_lora.data.grounded import parse_citation, with_doc_id
+from mlx_lora.data.grounded import familiar, parse_citation, with_doc_id
 
 
 class _Streamer:
@@ -84,6 +84,7 @@ def generate(
     strict,
 ):
     """Answer QUESTIONS with the model (plus adapter), streaming tokens to stdout."""
+    from mlx_lora.answer.service import grounded_prompt, grounding
     from mlx_lora.backends.loading import load_for_generation
 
     cfg = build_config(
@@ -108,12 +109,13 @@ def generate(
     )
     stops = tokenizer.stop_ids()
     answers = []
-    ground = _grounding(cfg, adapter) if cfg.data.mode == "grounded" else None
+    index = grounding(cfg, adapter) if cfg.data.mode == "grounded" else None
     for question in questions:
-        content, shown = ground(question) if ground else (question, [])
+        content, shown = grounded_prompt(index, question, cfg.data) if index else (question, [])
         prompt = tokenizer.prompt_ids([{"role": "user", "content": content}], system_prompt)
         streamer = None if rules_path else _Streamer(tokenizer)  # with rules, the final answer may differ
-        (ids,) = backend_.generate(loaded, [prompt], cfg.generate, stops, on_token=streamer)
+        biased = [familiar(shown, index)]
+        (ids,) = backend_.generate(loaded, [prompt], cfg.generate, stops, on_token=streamer, biased=biased)
         raw = tokenizer.decode(ids).strip()
         answers.append(with_doc_id(raw, shown, cfg.data))  # "[2] …" names the prompt's second passage
         if streamer is not None:
@@ -122,15 +124,6 @@ def generate(
                 click.echo(f"(cites {parse_citation(raw)[0]}: {parse_citation(answers[-1])[0]})", err=True)
     if rules_path:
         _apply_rules(cfg, rules_path, list(questions), answers, adapter)
-
-
-def _grounding(cfg, adapter):
-    """question → (its grounded user turn, the doc ids shown): the passages the retriever finds in today's KB
-    (data.kb) and the run's train questions, as training and `eval` build it."""
-    from mlx_lora.answer.service import grounded_prompt, grounding
-
-    index = grounding(cfg, adapter)
-    return lambda question: grounded_prompt(index, question, cfg.data)
 
 
 def _apply_rules(cfg, rules_path, questions: list[str], answers: list[str], adapter) -> None:

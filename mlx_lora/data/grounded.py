@@ -114,6 +114,14 @@ def own_citation_removed(example) -> str:
     return text if label == doc_id or by_number else example.answer
 
 
+def familiar(shown: Sequence[str], index: PassageIndex | None) -> bool:
+    """Whether the run's refusal bias (training/refusal_bias.py) applies to a prompt showing these docs: every one
+    is a doc some training question asks for (a closed-book prompt shows none). A model hesitates over a doc added
+    after training because it is new, not because the question is unanswerable: on the docs-added benchmark a bias
+    of 1.0 applied to every prompt refused 25% of the new docs' answerable questions, against 11% unbiased."""
+    return index is None or all(doc_id in index.asked for doc_id in shown)
+
+
 def retrieve(index: PassageIndex, questions: Sequence[str], cfg: DataConfig, leave_out_own: bool = False):
     """Per question, the top data.passages docs as (doc_id, text)."""
     found = index.search(questions, cfg.passages, leave_out_own=leave_out_own)

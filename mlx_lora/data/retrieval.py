@@ -76,6 +76,7 @@ class PassageIndex:
                 entries.append((question, doc_id))
         self.texts = [t for t, _ in entries]
         self.labels = [d for _, d in entries]
+        self.asked = frozenset(self.labels[self._first_question :])  # docs some training question asks for
         self._keys = [compact(t) for t in self.texts]
         self._docs = list(self.kb_texts)
         self._column = {d: i for i, d in enumerate(self._docs)}

@@ -16,7 +16,7 @@ from mlx_lora.backends.loading import read_manifest, saved_prompt_settings
 from mlx_lora.core.config import Config
 from mlx_lora.core.errors import UserError
 from mlx_lora.data.formats import read_examples
-from mlx_lora.data.grounded import reground, with_doc_id
+from mlx_lora.data.grounded import familiar, reground, with_doc_id
 from mlx_lora.data.kb import load_kb
 from mlx_lora.data.retrieval import PassageIndex
 from mlx_lora.data.similarity import answer_index, describe, make_scorer
@@ -25,9 +25,18 @@ from mlx_lora.evaluation.variants import DECIDED, MODEL_OF, NEED_ADAPTER, defaul
 
 
 def generate_answers(
-    backend, loaded, tokenizer, examples, cfg: Config, system_prompt: str | None, progress: bool = False
+    backend,
+    loaded,
+    tokenizer,
+    examples,
+    cfg: Config,
+    system_prompt: str | None,
+    progress: bool = False,
+    index: PassageIndex | None = None,
 ) -> list[str]:
-    """Greedy answers in input order; prompts are batched by length so padding stays small."""
+    """Greedy answers in input order; prompts are batched by length so padding stays small. `index`: the
+    retriever the grounded prompts were built from (which docs training asked about: grounded.familiar)."""
+    biased = [familiar((e.meta or {}).get("passages") or [], index) for e in examples]
     prompts = [tokenizer.prompt_ids(e.prompt_messages(), system_prompt) for e in examples]
     gen_cfg = dataclasses.replace(cfg.generate, temperature=0.0)  # evaluation is always greedy
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -39,14 +48,16 @@ def generate_answers(
 
         batches = tqdm(batches, desc="generate", unit="batch", file=sys.stderr)
     for batch in batches:
-        new_ids = backend.generate(loaded, [prompts[i] for i in batch], gen_cfg, tokenizer.stop_ids())
+        new_ids = backend.generate(
+            loaded, [prompts[i] for i in batch], gen_cfg, tokenizer.stop_ids(), biased=[biased[i] for i in batch]
+        )
         for i, ids in zip(batch, new_ids):
             answers[i] = tokenizer.decode(list(ids)).strip()
     return answers
 
 
 def _generate_variant(
-    cfg: Config, model, adapter, examples, progress: bool, strict: bool = False
+    cfg: Config, model, adapter, examples, progress: bool, strict: bool = False, index: PassageIndex | None = None
 ) -> tuple[list[str], float, float]:
     """(answers, seconds generating, the refusal bias the model answered with: 0 without one)."""
     from mlx_lora.backends.loading import load_for_generation
@@ -55,7 +66,7 @@ def _generate_variant(
         model, adapter, cfg, progress=progress, strict=strict
     )
     start = time.perf_counter()
-    answers = generate_answers(backend, loaded, tokenizer, examples, cfg, system_prompt, progress)
+    answers = generate_answers(backend, loaded, tokenizer, examples, cfg, system_prompt, progress, index)
     elapsed = time.perf_counter() - start
     bias = max(loaded.first_token_bias.values(), default=0.0)
     del loaded
@@ -184,7 +195,7 @@ def evaluate_run(
     for name in models_for(variants):
         if name not in got:
             got[name], timings[f"{name}_generate_s"], biases[name] = _generate_variant(
-                cfg, model, adapters[name], test, progress, strict
+                cfg, model, adapters[name], test, progress, strict, passages if grounded else None
             )
         # A numbered citation names a passage of that row's prompt: from here on answers cite doc ids.
         got[name] = [with_doc_id(a, (e.meta or {}).get("passages") or [], data_cfg) for a, e in zip(got[name], test)]

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
+from mlx_lora.data.grounded import familiar
 from mlx_lora.serve.protocol import cut_at_stop
 
 
@@ -172,7 +173,9 @@ class Batcher:
                 batch_size=len(jobs),
             )
             self.stats.batch_sizes.append(len(jobs))
-            new_ids = self.backend.generate(self.loaded, [job.prompt for job in jobs], cfg, self.tokenizer.stop_ids())
+            biased = [familiar(job.shown, job.answering.passages) for job in jobs]
+            prompts = [job.prompt for job in jobs]
+            new_ids = self.backend.generate(self.loaded, prompts, cfg, self.tokenizer.stop_ids(), biased=biased)
             self.stats.generated += len(jobs)
             answers = []
             for job, ids in zip(jobs, new_ids):

@@ -42,10 +42,11 @@ class MLXBackend:
         cfg: GenerateConfig,
         stop_ids: list[int],
         on_token: Callable[[int, int], None] | None = None,
+        biased: list[bool] | None = None,
     ) -> list[list[int]]:
         from mlx_lora.backends.mlx.generate import generate
 
-        return generate(loaded, prompts, cfg, stop_ids, on_token)
+        return generate(loaded, prompts, cfg, stop_ids, on_token, biased)
 
     def token_margins(self, loaded, prompts: list[list[int]], cfg: GenerateConfig, token: int) -> list[float]:
         from mlx_lora.backends.mlx.generate import token_margins

@@ -30,8 +30,10 @@ def generate(
     cfg: GenerateConfig,
     stop_ids: list[int],
     on_token: Callable[[int, int], None] | None = None,
+    biased: list[bool] | None = None,
 ) -> list[list[int]]:
-    """Batched generation through mlx-lm's BatchGenerator; the stop token itself is not returned."""
+    """Batched generation through mlx-lm's BatchGenerator; the stop token itself is not returned. The loaded
+    model's first_token_bias applies to the prompts flagged in `biased` (None: all)."""
     from mlx_lm.generate import BatchGenerator
     from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
@@ -53,8 +55,10 @@ def generate(
     size = max(1, cfg.batch_size)
     # One processor per prompt that adds the bias to its first new token's logits and then stands aside (a call
     # count, not the context's length: what context mlx-lm passes differs between its versions).
+    flags = [True] * len(prompts) if biased is None else biased
     per_row = [
-        [*processors, *([_first_step(loaded.first_token_bias)] if loaded.first_token_bias else [])] for _ in prompts
+        [*processors, *([_first_step(loaded.first_token_bias)] if loaded.first_token_bias and flag else [])]
+        for flag in flags
     ]
     gen = BatchGenerator(
         loaded.model,

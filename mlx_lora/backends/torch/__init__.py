@@ -64,6 +64,7 @@ class TorchBackend:
         cfg: GenerateConfig,
         stop_ids: list[int],
         on_token: Callable[[int, int], None] | None = None,
+        biased: list[bool] | None = None,
     ) -> list[list[int]]:
         from mlx_lora.backends.torch import lookup
         from mlx_lora.backends.torch.generate import generate
@@ -83,6 +84,7 @@ class TorchBackend:
             on_token,
             memory=memory,
             first_bias=loaded.first_token_bias,
+            biased=biased,
         )
 
     def token_margins(self, loaded, prompts: list[list[int]], cfg: GenerateConfig, token: int) -> list[float]:

@@ -28,10 +28,13 @@ def left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Te
     return ids, attention
 
 
-def biased(logits: torch.Tensor, bias: dict[int, float] | None) -> torch.Tensor:
-    """The first step's logits with the run's calibrated first-token bias added (training/refusal_bias.py)."""
-    if not bias:
+def biased(logits: torch.Tensor, bias: dict[int, float] | None, rows: list[bool] | None = None) -> torch.Tensor:
+    """The first step's logits with the run's calibrated first-token bias added (training/refusal_bias.py), to
+    the rows flagged True in `rows` (None: every row)."""
+    if not bias or (rows is not None and not any(rows)):
         return logits
     add = torch.zeros(logits.shape[-1], dtype=logits.dtype, device=logits.device)
     add[list(bias)] = torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device)
-    return logits + add
+    if rows is None:
+        return logits + add
+    return logits + torch.tensor(rows, dtype=logits.dtype, device=logits.device)[:, None] * add

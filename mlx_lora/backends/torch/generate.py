@@ -43,6 +43,7 @@ def generate_batch(
     offset: int = 0,
     generator: torch.Generator | None = None,
     first_bias: dict[int, float] | None = None,
+    biased_rows: list[bool] | None = None,
 ) -> list[list[int]]:
     """One left-padded batch: prefill once, then one token per step from the cache until every row stops.
 
@@ -78,7 +79,7 @@ def generate_batch(
         cache = returned_cache(result, cache_name)
         logits = result.logits[:, -1, :].float()
         if step == 0:
-            logits = biased(logits, first_bias)
+            logits = biased(logits, first_bias, biased_rows)
         if seen is not None:
             logits = _penalise(logits, seen, cfg.repetition_penalty)
         chosen = _pick(logits, cfg, generator)
@@ -122,10 +123,12 @@ def generate(
     seed: int = 0,
     memory=None,
     first_bias: dict[int, float] | None = None,
+    biased: list[bool] | None = None,
 ) -> list[list[int]]:
     """New token ids per prompt (stop token excluded), in batches of cfg.batch_size; on_token streams them.
     `memory` (a lookup.AnswerMemory the caller keeps between calls) collects answers that prompt lookup drafts
-    from later; `first_bias` is added to the logits of the first new token (token id → bias)."""
+    from later; `first_bias` is added to the logits of the first new token (token id → bias) of the prompts
+    flagged in `biased` (None: all)."""
     was_training = model.training
     model.eval()
     generator = None
@@ -149,6 +152,7 @@ def generate(
                     start,
                     memory=memory,
                     first_bias=first_bias,
+                    biased_rows=None if biased is None else biased[start : start + size],
                 )
                 if memory is not None:
                     memory.add(answers, cfg.max_new_tokens, stop_ids[0] if stop_ids else None)
@@ -165,6 +169,7 @@ def generate(
                 offset=start,
                 generator=generator,
                 first_bias=first_bias,
+                biased_rows=None if biased is None else biased[start : start + size],
             )
     finally:
         model.train(was_training)

@@ -116,6 +116,7 @@ def generate_batch(
     offset: int = 0,
     memory: AnswerMemory | None = None,
     first_bias: dict[int, float] | None = None,
+    biased_rows: list[bool] | None = None,
 ) -> list[list[int]]:
     """Greedy new tokens per prompt (stop token excluded), checking up to `draft_tokens` drafted tokens per row
     a step (fewer while many rows write: draft_size); `memory`: earlier answers to draft from (draft())."""
@@ -131,7 +132,7 @@ def generate_batch(
         logits_to_keep=torch.tensor([width - 1], device=device),
     )
     cache = returned_cache(result, cache_name)
-    first = biased(result.logits[:, -1].float(), first_bias).argmax(dim=-1).tolist()
+    first = biased(result.logits[:, -1].float(), first_bias, biased_rows).argmax(dim=-1).tolist()
 
     stops, out = set(stop_ids), [[] for _ in prompts]
     contexts = [list(p) for p in prompts]  # where each row's drafts are looked up: its prompt and answer so far
