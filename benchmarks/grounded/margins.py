@@ -1,0 +1,91 @@
+"""Out-of-fold check of the refusal bias (mlx_lora/training/refusal_bias.py) without retraining: per fold run (fold.sh),
+score the first answer token of its valid and held questions, pick the bias on valid as training does, and count
+held questions refused without and with it.
+
+    python benchmarks/grounded/margins.py FOLDS_DIR NAME [--folds 0,1,2,3,4] [--out margins.json]
+
+FOLDS_DIR is folds.py's output; NAME the fold.sh run name (/tmp/fr/NAME-fF). Held prompts are rebuilt from the fold's
+own train questions, as `eval` builds them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from mlx_lora.backends.loading import load_for_generation
+from mlx_lora.core.config import Config
+from mlx_lora.data.formats import read_examples
+from mlx_lora.data.grounded import reground
+from mlx_lora.data.kb import load_kb
+from mlx_lora.data.render import encode_messages
+from mlx_lora.data.similarity import make_scorer
+from mlx_lora.evaluation.run import passage_index
+from mlx_lora.training.refusal_bias import pick
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def refused(margins: list[float], bias: float) -> list[bool]:
+    return [m + bias > 0 for m in margins]
+
+
+def fold_margins(run: Path, fold: Path, kb, scorer) -> dict:
+    cfg = Config()
+    cfg.backend.name = "torch"
+    backend, loaded, tok, system = load_for_generation(None, run, cfg, progress=False)
+    train = read_examples(fold / "train.jsonl")
+    index = passage_index(scorer, kb, train)
+    unanswerable = next(e for e in train if (e.meta or {}).get("answerable") is False)
+    encoded = encode_messages(tok, unanswerable.messages, 10**9)
+    token = encoded.ids[encoded.mask.index(1)]
+    out = {}
+    for split in ("valid", "held"):
+        rows = read_examples(fold / f"{split}.jsonl")
+        if split == "held":
+            rows = reground(rows, index, cfg.data)
+        prompts = [tok.prompt_ids(e.prompt_messages(), system) for e in rows]
+        out[split] = {
+            "margins": backend.token_margins(loaded, prompts, cfg.generate, token),
+            "answerable": [bool(e.meta["answerable"]) for e in rows],
+        }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folds_dir", type=Path)
+    parser.add_argument("name")
+    parser.add_argument("--folds", default="0,1,2,3,4")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    kb, scorer = load_kb(REPO / "data" / "kb.jsonl"), make_scorer("use")
+    results, totals = {}, {"unbiased": [0, 0], "calibrated": [0, 0]}
+    for f in args.folds.split(","):
+        got = fold_margins(Path(f"/tmp/fr/{args.name}-f{f}"), args.folds_dir / f"fold-{f}", kb, scorer)
+        bias, _ = pick(got["valid"]["margins"], got["valid"]["answerable"])
+        held = got["held"]
+        line = {}
+        for label, b in (("unbiased", 0.0), ("calibrated", bias)):
+            r = refused(held["margins"], b)
+            counts = [
+                sum(x for x, a in zip(r, held["answerable"]) if not a),
+                sum(x for x, a in zip(r, held["answerable"]) if a),
+            ]
+            totals[label] = [t + c for t, c in zip(totals[label], counts)]
+            line[label] = counts
+        n_unans = held["answerable"].count(False)
+        print(
+            f"fold {f}: bias {bias:+g}; held unanswerable refused {line['unbiased'][0]} -> {line['calibrated'][0]} "
+            f"of {n_unans}, answerable refused {line['unbiased'][1]} -> {line['calibrated'][1]} of "
+            f"{len(held['answerable']) - n_unans}"
+        )
+        results[f] = {"bias": bias, **got, "counts": line}
+    print(f"pooled (unanswerable refused, answerable refused): {totals}")
+    if args.out:
+        args.out.write_text(json.dumps({"folds": results, "pooled": totals}), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
