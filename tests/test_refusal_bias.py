@@ -160,6 +160,22 @@ def test_training_writes_the_calibration_and_generation_reads_it(tiny_qwen2, tmp
     assert "refusal_bias 1.0 ignored" in capsys.readouterr().err
 
 
+def test_a_bias_set_at_training_is_the_runs_own_unscored(tiny_qwen2, tmp_path, capsys):
+    pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    from mlx_lora.backends.loading import first_token_bias
+    from mlx_lora.cli import main
+
+    data = _grounded_like_data(tmp_path / "data")
+    run = tmp_path / "run"
+    args = ["train", "--backend", "torch", "--model", str(tiny_qwen2), "--data", str(data), "--out", str(run)]
+    main([*args, "--epochs", "1", "--no-progress", "--set", "train.batch_size=3", "--set", "generate.refusal_bias=1.5"])
+    saved = json.loads((run / "calibration.json").read_text(encoding="utf-8"))
+    assert saved["refusal_bias"] == 1.5 and saved["chosen_by"] == "generate.refusal_bias" and "valid" not in saved
+    assert "refusal bias: +1.5 on '抱歉' (set by generate.refusal_bias)" in capsys.readouterr().out
+    assert first_token_bias(run, Config()) == {saved["token"]: 1.5}  # generation needs no setting of its own
+
+
 def test_valid_without_unanswerable_rows_writes_no_calibration(tiny_qwen2, tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("peft")

@@ -152,6 +152,7 @@ class GenerateConfig:
     prompt_lookup: int = 8
     # Added to the logit of the refusal's first token at the first new token: > 0 refuses more often, < 0 less.
     # None = the run's own, calibrated on its valid split after training (calibration.json; 0 where it has none).
+    # Set when training, the run keeps it as its own without the scoring pass.
     refusal_bias: float | None = None
 
 

@@ -47,35 +47,44 @@ def pick(margins: list[float], answerable: list[bool]) -> tuple[float, dict]:
     }
 
 
-def calibrate(backend, model_dir: Path, run_dir: Path, examples, tokenizer: ChatTokenizer, cfg: Config) -> dict | None:
+def _labelled(examples) -> list:
+    return [e for e in examples if e.messages and (e.meta or {}).get("answerable") in (True, False)]
+
+
+def calibrate(
+    backend, model_dir: Path, run_dir: Path, valid, train, tokenizer: ChatTokenizer, cfg: Config
+) -> dict | None:
     """Score the valid rows' first answer token with the saved adapter (as generation loads it), pick the bias,
-    write run_dir/calibration.json and return it; None (and no file) when valid lacks answerable or unanswerable
-    chat rows to calibrate on."""
-    rows = [e for e in examples if e.messages and (e.meta or {}).get("answerable") in (True, False)]
-    unanswerable = [e for e in rows if e.meta["answerable"] is False]
-    if not unanswerable or len(unanswerable) == len(rows):
+    write run_dir/calibration.json and return it. A generate.refusal_bias set at training is written as it is,
+    unscored. None (and no file) when no row teaches a refusal, or nothing was set and valid lacks answerable or
+    unanswerable chat rows to calibrate on."""
+    rows = _labelled(valid)
+    refusals = [e for e in rows + _labelled(train) if e.meta["answerable"] is False]
+    if not refusals:
         return None
-    refusal = Counter(e.answer for e in unanswerable).most_common(1)[0][0]
-    sample = next(e for e in unanswerable if e.answer == refusal)
+    refusal = Counter(e.answer for e in refusals).most_common(1)[0][0]
+    sample = next(e for e in refusals if e.answer == refusal)
     encoded = encode_messages(tokenizer, sample.messages, 10**9)
     token = encoded.ids[encoded.mask.index(1)]  # the refusal's first token, as training rendered it
-    loaded = backend.load(model_dir, run_dir / "adapter", cfg)
-    prompts = [tokenizer.prompt_ids(e.prompt_messages(), cfg.data.system_prompt) for e in rows]
-    margins = backend.token_margins(loaded, prompts, cfg.generate, token)
-    bias, figures = pick(margins, [e.meta["answerable"] for e in rows])
-    result = {
-        "refusal_bias": bias,
-        "token": token,
-        "token_text": tokenizer.decode([token]),
-        "refusal": refusal,
-        "valid": figures,
-    }
+    result = {"token": token, "token_text": tokenizer.decode([token]), "refusal": refusal}
+    if cfg.generate.refusal_bias is not None:
+        result.update(refusal_bias=cfg.generate.refusal_bias, chosen_by="generate.refusal_bias")
+    else:
+        answerable = [e.meta["answerable"] for e in rows]
+        if all(answerable) or not any(answerable):
+            return None
+        loaded = backend.load(model_dir, run_dir / "adapter", cfg)
+        prompts = [tokenizer.prompt_ids(e.prompt_messages(), cfg.data.system_prompt) for e in rows]
+        bias, figures = pick(backend.token_margins(loaded, prompts, cfg.generate, token), answerable)
+        result.update(refusal_bias=bias, chosen_by="valid", valid=figures)
     write_json(run_dir / FILE, result)
     return result
 
 
 def describe_bias(calibration: dict) -> str:
-    """One line: the bias and what it changed on the valid split."""
+    """One line: the bias and what it changed on the valid split (or that the config set it)."""
+    if "valid" not in calibration:
+        return f"{calibration['refusal_bias']:+g} on {calibration['token_text']!r} (set by generate.refusal_bias)"
     v = calibration["valid"]
     answerable = v["rows"] - v["unanswerable"]
     return (

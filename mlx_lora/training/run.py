@@ -116,9 +116,11 @@ def train_run(
             listeners(event)
 
         outcome = _train(backend, model_dir, train, valid, cfg, run_dir, run, resume, on_event)
-        if outcome.stopped in ("completed", "max_steps", "early_stopped") and cfg.generate.refusal_bias is None:
+        if outcome.stopped in ("completed", "max_steps", "early_stopped"):
             (run_dir / refusal_bias.FILE).unlink(missing_ok=True)  # a resumed run's old one no longer fits
-            calibration = refusal_bias.calibrate(backend, model_dir, run_dir, kept[valid_file], tokenizer, cfg)
+            calibration = refusal_bias.calibrate(
+                backend, model_dir, run_dir, kept[valid_file], kept[train_file], tokenizer, cfg
+            )
             if calibration is not None:
                 outcome.extra["refusal_bias"] = calibration
         summary.finish(run_dir, outcome)
