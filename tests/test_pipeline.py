@@ -82,12 +82,12 @@ def test_main_job_on_a_tiny_model(tmp_path, qwen_tokenizer_dir):
     assert summary["variants"]["retrieval"]["model_carried"] == 0.0
     assert summary["variants"]["top_passage"]["model_carried"] == 0.0
     # generate builds the same grounded prompt from the run's train questions and today's KB.
-    from mlx_lora.commands.generate import _grounding
+    from mlx_lora.answer.service import grounded_prompt, grounding
     from mlx_lora.core.config import Config
 
     cfg = Config()
     cfg.data.mode, cfg.data.kb = "grounded", str(REPO / "data" / "kb.jsonl")
-    turn, shown = _grounding(cfg, run_dir)("VPN 連不上怎麼辦?")
+    turn, shown = grounded_prompt(grounding(cfg, run_dir), "VPN 連不上怎麼辦?", cfg.data)
     assert turn.startswith("參考資料:\n[1] ") and turn.endswith("問題:VPN 連不上怎麼辦?")
     assert shown[0] == "vpn-setup" and "[vpn-setup]" not in turn  # passages are numbered, their doc ids kept aside
     answered = run_cli("generate", "--adapter", str(run_dir), "--max-new-tokens", "4", "--no-progress", "VPN?")
