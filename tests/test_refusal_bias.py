@@ -139,6 +139,9 @@ def test_training_writes_the_calibration_and_generation_reads_it(tiny_qwen2, tmp
     assert saved["valid"]["rows"] == 2 and saved["valid"]["unanswerable"] == 1
     assert 0 <= saved["refusal_bias"] <= 3
     assert json.loads((run / "summary.json").read_text(encoding="utf-8"))["refusal_bias"] == saved
+    assert f"- refusal bias {saved['refusal_bias']:+g} on '抱歉' (valid:" in (run / "README.md").read_text(
+        encoding="utf-8"
+    )
 
     cfg = Config()
     cfg.backend.name = "torch"

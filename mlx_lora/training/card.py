@@ -7,6 +7,7 @@ from pathlib import Path
 
 from mlx_lora.core.files import atomic_write_text
 from mlx_lora.core.model_store import EMBEDDED_GGUF_NAME, EMBEDDED_SHA256
+from mlx_lora.training.refusal_bias import describe_bias
 from mlx_lora.training.summary import read_metrics
 
 # The first line of every card we write: a README.md without it is a user's, and is never replaced.
@@ -103,6 +104,11 @@ def _curve_section(run_dir: Path) -> list[str]:
             "(its adapter is the run's)",
             f"- health: {health.get('verdict', '—')}; flags: {flags}",
         ]
+        if summary.get("refusal_bias"):
+            lines.append(
+                f"- refusal bias {describe_bias(summary['refusal_bias'])}: added to the refusal's first-token logit "
+                "wherever this run answers (`calibration.json`)"
+            )
     losses = [(s["step"], s.get("loss")) for s in steps if isinstance(s.get("loss"), (int, float))]
     if losses:
         picks = sorted({losses[round(i * (len(losses) - 1) / 4)] for i in range(5)})
