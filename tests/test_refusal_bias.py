@@ -205,3 +205,18 @@ def test_familiar_means_every_shown_doc_was_asked_in_training():
     assert familiar(["vpn"], index) and familiar([], index)
     assert not familiar(["vpn", "new"], index)  # "new" was added after training: no bias
     assert familiar(["new"], None)  # closed-book: no retriever, the bias applies
+
+
+def test_a_calibration_that_names_another_token_is_a_one_line_error(tmp_path, qwen_tokenizer_dir):
+    from mlx_lora.backends.loading import first_token_bias
+    from mlx_lora.data.render import ChatTokenizer
+
+    tok = ChatTokenizer.from_dir(qwen_tokenizer_dir)
+    token = tok.encode("抱歉")[0]
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps({"token": token, "token_text": "抱歉", "refusal_bias": 0.5}), encoding="utf-8")
+    assert first_token_bias(tmp_path, Config(), tok) == {token: 0.5}
+    for bad in (token + 1, 10**9):  # an edited file, or an id past the vocabulary
+        path.write_text(json.dumps({"token": bad, "token_text": "抱歉", "refusal_bias": 0.5}), encoding="utf-8")
+        with pytest.raises(UserError, match=rf"token {bad} is .* not the '抱歉' the run was calibrated with"):
+            first_token_bias(tmp_path, Config(), tok)

@@ -89,14 +89,17 @@ def load_for_generation(
     model_dir = local_model_dir(cfg.model.path, cfg.model.cache_dir, progress)
     if run is not None:  # a bare adapter folder records no base model to compare with
         check_base_model(run, model_dir, Path(adapter) / "manifest.json", cfg.model.cache_dir, strict)
+    tokenizer = ChatTokenizer.from_dir(model_dir)
     loaded = backend.load(model_dir, adapter_dir, cfg)
-    loaded.first_token_bias = first_token_bias(Path(adapter) if run is not None else None, cfg)
-    return backend, loaded, ChatTokenizer.from_dir(model_dir), system_prompt
+    loaded.first_token_bias = first_token_bias(Path(adapter) if run is not None else None, cfg, tokenizer)
+    return backend, loaded, tokenizer, system_prompt
 
 
-def first_token_bias(run_dir: Path | None, cfg: Config) -> dict[int, float]:
+def first_token_bias(run_dir: Path | None, cfg: Config, tokenizer: ChatTokenizer | None = None) -> dict[int, float]:
     """{the refusal's first token: its bias} from the run's calibration (training/refusal_bias.py), the bias
-    replaced by generate.refusal_bias when that is set; {} without a calibration or at a zero bias."""
+    replaced by generate.refusal_bias when that is set; {} without a calibration or at a zero bias. With
+    `tokenizer`, the token must still be the one the run recorded (an edited file or another model's tokenizer
+    would bias some other token)."""
     path = run_dir / CALIBRATION if run_dir is not None else None
     if path is None or not path.is_file():
         if cfg.generate.refusal_bias:
@@ -111,6 +114,16 @@ def first_token_bias(run_dir: Path | None, cfg: Config) -> dict[int, float]:
         token, bias = int(saved["token"]), float(saved["refusal_bias"])
     except (OSError, ValueError, TypeError, KeyError) as exc:
         raise UserError(f"{path}: unreadable calibration ({exc}); delete it to answer unbiased") from None
+    if tokenizer is not None:
+        try:
+            text = tokenizer.decode([token])
+        except Exception:  # an id outside the vocabulary: the tokenizers library raises its own error types
+            text = None
+        if text != saved.get("token_text"):
+            raise UserError(
+                f"{path}: token {token} is {text!r} in this model's tokenizer, not the {saved.get('token_text')!r} "
+                "the run was calibrated with; delete the file to answer unbiased"
+            )
     if cfg.generate.refusal_bias is not None:
         bias = cfg.generate.refusal_bias
     return {token: bias} if bias else {}
