@@ -20,8 +20,8 @@ from mlx_lora.data.render import ChatTokenizer, encode_messages
 
 FILE = CALIBRATION  # in the run folder, beside manifest.json; backends/loading.py reads it
 # Biases tried, in logits. Confident answers' margins cluster near 4, so past 3 the bias refuses answerable rows
-# wholesale. None below 0: on those folds a valid split that over-refused picked -0.25 and -1.5, and held out they
-# answered 2 and 10 more unanswerable questions for 1 and 1 answerable ones fewer refused.
+# wholesale. None below 0: of those five folds, the two whose valid split over-refused picked -0.25 and -1.5, and
+# on their held questions then answered 2 and 10 more unanswerable ones for one answerable one fewer refused each.
 GRID = [b / 4 for b in range(0, 13)]
 
 
