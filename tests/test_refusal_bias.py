@@ -122,17 +122,22 @@ def _grounded_like_data(folder: Path) -> Path:
     return folder
 
 
-def test_training_writes_the_calibration_and_generation_reads_it(tiny_qwen2, tmp_path, capsys):
+def _train(model: Path, data: Path, run: Path, *settings: str) -> None:
+    """`mlx-lora train` on the torch backend, one epoch of batches of 3, with extra `--set` settings."""
     pytest.importorskip("torch")
     pytest.importorskip("peft")
-    from mlx_lora.backends.loading import first_token_bias, load_for_generation
     from mlx_lora.cli import main
+
+    args = ["train", "--backend", "torch", "--model", str(model), "--data", str(data), "--out", str(run)]
+    main([*args, "--epochs", "1", "--no-progress", "--set", "train.batch_size=3", *(f"--set={s}" for s in settings)])
+
+
+def test_training_writes_the_calibration_and_generation_reads_it(tiny_qwen2, tmp_path, capsys):
+    from mlx_lora.backends.loading import first_token_bias, load_for_generation
     from mlx_lora.data.render import ChatTokenizer
 
-    data = _grounded_like_data(tmp_path / "data")
     run = tmp_path / "run"
-    args = ["train", "--backend", "torch", "--model", str(tiny_qwen2), "--data", str(data), "--out", str(run)]
-    main([*args, "--epochs", "1", "--no-progress", "--set", "train.batch_size=3", "--set", "train.precision=fp32"])
+    _train(tiny_qwen2, _grounded_like_data(tmp_path / "data"), run, "train.precision=fp32")
     saved = json.loads((run / "calibration.json").read_text(encoding="utf-8"))
     assert f"refusal bias: {saved['refusal_bias']:+g} on '抱歉' (valid: unanswerable refused" in capsys.readouterr().out
     assert saved["token"] == ChatTokenizer.from_dir(tiny_qwen2).encode("抱歉")[0] and saved["token_text"] == "抱歉"
@@ -164,15 +169,10 @@ def test_training_writes_the_calibration_and_generation_reads_it(tiny_qwen2, tmp
 
 
 def test_a_bias_set_at_training_is_the_runs_own_unscored(tiny_qwen2, tmp_path, capsys):
-    pytest.importorskip("torch")
-    pytest.importorskip("peft")
     from mlx_lora.backends.loading import first_token_bias
-    from mlx_lora.cli import main
 
-    data = _grounded_like_data(tmp_path / "data")
     run = tmp_path / "run"
-    args = ["train", "--backend", "torch", "--model", str(tiny_qwen2), "--data", str(data), "--out", str(run)]
-    main([*args, "--epochs", "1", "--no-progress", "--set", "train.batch_size=3", "--set", "generate.refusal_bias=1.5"])
+    _train(tiny_qwen2, _grounded_like_data(tmp_path / "data"), run, "generate.refusal_bias=1.5")
     saved = json.loads((run / "calibration.json").read_text(encoding="utf-8"))
     assert saved["refusal_bias"] == 1.5 and saved["chosen_by"] == "generate.refusal_bias" and "valid" not in saved
     assert "refusal bias: +1.5 on '抱歉' (set by generate.refusal_bias)" in capsys.readouterr().out
@@ -180,16 +180,11 @@ def test_a_bias_set_at_training_is_the_runs_own_unscored(tiny_qwen2, tmp_path, c
 
 
 def test_valid_without_unanswerable_rows_writes_no_calibration(tiny_qwen2, tmp_path):
-    pytest.importorskip("torch")
-    pytest.importorskip("peft")
-    from mlx_lora.cli import main
-
     data = _grounded_like_data(tmp_path / "data")
     lines = (data / "valid.jsonl").read_text(encoding="utf-8").splitlines()
     (data / "valid.jsonl").write_text(lines[0], encoding="utf-8")  # the answerable row only
     run = tmp_path / "run"
-    args = ["train", "--backend", "torch", "--model", str(tiny_qwen2), "--data", str(data), "--out", str(run)]
-    main([*args, "--epochs", "1", "--no-progress", "--set", "train.batch_size=3", "--set", "train.precision=fp32"])
+    _train(tiny_qwen2, data, run, "train.precision=fp32")
     assert (run / "adapter").is_dir() and not (run / "calibration.json").exists()
     assert "refusal_bias" not in json.loads((run / "summary.json").read_text(encoding="utf-8"))
 
