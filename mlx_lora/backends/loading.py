@@ -89,8 +89,8 @@ def load_for_generation(
     model_dir = local_model_dir(cfg.model.path, cfg.model.cache_dir, progress)
     if run is not None:  # a bare adapter folder records no base model to compare with
         check_base_model(run, model_dir, Path(adapter) / "manifest.json", cfg.model.cache_dir, strict)
-    tokenizer = ChatTokenizer.from_dir(model_dir)
     loaded = backend.load(model_dir, adapter_dir, cfg)
+    tokenizer = ChatTokenizer.from_dir(model_dir)
     loaded.first_token_bias = first_token_bias(Path(adapter) if run is not None else None, cfg, tokenizer)
     return backend, loaded, tokenizer, system_prompt
 
