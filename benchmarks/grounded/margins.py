@@ -19,16 +19,11 @@ from mlx_lora.core.config import Config
 from mlx_lora.data.formats import read_examples
 from mlx_lora.data.grounded import reground
 from mlx_lora.data.kb import load_kb
-from mlx_lora.data.render import encode_messages
 from mlx_lora.data.similarity import make_scorer
 from mlx_lora.evaluation.run import passage_index
-from mlx_lora.training.refusal_bias import pick
+from mlx_lora.training.refusal_bias import pick, refusal_token, refused
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def refused(margins: list[float], bias: float) -> list[bool]:
-    return [m + bias > 0 for m in margins]
 
 
 def fold_margins(run: Path, fold: Path, kb, scorer) -> dict:
@@ -37,9 +32,7 @@ def fold_margins(run: Path, fold: Path, kb, scorer) -> dict:
     backend, loaded, tok, system = load_for_generation(None, run, cfg, progress=False)
     train = read_examples(fold / "train.jsonl")
     index = passage_index(scorer, kb, train)
-    unanswerable = next(e for e in train if (e.meta or {}).get("answerable") is False)
-    encoded = encode_messages(tok, unanswerable.messages, 10**9)
-    token = encoded.ids[encoded.mask.index(1)]
+    _, token = refusal_token(tok, train)
     out = {}
     for split in ("valid", "held"):
         rows = read_examples(fold / f"{split}.jsonl")
@@ -68,11 +61,7 @@ def main() -> None:
         held = got["held"]
         line = {}
         for label, b in (("unbiased", 0.0), ("calibrated", bias)):
-            r = refused(held["margins"], b)
-            counts = [
-                sum(x for x, a in zip(r, held["answerable"]) if not a),
-                sum(x for x, a in zip(r, held["answerable"]) if a),
-            ]
+            counts = refused(held["margins"], held["answerable"], b)
             totals[label] = [t + c for t, c in zip(totals[label], counts)]
             line[label] = counts
         n_unans = held["answerable"].count(False)

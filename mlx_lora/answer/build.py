@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
 from mlx_lora.answer.calibration import calibrate_route
@@ -10,6 +9,7 @@ from mlx_lora.answer.decide import Decider, Decision
 from mlx_lora.answer.route import SemanticRoute, neighbours_from
 from mlx_lora.answer.rules import load_rules
 from mlx_lora.core.config import Config
+from mlx_lora.data.formats import taught_refusal
 from mlx_lora.data.grounded import own_citation_removed
 from mlx_lora.data.similarity import REFUSAL
 
@@ -29,9 +29,9 @@ def doc_answers(kb: dict, examples, prefix: str) -> dict[str, str]:
 
 def refusal_text(examples, cfg: Config) -> str:
     """The refusal the data taught: most common expected answer of unanswerable rows; else the question bank's."""
-    seen = Counter(e.answer for e in examples if (e.meta or {}).get("answerable") is False)
-    if seen:
-        return seen.most_common(1)[0][0]
+    taught = taught_refusal(examples)
+    if taught is not None:
+        return taught
     if cfg.data.questions and Path(cfg.data.questions).is_file():
         from mlx_lora.data.questions import load_questions
 

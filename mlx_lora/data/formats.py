@@ -172,3 +172,9 @@ def describe(examples: list[Example]) -> dict:
         "unanswerable": sum(not e.meta.get("answerable") for e in examples if "answerable" in e.meta),
         "mean_answer_chars": round(sum(chars) / len(chars), 1) if chars else 0,
     }
+
+
+def taught_refusal(examples) -> str | None:
+    """The refusal the data taught: the most common expected answer of its unanswerable rows (None: it has none)."""
+    seen = Counter(e.answer for e in examples if (e.meta or {}).get("answerable") is False)
+    return seen.most_common(1)[0][0] if seen else None

@@ -10,12 +10,12 @@ same similarity either way: a refused answerable row scores ~34, an answered una
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
 from mlx_lora.backends.loading import CALIBRATION
 from mlx_lora.core.config import Config
 from mlx_lora.core.files import write_json
+from mlx_lora.data.formats import taught_refusal
 from mlx_lora.data.render import ChatTokenizer, encode_messages
 
 FILE = CALIBRATION  # in the run folder, beside manifest.json; backends/loading.py reads it
@@ -25,19 +25,22 @@ FILE = CALIBRATION  # in the run folder, beside manifest.json; backends/loading.
 GRID = [b / 4 for b in range(0, 13)]
 
 
+def refused(margins: list[float], answerable: list[bool], bias: float) -> tuple[int, int]:
+    """(unanswerable rows refused, answerable rows refused) when greedy decoding sees `bias` added to the
+    refusal's first-token logit: a row refuses where its margin plus the bias is above 0."""
+    refuses = [m + bias > 0 for m in margins]
+    return (
+        sum(r for r, a in zip(refuses, answerable) if not a),
+        sum(r for r, a in zip(refuses, answerable) if a),
+    )
+
+
 def pick(margins: list[float], answerable: list[bool]) -> tuple[float, dict]:
     """(the bias that refuses the most unanswerable rows net of answerable ones — the smallest |b| among equals,
     so no evidence means no shift; the counts at b = 0 and at the bias)."""
-
-    def counts(b: float) -> tuple[int, int]:
-        refused = [m + b > 0 for m in margins]
-        return (
-            sum(r for r, a in zip(refused, answerable) if not a),
-            sum(r for r, a in zip(refused, answerable) if a),
-        )
-
-    best = max(GRID, key=lambda b: (counts(b)[0] - counts(b)[1], -abs(b), -b))
-    before, after = counts(0.0), counts(best)
+    counts = {b: refused(margins, answerable, b) for b in GRID}
+    best = max(GRID, key=lambda b: (counts[b][0] - counts[b][1], -abs(b), -b))
+    before, after = counts[0.0], counts[best]
     n_unanswerable = answerable.count(False)
     return best, {
         "rows": len(margins),
@@ -51,6 +54,17 @@ def _labelled(examples) -> list:
     return [e for e in examples if e.messages and (e.meta or {}).get("answerable") in (True, False)]
 
 
+def refusal_token(tokenizer: ChatTokenizer, examples) -> tuple[str, int] | None:
+    """(the refusal the chat rows taught, its first token as training rendered it); None when none teaches one."""
+    rows = _labelled(examples)
+    refusal = taught_refusal(rows)
+    if refusal is None:
+        return None
+    sample = next(e for e in rows if e.meta["answerable"] is False and e.answer == refusal)
+    encoded = encode_messages(tokenizer, sample.messages, 10**9)
+    return refusal, encoded.ids[encoded.mask.index(1)]
+
+
 def calibrate(
     backend, model_dir: Path, run_dir: Path, valid, train, tokenizer: ChatTokenizer, cfg: Config
 ) -> dict | None:
@@ -59,13 +73,10 @@ def calibrate(
     unscored. None (and no file) when no row teaches a refusal, or nothing was set and valid lacks answerable or
     unanswerable chat rows to calibrate on."""
     rows = _labelled(valid)
-    refusals = [e for e in rows + _labelled(train) if e.meta["answerable"] is False]
-    if not refusals:
+    found = refusal_token(tokenizer, [*valid, *train])
+    if found is None:
         return None
-    refusal = Counter(e.answer for e in refusals).most_common(1)[0][0]
-    sample = next(e for e in refusals if e.answer == refusal)
-    encoded = encode_messages(tokenizer, sample.messages, 10**9)
-    token = encoded.ids[encoded.mask.index(1)]  # the refusal's first token, as training rendered it
+    refusal, token = found
     result = {"token": token, "token_text": tokenizer.decode([token]), "refusal": refusal}
     if cfg.generate.refusal_bias is not None:
         result.update(refusal_bias=cfg.generate.refusal_bias, chosen_by="generate.refusal_bias")
