@@ -6,7 +6,7 @@ import shlex
 from pathlib import Path
 
 from mlx_lora.backends.gguf_export import TYPES, write_adapter_gguf, write_model_gguf
-from mlx_lora.backends.loading import adapter_location, check_base_model
+from mlx_lora.backends.loading import adapter_location, answer_budget, check_base_model
 from mlx_lora.core.config import Config
 from mlx_lora.core.errors import UserError
 from mlx_lora.core.files import atomic_write_texts
@@ -128,7 +128,8 @@ def export_gguf(
         )
     written["gguf"] = out
     system_prompt = run.get("system_prompt") if run else cfg.data.system_prompt
-    generate = (run["config"].get("generate") if run else None) or vars(cfg.generate)
+    generate = dict((run["config"].get("generate") if run else None) or vars(cfg.generate))
+    generate["max_new_tokens"] = answer_budget(generate.get("max_new_tokens"), run)
     export_lines += [
         f"- `{MODELFILE}`: `ollama create NAME -f {MODELFILE}` in this folder, then `ollama run NAME`",
         "- llama.cpp: `llama-cli -m BASE.gguf --lora ADAPTER.gguf` (a merged file needs no --lora); prompts are "

@@ -205,10 +205,14 @@ def _cli(*args, cwd: Path):
 def test_export_command_writes_gguf_base_modelfile_and_card(tmp_path, tiny):
     adapter = random_peft_adapter(tmp_path / "adapter")
     out = tmp_path / "export" / "kb.gguf"
-    result = _cli("export", "gguf", "--adapter", str(adapter), "--model", str(tiny), "--out", str(out), cwd=tmp_path)
+    result = _cli(
+        "export", "gguf", "--adapter", str(adapter), "--model", str(tiny), "--out", str(out),
+        "--set", "generate.max_new_tokens=null", cwd=tmp_path,
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert out.is_file() and (out.parent / "kb-base.gguf").is_file()
     modelfile = (out.parent / "Modelfile").read_text(encoding="utf-8")
+    assert "PARAMETER num_predict 150\n" in modelfile  # null, and a bare adapter records no answer lengths
     assert "FROM ./kb-base.gguf\nADAPTER ./kb.gguf\n" in modelfile
     assert 'PARAMETER stop "<|im_end|>"' in modelfile and "<|im_start|>assistant\n" in modelfile
     assert 'SYSTEM """你是公司內部 FAQ 助理' in modelfile

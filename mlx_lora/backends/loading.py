@@ -16,6 +16,34 @@ from mlx_lora.data.render import ChatTokenizer
 CALIBRATION = "calibration.json"  # a run's refusal bias (training/refusal_bias.py writes it)
 # The data settings that shape a prompt: generation must use the ones the adapter was trained with.
 PROMPT_KEYS = ("system_prompt", "mode", "passages", "cite", "passage_template", "grounded_template")
+# generate.max_new_tokens: null where no run records its answers' length (a base model, a bare adapter folder).
+FALLBACK_NEW_TOKENS = 150
+MIN_NEW_TOKENS = 32
+
+
+def answer_budget(setting: int | None, run: dict | None) -> int:
+    """The most tokens an answer may take: generate.max_new_tokens when set, else half again the longest answer
+    (citation and end token included) the run was trained or validated on — an answer is a KB text shown again,
+    and a doc added after training may be longer than any trained one. Greedy answers stop at the end token, so
+    the headroom costs only where a model runs on."""
+    if setting is not None:
+        return setting
+    longest = ((run or {}).get("data") or {}).get("longest_answer_tokens")
+    return max(MIN_NEW_TOKENS, longest + longest // 2) if isinstance(longest, int) else FALLBACK_NEW_TOKENS
+
+
+def resolve_answer_budget(cfg: Config, run: dict | None, where: str) -> None:
+    """Fix cfg.generate.max_new_tokens for this run (null → answer_budget); warn when a set cap is shorter than
+    the answers the run was trained on: they would be cut."""
+    longest = ((run or {}).get("data") or {}).get("longest_answer_tokens")
+    setting = cfg.generate.max_new_tokens
+    if setting is not None and isinstance(longest, int) and setting < longest:
+        print(
+            f"warning: generate.max_new_tokens {setting} is shorter than the longest answer {where} was trained "
+            f"on ({longest} tokens): such answers will be cut; set it to null to follow the run",
+            file=sys.stderr,
+        )
+    cfg.generate.max_new_tokens = answer_budget(setting, run)
 
 
 def saved_prompt_settings(saved_data: dict) -> dict:
@@ -83,6 +111,7 @@ def load_for_generation(
             system_prompt = run.get("system_prompt", system_prompt)
             if model is None:
                 model = run["base_model"]["path"]
+    resolve_answer_budget(cfg, run, str(adapter))
     if model is not None:
         cfg.model.path = str(model)
     backend = backends.resolve(cfg.backend.name)

@@ -139,7 +139,9 @@ class DataConfig:
 
 @dataclass
 class GenerateConfig:
-    max_new_tokens: int = 150
+    # null: half again the longest answer the run was trained on (backends/loading.answer_budget), so a KB with
+    # longer answers is not cut short; 150 where no run says.
+    max_new_tokens: int | None = 150
     temperature: float = 0.0  # 0 = greedy (evaluation is always greedy)
     top_p: float = 0.9
     repetition_penalty: float = 1.0
@@ -290,7 +292,7 @@ RANGES = {
     "data.near_miss_rate": (0, 1, (True, True), "the share of answerable grounded rows shown a passage cut short"),
     "data.valid_fraction": (0, 1, (True, False), "the share of phrasings held out for validation"),
     "data.test_fraction": (0, 1, (True, False), "the share of phrasings held out for testing"),
-    "generate.max_new_tokens": (1, None, (True, False), "tokens to generate"),
+    "generate.max_new_tokens": (1, None, (True, False), "tokens to generate; null = from the run's answers"),
     "generate.temperature": (0, None, (True, False), "the sampling temperature (0 = greedy)"),
     "generate.top_p": (0, 1, (False, True), "nucleus sampling mass"),
     "generate.repetition_penalty": (0, None, (False, False), "the repetition penalty (1 = off)"),

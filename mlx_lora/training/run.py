@@ -95,6 +95,8 @@ def train_run(
         "valid_rows": len(valid),
         "dropped_rows": dropped,
         "supervised_tokens": sum(r.supervised for r in train),
+        # what generate.max_new_tokens: null reads (backends/loading.answer_budget)
+        "longest_answer_tokens": max(r.supervised for r in train + valid),
         "tokens": sum(len(r.ids) for r in train),
     }
     run = manifest(cfg, backend.name, model_dir, [train_file, valid_file], stats)
