@@ -45,8 +45,8 @@ def main() -> int:
     from mlx_lora.backends.mlx.engine import MLXEngine, compiled_step
     from mlx_lora.core.config_file import load_config
     from mlx_lora.core.model_store import local_model_dir
-    from mlx_lora.data.formats import encode_rows, read_examples, token_count
-    from mlx_lora.data.grounded import fit_rows
+    from mlx_lora.data.fitting import fit_rows, prompt_budget, prompt_length
+    from mlx_lora.data.formats import encode_rows, read_examples
     from mlx_lora.data.render import ChatTokenizer
 
     mx.set_default_device(mx.cpu)
@@ -54,7 +54,9 @@ def main() -> int:
     model_dir = local_model_dir(cfg.model.path, cfg.model.cache_dir, True)
     tokenizer = ChatTokenizer.from_dir(model_dir)
     path = args.data / "train.jsonl"
-    examples, _ = fit_rows(read_examples(path), token_count(tokenizer), cfg.train.max_length, cfg.data, path)
+    examples = read_examples(path)
+    cfg.data.prompt_tokens = cfg.data.prompt_tokens or prompt_budget(tokenizer, examples, cfg.train.max_length)
+    examples, _ = fit_rows(examples, prompt_length(tokenizer), cfg.data, path, cfg.train.max_length)
     rows = [r for r in encode_rows(tokenizer, examples, cfg.train.max_length) if r.supervised > 0]
     rows.sort(key=lambda r: len(r.ids))
     per_batch, accum = cfg.train.batch_size, cfg.train.grad_accum

@@ -8,8 +8,9 @@ import pytest
 from conftest import grounded
 
 from mlx_lora.core.config import DataConfig
+from mlx_lora.data.fitting import fit_passages, fit_rows
 from mlx_lora.data.formats import read_examples
-from mlx_lora.data.grounded import fit_passages, fit_rows, own_citation_removed, parse_citation
+from mlx_lora.data.grounded import own_citation_removed, parse_citation
 
 
 def _chars(example) -> int:
@@ -54,24 +55,35 @@ def test_an_overlong_row_shows_fewer_passages_never_a_shorter_answer(tiny_kb, ti
     assert fit_passages(row, {d: t + "改" for d, t in texts.items()}, cfg, _chars, limit) == (row, "kept")
 
 
-def test_fit_rows_uses_the_tokenizer_and_warns_once(tiny_kb, tiny_questions, tmp_path, qwen_tokenizer_dir):
-    from mlx_lora.data.formats import encode_example, token_count
+def test_fit_rows_fits_prompts_to_the_budget_and_warns_once(tiny_kb, tiny_questions, tmp_path, qwen_tokenizer_dir):
+    import dataclasses
+
+    from mlx_lora.data.fitting import prompt_budget, prompt_length
+    from mlx_lora.data.formats import encode_example
     from mlx_lora.data.render import ChatTokenizer
 
     cfg, _, _, _ = grounded(tiny_kb, tiny_questions, tmp_path, oracle_rate=1.0, passages=3)
     tokenizer = ChatTokenizer.from_dir(qwen_tokenizer_dir)
     rows = read_examples(tmp_path / "out" / "train.jsonl")
-    lengths = sorted(encode_example(tokenizer, e, 10**9).full_length for e in rows)
-    limit = lengths[len(lengths) // 2]  # half the rows are over
-    fitted, warnings = fit_rows(rows, token_count(tokenizer), limit, cfg, "train.jsonl")
-    over = sum(n > limit for n in lengths)
-    assert len(warnings) == 1 and f"{over} of {len(rows)} grounded rows" in warnings[0]
+    length = prompt_length(tokenizer)
+    prompts = sorted(length(e) for e in rows)
+    answers = [encode_example(tokenizer, e, 10**9).supervised for e in rows]
+    whole = [encode_example(tokenizer, e, 10**9).full_length for e in rows]
+    assert [length(e) + a for e, a in zip(rows, answers)] == whole
+    budget = prompts[len(prompts) // 2]  # half the prompts are over
+    max_length = budget + max(answers)
+    assert prompt_budget(tokenizer, rows, max_length) == budget  # max_length less the longest answer
+    assert fit_rows(rows, length, cfg, "train.jsonl", max_length) == (rows, [])  # no budget: nothing to fit
+    cfg = dataclasses.replace(cfg, prompt_tokens=budget)
+    fitted, warnings = fit_rows(rows, length, cfg, "train.jsonl", max_length)
+    over = sum(n > budget for n in prompts)
+    assert len(warnings) == 1 and f"{over} of {len(rows)} grounded prompts" in warnings[0]
+    assert f"data.prompt_tokens={budget} (train.max_length={max_length}" in warnings[0]
     for before, after in zip(rows, fitted):
         # The same answer, its numbered citation following the gold passage if one before it was dropped.
         assert own_citation_removed(after) == own_citation_removed(before)
         assert parse_citation(after.answer)[0] == parse_citation(before.answer)[0] or after.meta["passages_shortened"]
-        encoded = encode_example(tokenizer, after, limit)
-        assert not encoded.truncated  # every row now fits whole
+        assert length(after) <= budget and not encode_example(tokenizer, after, max_length).truncated
 
 
 @pytest.mark.parametrize("fmt", ["messages", "text"])
@@ -97,15 +109,16 @@ def test_training_refuses_rows_built_with_another_citation_style(tiny_kb, tiny_q
 
     cfg = grounded(tiny_kb, tiny_questions, tmp_path, cite="number")[0]
     rows = read_examples(tmp_path / "out" / "train.jsonl")
-    assert fit_rows(rows, _chars, 10**6, cfg, "train.jsonl")[0] == rows
-    other = DataConfig(kb=cfg.kb, mode="grounded", cite="doc_id")
+    cfg.prompt_tokens = 10**6
+    assert fit_rows(rows, _chars, cfg, "train.jsonl", 10**6)[0] == rows
+    other = DataConfig(kb=cfg.kb, mode="grounded", cite="doc_id", prompt_tokens=10**6)
     with pytest.raises(UserError, match=r"train.jsonl:1: this row was built with data.cite=number .* data.cite=doc_id"):
-        fit_rows(rows, _chars, 10**6, other, "train.jsonl")
+        fit_rows(rows, _chars, other, "train.jsonl", 10**6)
     # Rows built before data.cite existed cited doc ids: a numbered config refuses them too.
     for row in rows:
         del row.meta["cite"]
     with pytest.raises(UserError, match=r"built with data.cite=doc_id but the config says data.cite=number"):
-        fit_rows(rows, _chars, 10**6, cfg, "train.jsonl")
+        fit_rows(rows, _chars, cfg, "train.jsonl", 10**6)
 
 
 def test_eval_reads_numbered_citations_as_the_doc_of_that_rows_passage(tiny_kb, tiny_questions, tmp_path):
@@ -130,3 +143,40 @@ def test_eval_reads_numbered_citations_as_the_doc_of_that_rows_passage(tiny_kb, 
         record = audit[e.question]
         assert record["model_answer"].startswith(f"[{e.meta['doc_id']}] ")  # the number became the doc id
         assert record["source"] == "KB_MATCH" and record["detail"]["cited"] == e.meta["doc_id"]
+
+
+def test_a_prompt_at_inference_is_fitted_as_its_training_row_was(tiny_kb, tiny_questions, tmp_path, qwen_tokenizer_dir):
+    """Train/inference parity: a question shown at inference the passages its training row showed, cut the same
+    way, when its gold passage is not one fitting would have kept for training's sake (first, or no gold)."""
+    import dataclasses
+
+    from mlx_lora.data.fitting import fit_prompts, fitted_turn, prompt_length
+    from mlx_lora.data.render import ChatTokenizer
+
+    cfg, kb, _, _ = grounded(tiny_kb, tiny_questions, tmp_path, oracle_rate=1.0, passages=3)
+    texts = {d: doc.text for d, doc in kb.items()}
+    tokenizer = ChatTokenizer.from_dir(qwen_tokenizer_dir)
+    length = prompt_length(tokenizer)
+    rows = [
+        e
+        for e in read_examples(tmp_path / "out" / "train.jsonl")
+        if e.meta.get("doc_id") in (None, e.meta["passages"][0])
+    ]
+    cfg = dataclasses.replace(cfg, prompt_tokens=sorted(map(length, rows))[len(rows) // 3])
+    shortened = 0
+    for row in rows:
+        trained, what = fit_passages(row, texts, cfg, length, cfg.prompt_tokens)
+        system = row.messages[0]["content"] if row.messages[0]["role"] == "system" else None
+        passages = [(d, texts[d]) for d in row.meta["passages"]]
+        turn, shown = fitted_turn(row.question, passages, cfg, length, system)
+        assert (turn, shown) == (trained.messages[-2]["content"], trained.meta["passages"])
+        shortened += what == "shortened"
+    assert 0 < shortened < len(rows)
+    # Without the run's budget (a run from before it) or a tokenizer: every passage, whole.
+    whole = fitted_turn(rows[0].question, [(d, texts[d]) for d in rows[0].meta["passages"]], cfg)
+    assert whole == (rows[0].messages[-2]["content"], rows[0].meta["passages"])
+    # eval's rows, the same way.
+    assert fit_prompts(rows, texts, cfg, length) == [
+        fit_passages(r, texts, cfg, length, cfg.prompt_tokens)[0] for r in rows
+    ]
+    assert fit_prompts(rows, texts, dataclasses.replace(cfg, prompt_tokens=None), length) == rows

@@ -75,6 +75,10 @@ def test_main_job_on_a_tiny_model(tmp_path, qwen_tokenizer_dir):
     summary, report = check_run(run_dir, out)
     assert summary["train"]["steps"] == 2
     assert report["meta"]["prompt"] == "grounded" and report["meta"]["model_first"] is True
+    # The prompt budget the run was fitted with is kept with it, for eval/generate/serve to fit theirs the same way.
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    budget = manifest["config"]["train"]["max_length"] - manifest["data"]["longest_answer_tokens"]
+    assert manifest["config"]["data"]["prompt_tokens"] == budget > 0
     test = [json.loads(line) for line in (run_dir / "data" / "test.jsonl").read_text().splitlines()]
     assert all("參考資料" in row["messages"][-2]["content"] and row["meta"]["question"] for row in test)
     # The model alone carries all its answers; the baselines none.

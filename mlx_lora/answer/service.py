@@ -10,8 +10,9 @@ from mlx_lora.answer.build import build_decider, doc_answers, refusal_text
 from mlx_lora.answer.decide import Decider, Decision
 from mlx_lora.backends.loading import read_manifest
 from mlx_lora.core.config import Config, DataConfig
+from mlx_lora.data.fitting import fitted_turn, prompt_length
 from mlx_lora.data.formats import read_examples
-from mlx_lora.data.grounded import retrieve, user_turn, with_doc_id
+from mlx_lora.data.grounded import retrieve, with_doc_id
 from mlx_lora.data.kb import load_kb
 from mlx_lora.data.retrieval import PassageIndex
 from mlx_lora.data.similarity import answer_index, make_scorer
@@ -44,6 +45,8 @@ class Answering:
     info: dict
     data: DataConfig
     passages: PassageIndex | None = None  # grounded runs only
+    length: object = None  # grounded: prompt_length(the model's tokenizer), to fit prompts as training did
+    system_prompt: str | None = None
     kb_docs: int = 0
     rules: int = 0
     notes: list[str] = field(default_factory=list)
@@ -55,7 +58,9 @@ class Answering:
     def prompt(self, question: str) -> tuple[str, list[str]]:
         """(the user message the model reads: the question, or in grounded mode the question with its passages;
         the doc ids of the passages it shows: none when closed-book)."""
-        return (question, []) if self.passages is None else grounded_prompt(self.passages, question, self.data)
+        if self.passages is None:
+            return question, []
+        return grounded_prompt(self.passages, question, self.data, self.length, self.system_prompt)
 
     def with_doc_id(self, answer: str, shown: list[str]) -> str:
         """The model's answer citing the doc id of the passage it cites (a numbered citation names a passage of
@@ -69,11 +74,13 @@ class Answering:
         return self.decider.decide(questions, model_answers)
 
 
-def grounded_prompt(index: PassageIndex, question: str, data: DataConfig) -> tuple[str, list[str]]:
-    """(the grounded user turn: the question with the passages the retriever finds for it, as training built it;
-    the doc ids of those passages)."""
-    passages = retrieve(index, [question], data)[0]
-    return user_turn(question, passages, data), [doc_id for doc_id, _ in passages]
+def grounded_prompt(
+    index: PassageIndex, question: str, data: DataConfig, length=None, system_prompt: str | None = None
+) -> tuple[str, list[str]]:
+    """(the grounded user turn: the question with the passages the retriever finds for it, as training built it —
+    fitted to the run's data.prompt_tokens when `length` (prompt_length of the model's tokenizer) is given; the doc
+    ids of the passages it shows)."""
+    return fitted_turn(question, retrieve(index, [question], data)[0], data, length, system_prompt)
 
 
 def grounding(cfg: Config, adapter, scorer=None, kb=None, train=None):
@@ -85,12 +92,15 @@ def grounding(cfg: Config, adapter, scorer=None, kb=None, train=None):
     return PassageIndex.from_examples(scorer, {d: doc.text for d, doc in kb.items()}, train)
 
 
-def build_answering(cfg: Config, adapter, rules_path, scorer=None, splits=None) -> Answering:
+def build_answering(
+    cfg: Config, adapter, rules_path, scorer=None, splits=None, tokenizer=None, system_prompt: str | None = None
+) -> Answering:
     """The decider `generate --rules` and `serve` use: keyword rules (rules_path, or None), the semantic route
     trained on the run's train split and calibrated on train + valid, the answerability check; with a grounded
     run (cfg.data.mode after the run's prompt settings were applied), the retriever its prompts read.
 
-    `scorer` and `splits` may be passed in to reuse them (a reload re-reads only the rules and the KB)."""
+    `scorer` and `splits` may be passed in to reuse them (a reload re-reads only the rules and the KB); the loaded
+    model's `tokenizer` and system prompt fit grounded prompts to the run's budget (data.prompt_tokens)."""
     kb = load_kb(cfg.data.kb)
     train, valid = run_splits(cfg, adapter) if splits is None else splits
     answers_by_doc = doc_answers(kb, train, cfg.data.answer_prefix)
@@ -103,4 +113,6 @@ def build_answering(cfg: Config, adapter, rules_path, scorer=None, splits=None) 
     )
     notes = [] if train else ["the run has no train split: no semantic route, keyword rules only"]
     passages = grounding(cfg, adapter, scorer, kb, train) if grounded else None
-    return Answering(decider, info, dataclasses.replace(cfg.data), passages, len(kb), info["rules"]["count"], notes)
+    length = prompt_length(tokenizer) if grounded and tokenizer is not None else None
+    data = dataclasses.replace(cfg.data)
+    return Answering(decider, info, data, passages, length, system_prompt, len(kb), info["rules"]["count"], notes)

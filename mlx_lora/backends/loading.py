@@ -15,7 +15,7 @@ from mlx_lora.data.render import ChatTokenizer
 
 CALIBRATION = "calibration.json"  # a run's refusal bias (training/refusal_bias.py writes it)
 # The data settings that shape a prompt: generation must use the ones the adapter was trained with.
-PROMPT_KEYS = ("system_prompt", "mode", "passages", "cite", "passage_template", "grounded_template")
+PROMPT_KEYS = ("system_prompt", "mode", "passages", "cite", "passage_template", "grounded_template", "prompt_tokens")
 # generate.max_new_tokens: null where no run records its answers' length (a base model, a bare adapter folder).
 FALLBACK_NEW_TOKENS = 150
 MIN_NEW_TOKENS = 32

@@ -49,7 +49,7 @@ def _length_warnings(cfg) -> None:
     """Rows longer than train.max_length, said now when the model's tokenizer is at hand without preparing the
     model (`train` says it in any case)."""
     from mlx_lora.core.model_store import prepared_model_dir
-    from mlx_lora.data.formats import data_length_warnings
+    from mlx_lora.data.fitting import data_length_warnings
     from mlx_lora.data.render import ChatTokenizer
 
     model_dir = prepared_model_dir(cfg.model.path, cfg.model.cache_dir)

@@ -10,6 +10,7 @@ import click
 
 from mlx_lora.commands.options import backend_choice, build_config, config_option, set_option, use_samples
 from mlx_lora.core.errors import UserError
+from mlx_lora.data.fitting import prompt_length
 from mlx_lora.data.grounded import familiar, parse_citation, with_doc_id
 
 
@@ -111,7 +112,10 @@ def generate(
     answers = []
     index = grounding(cfg, adapter) if cfg.data.mode == "grounded" else None
     for question in questions:
-        content, shown = grounded_prompt(index, question, cfg.data) if index else (question, [])
+        if index is not None:
+            content, shown = grounded_prompt(index, question, cfg.data, prompt_length(tokenizer), system_prompt)
+        else:
+            content, shown = question, []
         prompt = tokenizer.prompt_ids([{"role": "user", "content": content}], system_prompt)
         streamer = None if rules_path else _Streamer(tokenizer)  # with rules, the final answer may differ
         biased = [familiar(shown, index)]

@@ -135,6 +135,12 @@ class DataConfig:
     # is a text the model never saw whole, and so is a new doc's. Off until that is fixed
     # (benchmarks/results/grounded/README.md).
     near_miss_rate: float = 0.0
+    # grounded: the most tokens a prompt may take (everything but the answer). null: set by training to
+    # train.max_length less the longest answer of the train and valid rows, and kept with the run, so that a
+    # prompt at inference (eval, generate, serve) drops or shortens passages exactly as training did: trained on
+    # two passages and shown three, an adapter refused 19 of 28 answerable valid questions it answered (27 of 28)
+    # in the shorter form (a second KB with longer texts; benchmarks/kb2).
+    prompt_tokens: int | None = None
 
 
 @dataclass
@@ -290,6 +296,7 @@ RANGES = {
     "data.oracle_rate": (0, 1, (True, True), "the share of answerable grounded rows that see their gold passage"),
     "data.move_gold": (0, 1, (True, True), "the share of grounded train rows whose first-place gold passage moves"),
     "data.near_miss_rate": (0, 1, (True, True), "the share of answerable grounded rows shown a passage cut short"),
+    "data.prompt_tokens": (1, None, (True, False), "tokens a grounded prompt may take; null = set by training"),
     "data.valid_fraction": (0, 1, (True, False), "the share of phrasings held out for validation"),
     "data.test_fraction": (0, 1, (True, False), "the share of phrasings held out for testing"),
     "generate.max_new_tokens": (1, None, (True, False), "tokens to generate; null = from the run's answers"),

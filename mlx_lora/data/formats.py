@@ -102,11 +102,6 @@ def encode_example(tokenizer: ChatTokenizer, example: Example, max_length: int) 
     return encode_text(tokenizer, example.text, max_length)
 
 
-def token_count(tokenizer: ChatTokenizer):
-    """A row's whole length in tokens, uncut: what fitting rows to max_length measures."""
-    return lambda example: encode_example(tokenizer, example, 10**9).full_length
-
-
 def encode_rows(tokenizer: ChatTokenizer, examples: list[Example], max_length: int) -> list[Encoded]:
     """Every row encoded and cut to max_length; none dropped."""
     return [encode_example(tokenizer, e, max_length) for e in examples]
@@ -139,23 +134,6 @@ def length_warnings(path, encoded: list[Encoded], max_length: int, setting: str 
             f"warning: {path}: {len(dropped)} of {len(encoded)} rows dropped: no answer token fits in {limit}; "
             f"raise {setting} or shorten the questions, the system prompt or the KB texts"
         )
-    return warnings
-
-
-def data_length_warnings(data_dir, tokenizer: ChatTokenizer, max_length: int, data_cfg=None) -> list[str]:
-    """length_warnings() for the train and valid files of a data folder: what training will read (grounded rows
-    fitted first, as training fits them, when data_cfg is given)."""
-    from mlx_lora.data.grounded import fit_rows
-
-    warnings = []
-    for name in ("train.jsonl", "valid.jsonl"):
-        path = Path(data_dir) / name
-        if path.is_file():
-            examples = read_examples(path)
-            if data_cfg is not None:
-                examples, notes = fit_rows(examples, token_count(tokenizer), max_length, data_cfg, path)
-                warnings += notes
-            warnings += length_warnings(path, encode_rows(tokenizer, examples, max_length), max_length)
     return warnings
 
 

@@ -140,16 +140,16 @@ def recited(example, shown: Sequence[str], cfg: DataConfig) -> str:
 def reground(examples, index: PassageIndex, cfg: DataConfig) -> list:
     """Grounded examples with passages retrieved anew from `index` (the current KB): what the model would be
     shown today, and the expected answer citing its doc as that prompt labels it. With the KB and train
-    questions the rows were built from, the prompts come out unchanged."""
+    questions the rows were built from, the prompts come out unchanged (before fitting.fit_prompts)."""
     found = retrieve(index, [e.question for e in examples], cfg)
     out = []
     for example, passages in zip(examples, found):
         messages = [dict(m) for m in example.messages]
         ids = [doc_id for doc_id, _ in passages]
-        _last_user(messages)["content"] = user_turn(example.question, passages, cfg)
+        last_user(messages)["content"] = user_turn(example.question, passages, cfg)
         answer = recited(example, ids, cfg)
         if answer != example.answer:
-            _last_assistant(messages)["content"] = answer
+            last_assistant(messages)["content"] = answer
         meta = {**example.meta, "passages": ids, "gold_in_passages": example.meta.get("doc_id") in ids}
         out.append(dataclasses.replace(example, messages=messages, meta=meta))
     return out
@@ -163,119 +163,9 @@ def ground_messages(messages: list[dict], passages: Sequence[tuple[str, str]], c
     return out
 
 
-def fit_passages(example, kb_texts: dict[str, str], cfg: DataConfig, length, limit: int):
-    """A grounded row (formats.Example) that fits `limit` tokens (`length(example)` counts them) by showing less
-    of its passages, never less of its answer: first the lowest-ranked passages that are not the gold doc's go
-    (one passage always stays), then the remaining passage's text is cut at the end ("…").
-
-    Returns (row, what happened): "fits" (unchanged), "shortened", or "kept" — not grounded, its prompt is not the
-    one today's KB gives (it cannot be rebuilt safely), or even an empty passage does not fit; a kept row is cut
-    from the end like any other and the caller warns about it."""
-    if length(example) <= limit:
-        return example, "fits"
-    ids = example.meta.get("passages") if example.grounded else None
-    if not ids or any(doc_id not in kb_texts for doc_id in ids):
-        return example, "kept"
-    question = example.question
-    current = user_turn(question, [(d, kb_texts[d]) for d in ids], cfg)
-    shown = [example.text, None if example.messages is None else _last_user(example.messages)["content"]]
-    if any(current not in text for text in shown if text is not None):  # every copy of the prompt must hold it
-        return example, "kept"
-
-    answer = example.answer
-
-    def with_passages(passages):
-        turn = user_turn(question, passages, cfg)
-        shown = [d for d, _ in passages]
-        meta = {**example.meta, "passages": shown, "passages_shortened": True}
-        # A numbered citation follows its passage to its new place (a dropped passage may have come before it).
-        new_answer = recited(example, shown, cfg)
-        # A ChatML text row carries both: the turns parsed from the text (what is encoded) and the text itself.
-        text = example.text
-        if text is not None:
-            text = _swap_answer(text.replace(current, turn, 1), answer, new_answer)
-        messages = None if example.messages is None else [dict(m) for m in example.messages]
-        if messages is not None:
-            _last_user(messages)["content"] = turn
-            if new_answer != answer:
-                _last_assistant(messages)["content"] = new_answer
-        return dataclasses.replace(example, messages=messages, text=text, meta=meta)
-
-    passages = [(d, kb_texts[d]) for d in ids]
-    gold = example.meta.get("doc_id")
-    while len(passages) > 1:
-        drop = max((i for i, (d, _) in enumerate(passages) if d != gold), default=None)
-        if drop is None:
-            break
-        passages.pop(drop)
-        row = with_passages(passages)
-        if length(row) <= limit:
-            return row, "shortened"
-    # One passage left (or only gold ones): keep the longest start of the longest text that fits.
-    i = max(range(len(passages)), key=lambda j: len(passages[j][1]))
-    doc_id, text = passages[i]
-
-    def cut(n: int):
-        return with_passages([*passages[:i], (doc_id, text[:n] + "…"), *passages[i + 1 :]])
-
-    if length(cut(0)) > limit:
-        return example, "kept"
-    lo, hi = 0, len(text)  # cut(lo) fits; the longest n that fits, by bisection
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if length(cut(mid)) <= limit:
-            lo = mid
-        else:
-            hi = mid - 1
-    return cut(lo), "shortened"
-
-
-def _last_user(messages: list[dict]) -> dict:
+def last_user(messages: list[dict]) -> dict:
     return messages[max(i for i, m in enumerate(messages) if m["role"] == "user")]
 
 
-def _last_assistant(messages: list[dict]) -> dict:
+def last_assistant(messages: list[dict]) -> dict:
     return messages[max(i for i, m in enumerate(messages) if m["role"] == "assistant")]
-
-
-def _swap_answer(text: str, old: str, new: str) -> str:
-    """A ChatML text row with its (last) answer replaced."""
-    if old == new:
-        return text
-    head, sep, tail = text.rpartition(old)
-    return head + new + tail if sep else text
-
-
-def fit_rows(examples: list, length, max_length: int, cfg: DataConfig, path) -> tuple[list, list[str]]:
-    """fit_passages() for every grounded row of a file, against today's KB (data.kb); `length(row)` is its token
-    count. Returns (rows, warnings). Without grounded rows, or without a readable KB, rows are returned as they
-    are (the usual cut applies)."""
-    from mlx_lora.core.errors import UserError
-    from mlx_lora.data.kb import load_kb
-
-    if not any(e.grounded for e in examples):
-        return examples, []
-    for example in examples:  # an adapter must be told to read citations the way its rows wrote them
-        cite = example.meta.get("cite", "doc_id")  # rows built before data.cite existed cite doc ids
-        if example.grounded and cite != cfg.cite:
-            raise UserError(
-                f"{path}:{example.line}: this row was built with data.cite={cite} but the config says "
-                f"data.cite={cfg.cite}: set data.cite: {cite}, or rebuild the data with `mlx-lora data build`"
-            )
-    try:
-        kb_texts = {doc_id: doc.text for doc_id, doc in load_kb(cfg.kb).items()}
-    except (UserError, OSError):
-        return examples, []
-
-    out, shortened = [], 0
-    for example in examples:
-        row, what = fit_passages(example, kb_texts, cfg, length, max_length)
-        out.append(row)
-        shortened += what == "shortened"
-    if not shortened:
-        return out, []
-    return out, [
-        f"warning: {path}: {shortened} of {len(examples)} grounded rows are longer than train.max_length="
-        f"{max_length} tokens with all their passages: they show fewer passages or a shortened one (never a shorter "
-        "answer); raise train.max_length to show them whole"
-    ]

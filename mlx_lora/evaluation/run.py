@@ -15,9 +15,12 @@ from mlx_lora.answer.decide import Decision
 from mlx_lora.backends.loading import read_manifest, saved_prompt_settings
 from mlx_lora.core.config import Config
 from mlx_lora.core.errors import UserError
+from mlx_lora.core.model_store import local_model_dir
+from mlx_lora.data.fitting import fit_prompts, prompt_length
 from mlx_lora.data.formats import read_examples
 from mlx_lora.data.grounded import familiar, reground, with_doc_id
 from mlx_lora.data.kb import load_kb
+from mlx_lora.data.render import ChatTokenizer
 from mlx_lora.data.retrieval import PassageIndex
 from mlx_lora.data.similarity import answer_index, describe, make_scorer
 from mlx_lora.evaluation.scoring import build_report, score_rows, write_report
@@ -72,6 +75,14 @@ def _generate_variant(
     del loaded
     gc.collect()
     return answers, elapsed, bias
+
+
+def _tokenizer(cfg: Config, model, adapter_run) -> ChatTokenizer:
+    """The base model's tokenizer, without loading the model: grounded prompts are fitted in its tokens."""
+    spec = model or cfg.model.path
+    if model is None and adapter_run is not None and (Path(adapter_run) / "manifest.json").is_file():
+        spec = read_manifest(Path(adapter_run))["base_model"]["path"]
+    return ChatTokenizer.from_dir(local_model_dir(spec, cfg.model.cache_dir, progress=False))
 
 
 def _prompt_settings(cfg: Config, adapter_run):
@@ -180,6 +191,8 @@ def evaluate_run(
         notes["passages"] = passages.missing
     if grounded:  # the prompts show what the retriever finds in today's KB (docs may have been added since)
         test = reground(test, passages, data_cfg)
+        if data_cfg.prompt_tokens is not None:  # as the run's training fitted its rows
+            test = fit_prompts(test, passages.kb_texts, data_cfg, prompt_length(_tokenizer(cfg, model, adapter_run)))
     questions = [e.question for e in test]
     got: dict[str, list] = dict(answers or {})
     timings: dict[str, float] = {}

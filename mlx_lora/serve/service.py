@@ -123,7 +123,11 @@ class Service:
             print(f"note: {note}", file=sys.stderr)
 
     def _build(self) -> Answering:
-        return build_answering(self.cfg, self.adapter, self.rules_path, self._scorer, self._splits)
+        loaded = self.batcher  # its tokenizer and system prompt fit grounded prompts as training did
+        splits = self._splits
+        return build_answering(
+            self.cfg, self.adapter, self.rules_path, self._scorer, splits, loaded.tokenizer, loaded.system_prompt
+        )
 
     @property
     def pending(self) -> int:
