@@ -83,6 +83,31 @@ def test_evaluate_run_needs_an_adapter_for_tuned(tmp_path, tiny_kb, tiny_splits)
         )
 
 
+def test_evaluate_run_refuses_a_kb_without_any_doc_the_rows_ask_about(tmp_path, tiny_kb, tiny_splits):
+    data, _ = tiny_splits
+    other = tmp_path / "other-kb.jsonl"
+    other.write_text('{"doc_id": "library-card", "text": "借閱證申辦：憑身分證到服務台。"}\n', encoding="utf-8")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "manifest.json").write_text(
+        json.dumps(
+            {
+                "config": {"lora": {}, "data": {"system_prompt": None, "kb": "kb/library.jsonl"}},
+                "base_model": {"path": "x"},
+            }
+        ),
+        encoding="utf-8",
+    )
+    with pytest.raises(UserError) as error:
+        evaluate_run(
+            Config(), None, run, data / "test.jsonl", None, None, other, tmp_path / "out",
+            variants=("retrieval",), progress=False,
+        )  # fmt: skip
+    message = str(error.value)
+    assert "test.jsonl: none of the docs its rows ask about" in message and str(other) in message
+    assert "--set data.kb=PATH; the run was trained with kb/library.jsonl" in message and "\n" not in message
+
+
 class FakeBackend:
     """Returns each prompt's length as its 'answer' tokens, recording the batches and the generation config."""
 

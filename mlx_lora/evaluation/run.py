@@ -77,6 +77,22 @@ def _generate_variant(
     return answers, elapsed, bias
 
 
+def _check_kb(test, kb: dict, kb_path, test_path, adapter_run) -> None:
+    """Test rows about docs the KB does not have are scored against nothing: when none of them is in it, the KB is
+    not the one the data was built from (`eval` reads data.kb, not the run's). A few missing docs (deleted since)
+    are scored as they are."""
+    asked = sorted({d for e in test if (d := (e.meta or {}).get("doc_id"))})
+    if not asked or any(d in kb for d in asked):
+        return
+    trained = ""
+    if adapter_run is not None and (Path(adapter_run) / "manifest.json").is_file():
+        trained = f"; the run was trained with {read_manifest(Path(adapter_run))['config']['data'].get('kb')}"
+    raise UserError(
+        f"{test_path}: none of the docs its rows ask about ({', '.join(asked[:3])}, …) is in {kb_path}: evaluate "
+        f"with the KB the data was built from (--set data.kb=PATH{trained})"
+    )
+
+
 def _tokenizer(cfg: Config, model, adapter_run) -> ChatTokenizer:
     """The base model's tokenizer, without loading the model: grounded prompts are fitted in its tokens."""
     spec = model or cfg.model.path
@@ -169,6 +185,7 @@ def evaluate_run(
     if cfg.eval.max_rows and cfg.eval.max_rows < len(test):
         keep = sorted(random.Random(cfg.data.seed).sample(range(len(test)), cfg.eval.max_rows))
         test = [test[i] for i in keep]
+    _check_kb(test, kb, kb_path, test_path, adapter_run)
     train, valid = _read(train_path, "train data"), _read(valid_path, "valid data")
     grounded = bool(test) and all(e.grounded for e in test)
     data_cfg = _prompt_settings(cfg, adapter_run)
