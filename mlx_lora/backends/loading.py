@@ -21,6 +21,12 @@ FALLBACK_NEW_TOKENS = 150
 MIN_NEW_TOKENS = 32
 
 
+def _longest_answer(run: dict | None) -> int | None:
+    """The longest answer (tokens) the run was trained or validated on, as its manifest records it."""
+    longest = ((run or {}).get("data") or {}).get("longest_answer_tokens")
+    return longest if isinstance(longest, int) else None
+
+
 def answer_budget(setting: int | None, run: dict | None) -> int:
     """The most tokens an answer may take: generate.max_new_tokens when set, else half again the longest answer
     (citation and end token included) the run was trained or validated on — an answer is a KB text shown again,
@@ -28,16 +34,15 @@ def answer_budget(setting: int | None, run: dict | None) -> int:
     the headroom costs only where a model runs on."""
     if setting is not None:
         return setting
-    longest = ((run or {}).get("data") or {}).get("longest_answer_tokens")
-    return max(MIN_NEW_TOKENS, longest + longest // 2) if isinstance(longest, int) else FALLBACK_NEW_TOKENS
+    longest = _longest_answer(run)
+    return FALLBACK_NEW_TOKENS if longest is None else max(MIN_NEW_TOKENS, longest + longest // 2)
 
 
 def resolve_answer_budget(cfg: Config, run: dict | None, where: str) -> None:
     """Fix cfg.generate.max_new_tokens for this run (null → answer_budget); warn when a set cap is shorter than
     the answers the run was trained on: they would be cut."""
-    longest = ((run or {}).get("data") or {}).get("longest_answer_tokens")
-    setting = cfg.generate.max_new_tokens
-    if setting is not None and isinstance(longest, int) and setting < longest:
+    longest, setting = _longest_answer(run), cfg.generate.max_new_tokens
+    if setting is not None and longest is not None and setting < longest:
         print(
             f"warning: generate.max_new_tokens {setting} is shorter than the longest answer {where} was trained "
             f"on ({longest} tokens): such answers will be cut; set it to null to follow the run",

@@ -106,6 +106,14 @@ def prompt_budget(tokenizer, examples: list, max_length: int) -> int:
     return max(1, max_length - longest)
 
 
+def with_prompt_budget(cfg: DataConfig, tokenizer, examples: list, max_length: int) -> DataConfig:
+    """cfg with data.prompt_tokens set from these (train and valid) rows when it is null and they are grounded —
+    the budget training fits them to and keeps with the run; cfg itself otherwise."""
+    if cfg.prompt_tokens is not None or not any(e.grounded for e in examples):
+        return cfg
+    return dataclasses.replace(cfg, prompt_tokens=prompt_budget(tokenizer, examples, max_length))
+
+
 def fitted_turn(question: str, passages, cfg: DataConfig, length=None, system_prompt: str | None = None):
     """(the grounded user turn for a question at inference, the doc ids it shows): its retrieved passages, fewer
     or shortened as fit_passages() does for a training row when cfg.prompt_tokens (the run's) is set; `length` is
@@ -171,10 +179,8 @@ def data_length_warnings(data_dir, tokenizer: ChatTokenizer, max_length: int, da
     for name in ("train.jsonl", "valid.jsonl"):
         if (Path(data_dir) / name).is_file():
             read[Path(data_dir) / name] = read_examples(Path(data_dir) / name)
-    if data_cfg is not None and data_cfg.prompt_tokens is None:
-        everything = [e for examples in read.values() for e in examples]
-        if any(e.grounded for e in everything):
-            data_cfg = dataclasses.replace(data_cfg, prompt_tokens=prompt_budget(tokenizer, everything, max_length))
+    if data_cfg is not None:
+        data_cfg = with_prompt_budget(data_cfg, tokenizer, [e for rows in read.values() for e in rows], max_length)
     warnings = []
     for path, examples in read.items():
         if data_cfg is not None:
