@@ -45,7 +45,7 @@ def main() -> int:
     from mlx_lora.backends.mlx.engine import MLXEngine, compiled_step
     from mlx_lora.core.config_file import load_config
     from mlx_lora.core.model_store import local_model_dir
-    from mlx_lora.data.fitting import fit_rows, prompt_length, with_prompt_budget
+    from mlx_lora.data.fitting import fit_rows, prompt_length, with_lengths
     from mlx_lora.data.formats import encode_rows, read_examples
     from mlx_lora.data.render import ChatTokenizer
 
@@ -55,7 +55,7 @@ def main() -> int:
     tokenizer = ChatTokenizer.from_dir(model_dir)
     path = args.data / "train.jsonl"
     examples = read_examples(path)
-    cfg.data = with_prompt_budget(cfg.data, tokenizer, examples, cfg.train.max_length)
+    cfg = with_lengths(cfg, tokenizer, examples)
     examples, _ = fit_rows(examples, prompt_length(tokenizer), cfg.data, path, cfg.train.max_length)
     rows = [r for r in encode_rows(tokenizer, examples, cfg.train.max_length) if r.supervised > 0]
     rows.sort(key=lambda r: len(r.ids))

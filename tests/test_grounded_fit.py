@@ -180,3 +180,69 @@ def test_a_prompt_at_inference_is_fitted_as_its_training_row_was(tiny_kb, tiny_q
         fit_passages(r, texts, cfg, length, cfg.prompt_tokens)[0] for r in rows
     ]
     assert fit_prompts(rows, texts, dataclasses.replace(cfg, prompt_tokens=None), length) == rows
+
+
+def test_a_null_max_length_leaves_room_for_the_longest_answer_after_a_whole_long_passage(
+    tiny_kb, tiny_questions, tmp_path, qwen_tokenizer_dir
+):
+    """A KB with a long text: the fixed 320 left no room (a 400-token answer), so every row was dropped; null fits
+    the length to the rows: each prompt shows its top passage whole and no answer is cut."""
+    from mlx_lora.core.config import Config
+    from mlx_lora.data.fitting import AUTO_MAX_LENGTH, fit_rows, prompt_length, with_lengths
+    from mlx_lora.data.formats import encode_example
+    from mlx_lora.data.kb import text_sha256
+    from mlx_lora.data.render import ChatTokenizer
+
+    tokenizer = ChatTokenizer.from_dir(qwen_tokenizer_dir)
+    cfg = Config()
+    cfg.train.max_length = None
+    cfg.data, _, _, _ = grounded(tiny_kb, tiny_questions, tmp_path / "short", oracle_rate=1.0, passages=3)
+    rows = read_examples(tmp_path / "short" / "out" / "train.jsonl")
+    short = with_lengths(cfg, tokenizer, rows)
+    assert short.train.max_length == AUTO_MAX_LENGTH  # short texts: the measured default
+    longest_answer = max(encode_example(tokenizer, e, 10**9).supervised for e in rows)
+    assert short.data.prompt_tokens == AUTO_MAX_LENGTH - longest_answer
+    assert cfg.train.max_length is None and cfg.data.prompt_tokens is None  # the caller's config is left alone
+
+    lines = [json.loads(x) for x in tiny_kb.read_text(encoding="utf-8").splitlines()]
+    clause = "第{i}條：VPN 閘道 vpn{i}.example.com 僅限週{d}使用，連線逾時 {i} 分鐘後自動中斷。"
+    long_text = "".join(clause.format(i=i, d=i % 7 + 1) for i in range(12))
+    lines[0].update(text=long_text, text_hash=text_sha256(long_text))
+    tiny_kb.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines), encoding="utf-8")
+    cfg.data, _, _, _ = grounded(tiny_kb, tiny_questions, tmp_path / "long", oracle_rate=1.0, passages=3)
+    rows = read_examples(tmp_path / "long" / "out" / "train.jsonl")
+    fitted = with_lengths(cfg, tokenizer, rows)
+    max_length, budget = fitted.train.max_length, fitted.data.prompt_tokens
+    long_tokens = len(tokenizer.encode_plain(long_text))
+    assert long_tokens > AUTO_MAX_LENGTH and max_length > 2 * long_tokens  # the answer after its passage
+    out, _ = fit_rows(rows, prompt_length(tokenizer), fitted.data, "train.jsonl", max_length)
+    texts = {x["doc_id"]: x["text"] for x in lines}
+    assert sum(after.meta["passages"][0] == lines[0]["doc_id"] for after in out) >= 3  # the long one is top for some
+    for before, after in zip(rows, out):
+        assert not encode_example(tokenizer, after, max_length).truncated  # every answer whole
+        assert texts[after.meta["passages"][0]] in after.messages[-2]["content"]  # its top passage whole
+        assert own_citation_removed(after) == own_citation_removed(before)
+    assert budget == max_length - max(encode_example(tokenizer, e, 10**9).supervised for e in rows)
+
+    cfg.train.max_length = 320  # set: kept as it is, however short
+    assert with_lengths(cfg, tokenizer, rows).train.max_length == 320
+
+
+def test_a_null_max_length_is_the_longest_row_for_closed_book_rows(
+    tiny_kb, tiny_questions, tmp_path, qwen_tokenizer_dir
+):
+    from mlx_lora.core.config import Config
+    from mlx_lora.data.dataset import build_data
+    from mlx_lora.data.fitting import with_lengths
+    from mlx_lora.data.formats import encode_example
+    from mlx_lora.data.render import ChatTokenizer
+
+    cfg = Config()
+    cfg.train.max_length = None
+    cfg.data.kb, cfg.data.questions, cfg.data.dir = str(tiny_kb), str(tiny_questions), str(tmp_path / "out")
+    build_data(cfg.data, "char")
+    rows = read_examples(tmp_path / "out" / "train.jsonl")
+    tokenizer = ChatTokenizer.from_dir(qwen_tokenizer_dir)
+    fitted = with_lengths(cfg, tokenizer, rows)
+    assert fitted.train.max_length == max(encode_example(tokenizer, e, 10**9).full_length for e in rows)
+    assert fitted.data.prompt_tokens is None

@@ -55,7 +55,7 @@ def _length_warnings(cfg) -> None:
     model_dir = prepared_model_dir(cfg.model.path, cfg.model.cache_dir)
     if model_dir is not None:
         tokenizer = ChatTokenizer.from_dir(model_dir)
-        for warning in data_length_warnings(cfg.data.dir, tokenizer, cfg.train.max_length, cfg.data):
+        for warning in data_length_warnings(cfg.data.dir, tokenizer, cfg):
             click.echo(warning, err=True)
 
 

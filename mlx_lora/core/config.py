@@ -66,7 +66,7 @@ class TrainConfig:
     schedule: str = "cosine"  # cosine | linear | constant
     max_grad_norm: float = 1.0
     weight_decay: float = 0.01
-    max_length: int = 192
+    max_length: int | None = 192  # null: fitted to the rows at training (data/fitting.auto_max_length)
     eval_every: int = 0  # optimizer steps between evals; 0 = once per epoch
     early_stopping_patience: int = 0  # evals without improvement before stopping; 0 = off
     seed: int = 42

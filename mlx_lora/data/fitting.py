@@ -7,10 +7,14 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from mlx_lora.core.config import DataConfig
+from mlx_lora.core.config import Config, DataConfig
 from mlx_lora.data.formats import Example, encode_example, encode_rows, length_warnings, read_examples
 from mlx_lora.data.grounded import last_assistant, last_user, recited, user_turn
 from mlx_lora.data.render import ChatTokenizer
+
+# train.max_length null (the main job's setting) on a KB of short texts: the sample KB's three passages whole (its
+# longest grounded row is 300 tokens); on the library KB (benchmarks/kb2, rows up to 356) as good as 384 was.
+AUTO_MAX_LENGTH = 320
 
 
 def fit_passages(example, kb_texts: dict[str, str], cfg: DataConfig, length, limit: int):
@@ -23,34 +27,14 @@ def fit_passages(example, kb_texts: dict[str, str], cfg: DataConfig, length, lim
     from the end like any other and the caller warns about it."""
     if length(example) <= limit:
         return example, "fits"
-    ids = example.meta.get("passages") if example.grounded else None
-    if not ids or any(doc_id not in kb_texts for doc_id in ids):
+    current = _current_turn(example, kb_texts, cfg)
+    if current is None:
         return example, "kept"
-    question = example.question
-    current = user_turn(question, [(d, kb_texts[d]) for d in ids], cfg)
-    shown = [example.text, None if example.messages is None else last_user(example.messages)["content"]]
-    if any(current not in text for text in shown if text is not None):  # every copy of the prompt must hold it
-        return example, "kept"
-
-    answer = example.answer
 
     def with_passages(passages):
-        turn = user_turn(question, passages, cfg)
-        shown = [d for d, _ in passages]
-        meta = {**example.meta, "passages": shown, "passages_shortened": True}
-        # A numbered citation follows its passage to its new place (a dropped passage may have come before it).
-        new_answer = recited(example, shown, cfg)
-        # A ChatML text row carries both: the turns parsed from the text (what is encoded) and the text itself.
-        text = example.text
-        if text is not None:
-            text = _swap_answer(text.replace(current, turn, 1), answer, new_answer)
-        messages = None if example.messages is None else [dict(m) for m in example.messages]
-        if messages is not None:
-            last_user(messages)["content"] = turn
-            if new_answer != answer:
-                last_assistant(messages)["content"] = new_answer
-        return dataclasses.replace(example, messages=messages, text=text, meta=meta)
+        return _showing(example, current, passages, cfg)
 
+    ids = example.meta["passages"]
     passages = [(d, kb_texts[d]) for d in ids]
     gold = example.meta.get("doc_id")
     while len(passages) > 1:
@@ -80,6 +64,38 @@ def fit_passages(example, kb_texts: dict[str, str], cfg: DataConfig, length, lim
     return cut(lo), "shortened"
 
 
+def _current_turn(example, kb_texts: dict[str, str], cfg: DataConfig) -> str | None:
+    """A grounded row's user turn as today's KB builds it from the passages the row shows; None when the row is not
+    grounded or its prompt is not that turn (it cannot be rebuilt with other passages safely)."""
+    ids = example.meta.get("passages") if example.grounded else None
+    if not ids or any(doc_id not in kb_texts for doc_id in ids):
+        return None
+    current = user_turn(example.question, [(d, kb_texts[d]) for d in ids], cfg)
+    shown = [example.text, None if example.messages is None else last_user(example.messages)["content"]]
+    if any(current not in text for text in shown if text is not None):  # every copy of the prompt must hold it
+        return None
+    return current
+
+
+def _showing(example, current: str, passages, cfg: DataConfig):
+    """The row with `passages` in place of the ones its user turn (`current`) shows."""
+    turn = user_turn(example.question, passages, cfg)
+    shown = [d for d, _ in passages]
+    meta = {**example.meta, "passages": shown, "passages_shortened": True}
+    # A numbered citation follows its passage to its new place (a dropped passage may have come before it).
+    answer, new_answer = example.answer, recited(example, shown, cfg)
+    # A ChatML text row carries both: the turns parsed from the text (what is encoded) and the text itself.
+    text = example.text
+    if text is not None:
+        text = _swap_answer(text.replace(current, turn, 1), answer, new_answer)
+    messages = None if example.messages is None else [dict(m) for m in example.messages]
+    if messages is not None:
+        last_user(messages)["content"] = turn
+        if new_answer != answer:
+            last_assistant(messages)["content"] = new_answer
+    return dataclasses.replace(example, messages=messages, text=text, meta=meta)
+
+
 def _swap_answer(text: str, old: str, new: str) -> str:
     """A ChatML text row with its (last) answer replaced."""
     if old == new:
@@ -106,12 +122,45 @@ def prompt_budget(tokenizer, examples: list, max_length: int) -> int:
     return max(1, max_length - longest)
 
 
-def with_prompt_budget(cfg: DataConfig, tokenizer, examples: list, max_length: int) -> DataConfig:
-    """cfg with data.prompt_tokens set from these (train and valid) rows when it is null and they are grounded —
-    the budget training fits them to and keeps with the run; cfg itself otherwise."""
-    if cfg.prompt_tokens is not None or not any(e.grounded for e in examples):
-        return cfg
-    return dataclasses.replace(cfg, prompt_tokens=prompt_budget(tokenizer, examples, max_length))
+def auto_max_length(tokenizer, examples: list, kb_texts: dict[str, str], cfg: DataConfig) -> int:
+    """train.max_length when it is null. Closed-book rows: the longest row (nothing is cut). Grounded rows: room for
+    the longest answer after the longest prompt that shows one passage — the KB's longest text — whole, and no
+    less than AUTO_MAX_LENGTH: on a KB of long texts a prompt then shows its top passage whole and fewer or
+    shortened others, instead of rows with no room left for their answer."""
+    encoded = [encode_example(tokenizer, e, 10**9) for e in examples]
+    if not any(e.grounded for e in examples):
+        return max((x.full_length for x in encoded), default=AUTO_MAX_LENGTH)
+    longest_answer = max(x.supervised for x in encoded)
+    rebuilt = [(e, _current_turn(e, kb_texts, cfg)) for e in examples]
+    rebuilt = [(e, current) for e, current in rebuilt if current is not None]
+    if not rebuilt or not kb_texts:  # prompts that cannot be refitted: room for the longest row as it is
+        return max(AUTO_MAX_LENGTH, max(x.full_length for x in encoded))
+    widest = max(kb_texts.items(), key=lambda item: len(tokenizer.encode_plain(item[1])))
+    length = prompt_length(tokenizer)
+    one_passage = max(length(_showing(e, current, [widest], cfg)) for e, current in rebuilt)
+    return max(AUTO_MAX_LENGTH, longest_answer + one_passage)
+
+
+def with_lengths(cfg: Config, tokenizer, examples: list) -> Config:
+    """cfg with what training fits these train and valid rows to and keeps with the run: train.max_length when it
+    is null (auto_max_length) and, for grounded rows, data.prompt_tokens when it is null (prompt_budget)."""
+    max_length, data = cfg.train.max_length, cfg.data
+    if max_length is None:
+        max_length = auto_max_length(tokenizer, examples, _kb_texts(data), data)
+    if data.prompt_tokens is None and any(e.grounded for e in examples):
+        data = dataclasses.replace(data, prompt_tokens=prompt_budget(tokenizer, examples, max_length))
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_length=max_length), data=data)
+
+
+def _kb_texts(cfg: DataConfig) -> dict[str, str]:
+    """data.kb's texts by doc id; empty when it cannot be read (grounded rows are then used as they are)."""
+    from mlx_lora.core.errors import UserError
+    from mlx_lora.data.kb import load_kb
+
+    try:
+        return {doc_id: doc.text for doc_id, doc in load_kb(cfg.kb).items()}
+    except (UserError, OSError):
+        return {}
 
 
 def fitted_turn(question: str, passages, cfg: DataConfig, length=None, system_prompt: str | None = None):
@@ -133,7 +182,6 @@ def fit_rows(examples: list, length, cfg: DataConfig, path, max_length: int) -> 
     counts it: prompt_length) to cfg.prompt_tokens, which training set from max_length. Returns (rows, warnings).
     Without grounded rows, a budget or a readable KB, rows are returned as they are (the usual cut applies)."""
     from mlx_lora.core.errors import UserError
-    from mlx_lora.data.kb import load_kb
 
     if not any(e.grounded for e in examples) or cfg.prompt_tokens is None:
         return examples, []
@@ -144,9 +192,8 @@ def fit_rows(examples: list, length, cfg: DataConfig, path, max_length: int) -> 
                 f"{path}:{example.line}: this row was built with data.cite={cite} but the config says "
                 f"data.cite={cfg.cite}: set data.cite: {cite}, or rebuild the data with `mlx-lora data build`"
             )
-    try:
-        kb_texts = {doc_id: doc.text for doc_id, doc in load_kb(cfg.kb).items()}
-    except (UserError, OSError):
+    kb_texts = _kb_texts(cfg)
+    if not kb_texts:
         return examples, []
 
     out, shortened = [], 0
@@ -172,19 +219,17 @@ def fit_prompts(examples: list, kb_texts: dict[str, str], cfg: DataConfig, lengt
     return [fit_passages(e, kb_texts, cfg, length, cfg.prompt_tokens)[0] for e in examples]
 
 
-def data_length_warnings(data_dir, tokenizer: ChatTokenizer, max_length: int, data_cfg=None) -> list[str]:
+def data_length_warnings(data_dir, tokenizer: ChatTokenizer, cfg: Config) -> list[str]:
     """length_warnings() for the train and valid files of a data folder: what training will read (grounded rows
-    fitted first, as training fits them, when data_cfg is given)."""
+    fitted first, to the lengths training sets: with_lengths)."""
     read = {}
     for name in ("train.jsonl", "valid.jsonl"):
         if (Path(data_dir) / name).is_file():
             read[Path(data_dir) / name] = read_examples(Path(data_dir) / name)
-    if data_cfg is not None:
-        data_cfg = with_prompt_budget(data_cfg, tokenizer, [e for rows in read.values() for e in rows], max_length)
-    warnings = []
+    cfg = with_lengths(cfg, tokenizer, [e for rows in read.values() for e in rows])
+    max_length, warnings = cfg.train.max_length, []
     for path, examples in read.items():
-        if data_cfg is not None:
-            examples, notes = fit_rows(examples, prompt_length(tokenizer), data_cfg, path, max_length)
-            warnings += notes
+        examples, notes = fit_rows(examples, prompt_length(tokenizer), cfg.data, path, max_length)
+        warnings += notes
         warnings += length_warnings(path, encode_rows(tokenizer, examples, max_length), max_length)
     return warnings

@@ -13,7 +13,7 @@ from mlx_lora.core.environment import main_process, versions
 from mlx_lora.core.errors import UserError
 from mlx_lora.core.files import locked, sha256_of_files, write_json
 from mlx_lora.core.model_store import local_model_dir, model_sha256
-from mlx_lora.data.fitting import fit_rows, prompt_length, with_prompt_budget
+from mlx_lora.data.fitting import AUTO_MAX_LENGTH, fit_rows, prompt_length, with_lengths
 from mlx_lora.data.formats import encode_rows, length_warnings, read_examples
 from mlx_lora.data.render import ChatTokenizer
 from mlx_lora.training import card, checkpoints, events, loop, refusal_bias, summary
@@ -78,7 +78,15 @@ def train_run(
     rows, kept, dropped, warnings = {}, {}, 0, []
     read = {path: read_examples(path) for path in (train_file, valid_file)}
     # Kept with the run (manifest): inference fits its prompts to the same budget.
-    cfg.data = with_prompt_budget(cfg.data, tokenizer, read[train_file] + read[valid_file], cfg.train.max_length)
+    automatic = cfg.train.max_length is None
+    fitted = with_lengths(cfg, tokenizer, read[train_file] + read[valid_file])
+    cfg.train, cfg.data = fitted.train, fitted.data
+    if automatic and cfg.train.max_length > AUTO_MAX_LENGTH and main_process():
+        print(
+            f"note: train.max_length null → {cfg.train.max_length} tokens: room for the longest answer after the "
+            "longest KB text shown whole (training time grows with it; set train.max_length to cap it)",
+            file=sys.stderr,
+        )
     for path in (train_file, valid_file):
         examples, notes = fit_rows(read[path], prompt_length(tokenizer), cfg.data, path, cfg.train.max_length)
         kept[path] = examples
