@@ -130,3 +130,25 @@ def test_loss_weights_mark_each_answers_first_token():
     assert loss_weights(mask, 1.0) == [float(m) for m in mask]
     assert loss_weights(mask, 5.0, lead=2) == [0, 0, 5, 5, 1, 0, 0, 5, 5]
     assert weight_sum([Encoded(list(range(9)), mask)], 3.0) == 5 + 2 * 2
+
+
+def test_a_null_first_token_weight_gives_the_first_tokens_one_share_of_the_loss_whatever_the_answer_length():
+    from mlx_lora.data.batching import DECISION_SHARE, decision_weight, weight_sum
+    from mlx_lora.data.render import Encoded
+
+    def rows(answer: int, lead_rows: int = 3) -> list[Encoded]:
+        cite = [Encoded(list(range(9 + answer)), [0] * 9 + [1] * answer) for _ in range(lead_rows)]
+        return [*cite, Encoded(list(range(29)), [0] * 9 + [1] * 20)]  # and a refusal
+
+    weights = []
+    for answer in (44, 131, 383):
+        group = rows(answer)
+        w = decision_weight(group)
+        share = (weight_sum(group, w) - weight_sum(group, 0.0)) / weight_sum(group, w)
+        assert abs(share - DECISION_SHARE) < 0.002  # the weight is rounded to a tenth
+        weights.append(w)
+    assert weights == sorted(weights) and weights[-1] > 2.5 * weights[0]  # longer answers, a heavier first token
+    assert decision_weight(rows(2)) == 1.0  # answers so short the share is reached without weighting: a plain mean
+    group, w2 = rows(131), decision_weight(rows(131), lead=2)
+    share = (weight_sum(group, w2, 2) - weight_sum(group, 0.0, 2)) / weight_sum(group, w2, 2)
+    assert abs(share - DECISION_SHARE) < 0.002

@@ -79,6 +79,9 @@ def test_main_job_on_a_tiny_model(tmp_path, qwen_tokenizer_dir):
     manifest = json.loads((run_dir / "manifest.json").read_text())
     budget = manifest["config"]["train"]["max_length"] - manifest["data"]["longest_answer_tokens"]
     assert manifest["config"]["data"]["prompt_tokens"] == budget > 0
+    # Lengths and the first token's weight are set from the rows (null in the config) and kept as numbers: on the
+    # sample's rows, the values measured on its valid split.
+    assert manifest["config"]["train"]["max_length"] == 320 and manifest["config"]["train"]["first_token_weight"] == 5.0
     test = [json.loads(line) for line in (run_dir / "data" / "test.jsonl").read_text().splitlines()]
     assert all("參考資料" in row["messages"][-2]["content"] and row["meta"]["question"] for row in test)
     # The model alone carries all its answers; the baselines none.

@@ -82,7 +82,9 @@ class TrainConfig:
     # is the decision — "[" to cite a passage or the refusal's first character — and the rest of the answer is a
     # copy the model learns in a few steps: at weight 1 a 40-step adapter fitted the copies (loss ~0.005) while the
     # refusal's first token kept a loss of 2.3-3.5 on its own training rows, one token in ~45 per row.
-    first_token_weight: float = 1.0
+    # null: the weight that gives those tokens a fixed share of the loss, whatever the answers' length
+    # (data/batching.decision_weight).
+    first_token_weight: float | None = 1.0
     # How many of each answer's leading tokens carry first_token_weight. With numbered citations the answer opens
     # "[", "2", "]": the second token is the choice of passage, a decision too.
     first_tokens: int = 1
@@ -287,7 +289,7 @@ RANGES = {
     "train.max_grad_norm": (0, None, (True, False), "the gradient-norm clip (0 = off)"),
     "train.weight_decay": (0, None, (True, False), "weight decay"),
     "train.max_length": (2, None, (True, False), "tokens per row"),
-    "train.first_token_weight": (1, None, (True, False), "the loss weight of each answer's first token"),
+    "train.first_token_weight": (1, None, (True, False), "an answer's first-token loss weight; null = a share"),
     "train.first_tokens": (1, None, (True, False), "the answer tokens that carry first_token_weight"),
     "train.eval_every": (0, None, (True, False), "optimizer steps between evals (0 = once per epoch)"),
     "train.early_stopping_patience": (0, None, (True, False), "evals without improvement (0 = off)"),

@@ -13,6 +13,7 @@ from mlx_lora.core.environment import main_process, versions
 from mlx_lora.core.errors import UserError
 from mlx_lora.core.files import locked, sha256_of_files, write_json
 from mlx_lora.core.model_store import local_model_dir, model_sha256
+from mlx_lora.data.batching import decision_weight
 from mlx_lora.data.fitting import AUTO_MAX_LENGTH, fit_rows, prompt_length, with_lengths
 from mlx_lora.data.formats import encode_rows, length_warnings, read_examples
 from mlx_lora.data.render import ChatTokenizer
@@ -101,6 +102,8 @@ def train_run(
     train, valid = rows[train_file], rows[valid_file]
     if not train:
         raise UserError(f"{train_file}: no row has an assistant token left within train.max_length")
+    if cfg.train.first_token_weight is None:  # kept with the run (manifest) as the number it resolves to
+        cfg.train.first_token_weight = decision_weight(train, cfg.train.first_tokens)
     stats = {
         "train_rows": len(train),
         "valid_rows": len(valid),
