@@ -104,7 +104,7 @@ def run_serve_bench(b: ServeBench, cfg: Config) -> dict:
     service.start()
     load_s = time.perf_counter() - started
     server = _Server(service)
-    max_tokens = b.max_tokens or cfg.generate.max_new_tokens
+    max_tokens = b.max_tokens or service.cfg.generate.max_new_tokens  # the run's budget, as the server resolved it
     questions = _questions(adapter)
     settled = service.answering.settled(questions)
     needs_model = [q for q, d in zip(questions, settled) if d is None]

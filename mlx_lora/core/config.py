@@ -148,8 +148,9 @@ class DataConfig:
 @dataclass
 class GenerateConfig:
     # null: half again the longest answer the run was trained on (backends/loading.answer_budget), so a KB with
-    # longer answers is not cut short; 150 where no run says.
-    max_new_tokens: int | None = 150
+    # longer answers is not cut short; 150 where no run says. The default, so that `eval --adapter RUN` without a
+    # config follows the run (a fixed 150 cut a 383-token answer).
+    max_new_tokens: int | None = None
     temperature: float = 0.0  # 0 = greedy (evaluation is always greedy)
     top_p: float = 0.9
     repetition_penalty: float = 1.0
