@@ -66,8 +66,8 @@ DECISION_SHARE = 0.1045
 def decision_weight(rows: list[Encoded], lead: int = 1) -> float:
     """The first_token_weight that gives each answer's first `lead` tokens DECISION_SHARE of these rows' loss
     weight, to a tenth; never under 1 (a plain mean)."""
-    leading = sum(sum(loss_weights(r.mask, 1.0, lead)) - sum(loss_weights(r.mask, 0.0, lead)) for r in rows)
-    rest = sum(sum(loss_weights(r.mask, 0.0, lead)) for r in rows)
+    rest = weight_sum(rows, 0.0, lead)  # the answer tokens after each answer's first `lead`
+    leading = weight_sum(rows, 1.0, lead) - rest
     if not leading:
         return 1.0
     return max(1.0, round(DECISION_SHARE / (1 - DECISION_SHARE) * rest / leading, 1))

@@ -118,16 +118,18 @@ def prompt_length(tokenizer):
 def prompt_budget(tokenizer, examples: list, max_length: int) -> int:
     """data.prompt_tokens for rows of at most max_length tokens: max_length less their longest answer (uncut), so
     that any answer fits after any prompt that fits."""
-    longest = max((encode_example(tokenizer, e, 10**9).supervised for e in examples), default=0)
-    return max(1, max_length - longest)
+    return _budget([encode_example(tokenizer, e, 10**9) for e in examples], max_length)
 
 
-def auto_max_length(tokenizer, examples: list, kb_texts: dict[str, str], cfg: DataConfig) -> int:
-    """train.max_length when it is null. Closed-book rows: the longest row (nothing is cut). Grounded rows: room for
-    the longest answer after the longest prompt that shows one passage — the KB's longest text — whole, and no
-    less than AUTO_MAX_LENGTH: on a KB of long texts a prompt then shows its top passage whole and fewer or
-    shortened others, instead of rows with no room left for their answer."""
-    encoded = [encode_example(tokenizer, e, 10**9) for e in examples]
+def _budget(encoded: list, max_length: int) -> int:
+    return max(1, max_length - max((x.supervised for x in encoded), default=0))
+
+
+def auto_max_length(tokenizer, examples: list, encoded: list, kb_texts: dict[str, str], cfg: DataConfig) -> int:
+    """train.max_length when it is null (`encoded`: the examples encoded uncut). Closed-book rows: the longest row
+    (nothing is cut). Grounded rows: room for the longest answer after the longest prompt that shows one passage —
+    the KB's longest text — whole, and no less than AUTO_MAX_LENGTH: on a KB of long texts a prompt then shows its
+    top passage whole and fewer or shortened others, instead of rows with no room left for their answer."""
     if not any(e.grounded for e in examples):
         return max((x.full_length for x in encoded), default=AUTO_MAX_LENGTH)
     longest_answer = max(x.supervised for x in encoded)
@@ -145,10 +147,13 @@ def with_lengths(cfg: Config, tokenizer, examples: list) -> Config:
     """cfg with what training fits these train and valid rows to and keeps with the run: train.max_length when it
     is null (auto_max_length) and, for grounded rows, data.prompt_tokens when it is null (prompt_budget)."""
     max_length, data = cfg.train.max_length, cfg.data
-    if max_length is None:
-        max_length = auto_max_length(tokenizer, examples, _kb_texts(data), data)
-    if data.prompt_tokens is None and any(e.grounded for e in examples):
-        data = dataclasses.replace(data, prompt_tokens=prompt_budget(tokenizer, examples, max_length))
+    grounded = any(e.grounded for e in examples)
+    if max_length is None or (data.prompt_tokens is None and grounded):
+        encoded = [encode_example(tokenizer, e, 10**9) for e in examples]  # once, for both lengths
+        if max_length is None:
+            max_length = auto_max_length(tokenizer, examples, encoded, _kb_texts(data), data)
+        if data.prompt_tokens is None and grounded:
+            data = dataclasses.replace(data, prompt_tokens=_budget(encoded, max_length))
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_length=max_length), data=data)
 
 
