@@ -4,7 +4,9 @@
 
 DATA_DIR holds a built grounded split (`mlx-lora data build`; test.jsonl is never read). Fold f gets
 OUT_ROOT/fold-f/ with train.jsonl (every train row but the fold's), valid.jsonl (unchanged: it picks nothing here
-but the trainer reads it) and held.jsonl (the fold's rows: train row i is in fold i % folds). Then
+but the trainer reads it) and held.jsonl (the fold's rows: train row i is in fold i % folds, except that every row
+of a question asked more than once — an unanswerable one repeated to fill the refusal share — goes with its first
+row, and is held once: else a held question would also be trained on). Then
 
     mlx-lora train --data OUT_ROOT/fold-f ...;  mlx-lora eval --adapter RUN --data OUT_ROOT/fold-f/held.jsonl
 
@@ -66,18 +68,25 @@ def main() -> None:
     rows = [json.loads(line) for line in lines if line.strip()]
     cfg = DataConfig(cite=(rows[0].get("meta") or {}).get("cite", "number"))
     answers = doc_answers(rows)
+    first: dict[str, int] = {}
+    fold_of = [first.setdefault(_question(r, i), i) % args.folds for i, r in enumerate(rows)]
     for f in range(args.folds):
         folder = args.out / f"fold-{f}"
         folder.mkdir(parents=True, exist_ok=True)
-        train = [r for i, r in enumerate(rows) if i % args.folds != f]
-        held = [held_row(r, answers, cfg) for i, r in enumerate(rows) if i % args.folds == f]
+        train = [r for r, k in zip(rows, fold_of) if k != f]
+        mine = [r for i, (r, k) in enumerate(zip(rows, fold_of)) if k == f and first.get(_question(r, i)) == i]
+        held = [held_row(r, answers, cfg) for r in mine]
         for name, part in (("train.jsonl", train), ("held.jsonl", held)):
             text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part)
             (folder / name).write_text(text, encoding="utf-8")
         shutil.copy(args.data / "valid.jsonl", folder / "valid.jsonl")
-        restored = sum(h is not r for h, r in zip(held, (r for i, r in enumerate(rows) if i % args.folds == f)))
+        restored = sum(h is not r for h, r in zip(held, mine))
         taught = f"{restored} answerable rows taught to refuse expect their answer"
         print(f"fold {f}: {len(train)} train rows, {len(held)} held ({taught})")
+
+
+def _question(row: dict, i: int) -> str:
+    return (row.get("meta") or {}).get("question") or str(i)
 
 
 if __name__ == "__main__":
