@@ -72,7 +72,8 @@ def test_fit_rows_fits_prompts_to_the_budget_and_warns_once(tiny_kb, tiny_questi
     assert [length(e) + a for e, a in zip(rows, answers)] == whole
     budget = prompts[len(prompts) // 2]  # half the prompts are over
     max_length = budget + max(answers)
-    assert prompt_budget(tokenizer, rows, max_length) == budget  # max_length less the longest answer
+    uncut = [encode_example(tokenizer, e, 10**9) for e in rows]
+    assert prompt_budget(uncut, max_length) == budget  # max_length less the longest answer
     assert fit_rows(rows, length, cfg, "train.jsonl", max_length) == (rows, [])  # no budget: nothing to fit
     cfg = dataclasses.replace(cfg, prompt_tokens=budget)
     fitted, warnings = fit_rows(rows, length, cfg, "train.jsonl", max_length)

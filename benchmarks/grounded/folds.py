@@ -68,13 +68,14 @@ def main() -> None:
     rows = [json.loads(line) for line in lines if line.strip()]
     cfg = DataConfig(cite=(rows[0].get("meta") or {}).get("cite", "number"))
     answers = doc_answers(rows)
+    keys = [(r.get("meta") or {}).get("question") or str(i) for i, r in enumerate(rows)]
     first: dict[str, int] = {}
-    fold_of = [first.setdefault(_question(r, i), i) % args.folds for i, r in enumerate(rows)]
+    fold_of = [first.setdefault(key, i) % args.folds for i, key in enumerate(keys)]
     for f in range(args.folds):
         folder = args.out / f"fold-{f}"
         folder.mkdir(parents=True, exist_ok=True)
         train = [r for r, k in zip(rows, fold_of) if k != f]
-        mine = [r for i, (r, k) in enumerate(zip(rows, fold_of)) if k == f and first.get(_question(r, i)) == i]
+        mine = [r for i, (r, k) in enumerate(zip(rows, fold_of)) if k == f and first[keys[i]] == i]
         held = [held_row(r, answers, cfg) for r in mine]
         for name, part in (("train.jsonl", train), ("held.jsonl", held)):
             text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part)
@@ -83,10 +84,6 @@ def main() -> None:
         restored = sum(h is not r for h, r in zip(held, mine))
         taught = f"{restored} answerable rows taught to refuse expect their answer"
         print(f"fold {f}: {len(train)} train rows, {len(held)} held ({taught})")
-
-
-def _question(row: dict, i: int) -> str:
-    return (row.get("meta") or {}).get("question") or str(i)
 
 
 if __name__ == "__main__":

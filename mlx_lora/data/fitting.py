@@ -115,13 +115,9 @@ def prompt_length(tokenizer):
     return length
 
 
-def prompt_budget(tokenizer, examples: list, max_length: int) -> int:
-    """data.prompt_tokens for rows of at most max_length tokens: max_length less their longest answer (uncut), so
-    that any answer fits after any prompt that fits."""
-    return _budget([encode_example(tokenizer, e, 10**9) for e in examples], max_length)
-
-
-def _budget(encoded: list, max_length: int) -> int:
+def prompt_budget(encoded: list, max_length: int) -> int:
+    """data.prompt_tokens for rows of at most max_length tokens (`encoded`: the rows encoded uncut): max_length less
+    their longest answer, so that any answer fits after any prompt that fits."""
     return max(1, max_length - max((x.supervised for x in encoded), default=0))
 
 
@@ -153,7 +149,7 @@ def with_lengths(cfg: Config, tokenizer, examples: list) -> Config:
         if max_length is None:
             max_length = auto_max_length(tokenizer, examples, encoded, _kb_texts(data), data)
         if data.prompt_tokens is None and grounded:
-            data = dataclasses.replace(data, prompt_tokens=_budget(encoded, max_length))
+            data = dataclasses.replace(data, prompt_tokens=prompt_budget(encoded, max_length))
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_length=max_length), data=data)
 
 
