@@ -6,7 +6,8 @@ DATA_DIR holds a built grounded split (`mlx-lora data build`; test.jsonl is neve
 OUT_ROOT/fold-f/ with train.jsonl (every train row but the fold's), valid.jsonl (unchanged: it picks nothing here
 but the trainer reads it) and held.jsonl (the fold's rows: train row i is in fold i % folds, except that every row
 of a question asked more than once — an unanswerable one repeated to fill the refusal share — goes with its first
-row, and is held once: else a held question would also be trained on). Then
+row, and is held once: else a held question would also be trained on; rows of the built-in off-topic pool are in
+every fold's train and never held). Then
 
     mlx-lora train --data OUT_ROOT/fold-f ...;  mlx-lora eval --adapter RUN --data OUT_ROOT/fold-f/held.jsonl
 
@@ -31,6 +32,7 @@ sys.path.insert(0, str(REPO))
 from mlx_lora.core.config import DataConfig  # noqa: E402
 from mlx_lora.data.formats import parse_row  # noqa: E402
 from mlx_lora.data.grounded import cited_answer, own_citation_removed  # noqa: E402
+from mlx_lora.data.off_topic import STYLE as OFF_TOPIC  # noqa: E402
 
 
 def doc_answers(rows: list[dict]) -> dict[str, str]:
@@ -71,6 +73,8 @@ def main() -> None:
     keys = [(r.get("meta") or {}).get("question") or str(i) for i, r in enumerate(rows)]
     first: dict[str, int] = {}
     fold_of = [first.setdefault(key, i) % args.folds for i, key in enumerate(keys)]
+    # A row of the built-in off-topic pool is no question of this KB's bank: trained on in every fold, never held.
+    fold_of = [-1 if (r.get("meta") or {}).get("style") == OFF_TOPIC else k for r, k in zip(rows, fold_of)]
     for f in range(args.folds):
         folder = args.out / f"fold-{f}"
         folder.mkdir(parents=True, exist_ok=True)

@@ -106,6 +106,10 @@ class DataConfig:
     answer_prefix: str = "依據公司規範:"
     format: str = "messages"  # messages | text (ChatML text rows)
     extra_questions: str | None = None  # YAML of extra training questions (e.g. from `diagnose`)
+    # Where the question bank has fewer unique unanswerable questions than answerable_ratio needs in train, fill
+    # the rest with general off-topic questions from a built-in pool (data/off_topic.txt: chit-chat, arithmetic,
+    # translation, trivia…; those close to the KB or to a valid/test question dropped) instead of repeating them.
+    off_topic: bool = True
     # closed_book: the question alone, the model answers from what it memorised. grounded: the question with the
     # top-k KB passages the retriever finds (data/retrieval.py), the answer cites the passage it used.
     mode: str = "closed_book"

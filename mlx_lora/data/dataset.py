@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -15,12 +14,13 @@ from mlx_lora.core.files import write_dir
 from mlx_lora.core.jsonl import json_text, jsonl_text
 from mlx_lora.core.textnorm import compact
 from mlx_lora.core.userfiles import load_yaml
+from mlx_lora.data import off_topic
 from mlx_lora.data.grounded import cited_answer, retrieve, user_turn, without_answer
 from mlx_lora.data.kb import Doc, load_kb
 from mlx_lora.data.questions import QuestionBank, load_questions
 from mlx_lora.data.render import chatml_text
 from mlx_lora.data.retrieval import PassageIndex
-from mlx_lora.data.similarity import make_scorer
+from mlx_lora.data.similarity import closest_ratio, make_scorer
 
 SPLITS = ("train", "valid", "test")
 NEAR_DUPLICATE = 0.8  # character similarity of normalised questions at which two count as near-duplicates
@@ -213,17 +213,8 @@ def overlap_report(splits: dict[str, list[Item]]) -> dict:
         keys = [compact(item.question) for item in splits[name]]
         train_set = set(train_keys)
         exact = sum(key in train_set for key in keys)
-        near, scores = 0, []
-        for key in keys:
-            matcher = difflib.SequenceMatcher(None, autojunk=False)
-            matcher.set_seq2(key)  # difflib caches details about the second sequence: keep it fixed
-            best = 0.0
-            for other in train_keys:
-                matcher.set_seq1(other)
-                if matcher.real_quick_ratio() > best and matcher.quick_ratio() > best:
-                    best = max(best, matcher.ratio())
-            scores.append(best)
-            near += best >= NEAR_DUPLICATE
+        scores = [closest_ratio(key, train_keys) for key in keys]
+        near = sum(best >= NEAR_DUPLICATE for best in scores)
         report[name] = {
             "rows": len(keys),
             "exact_overlap": exact,
@@ -277,8 +268,14 @@ def build_data(cfg: DataConfig, embedder: str = "use") -> dict:
     bank = load_questions(cfg.questions, kb)
     extra = load_extra_questions(cfg.extra_questions, kb) if cfg.extra_questions else None
     splits = build_splits(kb, bank, cfg, extra)
+    fill = cfg.off_topic and off_topic.repeated(splits["train"])
+    scorer = make_scorer(embedder) if cfg.mode == "grounded" or fill else None
+    if fill:
+        refuse = lambda q: Item(q, bank.refusal, None, off_topic.STYLE)
+        texts = {doc_id: doc.text for doc_id, doc in kb.items()}
+        off_topic.fill_repeats(splits, texts, scorer, cfg.seed, NEAR_DUPLICATE, refuse)
     if cfg.mode == "grounded":
-        ground_splits(splits, kb, bank.refusal, cfg, make_scorer(embedder))
+        ground_splits(splits, kb, bank.refusal, cfg, scorer)
     stats = write_splits(splits, cfg.dir, cfg)
     stats["docs_without_questions"] = [d for d in kb if not bank.phrasings(d) and not (extra or {}).get(d)]
     return stats
@@ -292,6 +289,11 @@ def format_stats(stats: dict, out_dir) -> str:
     ]
     for name, s in stats["splits"].items():
         lines.append(f"{name:<6} {s['rows']:>5} {s['answerable']:>10} {s['unanswerable']:>12} {len(s['per_doc']):>5}")
+    if pooled := stats["splits"]["train"]["per_style"].get(off_topic.STYLE):
+        lines.append(
+            f"train: {pooled} refusal rows are general off-topic questions (built-in pool, data.off_topic) where the"
+            " question bank's unanswerable list was too short for the refusal share"
+        )
     for name, s in stats["splits"].items():
         if r := s.get("retrieval"):
             lines.append(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 from collections import Counter
 from collections.abc import Sequence
@@ -14,6 +15,18 @@ from mlx_lora.core.textnorm import compact, normalize
 
 REFUSAL = "REFUSAL"  # the label of "the refusal answer" beside the KB doc ids
 CHAR_DESCRIPTION = "chrF (character 1–6-grams, beta 2) on normalised text without spaces"
+
+
+def closest_ratio(key: str, others: Sequence[str]) -> float:
+    """The best difflib ratio of `key` against `others` (compacted texts): how near-duplicate a question is."""
+    matcher = difflib.SequenceMatcher(None, autojunk=False)
+    matcher.set_seq2(key)  # difflib caches details about the second sequence: keep it fixed
+    best = 0.0
+    for other in others:
+        matcher.set_seq1(other)
+        if matcher.real_quick_ratio() > best and matcher.quick_ratio() > best:
+            best = max(best, matcher.ratio())
+    return best
 
 
 class CharScorer:
