@@ -76,3 +76,39 @@ def test_build_data_fills_only_when_asked(tiny_kb, tiny_questions, tmp_path):
         counts[on] = (len(refusals), len(set(refusals)), stats["splits"]["train"]["per_style"].get("off_topic", 0))
     assert counts[True] == (12, 12, 8)
     assert counts[False] == (12, 4, 0)
+
+
+def test_folds_train_on_pool_rows_everywhere_and_never_hold_them(tmp_path):
+    """benchmarks/grounded/folds.py: a pool row is no question of the KB's bank, so it is never scored as one."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    def row(question, style, doc_id=None):
+        answer = f"[1] {doc_id}" if doc_id else "抱歉"
+        meta = {"question": question, "style": style, "answerable": doc_id is not None, "doc_id": doc_id}
+        meta |= {"passages": ["a", "b"], "gold_in_passages": doc_id is not None, "cite": "number"}
+        return {
+            "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
+            "meta": meta,
+        }
+
+    rows = [row(f"q{i}", "short", "a") for i in range(6)] + [row("u", "unanswerable"), row("u", "unanswerable")]
+    rows += [row(f"o{i}", off_topic.STYLE) for i in range(3)]
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
+    (data / "valid.jsonl").write_text("", "utf-8")
+    script = REPO / "benchmarks" / "grounded" / "folds.py"
+    subprocess.run([sys.executable, str(script), str(data), str(tmp_path / "f"), "--folds", "3"], check=True)
+    held_all = []
+    for f in range(3):
+        folder = tmp_path / "f" / f"fold-{f}"
+        train, held = (
+            [json.loads(x) for x in (folder / n).read_text().splitlines()] for n in ("train.jsonl", "held.jsonl")
+        )
+        assert sum(r["meta"]["style"] == off_topic.STYLE for r in train) == 3
+        held_all += [r["meta"]["question"] for r in held]
+        assert not {r["meta"]["question"] for r in held} & {r["meta"]["question"] for r in train}
+    assert sorted(held_all) == sorted([f"q{i}" for i in range(6)] + ["u"])  # each bank question held once
