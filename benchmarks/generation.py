@@ -18,8 +18,9 @@ from mlx_lora.data.render import ChatTokenizer
 # step) and once for N (no stop token, so every row makes exactly N). Then
 #   prefill tok/s = prompt tokens / T(1),   decode tok/s = batch·(N−1) / (T(N) − T(1)).
 # On a tiny model T(N) − T(1) is a few milliseconds, below this machine's noise (one run measured T(N) < T(1)),
-# so the pair is repeated, interleaved, until MIN_PAIRS_S is spent, and each is its fastest repetition. A real
-# model's pair already takes longer than that: it runs once.
+# so the pair is repeated, interleaved, until MIN_PAIRS_S is spent, and each is its fastest repetition; and on,
+# up to MAX_PAIRS, while the fastest T(N) is still not above the fastest T(1) (it was not, after 1 s, once beside
+# two training jobs on the 2 cores). A real model's pair already takes longer than that: it runs once.
 # Decode without a stop token times every row for N tokens, past where an answer ends: a fair kernel figure, but
 # not the product's. A grounded answer copies its passage, which prompt lookup drafts, and then stops; after its
 # end a row writes text no prompt predicts. So each task also answers the batch once with the stop tokens (what
@@ -143,7 +144,7 @@ def measure_generation(
     run(batch_prompts, 2)  # warm-up: allocator, thread pools, lazy compilation
     _sync(device)
     t1, tn, spent, pairs = float("inf"), float("inf"), 0.0, 0
-    while pairs < 1 or (spent < MIN_PAIRS_S and pairs < MAX_PAIRS):
+    while pairs < 1 or ((spent < MIN_PAIRS_S or tn <= t1) and pairs < MAX_PAIRS):
         tic = time.perf_counter()
         run(batch_prompts, 1)
         _sync(device)
