@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from mlx_lora.core.environment import cpu_name
+from mlx_lora.core.environment import cpu_flags, cpu_name
 
 VERSIONED = (
     "mlx-lora",
@@ -85,18 +85,6 @@ def versions() -> dict[str, str]:
     from mlx_lora.core.environment import versions as installed_versions
 
     return installed_versions(VERSIONED)
-
-
-def cpu_flags() -> list[str]:
-    """The SIMD features that decide matmul speed (avx512/bf16/amx), from /proc/cpuinfo where there is one."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = line.split(":", 1)[1].split()
-                return sorted(f for f in flags if f.startswith(("avx", "amx", "fma")))
-    except OSError:
-        pass
-    return []
 
 
 def memory_gib() -> float | None:

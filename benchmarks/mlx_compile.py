@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.measure import cpu_flags  # noqa: E402
+from mlx_lora.core.environment import cpu_flags  # noqa: E402
 
 
 def main() -> int:

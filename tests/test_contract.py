@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from mlx_lora import backends
+from mlx_lora.backends.protocol import ValidResult
 from mlx_lora.core.config import Config
 from mlx_lora.core.errors import UserError
 from mlx_lora.training import checkpoints, loop
@@ -129,7 +130,7 @@ def test_early_stopping_keeps_the_best_adapter_and_its_checkpoint(name, tiny_mod
     scripted = iter([3.0, 2.0, 2.5, 2.6, 2.7])  # the stopping policy under test, not the model's loss
 
     def scripted_evals(engine):
-        engine.eval_loss = lambda rows: next(scripted)
+        engine.validate = lambda rows, token=None: ValidResult(next(scripted))
         return engine
 
     cfg = make_cfg(eval_every=1, early_stopping_patience=3)

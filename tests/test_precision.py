@@ -35,6 +35,20 @@ def test_the_probe_is_measured_once_per_machine(monkeypatch, tmp_path):
     assert len(json.loads((tmp_path / precision.PROBE_FILE).read_text())["entries"]) == 2
 
 
+def test_a_cache_from_a_machine_with_other_bf16_units_is_not_read(monkeypatch, tmp_path):
+    # Both kinds of machine this project met call themselves "AMD EPYC": the name alone would let an AVX2-only one
+    # read the bf16 verdict of an avx512_bf16 one from a copied cache, and train 8x slower.
+    monkeypatch.setattr(precision, "cpu_name", lambda: "AMD EPYC")
+    monkeypatch.setattr(precision, "cpu_flags", lambda: ["avx2", "avx512_bf16", "avx512f"])
+    monkeypatch.setattr(precision, "_gflops", lambda dtype, reps=3: 170.0 if dtype == torch.bfloat16 else 60.0)
+    assert precision.resolve("auto", torch.device("cpu"), tmp_path) == "bf16"
+    monkeypatch.setattr(precision, "cpu_flags", lambda: ["avx", "avx2", "fma"])
+    monkeypatch.setattr(precision, "_gflops", lambda dtype, reps=3: 19.0 if dtype == torch.bfloat16 else 150.0)
+    assert precision.resolve("auto", torch.device("cpu"), tmp_path) == "fp32"
+    keys = json.loads((tmp_path / precision.PROBE_FILE).read_text())["entries"]
+    assert sorted(k.split(" | ")[0] for k in keys) == ["AMD EPYC (avx512_bf16)", "AMD EPYC (no bf16 units)"]
+
+
 def test_bf16_training_matches_fp32_valid_loss(tiny_model, tiny_rows, tmp_path):
     from test_contract import make_cfg, run
 

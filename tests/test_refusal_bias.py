@@ -215,3 +215,87 @@ def test_a_calibration_that_names_another_token_is_a_one_line_error(tmp_path, qw
         path.write_text(json.dumps({"token": bad, "token_text": "抱歉", "refusal_bias": 0.5}), encoding="utf-8")
         with pytest.raises(UserError, match=rf"token {bad} is .* not the '抱歉' the run was calibrated with"):
             first_token_bias(tmp_path, Config(), tok)
+
+
+def _prompt_of(row) -> list[int]:
+    """A training row's prompt: its tokens up to the answer's first supervised one."""
+    return row.ids[: row.mask.index(1)]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_torch_valid_pass_margins_equal_a_separate_scoring_pass(tiny_model, rows_and_vocab, precision):
+    """The margins training's valid pass returns are those token_margins gives for the same weights (fp32: to
+    float rounding; bf16: training's arithmetic, frozen bf16 weights and fp32 LoRA, against generation's all-bf16),
+    in the rows' own order, beside the same loss as before."""
+    pytest.importorskip("peft")
+    import torch
+
+    from mlx_lora.backends.torch import TorchBackend
+    from mlx_lora.backends.torch.generate import token_margins
+
+    rows, _, _ = rows_and_vocab
+    cfg = Config()
+    cfg.train.batch_size, cfg.train.precision, cfg.lora.rank = 2, precision, 4
+    backend = TorchBackend()
+    engine = backend.engine(backend.load(tiny_model, None, cfg), cfg)
+    for step in range(3):  # lora_B starts at zero: move it, so the margins are the adapter's, not the base's
+        engine.step([rows[2 * step : 2 * step + 2]], 5e-3, step)
+    valid = [rows[5], rows[1], rows[4], rows[0], rows[3]]  # unsorted: margins come back in this order
+    token = 7
+    result = engine.validate(valid, token)
+    with torch.no_grad():  # the loss as eval_loss computed it: summed masked CE over the supervised tokens
+        expected = sum(engine.loss_fn(engine._tensor([r.ids]), engine._tensor([r.mask])).item() for r in valid)
+    assert result.loss == pytest.approx(expected / sum(sum(r.mask[1:]) for r in valid), rel=1e-2)
+    assert engine.validate(valid).margins is None  # nothing asked, nothing scored
+    model = engine.model
+    if precision == "bf16":
+        model = model.to(torch.bfloat16)  # as generate.precision bf16 casts the loaded model, LoRA included
+    separate = token_margins(model, [_prompt_of(r) for r in valid], token, engine.loaded.pad_id, "cpu", 8)
+    tolerance = 1e-3 if precision == "fp32" else 0.02  # bf16 measured 0.0034 here
+    assert result.margins == pytest.approx(separate, abs=tolerance)
+    assert len(set(round(m, 2) for m in separate)) > 1  # distinct rows: a shuffled order would show
+
+
+def test_mlx_valid_pass_margins_equal_a_separate_scoring_pass(tiny_model, rows_and_vocab):
+    pytest.importorskip("mlx.core", reason="the mlx backend needs mlx")
+    from mlx_lora.backends.mlx import MLXBackend
+
+    rows, _, _ = rows_and_vocab
+    cfg = Config()
+    cfg.train.batch_size, cfg.lora.rank = 2, 4
+    backend = MLXBackend()
+    loaded = backend.load(tiny_model, None, cfg)
+    engine = backend.engine(loaded, cfg)
+    for step in range(3):
+        engine.step([rows[2 * step : 2 * step + 2]], 5e-3, step)
+    valid = [rows[5], rows[1], rows[4], rows[0], rows[3]]
+    token = 7
+    result = engine.validate(valid, token)
+    assert engine.validate(valid).loss == pytest.approx(result.loss) and engine.validate(valid).margins is None
+    separate = backend.token_margins(loaded, [_prompt_of(r) for r in valid], GenerateConfig(), token)
+    assert result.margins == pytest.approx(separate, abs=1e-3)
+    assert len(set(round(m, 2) for m in separate)) > 1
+
+
+def test_training_calibrates_from_its_valid_pass_as_a_second_pass_would(tiny_qwen2, tmp_path, monkeypatch):
+    """calibration.json from training's own valid pass (no reload, no second pass) holds what scoring the saved
+    adapter again, loaded as generation loads it, picks."""
+    import shutil
+
+    from mlx_lora.backends.torch import TorchBackend
+    from mlx_lora.data.formats import read_examples
+    from mlx_lora.data.render import ChatTokenizer
+    from mlx_lora.training.refusal_bias import calibrate
+
+    data, run, rescored = _grounded_like_data(tmp_path / "data"), tmp_path / "run", tmp_path / "rescored"
+    with monkeypatch.context() as patched:  # training must not score valid a second time
+        patched.setattr(TorchBackend, "token_margins", lambda *a, **k: pytest.fail("a second pass over valid"))
+        _train(tiny_qwen2, data, run, "train.precision=fp32")
+    saved = json.loads((run / "calibration.json").read_text(encoding="utf-8"))
+    shutil.copytree(run / "adapter", rescored / "adapter")
+    cfg = Config()
+    cfg.generate.precision = "fp32"
+    tokenizer = ChatTokenizer.from_dir(tiny_qwen2)
+    valid, train = read_examples(data / "valid.jsonl"), read_examples(data / "train.jsonl")
+    again = calibrate(TorchBackend(), tiny_qwen2, rescored, valid, train, tokenizer, cfg)
+    assert again == saved

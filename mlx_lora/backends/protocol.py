@@ -23,6 +23,15 @@ class StepResult:
     applied: bool = True
 
 
+@dataclass(frozen=True)
+class ValidResult:
+    """One pass over the valid rows: the loss, and per row (in the order given) the margin of a decision token as
+    the answer's first token — its logit minus the highest other one, as greedy decoding weighs it — when asked."""
+
+    loss: float  # token-weighted mean over every supervised token (all ranks together)
+    margins: list[float] | None = None  # None unless a token was given and this process saw every row
+
+
 class Engine(Protocol):
     """A backend's training step and state; the shared loop (mlx_lora.training.loop) owns all policy."""
 
@@ -39,8 +48,9 @@ class Engine(Protocol):
     def step(self, group: list[list[Encoded]], lr: float, step: int) -> StepResult:
         """Forward/backward each micro-batch of the group, clip, apply AdamW at lr; `step` seeds dropout."""
 
-    def eval_loss(self, rows: list[Encoded]) -> float:
-        """Token-weighted mean loss over every supervised token of rows (all ranks together)."""
+    def validate(self, rows: list[Encoded], token: int | None = None) -> ValidResult:
+        """The valid loss; with `token`, also each row's first-answer-token margin for it, from the same forward
+        pass (the refusal bias is calibrated on them without a second pass over valid)."""
 
     def save_adapter(self, folder: Path) -> None:
         """Write the adapter in the backend's native format into the new folder `folder`."""

@@ -32,6 +32,18 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_flags() -> list[str]:
+    """The SIMD features that decide matmul speed (avx512/bf16/amx), from /proc/cpuinfo where there is one."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = line.split(":", 1)[1].split()
+                return sorted(f for f in flags if f.startswith(("avx", "amx", "fma")))
+    except OSError:
+        pass
+    return []
+
+
 def main_process() -> bool:
     """False on every torchrun rank but 0: only rank 0 writes files and reports."""
     return os.environ.get("RANK", "0") == "0"

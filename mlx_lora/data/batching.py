@@ -26,6 +26,18 @@ def epoch_batches(rows: list[Encoded], batch_size: int, seed: int, epoch: int) -
     return batches
 
 
+# Valid rows are only read (no gradients kept), so a valid pass takes more rows a batch than training may: a wider
+# matmul runs nearer the CPU's peak. Sorted by length, they pad little.
+VALID_BATCH = 8
+
+
+def valid_batches(rows: list[Encoded], batch_size: int) -> list[list[int]]:
+    """Row indices per batch of a valid pass: shortest first, at least VALID_BATCH rows (or train's batch) each."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i].ids))
+    size = max(batch_size, VALID_BATCH)
+    return [order[i : i + size] for i in range(0, len(order), size)]
+
+
 def rank_share(batches: list, rank: int, world: int) -> list:
     """One data-parallel rank's share of an epoch's batches. Every rank gets the same count (so collectives line
     up): when the batches do not divide evenly, the short ranks wrap around to the epoch's first batches."""

@@ -43,6 +43,9 @@ class TrainOutcome:
     best_step: int | None
     stopped: str
     extra: dict = field(default_factory=dict)
+    # The best adapter's first-answer-token margins for the decision token on each valid row (training's own valid
+    # pass, kept for the refusal bias); None when not asked, or when the best eval ran in an earlier process.
+    valid_margins: list[float] | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -113,6 +116,7 @@ class Loop:
         run_dir: Path,
         on_event: OnEvent,
         fingerprint: dict,
+        decision_token: int | None = None,
     ):
         t = cfg.train
         if not train:
@@ -137,6 +141,7 @@ class Loop:
         self.pos = Position()
         self._groups: tuple[int, list] = (-1, [])
         self._error: str | None = None
+        self.decision_token, self.best_margins = decision_token, None
 
     def emit(self, event: events.Event) -> None:
         if self.main:
@@ -175,10 +180,12 @@ class Loop:
         has its checkpoint on disk, so a run killed at any moment can resume."""
         pos, best = self.pos, False
         if evaluate and self.valid_rows:
-            loss = self.engine.eval_loss(self.valid_rows)
+            result = self.engine.validate(self.valid_rows, self.decision_token)
+            loss = result.loss
             best = math.isfinite(loss) and (pos.best_eval_loss is None or loss < pos.best_eval_loss)
             if best:
                 pos.best_eval_loss, pos.best_step, pos.bad_evals = loss, pos.step, 0
+                self.best_margins = result.margins
             else:
                 pos.bad_evals += 1
             self.emit(events.Eval(pos.step, self.plan.epoch_of(pos.step), loss, best))
@@ -310,6 +317,7 @@ class Loop:
                 **self.engine.report(),
                 **({"error": self._error} if self._error else {}),
             },
+            self.best_margins,
         )
 
     def _non_finite_message(self, result) -> str:
@@ -341,10 +349,13 @@ def train(
     on_event: OnEvent,
     resume: Path | None = None,
     fingerprint: dict | None = None,
+    decision_token: int | None = None,
 ) -> TrainOutcome:
-    """Build the backend's engine on a loaded model and run the loop (the engine is closed whatever happens)."""
+    """Build the backend's engine on a loaded model and run the loop (the engine is closed whatever happens);
+    `decision_token` (the refusal's first token) asks each valid pass for its margins too."""
     engine = backend.engine(loaded, cfg)
     try:
-        return Loop(engine, train_rows, valid_rows, cfg, Path(run_dir), on_event, fingerprint or {}).run(resume)
+        loop = Loop(engine, train_rows, valid_rows, cfg, Path(run_dir), on_event, fingerprint or {}, decision_token)
+        return loop.run(resume)
     finally:
         engine.close()

@@ -50,8 +50,14 @@ def pick(margins: list[float], answerable: list[bool]) -> tuple[float, dict]:
     }
 
 
+def label(example) -> bool | None:
+    """True/False: a chat row known to be answerable or not; None: no label (not calibrated on)."""
+    answerable = (example.meta or {}).get("answerable")
+    return answerable if example.messages and answerable in (True, False) else None
+
+
 def _labelled(examples) -> list:
-    return [e for e in examples if e.messages and (e.meta or {}).get("answerable") in (True, False)]
+    return [e for e in examples if label(e) is not None]
 
 
 def refusal_token(tokenizer: ChatTokenizer, examples) -> tuple[str, int] | None:
@@ -66,12 +72,20 @@ def refusal_token(tokenizer: ChatTokenizer, examples) -> tuple[str, int] | None:
 
 
 def calibrate(
-    backend, model_dir: Path, run_dir: Path, valid, train, tokenizer: ChatTokenizer, cfg: Config
+    backend,
+    model_dir: Path,
+    run_dir: Path,
+    valid,
+    train,
+    tokenizer: ChatTokenizer,
+    cfg: Config,
+    scored: tuple[list[float], list[bool | None]] | None = None,
 ) -> dict | None:
-    """Score the valid rows' first answer token with the saved adapter (as generation loads it), pick the bias,
-    write run_dir/calibration.json and return it. A generate.refusal_bias set at training is written as it is,
-    unscored. None (and no file) when no row teaches a refusal, or nothing was set and valid lacks answerable or
-    unanswerable chat rows to calibrate on."""
+    """Pick the bias from the valid rows' first-answer-token margins for the saved adapter, write
+    run_dir/calibration.json and return it. `scored` = (margins, label per row) from training's own valid pass
+    over that adapter; without it the rows are scored again, the adapter loaded as generation loads it. A
+    generate.refusal_bias set at training is written as it is, unscored. None (and no file) when no row teaches a
+    refusal, or nothing was set and valid lacks answerable or unanswerable chat rows to calibrate on."""
     rows = _labelled(valid)
     found = refusal_token(tokenizer, [*valid, *train])
     if found is None:
@@ -84,9 +98,14 @@ def calibrate(
         answerable = [e.meta["answerable"] for e in rows]
         if all(answerable) or not any(answerable):
             return None
-        loaded = backend.load(model_dir, run_dir / "adapter", cfg)
-        prompts = [tokenizer.prompt_ids(e.prompt_messages(), cfg.data.system_prompt) for e in rows]
-        bias, figures = pick(backend.token_margins(loaded, prompts, cfg.generate, token), answerable)
+        pairs = [(m, a) for m, a in zip(*scored) if a is not None] if scored is not None else []
+        if pairs:
+            margins, answerable = [m for m, _ in pairs], [a for _, a in pairs]
+        else:
+            loaded = backend.load(model_dir, run_dir / "adapter", cfg)
+            prompts = [tokenizer.prompt_ids(e.prompt_messages(), cfg.data.system_prompt) for e in rows]
+            margins = backend.token_margins(loaded, prompts, cfg.generate, token)
+        bias, figures = pick(margins, answerable)
         result.update(refusal_bias=bias, chosen_by="valid", valid=figures)
     write_json(run_dir / FILE, result)
     return result

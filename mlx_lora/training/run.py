@@ -76,7 +76,7 @@ def train_run(
     backend = backends.resolve(cfg.backend.name)
     model_dir = local_model_dir(cfg.model.path, cfg.model.cache_dir, progress)
     tokenizer = ChatTokenizer.from_dir(model_dir)
-    rows, kept, dropped, warnings = {}, {}, 0, []
+    rows, kept, labels, dropped, warnings = {}, {}, {}, 0, []
     read = {path: read_examples(path) for path in (train_file, valid_file)}
     # Kept with the run (manifest): inference fits its prompts to the same budget.
     automatic = cfg.train.max_length is None
@@ -95,6 +95,7 @@ def train_run(
         warnings += notes
         warnings += length_warnings(path, encoded, cfg.train.max_length)
         rows[path] = [r for r in encoded if r.supervised > 0]
+        labels[path] = [refusal_bias.label(e) for e, r in zip(examples, encoded) if r.supervised > 0]
         dropped += len(encoded) - len(rows[path])
     if main_process():  # before training starts: cut and dropped rows used to show only in manifest.json
         for warning in warnings:
@@ -114,8 +115,11 @@ def train_run(
         "tokens": sum(len(r.ids) for r in train),
     }
     run = manifest(cfg, backend.name, model_dir, [train_file, valid_file], stats)
+    # The refusal's first token: each valid pass also scores it, so the bias needs no second pass over valid.
+    found = refusal_bias.refusal_token(tokenizer, [*kept[valid_file], *kept[train_file]])
+    token = None if found is None or cfg.generate.refusal_bias is not None else found[1]
     if not main_process():  # torchrun: rank 0 locks the folder and writes every file
-        return _train(backend, model_dir, train, valid, cfg, run_dir, run, resume, lambda event: None)
+        return _train(backend, model_dir, train, valid, cfg, run_dir, run, resume, lambda event: None, token)
     with locked(run_dir, "training run"):
         if resume is None and ((run_dir / "adapter").exists() or checkpoints.list_checkpoints(run_dir / "checkpoints")):
             raise UserError(
@@ -131,11 +135,14 @@ def train_run(
                 write_json(run_dir / "manifest.json", run)
             listeners(event)
 
-        outcome = _train(backend, model_dir, train, valid, cfg, run_dir, run, resume, on_event)
+        outcome = _train(backend, model_dir, train, valid, cfg, run_dir, run, resume, on_event, token)
         if outcome.stopped in ("completed", "max_steps", "early_stopped"):
             (run_dir / refusal_bias.FILE).unlink(missing_ok=True)  # a resumed run's old one no longer fits
+            scored = None
+            if outcome.valid_margins is not None:
+                scored = (outcome.valid_margins, labels[valid_file])
             calibration = refusal_bias.calibrate(
-                backend, model_dir, run_dir, kept[valid_file], kept[train_file], tokenizer, cfg
+                backend, model_dir, run_dir, kept[valid_file], kept[train_file], tokenizer, cfg, scored
             )
             if calibration is not None:
                 outcome.extra["refusal_bias"] = calibration
@@ -144,12 +151,13 @@ def train_run(
     return outcome
 
 
-def _train(backend, model_dir, train, valid, cfg, run_dir, run, resume, on_event) -> TrainOutcome:
+def _train(backend, model_dir, train, valid, cfg, run_dir, run, resume, on_event, token) -> TrainOutcome:
     loaded = backend.load(model_dir, None, cfg)
-    return loop.train(
-        backend, loaded, train, valid, cfg, run_dir, on_event, resume=resume, fingerprint=resume_fingerprint(run)
-    )
+    fingerprint = resume_fingerprint(run)
+    return loop.train(backend, loaded, train, valid, cfg, run_dir, on_event, resume, fingerprint, token)
 
 
 def describe_outcome(outcome: TrainOutcome) -> dict:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(outcome).items()}
+    described = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(outcome).items()}
+    described.pop("valid_margins", None)  # one number per valid row: calibration.json keeps what they decided
+    return described

@@ -15,9 +15,9 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_lora.backends.mlx import state
 from mlx_lora.backends.mlx.lora import attach_lora
 from mlx_lora.backends.mlx.model import MLXLoaded, adapter_weights, save_adapter
-from mlx_lora.backends.protocol import StepResult
+from mlx_lora.backends.protocol import StepResult, ValidResult
 from mlx_lora.core.config import Config
-from mlx_lora.data.batching import loss_weights, weight_sum
+from mlx_lora.data.batching import loss_weights, valid_batches, weight_sum
 from mlx_lora.data.render import Encoded
 
 # Architectures whose __call__ is exactly `head(model.model(x))`: there we take logits only where the loss is
@@ -72,21 +72,41 @@ def make_batch(rows: list[Encoded], pad_id: int, pad: bool = False, first: float
     return mx.array(ids[:, :-1]), mx.array(ids[:, 1:].reshape(-1)), mx.array(positions), mx.array(weights), n
 
 
-def make_loss(model: nn.Module):
+def make_logits(model: nn.Module):
+    """(model, inputs, positions) -> logits at the flat `positions` only: the lm_head runs on those rows alone
+    where the model lets its body and head be split."""
     split = split_head(model)
 
-    def loss_sum(model, inputs, targets, positions, weights, norm):
+    def logits_at(model, inputs, positions):
         if split is not None:
             body, head = split
             hidden = body(inputs)
-            logits = head(mx.take(hidden.reshape(-1, hidden.shape[-1]), positions, axis=0))
-        else:
-            logits = model(inputs)
-            logits = mx.take(logits.reshape(-1, logits.shape[-1]), positions, axis=0)
+            return head(mx.take(hidden.reshape(-1, hidden.shape[-1]), positions, axis=0))
+        logits = model(inputs)
+        return mx.take(logits.reshape(-1, logits.shape[-1]), positions, axis=0)
+
+    return logits_at
+
+
+def make_loss(model: nn.Module):
+    logits_at = make_logits(model)
+
+    def loss_sum(model, inputs, targets, positions, weights, norm):
+        logits = logits_at(model, inputs, positions)
         ce = (nn.losses.cross_entropy(logits.astype(mx.float32), mx.take(targets, positions)) * weights).sum()
         return ce / norm, ce
 
     return loss_sum
+
+
+def first_margins(logits: mx.array, positions: np.ndarray, width: int, rows: int, token: int) -> list[float]:
+    """Per row, `token`'s margin at the row's first supervised position (its answer's first token): its logit
+    minus the highest other. `positions` are make_batch's flat indices (row-major over `width` columns)."""
+    first = np.searchsorted(positions, np.arange(rows) * width)  # each row's first index among the positions
+    picked = logits[mx.array(first)].astype(mx.float32)
+    own = picked[:, token]
+    others = mx.where(mx.arange(picked.shape[-1]) == token, -mx.inf, picked)
+    return (own - others.max(axis=-1)).tolist()
 
 
 def compiled_step(
@@ -187,6 +207,7 @@ class MLXEngine:
             learning_rate=t.lr, betas=[0.9, 0.999], eps=1e-8, weight_decay=t.weight_decay, bias_correction=True
         )  # mlx defaults to no bias correction; torch's has it
         self.loss_sum = make_loss(self.model)
+        self.logits_at = make_logits(self.model)
         self.optimizer.init(self.model.trainable_parameters())
         self._build()
         self.model.train()
@@ -227,21 +248,23 @@ class MLXEngine:
                 container[key] = value
         return StepResult(loss_value, norm_value, tokens, supervised, applied)
 
-    def eval_loss(self, rows: list[Encoded]) -> float:
+    def validate(self, rows: list[Encoded], token: int | None = None) -> ValidResult:
         self.model.eval()
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i].ids))
-        bs = self.cfg.train.batch_size
         total, count = 0.0, 0
-        for start in range(0, len(order), bs):
-            inputs, targets, positions, weights, n = make_batch(
-                [rows[i] for i in order[start : start + bs]], self.loaded.pad_id
-            )
+        margins: list[float] = [0.0] * len(rows)
+        for batch in valid_batches(rows, self.cfg.train.batch_size):
+            inputs, targets, positions, _, n = make_batch([rows[i] for i in batch], self.loaded.pad_id)
             if n:  # eager: a few batches, not worth compiling
-                _, ce = self.loss_sum(self.model, inputs, targets, positions, weights, 1.0)
+                logits = self.logits_at(self.model, inputs, positions)
+                ce = nn.losses.cross_entropy(logits.astype(mx.float32), mx.take(targets, positions)).sum()
                 total += ce.item()
                 count += n
+                if token is not None:
+                    found = np.array(positions)
+                    for i, margin in zip(batch, first_margins(logits, found, inputs.shape[1], len(batch), token)):
+                        margins[i] = margin
         self.model.train()
-        return total / count if count else math.nan
+        return ValidResult(total / count if count else math.nan, margins if token is not None else None)
 
     def save_adapter(self, folder: Path) -> None:
         save_adapter(self.loaded, folder)

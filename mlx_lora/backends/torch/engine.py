@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mlx_lora.backends.protocol import StepResult
+from mlx_lora.backends.protocol import StepResult, ValidResult
 from mlx_lora.backends.torch import ddp, state
 from mlx_lora.backends.torch.cache import cache_kwarg, returned_cache
 from mlx_lora.backends.torch.lora import attach
@@ -19,7 +19,7 @@ from mlx_lora.backends.torch.model import Loaded
 from mlx_lora.backends.torch.precision import resolve
 from mlx_lora.core.config import Config
 from mlx_lora.core.model_store import default_cache_dir
-from mlx_lora.data.batching import loss_weights, pad_batch, weight_sum
+from mlx_lora.data.batching import loss_weights, pad_batch, valid_batches, weight_sum
 from mlx_lora.data.render import Encoded
 
 # A short shared prefix is not worth a pass of its own: ~21 shared tokens of ~85 measured only 1.03x (batch 4).
@@ -60,7 +60,9 @@ class MaskedLMLoss(torch.nn.Module):
         super().__init__()
         self.causal_lm, self.share_prefix = causal_lm, share_prefix
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    def supervised_logits(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(fp32 logits at every position whose next token carries loss, row-major; those targets; the shared
+        prefix's length)."""
         decoder = self.causal_lm.get_decoder()
         prefix = shared_prefix(ids, mask) if self.share_prefix else 0
         if prefix:
@@ -76,10 +78,26 @@ class MaskedLMLoss(torch.nn.Module):
             hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state
         keep = mask[:, prefix + 1 :].bool()
         logits = self.causal_lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
+        return logits, ids[:, prefix + 1 :][keep], prefix
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        logits, targets, prefix = self.supervised_logits(ids, mask)
         if weights is None:
-            return F.cross_entropy(logits, ids[:, prefix + 1 :][keep], reduction="sum")
-        ce = F.cross_entropy(logits, ids[:, prefix + 1 :][keep], reduction="none")
-        return (ce * weights[:, prefix + 1 :][keep]).sum()
+            return F.cross_entropy(logits, targets, reduction="sum")
+        ce = F.cross_entropy(logits, targets, reduction="none")
+        return (ce * weights[:, prefix + 1 :][mask[:, prefix + 1 :].bool()]).sum()
+
+
+def first_margins(logits: torch.Tensor, mask: torch.Tensor, token: int) -> list[float]:
+    """Per row, `token`'s margin at the row's first supervised position (its answer's first token): its logit minus
+    the highest other. `logits` are supervised_logits' rows, row-major, so row r's first one follows the
+    supervised positions of the rows before it."""
+    counts = mask[:, 1:].sum(dim=1)  # the shared prefix never holds a supervised position: counting from 1 is the same
+    first = torch.cumsum(counts, 0) - counts
+    picked = logits[first]
+    own = picked[:, token].clone()
+    picked[:, token] = float("-inf")
+    return (own - picked.max(dim=-1).values).tolist()
 
 
 def supervised(row: Encoded) -> int:
@@ -189,21 +207,26 @@ class TorchEngine:
         return StepResult(loss, grad_norm, int(tok), int(sup), applied)
 
     @torch.no_grad()
-    def eval_loss(self, rows: list[Encoded]) -> float:
+    def validate(self, rows: list[Encoded], token: int | None = None) -> ValidResult:
         self.model.eval()
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i].ids))
-        bs = self.cfg.train.batch_size
-        batches = [order[i : i + bs] for i in range(0, len(order), bs)][self.rank :: self.world]
+        batches = valid_batches(rows, self.cfg.train.batch_size)[self.rank :: self.world]
         total, count = 0.0, 0
+        margins: list[float] = [0.0] * len(rows)
         for batch in batches:
             chunk = [rows[i] for i in batch]
             ids, mask, _ = pad_batch(chunk, self.loaded.pad_id)
+            ids_t, mask_t = self._tensor(ids), self._tensor(mask)
             with self._arithmetic():
-                total += self.loss_fn(self._tensor(ids), self._tensor(mask)).item()
+                logits, targets, _ = self.loss_fn.supervised_logits(ids_t, mask_t)
+            total += F.cross_entropy(logits, targets, reduction="sum").item()
             count += sum(supervised(r) for r in chunk)
+            if token is not None:
+                for i, margin in zip(batch, first_margins(logits, mask_t, token)):
+                    margins[i] = margin
         total, count = ddp.all_sum([total, count], self.dist, self.device_)
         self.model.train()
-        return total / count if count else math.nan
+        seen_all = token is not None and self.world == 1  # under DDP each rank scored only its share of the rows
+        return ValidResult(total / count if count else math.nan, margins if seen_all else None)
 
     def save_adapter(self, folder: Path) -> None:
         state.save_adapter(self.model, folder)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mlx_lora.core.environment import cpu_name
+from mlx_lora.core.environment import cpu_flags, cpu_name
 from mlx_lora.core.files import atomic_write_text
 
 # A matmul of the embedded 0.5B's MLP shape (tokens × hidden) · (hidden × intermediate): what a step spends on.
@@ -33,10 +33,13 @@ def _gflops(dtype: torch.dtype, reps: int = 3) -> float:
 
 
 def probe(cache_dir: Path | None = None, refresh: bool = False) -> dict:
-    """fp32 vs bf16 matmul rate on this CPU (best of 3; about a second), cached per CPU model, torch version and
-    thread count so that every run on a machine makes the same choice. The cache keeps one entry per key: a
-    1-thread test run and a 2-thread main job do not re-measure each other's out."""
-    key = f"{cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    """fp32 vs bf16 matmul rate on this CPU (best of 3; about a second), cached per CPU model and bf16 units,
+    torch version and thread count so that every run on a machine makes the same choice. The cache keeps one entry
+    per key: a 1-thread test run and a 2-thread main job do not re-measure each other's out. The units are in the
+    key because the name is not enough: an AVX2-only machine and one with avx512_bf16 both call themselves "AMD
+    EPYC", and a cache carried from one to the other (a copied home folder) would pick bf16 where it is 8x slower."""
+    units = ",".join(f for f in cpu_flags() if "bf16" in f or f.startswith("amx")) or "no bf16 units"
+    key = f"{cpu_name()} ({units}) | torch {torch.__version__} | {torch.get_num_threads()} threads"
     path = Path(cache_dir) / PROBE_FILE if cache_dir is not None else None
     entries: dict = {}
     if path is not None and path.is_file():
