@@ -152,3 +152,21 @@ def test_a_null_first_token_weight_gives_the_first_tokens_one_share_of_the_loss_
     group, w2 = rows(131), decision_weight(rows(131), lead=2)
     share = (weight_sum(group, w2, 2) - weight_sum(group, 0.0, 2)) / weight_sum(group, w2, 2)
     assert abs(share - DECISION_SHARE) < 0.002
+
+
+def test_valid_batches_are_wider_than_training_but_hold_few_logits():
+    from mlx_lora.data.batching import VALID_BATCH, VALID_SUPERVISED, valid_batches
+    from mlx_lora.data.render import Encoded
+
+    def row(length, answer):
+        return Encoded(list(range(length)), [0] * (length - answer) + [1] * answer)
+
+    short = [row(20 + i, 5) for i in range(20)]
+    batches = valid_batches(short, 2)
+    assert sorted(i for b in batches for i in b) == list(range(20))  # every row once
+    assert [len(b) for b in batches] == [VALID_BATCH, VALID_BATCH, 4]  # wider than training's 2
+    assert all(len(short[b[0]].ids) <= len(short[b[-1]].ids) for b in batches)  # shortest first: little padding
+    long = [row(600, 400) for _ in range(6)]  # long answers: the logits cap cuts batches to 2 rows
+    assert [len(b) for b in valid_batches(long, 1)] == [2, 2, 2]
+    assert all(sum(long[i].supervised for i in b) <= VALID_SUPERVISED for b in valid_batches(long, 1))
+    assert [len(b) for b in valid_batches(long, 3)] == [3, 3]  # never fewer rows than a training batch
