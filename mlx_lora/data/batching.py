@@ -27,9 +27,10 @@ def epoch_batches(rows: list[Encoded], batch_size: int, seed: int, epoch: int) -
 
 
 # Valid rows are only read (no gradients kept), so a valid pass takes more rows a batch than training may: a wider
-# matmul runs nearer the CPU's peak (on a 2-core AVX2 CPU the main job's valid pass took 95 s at 8 rows against 109
-# s at 2, in a run whose training steps were 15% slower). Sorted by length, they pad little. The logits of every supervised position are held at once (152k words
-# x 4 bytes each on the embedded model): VALID_SUPERVISED caps them near what a training step holds (~0.6 GB).
+# matmul runs nearer the CPU's peak. The main job's 64 valid rows on the 0.5B, fp32, 2-core AVX2 CPU, alternated:
+# 128 s at 2 rows a batch, 102 s at 8 (1.24-1.28x), the same loss. Sorted by length, they pad little. The logits of
+# every supervised position are held at once (152k words x 4 bytes each on the embedded model): VALID_SUPERVISED
+# caps them near what a training step holds (~0.6 GB).
 VALID_BATCH, VALID_SUPERVISED = 8, 1024
 
 
