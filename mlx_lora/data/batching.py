@@ -37,18 +37,16 @@ VALID_BATCH, VALID_SUPERVISED = 8, 1024
 def valid_batches(rows: list[Encoded], batch_size: int) -> list[list[int]]:
     """Row indices per batch of a valid pass: shortest first, up to VALID_BATCH rows (or train's batch, if larger)
     and VALID_SUPERVISED supervised tokens a batch — never fewer rows than train's batch."""
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i].ids))
     most = max(batch_size, VALID_BATCH)
     batches: list[list[int]] = []
-    for i in order:
-        last = batches[-1] if batches else None
-        full = last is None or len(last) >= most
-        if not full and len(last) >= batch_size:
-            full = sum(rows[j].supervised for j in last) + rows[i].supervised > VALID_SUPERVISED
-        if full:
-            batches.append([i])
-        else:
-            last.append(i)
+    held = 0  # supervised tokens of the batch being filled
+    for i in sorted(range(len(rows)), key=lambda i: len(rows[i].ids)):
+        n = len(batches[-1]) if batches else most
+        if n >= most or (n >= batch_size and held + rows[i].supervised > VALID_SUPERVISED):
+            batches.append([])
+            held = 0
+        batches[-1].append(i)
+        held += rows[i].supervised
     return batches
 
 
