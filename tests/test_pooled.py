@@ -1,4 +1,4 @@
-"""benchmarks/grounded/pooled.py: out-of-fold figures pooled over every held row, and the guards' tally summed."""
+"""benchmarks/grounded: pooled.py pools out-of-fold figures and sums the guards; redecide.py reads saved answers."""
 
 import json
 
@@ -41,3 +41,16 @@ def test_pooled_counts_every_held_row_and_sums_the_guards(tmp_path):
     assert got["unanswerable_refused"] == "1/1" and got["answerable_refused"] == "1/3" and got["right_doc"] == "1/3"
     route = guards([a, b])["tuned_rules"]["route"]
     assert route == {"overruled": 3, "guard_right_model_wrong": 1, "model_right_guard_wrong": 2}
+
+
+def test_redecide_reads_the_tuned_answers_in_question_order(tmp_path):
+    from benchmarks.grounded.redecide import saved_answers
+
+    (tmp_path / "ev").mkdir()
+    records = [
+        {"variant": "tuned_rules", "question": "q1", "model_answer": "[vpn] a"},
+        {"variant": "base_rules", "question": "q1", "model_answer": "base"},
+        {"variant": "tuned_rules", "question": "q2", "model_answer": "抱歉"},
+    ]
+    (tmp_path / "ev" / "audit.jsonl").write_text("\n".join(json.dumps(r) for r in records), encoding="utf-8")
+    assert saved_answers(tmp_path) == ["[vpn] a", "抱歉"]
