@@ -2,20 +2,24 @@
 score the first answer token of its valid and held questions, pick the bias on valid as training does, and count
 held questions refused without and with it.
 
-    python benchmarks/grounded/margins.py FOLDS_DIR NAME [--folds 0,1,2,3,4] [--out margins.json]
+    python benchmarks/grounded/margins.py FOLDS_DIR NAME [--folds 0,1,2,3,4] [--kb KB] [--out margins.json]
 
 FOLDS_DIR is folds.py's output; NAME the fold.sh run name (/tmp/fr/NAME-fF). Held prompts are rebuilt from the fold's
-own train questions, as `eval` builds them.
+own train questions, as `eval` builds them, and every prompt is fitted to the run's budget (data.prompt_tokens) as
+training and `eval` fit theirs: on a KB of longer texts (kb2) most prompts show two passages, not the three a built
+row holds.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
-from mlx_lora.backends.loading import load_for_generation
+from mlx_lora.backends.loading import load_for_generation, read_manifest, saved_prompt_settings
 from mlx_lora.core.config import Config
+from mlx_lora.data.fitting import fit_prompts, prompt_length
 from mlx_lora.data.formats import read_examples
 from mlx_lora.data.grounded import reground
 from mlx_lora.data.kb import load_kb
@@ -33,11 +37,14 @@ def fold_margins(run: Path, fold: Path, kb, scorer) -> dict:
     train = read_examples(fold / "train.jsonl")
     index = passage_index(scorer, kb, train)
     _, token = refusal_token(tok, train)
+    saved = saved_prompt_settings(read_manifest(run)["config"].get("data", {}))
+    data = dataclasses.replace(cfg.data, **{k: v for k, v in saved.items() if k not in ("system_prompt", "mode")})
     out = {}
     for split in ("valid", "held"):
         rows = read_examples(fold / f"{split}.jsonl")
         if split == "held":
-            rows = reground(rows, index, cfg.data)
+            rows = reground(rows, index, data)
+        rows = fit_prompts(rows, index.kb_texts, data, prompt_length(tok))
         prompts = [tok.prompt_ids(e.prompt_messages(), system) for e in rows]
         out[split] = {
             "margins": backend.token_margins(loaded, prompts, cfg.generate, token),
@@ -51,9 +58,10 @@ def main() -> None:
     parser.add_argument("folds_dir", type=Path)
     parser.add_argument("name")
     parser.add_argument("--folds", default="0,1,2,3,4")
+    parser.add_argument("--kb", type=Path, default=REPO / "data" / "kb.jsonl")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    kb, scorer = load_kb(REPO / "data" / "kb.jsonl"), make_scorer("use")
+    kb, scorer = load_kb(args.kb), make_scorer("use")
     results, totals = {}, {"unbiased": [0, 0], "calibrated": [0, 0]}
     for f in args.folds.split(","):
         got = fold_margins(Path(f"/tmp/fr/{args.name}-f{f}"), args.folds_dir / f"fold-{f}", kb, scorer)
