@@ -49,15 +49,20 @@ def guards(paths: list[str]) -> dict[str, dict]:
     return out
 
 
+def show(paths: list[str]) -> None:
+    """Print the pooled figures, then the guards' tally."""
+    for name, figures in pooled(paths).items():
+        print(f"  {name:<12} " + "  ".join(f"{k} {v}" for k, v in figures.items()))
+    for variant, by_guard in guards(paths).items():
+        for guard, counts in by_guard.items():
+            print(f"  {variant} {guard}: " + "  ".join(f"{k} {v}" for k, v in counts.items()))
+
+
 def main() -> None:
     for pattern in sys.argv[1:]:
         paths = sorted(glob.glob(pattern))
         print(f"{pattern}: {len(paths)} folds")
-        for name, figures in pooled(paths).items():
-            print(f"  {name:<12} " + "  ".join(f"{k} {v}" for k, v in figures.items()))
-        for variant, by_guard in guards(paths).items():
-            for guard, counts in by_guard.items():
-                print(f"  {variant} {guard}: " + "  ".join(f"{k} {v}" for k, v in counts.items()))
+        show(paths)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.grounded.pooled import guards, pooled  # noqa: E402
+from benchmarks.grounded.pooled import show  # noqa: E402
 from mlx_lora.commands.options import build_config  # noqa: E402
 from mlx_lora.evaluation.run import evaluate_run  # noqa: E402
 
@@ -60,11 +60,7 @@ def main() -> None:
             answers={"tuned": saved_answers(run)},
         )
         reports.append(str(out / "report.json"))
-    for name, figures in pooled(reports).items():
-        print(f"  {name:<12} " + "  ".join(f"{k} {v}" for k, v in figures.items()))
-    for variant, by_guard in guards(reports).items():
-        for guard, counts in by_guard.items():
-            print(f"  {variant} {guard}: " + "  ".join(f"{k} {v}" for k, v in counts.items()))
+    show(reports)
 
 
 if __name__ == "__main__":
