@@ -13,11 +13,10 @@ row holds.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 
-from mlx_lora.backends.loading import load_for_generation, read_manifest, saved_prompt_settings
+from mlx_lora.backends.loading import load_for_generation
 from mlx_lora.core.config import Config
 from mlx_lora.data.fitting import fit_prompts, prompt_length
 from mlx_lora.data.formats import read_examples
@@ -37,8 +36,7 @@ def fold_margins(run: Path, fold: Path, kb, scorer) -> dict:
     train = read_examples(fold / "train.jsonl")
     index = passage_index(scorer, kb, train)
     _, token = refusal_token(tok, train)
-    saved = saved_prompt_settings(read_manifest(run)["config"].get("data", {}))
-    data = dataclasses.replace(cfg.data, **{k: v for k, v in saved.items() if k not in ("system_prompt", "mode")})
+    data = cfg.data  # load_for_generation put the run's prompt settings there (its budget, data.prompt_tokens, too)
     out = {}
     for split in ("valid", "held"):
         rows = read_examples(fold / f"{split}.jsonl")
