@@ -108,6 +108,28 @@ def test_evaluate_run_refuses_a_kb_without_any_doc_the_rows_ask_about(tmp_path, 
     assert "--set data.kb=PATH; the run was trained with kb/library.jsonl" in message and "\n" not in message
 
 
+def test_a_doc_deleted_from_the_kb_after_training_is_left_out_with_a_note(tmp_path, tiny_kb, tiny_splits):
+    data, kb = tiny_splits
+    train = read_examples(data / "train.jsonl")
+    gone = next(e.meta["doc_id"] for e in train if e.meta.get("answerable"))
+    smaller = tmp_path / "smaller-kb.jsonl"
+    lines = [line for line in tiny_kb.read_text(encoding="utf-8").splitlines() if f'"{gone}"' not in line]
+    smaller.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    cfg = Config()
+    cfg.eval.embedder = "char"
+    # Every train question, the deleted doc's too, is asked: the retrieval baseline and the route answer each one.
+    questions = data / "asked.jsonl"
+    questions.write_text((data / "train.jsonl").read_text(encoding="utf-8"), encoding="utf-8")
+    report = evaluate_run(
+        cfg, None, None, questions, data / "valid.jsonl", data / "train.jsonl", smaller, tmp_path / "out",
+        variants=("retrieval",), rules_path=None, progress=False,
+    )  # fmt: skip
+    note = report["meta"]["notes"]["kb"]
+    assert f"({gone})" in note and str(smaller) in note
+    decided = report["variants"]["retrieval"]["rows"]
+    assert len(decided) == len(train) and all(r["predicted_doc"] != gone for r in decided)
+
+
 class FakeBackend:
     """Returns each prompt's length as its 'answer' tokens, recording the batches and the generation config."""
 

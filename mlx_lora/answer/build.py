@@ -54,16 +54,47 @@ def retrieval_decisions(route: SemanticRoute, questions, answers: dict[str, str]
     return out
 
 
+def on_known_docs(examples, kb: dict) -> tuple[list, list[str]]:
+    """(the rows about docs the KB still has, and every refusal row; the doc ids of the others, deleted from the KB
+    since the data was built): a question about a deleted doc has no answer to route it to."""
+    kept, deleted = [], set()
+    for example in examples:
+        meta = example.meta or {}
+        doc_id = meta.get("doc_id") if meta.get("answerable", True) else None
+        if doc_id is None or doc_id in kb:
+            kept.append(example)
+        else:
+            deleted.add(doc_id)
+    return kept, sorted(deleted)
+
+
+def deleted_note(info: dict, kb_path) -> str | None:
+    """What to tell the user when build_decider left out questions about docs no longer in the KB."""
+    gone = info.get("deleted_docs")
+    if not gone:
+        return None
+    named = ", ".join(gone[:5]) + (", …" if len(gone) > 5 else "")
+    return (
+        f"{len(gone)} doc(s) the run's questions ask about are no longer in {kb_path} ({named}): the route leaves "
+        "their questions out; put them back in the KB to answer them again"
+    )
+
+
 def build_decider(
     cfg: Config, scorer, kb, train, valid, answers, refusal, index, rules_path, model_first: bool = False
 ) -> tuple[Decider, dict]:
     """Keyword rules, then the semantic route (a topic classifier trained on the train split only).
 
     Route thresholds not set in cfg.rules are calibrated out-of-fold on the train and valid questions
-    (calibration.calibrate_route); the test split is never used.
+    (calibration.calibrate_route); the test split is never used. Train and valid questions about docs deleted from
+    the KB since are left out (info["deleted_docs"] names those docs).
     """
     info: dict = {}
     route = None
+    train, deleted = on_known_docs(train, kb)
+    valid, deleted_valid = on_known_docs(valid, kb)
+    if deleted or deleted_valid:
+        info["deleted_docs"] = sorted(set(deleted) | set(deleted_valid))
     rules = load_rules(rules_path, kb) if rules_path else []
     if train:
         route = SemanticRoute(

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlx_lora.answer.build import build_decider, doc_answers, refusal_text
+from mlx_lora.answer.build import build_decider, deleted_note, doc_answers, refusal_text
 from mlx_lora.answer.decide import Decider, Decision
 from mlx_lora.backends.loading import read_manifest
 from mlx_lora.core.config import Config, DataConfig
@@ -112,6 +112,7 @@ def build_answering(
         cfg, scorer, kb, train, valid, answers_by_doc, refusal, index, rules_path, model_first=grounded
     )
     notes = [] if train else ["the run has no train split: no semantic route, keyword rules only"]
+    notes += [note] if (note := deleted_note(info, cfg.data.kb)) else []
     passages = grounding(cfg, adapter, scorer, kb, train) if grounded else None
     length = prompt_length(tokenizer) if grounded and tokenizer is not None else None
     data = dataclasses.replace(cfg.data)

@@ -137,7 +137,10 @@ def _apply_rules(cfg, rules_path, questions: list[str], answers: list[str], adap
         from mlx_lora.answer.service import build_answering
     except ImportError as exc:
         raise UserError(f"--rules needs the rule layer, which this install lacks ({exc})") from None
-    decisions = build_answering(cfg, adapter, rules_path).decide(questions, answers)
+    answering = build_answering(cfg, adapter, rules_path)
+    for note in answering.notes:
+        click.echo(f"note: {note}", err=True)
+    decisions = answering.decide(questions, answers)
     for decision in decisions:
         click.echo(decision.answer or "")
         click.echo(f"[{decision.source}] {json.dumps(decision.detail, ensure_ascii=False)}", err=True)

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from mlx_lora.answer.audit import audit_records
-from mlx_lora.answer.build import build_decider, doc_answers, refusal_text, retrieval_decisions
+from mlx_lora.answer.build import build_decider, deleted_note, doc_answers, refusal_text, retrieval_decisions
 from mlx_lora.answer.decide import Decision
 from mlx_lora.backends.loading import read_manifest, saved_prompt_settings
 from mlx_lora.core.config import Config
@@ -203,6 +203,8 @@ def evaluate_run(
     decider, decider_info = build_decider(
         cfg, scorer, kb, train, valid, canonical, refusal, index, rules_path, model_first=grounded
     )
+    if note := deleted_note(decider_info, kb_path):
+        notes["kb"] = note
     passages = passage_index(scorer, kb, train)
     if passages.missing:
         notes["passages"] = passages.missing

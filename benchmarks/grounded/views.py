@@ -1,0 +1,157 @@
+"""Does the tuned model decide better when it reads its passages another way? Per valid row of a run, the first
+answer token (cite or refuse) and the cited passage's number, read from the prompt as shown and from other views of
+the same passages — the orders that put each passage first (`--views orders`) or each passage alone (`singles`) —
+and the decisions pooled over the views, with the refusal bias picked on the same rows as training picks it.
+
+    python benchmarks/grounded/views.py RUN [--data DIR] [--kb KB] [--views orders|singles] [--out views.json]
+
+RUN is a grounded run (`runs/latest`); DIR holds its split (default RUN/data; only valid.jsonl is read, never
+test). No generation: one forward pass per view and row, the prompt followed by "[" so that the same pass gives the
+citation's number. Torch backend, the run's generation precision.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from mlx_lora.backends.loading import load_for_generation
+from mlx_lora.backends.torch.cache import left_padded
+from mlx_lora.backends.torch.precision import for_generation
+from mlx_lora.core.config import Config
+from mlx_lora.core.model_store import default_cache_dir
+from mlx_lora.data.fitting import fit_prompts, prompt_length
+from mlx_lora.data.formats import read_examples
+from mlx_lora.data.grounded import last_user, user_turn
+from mlx_lora.data.kb import load_kb
+from mlx_lora.training.refusal_bias import pick, refusal_token, refused
+
+REPO = Path(__file__).resolve().parents[2]
+BATCH = 16
+
+
+def views(shown: list[str], kind: str) -> list[list[str]]:
+    """The passages as shown first, then the other views of them."""
+    if kind == "singles":
+        return [list(shown)] + [[doc_id] for doc_id in shown]
+    return [shown[s:] + shown[:s] for s in range(len(shown))]
+
+
+@torch.no_grad()
+def read(loaded, prompts: list[list[int]], refusal: int, bracket: int, digits: list[int]):
+    """Per prompt: (refusal margin as refusal_bias measures it, log-probabilities of the numbers 1..len(digits)
+    after "[")."""
+    model = loaded.model
+    model.eval()
+    out: list = [None] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    for start in range(0, len(order), BATCH):
+        rows = order[start : start + BATCH]
+        ids, attention = left_padded([prompts[i] + [bracket] for i in rows], loaded.pad_id, loaded.device)
+        logits = model(
+            input_ids=ids,
+            attention_mask=attention,
+            position_ids=(attention.cumsum(-1) - 1).clamp(min=0),
+            logits_to_keep=2,
+        ).logits.float()
+        first = logits[:, -2, :]
+        own = first[:, refusal].clone()
+        first[:, refusal] = float("-inf")
+        margins = (own - first.max(dim=-1).values).tolist()
+        numbers = torch.log_softmax(logits[:, -1, :], dim=-1)[:, digits].tolist()
+        for i, margin, logp in zip(rows, margins, numbers):
+            out[i] = (margin, logp)
+    return out
+
+
+def score(run: Path, data_dir: Path, kb_path: Path, kind: str) -> list[dict]:
+    cfg = Config()
+    cfg.backend.name = "torch"
+    _, loaded, tok, system = load_for_generation(None, run, cfg, progress=False)
+    for_generation(loaded, cfg.generate.precision, default_cache_dir())
+    kb_texts = {doc_id: doc.text for doc_id, doc in load_kb(kb_path).items()}
+    _, refusal = refusal_token(tok, read_examples(data_dir / "train.jsonl"))
+    bracket, digits = tok.encode("[")[0], [tok.encode(str(n))[0] for n in range(1, 10)]
+    rows = fit_prompts(read_examples(data_dir / "valid.jsonl"), kb_texts, cfg.data, prompt_length(tok))
+    jobs = []
+    for r, example in enumerate(rows):
+        for shown in views(list(example.meta["passages"]), kind):
+            messages = [dict(m) for m in example.prompt_messages()]
+            last_user(messages)["content"] = user_turn(example.question, [(d, kb_texts[d]) for d in shown], cfg.data)
+            jobs.append((r, shown, tok.prompt_ids(messages, system)))
+    got = read(loaded, [p for _, _, p in jobs], refusal, bracket, digits)
+    out = [
+        {"answerable": bool(e.meta["answerable"]), "gold": e.meta.get("doc_id"), "shown": list(e.meta["passages"])}
+        for e in rows
+    ]
+    for (r, shown, _), (margin, logp) in zip(jobs, got):
+        out[r].setdefault("views", []).append({"shown": shown, "margin": margin, "numbers": logp[: len(shown)]})
+    return out
+
+
+def decided(row: dict, pooled: str | None) -> tuple[float, str]:
+    """(refusal margin, cited doc): the prompt's as shown; pooled "mean" (orders): the views' mean margin and most
+    probable doc; pooled "min" (singles): a refusal only when every view refuses, the doc of the view least sure of
+    refusing (a passage alone that the model cites rescues a refusal)."""
+
+    def doc(view: dict) -> str:
+        return view["shown"][max(range(len(view["numbers"])), key=view["numbers"].__getitem__)]
+
+    seen = row["views"]
+    if pooled is None:
+        return seen[0]["margin"], doc(seen[0])
+    if pooled == "min":
+        least = min(seen, key=lambda v: v["margin"])
+        return least["margin"], doc(least)
+    chance: dict[str, float] = {}
+    for view in seen:
+        for doc_id, logp in zip(view["shown"], view["numbers"]):
+            chance[doc_id] = chance.get(doc_id, 0.0) + math.exp(logp) / len(seen)
+    return sum(v["margin"] for v in seen) / len(seen), max(chance, key=chance.get)
+
+
+def summary(rows: list[dict], kind: str) -> dict:
+    answerable = [r["answerable"] for r in rows]
+    out = {}
+    for label, pooled in (("as shown", None), ("pooled views", "min" if kind == "singles" else "mean")):
+        margins, docs = zip(*(decided(r, pooled) for r in rows))
+        bias, _ = pick(list(margins), answerable)
+        unanswerable = [m for m, a in zip(margins, answerable) if not a]
+        others = [m for m, a in zip(margins, answerable) if a]
+        auc = sum((u > o) + 0.5 * (u == o) for u in unanswerable for o in others) / max(
+            1, len(unanswerable) * len(others)
+        )
+        readable = [(d, r) for d, r in zip(docs, rows) if r["answerable"] and r["gold"] in r["shown"]]
+        refused_u, refused_a = refused(list(margins), answerable, bias)
+        out[label] = {
+            "refusal_auc": round(auc, 3),
+            "bias": bias,
+            "unanswerable_refused": f"{refused_u}/{answerable.count(False)}",
+            "answerable_refused": f"{refused_a}/{answerable.count(True)}",
+            "right_doc_when_shown": f"{sum(d == r['gold'] for d, r in readable)}/{len(readable)}",
+        }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--data", type=Path)
+    parser.add_argument("--kb", type=Path, default=REPO / "data" / "kb.jsonl")
+    parser.add_argument("--views", choices=("orders", "singles"), default="orders")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    rows = score(args.run, args.data or args.run / "data", args.kb, args.views)
+    result = summary(rows, args.views)
+    for label, figures in result.items():
+        print(f"{label}: " + ", ".join(f"{k} {v}" for k, v in figures.items()))
+    if args.out:
+        args.out.write_text(json.dumps({"summary": result, "rows": rows}, ensure_ascii=False), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""benchmarks/grounded/views.py: the other views of a row's passages and how their decisions are pooled."""
+
+import math
+
+from benchmarks.grounded.views import decided, summary, views
+
+
+def _view(shown, margin, favourite):
+    return {"shown": shown, "margin": margin, "numbers": [0.0 if d == favourite else -5.0 for d in shown]}
+
+
+def test_views_put_each_passage_first_or_alone():
+    assert views(["a", "b", "c"], "orders") == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]]
+    assert views(["a", "b"], "singles") == [["a", "b"], ["a"], ["b"]]
+
+
+def test_a_passage_cited_alone_rescues_a_refusal_and_orders_average():
+    row = {"views": [_view(["a", "b"], 2.0, "a"), _view(["a"], 1.0, "a"), _view(["b"], -1.5, "b")]}
+    assert decided(row, None) == (2.0, "a")
+    assert decided(row, "min") == (-1.5, "b")  # "b" alone is cited: no longer a refusal, and "b" is the answer
+    margin, doc = decided(row, "mean")
+    assert math.isclose(margin, 0.5) and doc == "a"  # (2.0 + 1.0 - 1.5) / 3
+
+
+def test_summary_counts_refusals_and_right_docs_per_pooling():
+    rows = [
+        {"answerable": False, "gold": None, "shown": ["a"], "views": [_view(["a"], 3.0, "a"), _view(["a"], 3.0, "a")]},
+        {
+            "answerable": True,
+            "gold": "b",
+            "shown": ["a", "b"],
+            "views": [_view(["a", "b"], 1.0, "a"), _view(["b"], -2.0, "b")],
+        },
+    ]
+    got = summary(rows, "singles")
+    assert got["as shown"]["answerable_refused"] == "1/1" and got["as shown"]["right_doc_when_shown"] == "0/1"
+    assert got["pooled views"]["answerable_refused"] == "0/1" and got["pooled views"]["right_doc_when_shown"] == "1/1"
+    assert got["pooled views"]["unanswerable_refused"] == "1/1" and got["pooled views"]["refusal_auc"] == 1.0
