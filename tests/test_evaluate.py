@@ -109,7 +109,7 @@ def test_evaluate_run_refuses_a_kb_without_any_doc_the_rows_ask_about(tmp_path, 
 
 
 def test_a_doc_deleted_from_the_kb_after_training_is_left_out_with_a_note(tmp_path, tiny_kb, tiny_splits):
-    data, kb = tiny_splits
+    data, _ = tiny_splits
     train = read_examples(data / "train.jsonl")
     gone = next(e.meta["doc_id"] for e in train if e.meta.get("answerable"))
     smaller = tmp_path / "smaller-kb.jsonl"

@@ -58,3 +58,27 @@ def test_run_falls_back_to_the_packaged_default_config(tmp_path, monkeypatch):
     assert cfg.data.kb == str(sample_path("data/kb.jsonl"))
     assert cfg.train.out == "runs/latest"  # relative: written in the current folder
     assert with_fallback("elsewhere/kb.jsonl", used) == "elsewhere/kb.jsonl"  # only the defaults fall back
+
+
+def test_the_sample_rules_and_questions_stand_in_only_for_the_sample_kb(tmp_path, monkeypatch):
+    from mlx_lora.commands.options import build_config
+
+    monkeypatch.chdir(tmp_path)
+    own = tmp_path / "own.jsonl"
+    own.write_text('{"doc_id": "loan", "text": "借閱期限 28 天。"}\n', encoding="utf-8")
+    cfg = build_config(None, (f"data.kb={own}",))
+    # The sample's rules name the sample's docs: with one's own KB no rules file here means no keyword rules.
+    assert cfg.rules.path == "configs/rules.yaml" and cfg.data.questions == "data/questions.yaml"
+    cfg = build_config(None, ())
+    assert cfg.rules.path == str(sample_path("configs/rules.yaml"))
+    assert cfg.data.questions == str(sample_path("data/questions.yaml"))
+
+
+def test_a_rule_for_a_doc_not_in_the_kb_says_how_to_run_without_rules(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "kb.jsonl").write_text('{"doc_id": "loan", "text": "借閱期限 28 天。"}\n', encoding="utf-8")
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "rules.yaml").write_bytes(sample_path("configs/rules.yaml").read_bytes())
+    out = cli("rules", "check", "configs/rules.yaml", cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "is not in the knowledge base" in out.stderr and "--rules none" in out.stderr

@@ -150,7 +150,12 @@ def _rule(data, node, path, kb) -> Rule:
     elif not isinstance(doc_id, str) or not doc_id.strip():
         raise located(path, at("doc_id"), f"rule {rule_id!r} needs a doc_id from the knowledge base")
     elif kb is not None and doc_id not in kb:
-        raise located(path, at("doc_id"), f"rule {rule_id!r}: doc_id {doc_id!r} is not in the knowledge base")
+        raise located(
+            path,
+            at("doc_id"),
+            f"rule {rule_id!r}: doc_id {doc_id!r} is not in the knowledge base; rules written for another KB? fix or "
+            "remove the rule, or run without keyword rules (--rules none, or --set rules.path=null)",
+        )
     priority = data.get("priority", 0)
     if not isinstance(priority, int) or isinstance(priority, bool):
         raise located(path, at("priority"), f"rule {rule_id!r}: priority must be a whole number (higher wins)")
@@ -184,7 +189,7 @@ def load_rules(path: str | Path, kb: dict | None = None) -> list[Rule]:
         raise UserError(f"{path}: rules file not found")
     data, root = load_yaml(path, "YAML syntax")
     if not isinstance(data, dict) or "rules" not in data:
-        raise located(path, 1, "expected a top-level `rules:` list")
+        raise located(path, 1, "expected a top-level `rules:` list (`rules: []` for none)")
     extra = [k for k in data if k != "rules"]
     if extra:
         raise located(path, 1, f"unknown top-level key {extra[0]!r}; the file holds only `rules:`")

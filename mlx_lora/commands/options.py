@@ -6,7 +6,7 @@ import click
 
 from mlx_lora.core.config import CHOICES, Config, apply_mapping, validate
 from mlx_lora.core.config_file import load_config
-from mlx_lora.core.samples import say_fallbacks, with_fallback
+from mlx_lora.core.samples import sample_path, say_fallbacks, with_fallback
 
 config_option = click.option(
     "-c",
@@ -64,10 +64,15 @@ def build_config(
 
 def use_samples(cfg: Config, used: list[str] | None = None) -> Config:
     """data.kb, data.questions and rules.path left at their defaults but missing from the current folder → the
-    packaged samples, said in one line on stderr (`used`: defaults the caller already took, e.g. run's -c)."""
+    packaged samples, said in one line on stderr (`used`: defaults the caller already took, e.g. run's -c).
+
+    The sample question bank and rules name the sample KB's docs: they stand in only for the sample KB. With a KB
+    of one's own, a missing default rules file means no keyword rules (the route only, with a note where rules are
+    read) and a missing question bank is an error naming it — never the sample's, which would fail on doc ids."""
     used = list(used or [])
     cfg.data.kb = with_fallback(cfg.data.kb, used)
-    cfg.data.questions = with_fallback(cfg.data.questions, used)
-    cfg.rules.path = with_fallback(cfg.rules.path, used)
+    if cfg.data.kb == str(sample_path("data/kb.jsonl")):
+        cfg.data.questions = with_fallback(cfg.data.questions, used)
+        cfg.rules.path = with_fallback(cfg.rules.path, used)
     say_fallbacks(used)
     return cfg
