@@ -170,3 +170,15 @@ def test_valid_batches_are_wider_than_training_but_hold_few_logits():
     assert [len(b) for b in valid_batches(long, 1)] == [2, 2, 2]
     assert all(sum(long[i].supervised for i in b) <= VALID_SUPERVISED for b in valid_batches(long, 1))
     assert [len(b) for b in valid_batches(long, 3)] == [3, 3]  # never fewer rows than a training batch
+
+
+def test_a_bank_without_unanswerable_questions_is_an_error_naming_it(tiny_kb, tiny_questions):
+    import pytest
+
+    from mlx_lora.core.errors import UserError
+
+    kb = load_kb(tiny_kb)
+    tiny_questions.write_text(tiny_questions.read_text(encoding="utf-8").split("unanswerable:")[0], encoding="utf-8")
+    cfg = DataConfig(questions=str(tiny_questions))
+    with pytest.raises(UserError, match=r"questions.yaml: no unanswerable question left for train .*`unanswerable:`"):
+        build_splits(kb, load_questions(tiny_questions, kb), cfg)

@@ -34,7 +34,9 @@ def test_hash_is_verified_and_computed_when_missing(tmp_path):
         ([{"doc_id": "a", "text": "  "}], "kb.jsonl:1: doc 'a': \"text\" is empty"),
         ([{"doc_id": "a", "txt": "x"}], "kb.jsonl:1: doc 'a': \"text\" is missing; unknown key(s) ['txt']"),
         ([{"doc_id": "a", "text": "x", "text_hash": "0" * 64}], "kb.jsonl:1: text_hash of 'a' does not match"),
-        ([{"text": "x"}], 'kb.jsonl:1: missing "doc_id"'),
+        ([{"text": "x"}], 'kb.jsonl:1: "doc_id" is missing'),
+        ([{"id": "a", "text": "x"}], "kb.jsonl:1: \"doc_id\" is missing; unknown key(s) ['id']"),
+        ([{"doc_id": 5, "text": "x"}], 'kb.jsonl:1: "doc_id" is 5, not a non-empty string'),
     ],
 )
 def test_bad_kb_rows_name_the_line(tmp_path, rows, needle):
@@ -46,7 +48,11 @@ def test_bad_kb_rows_name_the_line(tmp_path, rows, needle):
 def test_malformed_json_line(tmp_path):
     path = tmp_path / "kb.jsonl"
     path.write_text('{"doc_id": "a", "text": "x"}\n{"doc_id": \n', encoding="utf-8")
-    with pytest.raises(UserError, match=r"kb.jsonl:2: malformed JSON"):
+    with pytest.raises(UserError, match=r"kb.jsonl:2: malformed JSON") as info:
+        load_kb(path)
+    assert "one JSON object per line" not in str(info.value)
+    path.write_text('[\n  {"doc_id": "a", "text": "x"}\n]\n', encoding="utf-8")  # a JSON array, not JSONL
+    with pytest.raises(UserError, match=r"kb.jsonl:1: malformed JSON .*one JSON object per line"):
         load_kb(path)
 
 

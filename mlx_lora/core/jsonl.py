@@ -26,8 +26,13 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
+                hint = (
+                    "; a JSONL file holds one JSON object per line (not a JSON array, nor an object spread over lines)"
+                    if line.strip() == "{" or line.lstrip().startswith("[")
+                    else ""
+                )
                 raise located(
-                    path, number, f"malformed JSON ({exc.msg} at column {exc.colno}); fix or remove the line"
+                    path, number, f"malformed JSON ({exc.msg} at column {exc.colno}); fix or remove the line{hint}"
                 ) from None
             if not isinstance(obj, dict):
                 raise located(path, number, "each line must be a JSON object")

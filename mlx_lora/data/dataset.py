@@ -124,7 +124,11 @@ def build_splits(
     answerable = len(splits["train"])
     wanted = round(answerable * (1 - cfg.answerable_ratio) / cfg.answerable_ratio)
     if wanted and not train_pool:
-        raise UserError("no unanswerable questions left for train: add more to the question bank's unanswerable list")
+        raise UserError(
+            f"{cfg.questions}: no unanswerable question left for train once valid and test took theirs ({len(pool)} "
+            "in the bank): add more to its `unanswerable:` list (questions on your KB's topics that it cannot "
+            "answer, and a few off-topic ones) — every split needs some, to teach and to score the refusal"
+        )
     # Fewer unique refusals than the ratio needs: repeat some (within train only, never across splits).
     splits["train"] += [refuse(train_pool[i % len(train_pool)]) for i in range(wanted)] if wanted else []
     for name in SPLITS:

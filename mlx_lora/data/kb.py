@@ -26,17 +26,14 @@ def load_kb(path: str | Path) -> dict[str, Doc]:
     docs: dict[str, Doc] = {}
     for line, row in read_jsonl(path):
         doc_id, text = row.get("doc_id"), row.get("text")
+        unknown = sorted(set(row) - {"doc_id", "text", "text_hash"})
+        also = f"; unknown key(s) {unknown} (a KB row has doc_id, text, text_hash)" if unknown else ""
         if not isinstance(doc_id, str) or not doc_id.strip():
-            raise located(path, line, 'missing "doc_id" (a non-empty string)')
+            what = "missing" if "doc_id" not in row else f"{doc_id!r}, not a non-empty string"
+            raise located(path, line, f'"doc_id" is {what}{also}')
         if not isinstance(text, str) or not text.strip():
-            missing = "missing" if "text" not in row else "empty"
-            unknown = sorted(set(row) - {"doc_id", "text", "text_hash"})
-            raise located(
-                path,
-                line,
-                f'doc {doc_id!r}: "text" is {missing}'
-                + (f"; unknown key(s) {unknown} (a KB row has doc_id, text, text_hash)" if unknown else ""),
-            )
+            what = "missing" if "text" not in row else "empty" if isinstance(text, str) else "not a string"
+            raise located(path, line, f'doc {doc_id!r}: "text" is {what}{also}')
         if doc_id in docs:
             raise located(path, line, f"duplicate doc_id {doc_id!r}; each document needs its own id")
         actual = text_sha256(text)

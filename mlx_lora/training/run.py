@@ -8,6 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from mlx_lora import backends
+from mlx_lora.backends.loading import answer_budget
 from mlx_lora.core.config import Config
 from mlx_lora.core.environment import main_process, versions
 from mlx_lora.core.errors import UserError
@@ -20,6 +21,10 @@ from mlx_lora.data.render import ChatTokenizer
 from mlx_lora.training import card, checkpoints, events, loop, refusal_bias, summary
 from mlx_lora.training.listeners import standard_listeners
 from mlx_lora.training.loop import TrainOutcome
+
+# Above this many new tokens an answer budget is worth a note: ~5x the sample's (108); benchmarks/kb3's long texts
+# give 575 and print it, a KB text of thousands of tokens lets every run-on answer run to thousands.
+LONG_ANSWER_BUDGET = 512
 
 
 def _data_files(data_dir: Path) -> tuple[Path, Path]:
@@ -114,6 +119,14 @@ def train_run(
         "longest_answer_tokens": max(r.supervised for r in train + valid),
         "tokens": sum(len(r.ids) for r in train),
     }
+    budget = answer_budget(cfg.generate.max_new_tokens, {"data": stats})
+    if budget > LONG_ANSWER_BUDGET and main_process():  # each run-on answer (eval's base model) decodes that far
+        print(
+            f"note: answers may take up to {budget} new tokens ({stats['longest_answer_tokens']} in the longest "
+            "trained answer; generate.max_new_tokens caps them): a model that runs on instead of stopping — eval's "
+            "base-model baseline often does — decodes that many per row",
+            file=sys.stderr,
+        )
     run = manifest(cfg, backend.name, model_dir, [train_file, valid_file], stats)
     # The refusal's first token: each valid pass also scores it, so the bias needs no second pass over valid.
     found = refusal_bias.refusal_token(tokenizer, [*kept[valid_file], *kept[train_file]])
