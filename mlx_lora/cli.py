@@ -96,6 +96,10 @@ def _disk_full(exc: BaseException) -> bool:
 
 def main(argv=None):
     """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
+    # Offline by design: every model, adapter and embedder is read from local files. Should a library still reach
+    # for the Hugging Face hub (PEFT did, for an adapter folder without its config), it fails at once instead of
+    # sending a local folder's name out and retrying for half a minute. Set before any command imports the hub.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         _check_arguments(sys.argv[1:] if argv is None else list(argv))
         cli.main(args=argv, prog_name="mlx-lora", standalone_mode=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -175,3 +176,77 @@ def test_the_mlx_loader_refuses_a_pickle_only_model(pickle_model):
 
     with pytest.raises(UserError, match="safetensors only"):
         load(pickle_model)
+
+
+# -- outside check of 2026-12-07: folders that are almost an adapter or a model, request bodies no client sends ------
+
+
+def test_an_adapter_folder_without_its_config_is_one_line_and_never_the_hub(tmp_path):
+    from mlx_lora.backends.adapters import adapter_dir
+
+    folder = tmp_path / "run" / "adapter"
+    folder.mkdir(parents=True)
+    (folder / "adapter_model.safetensors").write_bytes(b"\0" * 8)
+    # PEFT, finding no adapter_config.json here, asked huggingface.co for "run/adapter" (five retries, ~36 s).
+    with pytest.raises(UserError, match=r"adapter: no adapter_config.json; not an adapter folder"):
+        adapter_dir(tmp_path / "run")
+    (folder / "adapter_config.json").write_text("[1, 2]", encoding="utf-8")
+    with pytest.raises(UserError, match=r"adapter_config.json: expected a JSON object"):
+        adapter_dir(folder)
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch backend not installed")
+def test_a_truncated_or_custom_code_model_is_one_line(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from mlx_lora.backends.torch.model import _from_pretrained
+
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    (truncated / "config.json").write_text('{"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}')
+    save_file({"x": torch.zeros(64)}, truncated / "model.safetensors")
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="not a readable safetensors file"):
+        _from_pretrained(str(truncated), torch.float32)
+    custom = tmp_path / "custom"
+    custom.mkdir()
+    auto_map = {"AutoConfig": "modeling_mine.C", "AutoModelForCausalLM": "modeling_mine.M"}
+    (custom / "config.json").write_text(json.dumps({"model_type": "my-own", "auto_map": auto_map}))
+    save_file({"x": torch.zeros(1)}, custom / "model.safetensors")
+    (custom / "modeling_mine.py").write_text("raise SystemExit('remote code ran')\n")
+    with pytest.raises(UserError, match="never runs"):
+        _from_pretrained(str(custom), torch.float32)
+    (custom / "config.json").write_text('{"model_type": "my-own"}')
+    with pytest.raises(UserError, match="cannot load the model .*my-own"):
+        _from_pretrained(str(custom), torch.float32)
+
+
+@pytest.mark.parametrize(
+    "body, needle",
+    [
+        (b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}', "half of a UTF-16 pair"),
+        (b'{"messages": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", "nested too deeply"),
+    ],
+)
+def test_a_request_body_no_client_sends_is_a_400_not_a_500(body, needle):
+    from mlx_lora.serve.protocol import ApiError, parse_chat
+
+    with pytest.raises(ApiError, match=needle) as info:
+        parse_chat(body, "m", 8, 64, None)
+    assert info.value.status == 400
+
+
+def test_files_nested_thousands_deep_are_one_line(tmp_path):
+    from mlx_lora.core.userfiles import load_yaml
+    from mlx_lora.data.kb import load_kb
+
+    kb = tmp_path / "kb.jsonl"
+    kb.write_text("[" * 100_000 + "\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"kb.jsonl:1: JSON nested too deeply"):
+        load_kb(kb)
+    deep = tmp_path / "rules.yaml"
+    deep.write_text("rules: " + "[" * 5_000 + "]" * 5_000 + "\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"rules.yaml: nested too deeply to read"):
+        load_yaml(deep)

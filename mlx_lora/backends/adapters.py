@@ -119,13 +119,14 @@ def _format(folder: Path) -> str:
 
 def adapter_dir(path: str | Path) -> Path:
     """What an adapter argument means, decided here only: an adapter folder of either format, or a run folder
-    holding one in adapter/. The folder must hold adapter weights."""
+    holding one in adapter/. The folder must hold adapter weights and a readable adapter_config.json."""
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"{path}: adapter folder not found; pass a run folder or an adapter folder")
     if not (path / CONFIG).is_file() and (path / "adapter").is_dir():
         path = path / "adapter"
     _format(path)
+    _read_config(path)  # else PEFT, finding no local config, would look for the folder's name on the Hugging Face hub
     return path
 
 

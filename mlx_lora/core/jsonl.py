@@ -34,6 +34,8 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
                 raise located(
                     path, number, f"malformed JSON ({exc.msg} at column {exc.colno}); fix or remove the line{hint}"
                 ) from None
+            except RecursionError:  # brackets nested thousands deep: no row of ours looks like that
+                raise located(path, number, "JSON nested too deeply to read; fix or remove the line") from None
             if not isinstance(obj, dict):
                 raise located(path, number, "each line must be a JSON object")
             if "\\u" in line and (char := lone_surrogate(obj)) is not None:  # only an escape can hold one

@@ -88,6 +88,8 @@ def load_yaml(path: str | Path, what: str = "YAML"):
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise located(path, mark.line + 1 if mark else None, f"{problem}; fix the {what}") from None
+    except RecursionError:  # lists or mappings nested thousands deep: no config, bank or rules file looks like that
+        raise located(path, None, f"nested too deeply to read; fix the {what}") from None
     finally:
         loader.dispose()
     if root is not None and lone_surrogate(data) is not None:  # rare: find the line only then

@@ -7,6 +7,8 @@ import math
 import time
 from dataclasses import dataclass
 
+from mlx_lora.core.userfiles import lone_surrogate
+
 # Fields of a chat-completions request that are read; any other field is accepted and ignored, as OpenAI-compatible
 # servers do, except the ones below that would change what is answered and cannot be honoured.
 UNSUPPORTED = ("tools", "functions", "tool_choice", "response_format", "logprobs")
@@ -81,6 +83,14 @@ def parse_chat(raw: bytes, served: str, default_max_tokens: int, max_tokens_cap:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ApiError(400, f"the request body is not valid JSON ({exc})", "invalid_json") from None
+    except RecursionError:  # arrays or objects nested thousands deep: no chat request looks like that
+        raise ApiError(400, "the request body is nested too deeply", "invalid_json") from None
+    if (char := lone_surrogate(body)) is not None:  # an escape JSON allows, but no text: it cannot be written out
+        raise ApiError(
+            400,
+            f"escape \\u{ord(char):04x} is half of a UTF-16 pair, not a character; send the text as UTF-8",
+            "invalid_json",
+        )
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object", "invalid_json")
     model = body.get("model", served)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -83,12 +82,7 @@ def _attach_adapter(base, path: Path, trainable: bool):
     from peft import PeftModel
     from safetensors import SafetensorError
 
-    config_file = path / "adapter_config.json"
-    if config_file.is_file():  # else PEFT's JSON error would read as "does not fit this model"
-        try:
-            json.loads(config_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise UserError(f"{config_file}: unreadable ({exc}); re-export the adapter") from None
+    # `path` comes from adapters.adapter_dir, which checked its adapter_config.json: PEFT never looks elsewhere.
     try:
         if detect_format(path) == "peft":
             return _peft_from_pretrained(PeftModel, base, path, trainable)
@@ -117,6 +111,7 @@ warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is depre
 
 
 def _from_pretrained(source: str, dtype: torch.dtype):
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -138,6 +133,17 @@ def _from_pretrained(source: str, dtype: torch.dtype):
         raise UserError(
             f"{source}: cannot load the model ({str(exc).splitlines()[0][:160]}); use a local model folder when offline"
         ) from None
+    except SafetensorError:
+        raise UserError(
+            f"{source}: the model weights are not a readable safetensors file (corrupt or truncated)"
+        ) from None
+    except ValueError as exc:  # transformers' word for a config it cannot build a model from
+        if "trust_remote_code" in str(exc):
+            raise UserError(
+                f"{source}: this model needs code of its own (config.json names it), which mlx-lora never runs "
+                "(trust_remote_code stays off); use a model architecture transformers supports"
+            ) from None
+        raise UserError(f"{source}: cannot load the model ({str(exc).splitlines()[0][:200]})") from None
 
 
 def load(model: str | Path, adapter: str | Path | None, cfg: Config, trainable: bool = False) -> Loaded:
