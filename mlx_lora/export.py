@@ -9,7 +9,7 @@ from mlx_lora.backends.gguf_export import TYPES, write_adapter_gguf, write_model
 from mlx_lora.backends.loading import adapter_location, answer_budget, check_base_model
 from mlx_lora.core.config import Config
 from mlx_lora.core.errors import UserError
-from mlx_lora.core.files import atomic_write_texts
+from mlx_lora.core.files import replaced_files
 from mlx_lora.core.model_store import default_cache_dir, join_embedded_gguf, local_model_dir
 from mlx_lora.training.card import CARD, is_ours, model_card
 
@@ -101,46 +101,52 @@ def export_gguf(
     # The base the adapter was trained on, by hash: llama.cpp checks only the architecture and tensor shapes.
     extra = {"mlx_lora.base_model.sha256": run["base_model"].get("sha256") or ""} if run else {}
     written, export_lines = {}, []
-
-    if merged:
-        kind = kind or "f16"
-        write_model_gguf(model_dir, out, kind, adapter=folder, name=name, extra=extra, progress=progress)
-        from_line, adapter_line = f"./{out.name}", None
-        export_lines.append(f"- `{out.name}`: the base model with this adapter merged in, {kind}")
-    else:
-        info = write_adapter_gguf(folder, model_dir, out, kind or "f32", name=name, extra=extra, progress=progress)
-        base = _base_gguf(spec, cache_dir, progress)
-        if base is None:
-            base = out.with_name(f"{out.stem}-base.gguf")
-            write_model_gguf(model_dir, base, kind or "f16", name=model_dir.name, progress=progress)
-            written["base"] = base
-            from_line = f"./{base.name}"
-            export_lines.append(f"- `{base.name}`: the base model `{model_dir}` as GGUF, {kind or 'f16'}")
+    base = None if merged else _base_gguf(spec, cache_dir, progress)
+    base_out = out.with_name(f"{out.stem}-base.gguf") if not merged and base is None else None
+    beside = {"modelfile": out.parent / MODELFILE, "card": out.parent / CARD}
+    # One set: every file is written to a temp name first and all are renamed together at the end, so a kill
+    # leaves the old export or the new one (it left a new GGUF under the old model card, found by kill -9 tests).
+    with replaced_files([out, *([base_out] if base_out else []), *beside.values()]) as temp:
+        if merged:
+            kind = kind or "f16"
+            write_model_gguf(model_dir, temp[out], kind, adapter=folder, name=name, extra=extra, progress=progress)
+            from_line, adapter_line = f"./{out.name}", None
+            export_lines.append(f"- `{out.name}`: the base model with this adapter merged in, {kind}")
         else:
-            from_line = str(base)
-            export_lines.append(f"- base model GGUF (not copied): `{base}`")
-        adapter_line = f"./{out.name}"
-        export_lines.insert(
-            0,
-            f"- `{out.name}`: llama.cpp LoRA adapter, {kind or 'f32'}, rank {info.rank}, "
-            f"alpha {info.scale * info.rank:g}, {len(info.layers)} layers × "
-            + ", ".join(m.rsplit(".", 1)[-1] for m in info.modules),
-        )
-    written["gguf"] = out
-    system_prompt = run.get("system_prompt") if run else cfg.data.system_prompt
-    generate = dict((run["config"].get("generate") if run else None) or vars(cfg.generate))
-    generate["max_new_tokens"] = answer_budget(generate.get("max_new_tokens"), run)
-    export_lines += [
-        f"- `{MODELFILE}`: `ollama create NAME -f {MODELFILE}` in this folder, then `ollama run NAME`",
-        "- llama.cpp: `llama-cli -m BASE.gguf --lora ADAPTER.gguf` (a merged file needs no --lora); prompts are "
-        "ChatML with the system prompt above",
-    ]
-    card_run = run or {"system_prompt": system_prompt, "base_model": {"spec": spec, "path": str(model_dir)}}
-    files = {
-        out.parent / MODELFILE: modelfile(from_line, adapter_line, system_prompt, generate),
-        out.parent / CARD: model_card(Path(adapter) if run else None, card_run, export_lines),
-    }
-    atomic_write_texts(files)
+            info = write_adapter_gguf(
+                folder, model_dir, temp[out], kind or "f32", name=name, extra=extra, progress=progress
+            )
+            if base_out is not None:
+                write_model_gguf(model_dir, temp[base_out], kind or "f16", name=model_dir.name, progress=progress)
+                written["base"] = base_out
+                from_line = f"./{base_out.name}"
+                export_lines.append(f"- `{base_out.name}`: the base model `{model_dir}` as GGUF, {kind or 'f16'}")
+            else:
+                from_line = str(base)
+                export_lines.append(f"- base model GGUF (not copied): `{base}`")
+            adapter_line = f"./{out.name}"
+            export_lines.insert(
+                0,
+                f"- `{out.name}`: llama.cpp LoRA adapter, {kind or 'f32'}, rank {info.rank}, "
+                f"alpha {info.scale * info.rank:g}, {len(info.layers)} layers × "
+                + ", ".join(m.rsplit(".", 1)[-1] for m in info.modules),
+            )
+        written["gguf"] = out
+        system_prompt = run.get("system_prompt") if run else cfg.data.system_prompt
+        generate = dict((run["config"].get("generate") if run else None) or vars(cfg.generate))
+        generate["max_new_tokens"] = answer_budget(generate.get("max_new_tokens"), run)
+        export_lines += [
+            f"- `{MODELFILE}`: `ollama create NAME -f {MODELFILE}` in this folder, then `ollama run NAME`",
+            "- llama.cpp: `llama-cli -m BASE.gguf --lora ADAPTER.gguf` (a merged file needs no --lora); prompts are "
+            "ChatML with the system prompt above",
+        ]
+        card_run = run or {"system_prompt": system_prompt, "base_model": {"spec": spec, "path": str(model_dir)}}
+        texts = {
+            "modelfile": modelfile(from_line, adapter_line, system_prompt, generate),
+            "card": model_card(Path(adapter) if run else None, card_run, export_lines),
+        }
+        for key, text in texts.items():
+            temp[beside[key]].write_text(text, encoding="utf-8")
     written["modelfile"], written["card"] = out.parent / MODELFILE, out.parent / CARD
     written["command"] = f"ollama create {shlex.quote(name)} -f {shlex.quote(str(out.parent / MODELFILE))}"
     return written

@@ -226,6 +226,18 @@ def test_export_command_writes_gguf_base_modelfile_and_card(tmp_path, tiny):
     assert "README.md: exists and was not written by mlx-lora export" in again.stderr
 
 
+def test_an_export_that_fails_late_leaves_the_whole_earlier_export(tmp_path, tiny):
+    adapter = random_peft_adapter(tmp_path / "adapter")
+    out = tmp_path / "export" / "kb.gguf"
+    args = ["export", "gguf", "--adapter", str(adapter), "--model", str(tiny), "--out", str(out)]
+    assert _cli(*args, cwd=tmp_path).returncode == 0
+    before = {p.name: p.read_bytes() for p in out.parent.iterdir()}
+    # The Modelfile cannot quote this system prompt: the error comes after both GGUFs were written (to temp names).
+    failed = _cli(*args, "--type", "f16", "--set", 'data.system_prompt=say """hi"""', cwd=tmp_path)
+    assert failed.returncode == 2 and 'holds """' in failed.stderr, failed.stderr
+    assert {p.name: p.read_bytes() for p in out.parent.iterdir()} == before  # no new GGUF beside the old card
+
+
 def test_export_of_a_bare_adapter_needs_a_model(tmp_path):
     adapter = random_peft_adapter(tmp_path / "adapter")
     result = _cli("export", "gguf", "--adapter", str(adapter), "--out", str(tmp_path / "a.gguf"), cwd=tmp_path)

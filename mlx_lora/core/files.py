@@ -60,7 +60,8 @@ def _sweep(parent: Path, name: str, generations: bool) -> None:
     for entry in os.listdir(parent):
         path = parent / entry
         temp = _TEMP.match(entry)
-        if temp and (generations or temp["name"] == name):
+        # A writer handed one of our temp paths makes its own temp of it (`..NAME.tmp-P-x.tmp-Q-y`): also ours.
+        if temp and (generations or temp["name"] == name or temp["name"].startswith(f".{name}.tmp-")):
             if not _alive(int(temp["pid"])):
                 _remove(path)
         elif (legacy := _LEGACY.match(entry)) and legacy["name"] == name:
@@ -280,42 +281,34 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 @contextlib.contextmanager
-def replaced_file(path: str | Path):
-    """Yield a temp path beside path for a writer that opens its output by name (the GGUF writer); when the block
-    ends without error the temp file is renamed over path, else removed: path is the old file or the new one."""
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{path}: is a directory; name a file")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _sweep(path.parent, path.name, generations=False)
-    fd, tmp = _temp_file(path)
-    os.close(fd)  # the writer reopens it by name; the file keeps FILE_MODE
+def replaced_files(paths):
+    """Yield {path: temp path beside it} for writers that open their outputs by name (the GGUF writer) or fill them
+    as text; when the block ends without error every temp file is complete, and only then are they renamed over
+    their paths, one right after another, else they are removed. Each path is the old file or the new one; a set of
+    files that belong together (an export's GGUFs, Modelfile and card) is the old set or the new one unless a kill
+    lands in the microseconds between those renames (a folder switched whole, replaced_dir, closes even that)."""
+    temps: dict[Path, Path] = {}
     try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_texts(files: dict[Path, str]) -> None:
-    """Write several files, each whole; all temp files are complete before the first rename. A kill between the
-    renames can still mix old and new files: files that belong together go into one folder (write_dir)."""
-    temps: list[tuple[Path, Path]] = []
-    try:
-        for path, text in files.items():
+        for path in map(Path, paths):
             if path.is_dir():
-                raise UserError(f"{path}: is a directory; remove it or choose another output folder")
+                raise UserError(f"{path}: is a directory; name a file, or remove it")
             path.parent.mkdir(parents=True, exist_ok=True)
             _sweep(path.parent, path.name, generations=False)
-            fd, tmp = _temp_file(path)
-            temps.append((tmp, path))
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(text)
-        for tmp, path in temps:
+            fd, temps[path] = _temp_file(path)
+            os.close(fd)  # the writer reopens it by name; the file keeps FILE_MODE
+        yield dict(temps)
+        for path, tmp in temps.items():
             os.replace(tmp, path)
     finally:
-        for tmp, _ in temps:
+        for tmp in temps.values():
             tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def replaced_file(path: str | Path):
+    """replaced_files for one file: yield its temp path."""
+    with replaced_files([path]) as temps:
+        yield next(iter(temps.values()))
 
 
 def append_text(path: str | Path, text: str) -> None:
