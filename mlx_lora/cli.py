@@ -80,6 +80,14 @@ def _check_arguments(args: list[str]) -> None:
             ) from None
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    """MemoryError, or an allocator's failure (torch on CPU: "can't allocate memory"; CUDA: "out of memory")."""
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
+
+
 def _disk_full(exc: BaseException) -> bool:
     """A full disk, however the writer says it: OSError ENOSPC (its errno, or its only argument), or an
     exception of a native writer that carries only the OS message (safetensors' SafetensorError, mlx's
@@ -136,6 +144,13 @@ def main(argv=None):
             # the stage is removed when a write fails.
             click.echo(
                 f"error: disk full{where} (no space left on device); free some space, then run it again", err=True
+            )
+            sys.exit(1)
+        if _out_of_memory(exc):  # torch's CPU and CUDA allocators say so in a RuntimeError; Python in MemoryError
+            click.echo(
+                "error: out of memory; lower train.batch_size, train.max_length or lora.rank (generate.batch_size "
+                "when answering), or free memory, then run it again",
+                err=True,
             )
             sys.exit(1)
         if isinstance(exc, OSError):  # e.g. --out names an existing file, no permission

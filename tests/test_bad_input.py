@@ -250,3 +250,18 @@ def test_files_nested_thousands_deep_are_one_line(tmp_path):
     deep.write_text("rules: " + "[" * 5_000 + "]" * 5_000 + "\n", encoding="utf-8")
     with pytest.raises(UserError, match=r"rules.yaml: nested too deeply to read"):
         load_yaml(deep)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [RuntimeError("[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: can't allocate memory"), MemoryError()],
+)
+def test_running_out_of_memory_is_one_line(capsys, monkeypatch, error):
+    import mlx_lora.cli
+
+    def allocate(args):  # what `train --rank 100000000` met inside torch
+        raise error
+
+    monkeypatch.setattr(mlx_lora.cli, "_check_arguments", allocate)
+    code, _, err = run_cli(capsys, "doctor")
+    assert code == 1 and "out of memory; lower train.batch_size" in one_error_line(err)

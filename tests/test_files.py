@@ -148,3 +148,17 @@ def test_remove_dir_leaves_no_part_of_the_folder_under_its_name(tmp_path):
     remove_dir(tmp_path / "step-2")
     remove_dir(tmp_path / "step-3")  # nothing to remove
     assert listing(tmp_path) == []
+
+
+def test_an_output_folder_is_replaceable_when_missing_empty_or_our_own(tmp_path):
+    from mlx_lora.core.files import replaceable_dir, replaced_dir
+
+    assert replaceable_dir(tmp_path / "new")
+    (tmp_path / "empty").mkdir()
+    assert replaceable_dir(tmp_path / "empty")
+    with replaced_dir(tmp_path / "fused") as folder:  # what fuse wrote last time
+        (folder / "model.safetensors").write_bytes(b"x")
+    assert replaceable_dir(tmp_path / "fused")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    assert not replaceable_dir(tmp_path / "mine")

@@ -84,6 +84,13 @@ def _generation(link: Path) -> str | None:
     return text if gen and gen["name"] == link.name else None
 
 
+def replaceable_dir(path: str | Path) -> bool:
+    """Whether an output folder may be replaced whole without asking: missing, empty, or one that replaced_dir wrote
+    (a generation link), i.e. an earlier output of ours — never a folder holding a user's files."""
+    path = Path(path)
+    return not os.path.lexists(path) or _generation(path) is not None or (path.is_dir() and not any(path.iterdir()))
+
+
 def _generations(parent: Path, name: str) -> list[str]:
     """Complete generation folders of `name`, oldest first."""
     found = [(int(m["n"]), e) for e in os.listdir(parent) if (m := _GEN.match(e)) and m["name"] == name]
