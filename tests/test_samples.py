@@ -18,6 +18,7 @@ def test_data_build_from_an_empty_folder_reads_the_packaged_samples(tmp_path):
     assert out.returncode == 0, out.stderr
     notes = [line for line in out.stderr.splitlines() if "packaged samples" in line]
     assert len(notes) == 1 and "data/kb.jsonl" in notes[0] and "data/questions.yaml" in notes[0]
+    assert "rules" not in notes[0]  # data build reads no rules: its note names only what it read
     assert (tmp_path / "runs" / "data" / "train.jsonl").is_file()  # written here, not in the package
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
 

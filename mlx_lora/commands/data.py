@@ -31,6 +31,7 @@ def build(config_path, overrides, kb, questions, out, seed, fmt, extra_questions
     cfg = build_config(
         config_path,
         overrides,
+        samples=("kb", "questions"),  # no rules: the note names only what data build reads
         data__kb=kb,
         data__questions=questions,
         data__dir=out,

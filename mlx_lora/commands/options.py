@@ -46,12 +46,13 @@ def build_config(
     config_path: str | None,
     overrides: tuple[str, ...],
     *,
-    samples: bool = True,
+    samples: bool | tuple[str, ...] = True,
     samples_used: list[str] | None = None,
     **direct,
 ) -> Config:
     """File, then --set, then explicit options (passed as section__key=value; None means not given); with
-    `samples`, default inputs missing here read the packaged samples (see use_samples)."""
+    `samples`, default inputs missing here read the packaged samples (see use_samples): True for all three, or the
+    ones this command reads ("kb", "questions", "rules"), so that its note names nothing it does not read."""
     cfg = load_config(config_path, overrides)
     mapping: dict[str, dict] = {}
     for dotted, value in direct.items():
@@ -59,10 +60,15 @@ def build_config(
             section, key = dotted.split("__", 1)
             mapping.setdefault(section, {})[key] = value
     cfg = validate(apply_mapping(cfg, mapping, "command line"))
-    return use_samples(cfg, samples_used) if samples else cfg
+    if not samples:
+        return cfg
+    return use_samples(cfg, samples_used, SAMPLE_INPUTS if samples is True else samples)
 
 
-def use_samples(cfg: Config, used: list[str] | None = None) -> Config:
+SAMPLE_INPUTS = ("kb", "questions", "rules")
+
+
+def use_samples(cfg: Config, used: list[str] | None = None, reads: tuple[str, ...] = SAMPLE_INPUTS) -> Config:
     """data.kb, data.questions and rules.path left at their defaults but missing from the current folder → the
     packaged samples, said in one line on stderr (`used`: defaults the caller already took, e.g. run's -c).
 
@@ -72,7 +78,9 @@ def use_samples(cfg: Config, used: list[str] | None = None) -> Config:
     used = list(used or [])
     cfg.data.kb = with_fallback(cfg.data.kb, used)
     if cfg.data.kb == str(sample_path("data/kb.jsonl")):
-        cfg.data.questions = with_fallback(cfg.data.questions, used)
-        cfg.rules.path = with_fallback(cfg.rules.path, used)
+        if "questions" in reads:
+            cfg.data.questions = with_fallback(cfg.data.questions, used)
+        if "rules" in reads:
+            cfg.rules.path = with_fallback(cfg.rules.path, used)
     say_fallbacks(used)
     return cfg

@@ -22,7 +22,7 @@ def _target(rule) -> str:
 def _kb(config_path, overrides, kb):
     from mlx_lora.data.kb import load_kb
 
-    cfg = build_config(config_path, overrides, data__kb=kb)
+    cfg = build_config(config_path, overrides, samples=("kb",), data__kb=kb)  # the rules file is named: no fallback
     return cfg, load_kb(cfg.data.kb)
 
 
