@@ -9,14 +9,14 @@ from mlx_lora.core.model_store import EMBEDDED_SHA256
 from mlx_lora.training.card import MARK, write_model_card
 
 
-def fake_run(run: Path, spec: str = "embedded") -> Path:
+def fake_run(run: Path, spec: str = "embedded", mode: str = "closed_book") -> Path:
     """The files `train` leaves in a run folder, with made-up figures."""
     run.mkdir()
     manifest = {
         "config": {
             "lora": {"rank": 8, "alpha": 16.0, "dropout": 0.05, "targets": ["q_proj", "v_proj"], "num_layers": None},
             "train": {"lr": 0.0005, "schedule": "cosine", "batch_size": 4, "grad_accum": 2, "precision": "fp32"},
-            "data": {"mode": "closed_book", "kb": "data/kb.jsonl", "questions": "data/questions.yaml"},
+            "data": {"mode": mode, "kb": "data/kb.jsonl", "questions": "data/questions.yaml"},
         },
         "backend": "torch",
         "adapter_format": "peft",
@@ -62,7 +62,16 @@ def test_card_after_evaluation_has_the_variants_table(tmp_path):
     card = write_model_card(run).read_text(encoding="utf-8")
     assert "| tuned | 45.4 | 30.8 | — | — | — |" in card
     assert "| tuned_rules | 94.6 |" in card
-    assert "it refused 30.8% of the unanswerable test questions" in card
+    assert "it refused 30.8% of the unanswerable ones)" in card
+
+
+def test_a_grounded_cards_failure_modes_are_its_own(tmp_path):
+    run = fake_run(tmp_path / "run", mode="grounded")
+    variants = {"tuned": {"mean_similarity": 92.1, "refusal_accuracy": None, "answerable_refused": 9.3}}
+    (run / "run_summary.json").write_text(json.dumps({"variants": variants}), encoding="utf-8")
+    card = write_model_card(run).read_text(encoding="utf-8")
+    assert "it refused 9.3% of the answerable ones)" in card and "—%" not in card  # no unanswerable row sampled
+    assert "without retraining" in card and "seldom refuse" not in card and "off-topic questions instead" not in card
 
 
 def test_card_of_another_base_makes_no_licence_claim(tmp_path):

@@ -143,35 +143,43 @@ def _eval_section(run_dir: Path) -> tuple[list[str], dict]:
 def _use_section(run: dict, variants: dict) -> list[str]:
     mode = ((run.get("config") or {}).get("data") or {}).get("mode", "closed_book")
     tuned = variants.get("tuned") if isinstance(variants.get("tuned"), dict) else {}
+    refused, wrongly = tuned.get("refusal_accuracy"), tuned.get("answerable_refused")
+    parts = [
+        f"{_num(value, 1)}% of the {kind} ones"
+        for value, kind in ((refused, "unanswerable"), (wrongly, "answerable"))
+        if isinstance(value, (int, float))  # a test sample without unanswerable rows has no refusal rate
+    ]
+    rates = f" (on its test questions it refused {' and '.join(parts)})" if parts else ""
     lines = [
         "## Intended use",
         "",
-        "Answering employees' questions about the knowledge base it was trained on, in the trained system prompt's "
-        "role, behind mlx-lora's decision layer (rules, semantic route, answerability check: the `tuned_rules` "
-        "variant), which says where every answer came from. Not for questions outside that knowledge base, not "
-        "as a general assistant, and not for decisions without a person reading the cited policy.",
+        "Answering questions about the knowledge base it was trained on, in the trained system prompt's role, "
+        "behind mlx-lora's decision layer (rules, semantic route, answerability check: the `tuned_rules` variant), "
+        "which says where every answer came from. Not for questions outside that knowledge base, not as a general "
+        "assistant, and not for decisions without a person reading the cited policy.",
         "",
         "## Known failure modes",
         "",
-        "- Alone (without the decision layer) the tuned model answers off-topic questions instead of refusing"
-        + (
-            f": it refused {_num(tuned.get('refusal_accuracy'), 1)}% of the unanswerable test questions"
-            if tuned
-            else ""
-        )
-        + ", and it can reproduce a policy inexactly or cite the wrong one.",
-        "- It knows the knowledge base as it was at training time: a changed policy needs new training "
-        + (
-            "(grounded mode reads passages, but the prompt must then carry them as training did)."
-            if mode == "grounded"
-            else "(or grounded mode)."
-        ),
+    ]
+    if mode == "grounded":
+        lines += [
+            f"- Alone (without the decision layer) it answers some unanswerable questions and refuses some "
+            f"answerable ones{rates}; it can cite the wrong passage, most often the retriever's first.",
+            "- It reads the passages the retriever finds in today's knowledge base, so an edited or added doc reaches "
+            "it without retraining; a doc added after training is read less surely than the ones it trained on.",
+        ]
+    else:
+        lines += [
+            f"- Alone (without the decision layer) it answers off-topic questions instead of refusing{rates}, and it "
+            "can reproduce a policy inexactly or cite the wrong one.",
+            "- It knows the knowledge base as it was at training time: a changed policy needs new training (or "
+            "grounded mode, which reads the current passages).",
+        ]
+    lines += [
         "- Prompts must be rendered as in training: ChatML with the same system prompt; another prompt degrades it.",
         "- A GGUF export run by llama.cpp or Ollama on the quantized base computes with other arithmetic than "
         "training did, so its answers can differ from the evaluated ones; the decision layer does not run there.",
     ]
-    if mode == "grounded":
-        lines.append("- Grounded adapters seldom refuse on their own (see the README's grounded-mode figures).")
     return lines
 
 
