@@ -133,3 +133,12 @@ def test_score_rows_fields_and_sources():
     assert rows[1]["source"] == "RULE_OVERRIDE" and rows[1]["detail"] == {"rule": "x"}
     assert rows[1]["predicted_doc"] == "leave" and rows[1]["refused"] is False
     assert rows[1]["similarity"] < 50
+
+
+def test_an_empty_answer_has_no_topic_and_is_no_refusal():
+    answers = {"vpn": "VPN:下載 client,以 SSO 登入。", "leave": "請假須於三天前在 HR 系統申請。"}
+    index = answer_index(CharScorer(), answers, "抱歉,知識庫沒有這個資訊。")
+    rows = score_rows([chat("VPN?", answers["vpn"], "vpn")], ["  "], CharScorer(), index)
+    # Nearest-label of nothing used to be the first doc: an empty answer counted as answering about "vpn".
+    assert rows[0]["predicted_doc"] == "(empty answer)" and rows[0]["refused"] is False
+    assert aggregate(rows, 85)["topic_accuracy"] == 0.0

@@ -36,7 +36,11 @@ def intro(report: dict) -> list[list[tuple[str, str]]]:
         ],
         [(PLAIN, f"Threshold: {t['name']} = {t['percent']:g}% mean similarity. All figures in percent.")],
         [
-            (PLAIN, "Topic of an answer = its nearest KB answer or the refusal (same measure); it "),
+            (
+                PLAIN,
+                "Topic of an answer = its nearest KB answer or the refusal (same measure; an empty answer has "
+                "none); it ",
+            ),
             (EM, "is a refusal"),
             (
                 PLAIN,

@@ -33,11 +33,15 @@ def _pct(value: float) -> float:
     return round(100.0 * value, 1)
 
 
+NO_ANSWER = "(empty answer)"  # the topic of an answer with no text: no doc and not the refusal
+
+
 def score_rows(examples, answers, scorer, index: LabelIndex, char: CharScorer | None = None) -> list[dict]:
     """One row per (example, answer). `answers` holds strings or Decision-like objects (answer/source/detail).
 
     A generated answer *is a refusal* when its nearest neighbour among {each KB doc's answer, the refusal text}
-    is the refusal; its *topic* is that nearest label. Both use the primary measure.
+    is the refusal; its *topic* is that nearest label (an empty answer has none: NO_ANSWER). Both use the primary
+    measure.
     """
     char = char or CharScorer()
     texts = [a if isinstance(a, str) else (a.answer or "") for a in answers]
@@ -54,6 +58,8 @@ def score_rows(examples, answers, scorer, index: LabelIndex, char: CharScorer | 
         answer = answers[i]
         similarity = _pct(primary[i])
         j, score = nearest[i]
+        # An empty answer is near nothing: its "nearest" label would be whichever comes first (a doc's topic).
+        predicted, score = (index.labels[j], score) if texts[i].strip() else (NO_ANSWER, 0.0)
         rows.append(
             {
                 "question": example.question,
@@ -64,9 +70,9 @@ def score_rows(examples, answers, scorer, index: LabelIndex, char: CharScorer | 
                 "similarity": similarity,
                 "char": _pct(chars[i]),
                 "bucket": bucket(similarity),
-                "predicted_doc": index.labels[j],
+                "predicted_doc": predicted,
                 "predicted_score": _pct(score),
-                "refused": index.labels[j] == REFUSAL,
+                "refused": predicted == REFUSAL,
                 "source": "MODEL_GENERATED" if isinstance(answer, str) else answer.source,
                 "detail": {} if isinstance(answer, str) else answer.detail,
             }
