@@ -191,7 +191,10 @@ def test_an_adapter_folder_without_its_config_is_one_line_and_never_the_hub(tmp_
     with pytest.raises(UserError, match=r"adapter: no adapter_config.json; not an adapter folder"):
         adapter_dir(tmp_path / "run")
     (folder / "adapter_config.json").write_text("[1, 2]", encoding="utf-8")
-    with pytest.raises(UserError, match=r"adapter_config.json: expected a JSON object"):
+    with pytest.raises(UserError, match=r"adapter_config.json: expected a JSON object; re-export the adapter"):
+        adapter_dir(folder)
+    (folder / "adapter_config.json").write_bytes(b'{"r": "\xff"}')
+    with pytest.raises(UserError, match=r"adapter_config.json: unreadable .*; re-export the adapter"):
         adapter_dir(folder)
 
 

@@ -150,15 +150,21 @@ def test_remove_dir_leaves_no_part_of_the_folder_under_its_name(tmp_path):
     assert listing(tmp_path) == []
 
 
-def test_an_output_folder_is_replaceable_when_missing_empty_or_our_own(tmp_path):
-    from mlx_lora.core.files import replaceable_dir, replaced_dir
+def test_fuse_replaces_its_own_output_and_nothing_else(tmp_path):
+    from mlx_lora.core.hf_config import check_model_out
 
-    assert replaceable_dir(tmp_path / "new")
+    check_model_out(tmp_path / "new")
     (tmp_path / "empty").mkdir()
-    assert replaceable_dir(tmp_path / "empty")
+    check_model_out(tmp_path / "empty")
     with replaced_dir(tmp_path / "fused") as folder:  # what fuse wrote last time
-        (folder / "model.safetensors").write_bytes(b"x")
-    assert replaceable_dir(tmp_path / "fused")
+        for name in ("config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"):
+            (folder / name).write_bytes(b"x")
+    check_model_out(tmp_path / "fused")
+    with replaced_dir(tmp_path / "run" / "adapter") as folder:  # another command's output, also a generation link
+        (folder / "adapter_config.json").write_text("{}")
+        (folder / "adapter_model.safetensors").write_bytes(b"x")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    assert not replaceable_dir(tmp_path / "mine")
+    for taken in (tmp_path / "run" / "adapter", tmp_path / "mine"):
+        with pytest.raises(UserError, match="not a fused model's; choose a new --out"):
+            check_model_out(taken)

@@ -83,3 +83,12 @@ def test_a_rule_for_a_doc_not_in_the_kb_says_how_to_run_without_rules(tmp_path):
     out = cli("rules", "check", "configs/rules.yaml", cwd=tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "is not in the knowledge base" in out.stderr and "--rules none" in out.stderr
+
+
+def test_an_explicit_default_config_falls_back_like_runs(tmp_path, monkeypatch):
+    from mlx_lora.commands.options import build_config
+
+    monkeypatch.chdir(tmp_path)
+    used: list[str] = []
+    cfg = build_config("configs/default.yaml", (), samples_used=used)  # `data build -c configs/default.yaml`
+    assert cfg.data.mode == "grounded" and cfg.train.max_steps == 120

@@ -154,7 +154,8 @@ def _rule(data, node, path, kb) -> Rule:
             path,
             at("doc_id"),
             f"rule {rule_id!r}: doc_id {doc_id!r} is not in the knowledge base; rules written for another KB? fix or "
-            "remove the rule, or run without keyword rules (--rules none, or --set rules.path=null)",
+            "remove the rule, or run without keyword rules (--set rules.path=null; --rules none for eval and serve; "
+            "no --rules for generate)",
         )
     priority = data.get("priority", 0)
     if not isinstance(priority, int) or isinstance(priority, bool):

@@ -98,9 +98,11 @@ def _read_config(folder: Path) -> dict:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise UserError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+        raise UserError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg}); re-export the adapter") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: unreadable ({exc}); re-export the adapter") from None
     if not isinstance(config, dict):
-        raise UserError(f"{path}: expected a JSON object")
+        raise UserError(f"{path}: expected a JSON object; re-export the adapter")
     return config
 
 

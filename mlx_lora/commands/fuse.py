@@ -8,7 +8,7 @@ import click
 
 from mlx_lora.commands.options import adapter_option, backend_choice, build_config, config_option, set_option
 from mlx_lora.core.errors import UserError
-from mlx_lora.core.files import replaceable_dir
+from mlx_lora.core.hf_config import check_model_out
 
 
 @click.command()
@@ -25,8 +25,7 @@ def fuse(config_path, overrides, model, adapter, out, backend):
     cfg = build_config(config_path, overrides, samples=False, backend__name=backend)
     if cfg.model.dtype == "auto":
         cfg.model.dtype = "float32"  # merge at full precision: a bf16 sum would round the adapter away
-    if not replaceable_dir(out):  # an earlier fuse output is replaced whole; a folder of other files never
-        raise UserError(f"{out}: output folder is not empty and was not written by fuse; choose a new --out")
+    check_model_out(out)  # before the model loads
     backend_, loaded, _, _ = load_for_generation(model, adapter, cfg, progress=True)
     if not hasattr(backend_, "fuse"):
         raise UserError(f"backend {backend_.name} cannot fuse; use --backend torch")

@@ -99,7 +99,7 @@ def generate(
         generate__repetition_penalty=repetition_penalty,
     )
     if rules_path or cfg.data.mode == "grounded":
-        use_samples(cfg)
+        use_samples(cfg, reads=("kb", "questions"))  # --rules names its file: no fallback for it
     if rules_path:  # a broken rules file fails now, not after the model has loaded and answered
         from mlx_lora.answer.rules import load_rules
         from mlx_lora.data.kb import load_kb

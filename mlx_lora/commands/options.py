@@ -53,6 +53,9 @@ def build_config(
     """File, then --set, then explicit options (passed as section__key=value; None means not given); with
     `samples`, default inputs missing here read the packaged samples (see use_samples): True for all three, or the
     ones this command reads ("kb", "questions", "rules"), so that its note names nothing it does not read."""
+    used = list(samples_used or [])
+    if samples and config_path is not None:  # `-c configs/default.yaml` from any folder reads the packaged one
+        config_path = with_fallback(config_path, used)
     cfg = load_config(config_path, overrides)
     mapping: dict[str, dict] = {}
     for dotted, value in direct.items():
@@ -62,7 +65,7 @@ def build_config(
     cfg = validate(apply_mapping(cfg, mapping, "command line"))
     if not samples:
         return cfg
-    return use_samples(cfg, samples_used, SAMPLE_INPUTS if samples is True else samples)
+    return use_samples(cfg, used, SAMPLE_INPUTS if samples is True else samples)
 
 
 SAMPLE_INPUTS = ("kb", "questions", "rules")

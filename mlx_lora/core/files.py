@@ -9,7 +9,7 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 
 from mlx_lora.core.errors import UserError
@@ -84,11 +84,16 @@ def _generation(link: Path) -> str | None:
     return text if gen and gen["name"] == link.name else None
 
 
-def replaceable_dir(path: str | Path) -> bool:
+def replaceable_dir(path: str | Path, holds: Callable[[str], bool]) -> bool:
     """Whether an output folder may be replaced whole without asking: missing, empty, or one that replaced_dir wrote
-    (a generation link), i.e. an earlier output of ours — never a folder holding a user's files."""
+    (a generation link) whose every entry `holds` accepts — an earlier output of the same command, never a user's
+    folder nor another command's output (a run's adapter/ is a generation link too)."""
     path = Path(path)
-    return not os.path.lexists(path) or _generation(path) is not None or (path.is_dir() and not any(path.iterdir()))
+    if not os.path.lexists(path):
+        return True
+    if _generation(path) is None:
+        return path.is_dir() and not any(path.iterdir())
+    return all(holds(entry) for entry in os.listdir(path))
 
 
 def _generations(parent: Path, name: str) -> list[str]:

@@ -1,10 +1,40 @@
-"""Hugging Face config.json fix-ups both frameworks need, written once: rope_theta where mlx-lm reads it."""
+"""Hugging Face model folders as both frameworks write them: rope_theta where mlx-lm reads it, what a folder holds."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
+
+from mlx_lora.core.errors import UserError
+from mlx_lora.core.files import replaceable_dir
+
+# The tokenizer and chat-template files a saved model folder carries beside its weights (fuse copies them).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+_WEIGHTS = re.compile(r"^model(-\d+-of-\d+)?\.safetensors(\.index\.json)?$")
+
+
+def _model_entry(name: str) -> bool:
+    return name == "config.json" or name in TOKENIZER_FILES or bool(_WEIGHTS.match(name))
+
+
+def check_model_out(out: str | Path) -> None:
+    """Refuse, before any work, an --out that fuse would replace but did not write: a folder of other files, or
+    another command's output (a run's adapter/ is replaced whole too). An earlier fused model is replaced."""
+    if not replaceable_dir(out, _model_entry):
+        raise UserError(f"{out}: output folder holds files that are not a fused model's; choose a new --out")
 
 
 def rope_override(config: dict) -> dict:

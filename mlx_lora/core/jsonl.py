@@ -37,7 +37,7 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
             except RecursionError:  # brackets nested thousands deep: no row of ours looks like that
                 raise located(path, number, "JSON nested too deeply to read; fix or remove the line") from None
             if not isinstance(obj, dict):
-                raise located(path, number, "each line must be a JSON object")
+                raise located(path, number, "each line must be a JSON object (a JSONL file: one object per line)")
             if "\\u" in line and (char := lone_surrogate(obj)) is not None:  # only an escape can hold one
                 raise surrogate_error(path, number, char)
             yield number, obj

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,7 @@ def load_kb(path: str | Path) -> dict[str, Doc]:
         unknown = sorted(set(row) - {"doc_id", "text", "text_hash"})
         also = f"; unknown key(s) {unknown} (a KB row has doc_id, text, text_hash)" if unknown else ""
         if not isinstance(doc_id, str) or not doc_id.strip():
-            what = "missing" if "doc_id" not in row else f"{doc_id!r}, not a non-empty string"
+            what = "missing" if "doc_id" not in row else f"{json.dumps(doc_id)}, not a non-empty string"
             raise located(path, line, f'"doc_id" is {what}{also}')
         if not isinstance(text, str) or not text.strip():
             what = "missing" if "text" not in row else "empty" if isinstance(text, str) else "not a string"

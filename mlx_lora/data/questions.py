@@ -40,7 +40,10 @@ def load_questions(path: str | Path, kb: dict[str, Doc] | None = None) -> Questi
     """Parse and validate the bank; with a KB, every doc_id must exist in it."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: question bank not found")
+        raise UserError(
+            f"{path}: question bank not found; write one for your KB (`mlx-lora init DIR` copies the sample's) or name "
+            "it with --questions / --set data.questions=PATH"
+        )
     data, root = load_yaml(path)
     if not isinstance(data, dict):
         raise located(path, None, "expected a mapping with keys refusal, docs, unanswerable")

@@ -9,20 +9,8 @@ from mlx_lora.backends.torch import model as loading
 from mlx_lora.backends.torch.model import Loaded
 from mlx_lora.core.config import Config
 from mlx_lora.core.errors import UserError
-from mlx_lora.core.files import replaceable_dir, replaced_dir
-from mlx_lora.core.hf_config import add_top_level_rope
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.json",
-    "merges.txt",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-)
+from mlx_lora.core.files import replaced_dir
+from mlx_lora.core.hf_config import TOKENIZER_FILES, add_top_level_rope, check_model_out
 
 
 def fuse_loaded(loaded: Loaded, out_dir: str | Path) -> Path:
@@ -30,8 +18,7 @@ def fuse_loaded(loaded: Loaded, out_dir: str | Path) -> Path:
     if not hasattr(loaded.model, "merge_and_unload"):
         raise UserError("fuse: no adapter loaded; pass --adapter with a run or adapter folder")
     out_dir = Path(out_dir)
-    if not replaceable_dir(out_dir):  # an earlier fuse output is replaced whole; a folder of other files never
-        raise UserError(f"{out_dir}: output folder is not empty and was not written by fuse; choose a new --out")
+    check_model_out(out_dir)
     merged = loaded.model.merge_and_unload()
     loaded.model = merged
     merged.config.use_cache = True  # the saved model is for inference

@@ -135,7 +135,8 @@ def _from_pretrained(source: str, dtype: torch.dtype):
         ) from None
     except SafetensorError:
         raise UserError(
-            f"{source}: the model weights are not a readable safetensors file (corrupt or truncated)"
+            f"{source}: the model weights are not a readable safetensors file (corrupt or truncated); copy or "
+            "convert the model again"
         ) from None
     except ValueError as exc:  # transformers' word for a config it cannot build a model from
         if "trust_remote_code" in str(exc):
@@ -143,7 +144,10 @@ def _from_pretrained(source: str, dtype: torch.dtype):
                 f"{source}: this model needs code of its own (config.json names it), which mlx-lora never runs "
                 "(trust_remote_code stays off); use a model architecture transformers supports"
             ) from None
-        raise UserError(f"{source}: cannot load the model ({str(exc).splitlines()[0][:200]})") from None
+        raise UserError(
+            f"{source}: cannot load the model ({str(exc).splitlines()[0][:200]}); use a model folder that "
+            "transformers loads (`mlx-lora model convert` turns a GGUF file into one)"
+        ) from None
 
 
 def load(model: str | Path, adapter: str | Path | None, cfg: Config, trainable: bool = False) -> Loaded:
