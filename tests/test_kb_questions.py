@@ -108,3 +108,8 @@ def test_sample_data_meets_the_issue(tmp_path):
     assert len(kb) >= 20
     assert all(len(bank.phrasings(doc_id)) >= 15 for doc_id in kb)
     assert len(bank.unanswerable) >= 60
+
+
+def test_a_device_given_as_the_kb_is_named_for_what_it_is():
+    with pytest.raises(UserError, match="/dev/null: is not a regular file"):
+        load_kb("/dev/null")

@@ -14,7 +14,14 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
     """Yield (line number, object) for each non-blank line; malformed lines raise a file:line UserError."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: {'is a directory, not a JSONL file' if path.is_dir() else 'file not found'}")
+        what = (
+            "is a directory, not a JSONL file"
+            if path.is_dir()
+            else "is not a regular file (a device or a pipe?); name a JSONL file"
+            if path.exists()
+            else "file not found"
+        )
+        raise UserError(f"{path}: {what}")
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             try:
