@@ -268,3 +268,26 @@ def test_running_out_of_memory_is_one_line(capsys, monkeypatch, error):
     monkeypatch.setattr(mlx_lora.cli, "_check_arguments", allocate)
     code, _, err = run_cli(capsys, "doctor")
     assert code == 1 and "out of memory; lower train.batch_size" in one_error_line(err)
+
+
+def test_an_adapter_holding_nan_is_refused_not_answered_with(tmp_path, tiny_model):
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from mlx_lora.backends.adapters import lora_pairs, peft_to_mlx, read_adapter
+
+    tensors = write_mlx_adapter(tmp_path / "nan")
+    first = sorted(tensors)[0]
+    tensors[first] = np.full_like(tensors[first], np.nan)
+    save_file(tensors, str(tmp_path / "nan" / "adapters.safetensors"), metadata={"format": "mlx"})
+    for read in (read_adapter, lora_pairs, lambda p: peft_to_mlx(p, tmp_path / "out")):
+        with pytest.raises(UserError, match=f"adapter's {first} holds NaN or infinite values"):
+            read(tmp_path / "nan")
+    if HAS_TORCH:  # the torch backend loads through PEFT, not read_adapter: it checks what it loaded
+        from mlx_lora.backends.torch.model import load
+        from mlx_lora.core.config import Config
+
+        cfg = Config()
+        cfg.backend.device = "cpu"
+        with pytest.raises(UserError, match="holds NaN or infinite values"):
+            load(tiny_model, tmp_path / "nan", cfg)

@@ -268,6 +268,12 @@ def _peft_info(folder: Path, config: dict, tensors: dict) -> AdapterInfo:
     )
 
 
+def not_finite(folder: Path, name: str) -> UserError:
+    """The one error for adapter weights holding NaN or infinity: they answer garbage (an all-NaN adapter wrote
+    "!!!" and exited 0)."""
+    return UserError(f"{folder}: the adapter's {name} holds NaN or infinite values; train or export it again")
+
+
 def read_adapter(path: str | Path) -> tuple[AdapterInfo, dict[str, np.ndarray]]:
     folder = adapter_dir(path)
     fmt = detect_format(folder)
@@ -275,6 +281,9 @@ def read_adapter(path: str | Path) -> tuple[AdapterInfo, dict[str, np.ndarray]]:
     tensors = read_safetensors(folder / (MLX_WEIGHTS if fmt == "mlx" else PEFT_WEIGHTS))
     if not tensors:
         raise UserError(f"{folder}: the adapter holds no tensors")
+    bad = [name for name, t in tensors.items() if not np.isfinite(np.asarray(t, np.float32)).all()]
+    if bad:
+        raise not_finite(folder, bad[0])
     return (_mlx_info if fmt == "mlx" else _peft_info)(folder, config, tensors), tensors
 
 

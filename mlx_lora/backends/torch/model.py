@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from mlx_lora.backends.adapters import adapter_dir, detect_format
+from mlx_lora.backends.adapters import adapter_dir, detect_format, not_finite
 from mlx_lora.backends.torch.allocator import keep_freed_memory
 from mlx_lora.core.config import Config
 from mlx_lora.core.errors import UserError
@@ -166,6 +166,9 @@ def load(model: str | Path, adapter: str | Path | None, cfg: Config, trainable: 
     if adapter is not None:
         loaded.adapter = adapter_dir(adapter)
         loaded.model = _attach_adapter(base, loaded.adapter, trainable)
+        for name, weight in loaded.model.named_parameters():
+            if "lora_" in name and not torch.isfinite(weight).all():
+                raise not_finite(loaded.adapter, name)
     loaded.model.to(device)
     loaded.model.eval()
     return loaded
