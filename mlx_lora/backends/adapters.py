@@ -276,7 +276,7 @@ def not_finite(folder: Path, name: str) -> UserError:
 
 def read_adapter(path: str | Path) -> tuple[AdapterInfo, dict[str, np.ndarray]]:
     folder = adapter_dir(path)
-    fmt = detect_format(folder)
+    fmt = _format(folder)  # adapter_dir just checked the folder: detect_format would do it again
     config = _read_config(folder)
     tensors = read_safetensors(folder / (MLX_WEIGHTS if fmt == "mlx" else PEFT_WEIGHTS))
     if not tensors:
