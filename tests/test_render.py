@@ -107,6 +107,15 @@ def test_generation_prompt_adds_the_system_prompt_like_training(tok):
         ('{"messages": [{"role": "user", "content": "hi"}]}', "at least one assistant message"),
         ('{"prompt": "a"}', '"prompt" and "completion" must both be strings'),
         ('{"foo": 1}', "unknown row format"),
+        (  # an empty answer would teach "answer with nothing": every format says so
+            '{"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": " "}]}',
+            "x.jsonl:1: the last assistant message is empty",
+        ),
+        ('{"prompt": "VPN?", "completion": ""}', 'x.jsonl:1: "completion" is empty'),
+        (
+            '{"text": "<|im_start|>user\\nVPN?<|im_end|>\\n<|im_start|>assistant\\n<|im_end|>"}',
+            "x.jsonl:1: the last assistant message is empty",
+        ),
         ('{"text": "a"', "x.jsonl:1: malformed JSON"),
     ],
 )

@@ -60,6 +60,13 @@ def _check_messages(messages, path, line) -> list[dict]:
             raise located(path, line, f"message content must be a string (role {message.get('role')})")
     if not any(m["role"] == "assistant" for m in messages):
         raise located(path, line, "a chat row needs at least one assistant message to learn from")
+    return _check_answer(messages, path, line)
+
+
+def _check_answer(messages: list[dict], path, line) -> list[dict]:
+    """An empty last answer would teach the model to answer with nothing but the end token."""
+    if not next(m["content"] for m in reversed(messages) if m["role"] == "assistant").strip():
+        raise located(path, line, "the last assistant message is empty: give the answer to learn, or drop the row")
     return messages
 
 
@@ -78,13 +85,16 @@ def parse_row(row: dict, path, line: int) -> Example:
         if not isinstance(prompt, str) or not isinstance(completion, str):
             raise located(path, line, '"prompt" and "completion" must both be strings')
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+        if not completion.strip():
+            raise located(path, line, '"completion" is empty: give the answer to learn, or drop the row')
         return Example(messages, meta=meta, line=line)
     if "text" in row:
         if not isinstance(row["text"], str) or not row["text"]:
             raise located(path, line, '"text" must be a non-empty string')
         turns = _CHATML_TURN.findall(row["text"])
         if turns and any(role == "assistant" for role, _ in turns):  # ChatML text: recover turns to mask them
-            return Example([{"role": r, "content": c} for r, c in turns], text=row["text"], meta=meta, line=line)
+            messages = _check_answer([{"role": r, "content": c} for r, c in turns], path, line)
+            return Example(messages, text=row["text"], meta=meta, line=line)
         return Example(None, text=row["text"], meta=meta, line=line)
     raise located(path, line, 'unknown row format: expected "messages", "prompt"/"completion" or "text"')
 
