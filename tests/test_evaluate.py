@@ -340,3 +340,7 @@ def test_diagnose_ranks_weak_topics_and_drafts_new_questions():
     assert "需要假須於三天前在 HR 系統申請嗎？" not in result["proposal"]["leave"]
     assert "請假須於三天前在 HR 系統申請嗎？" in result["proposal"]["leave"]
     assert draft_questions("vpn", kb["vpn"].text)[:2] == ["vpn 的規定是什麼？", "VPN 設定要怎麼處理？"]
+    # A clause that leans on the one before it is no question on its own.
+    drafts = draft_questions("books", "借閱時請小心翻閱，以免書頁損壞；若資料遺失，須照價賠償。")
+    assert not [d for d in drafts if d.startswith(("以免", "若"))], drafts
+    assert "須照價賠償嗎？" in drafts and "借閱時請小心翻閱嗎？" in drafts

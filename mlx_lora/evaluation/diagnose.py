@@ -16,6 +16,9 @@ from mlx_lora.evaluation.scoring import confused_pairs
 
 _CLAUSE = re.compile(r"[，。；;！？!?]")  # not ":" (9:30) nor "、" (lists)
 _LEADING = "並且或再"
+# A clause opening with one of these leans on the one before it ("…小心翻閱，以免損壞"): as a question on its own
+# ("以免損壞嗎？") it asks nothing, so it is not drafted.
+_DEPENDENT = ("以免", "以防", "以便", "否則", "但", "因此", "所以", "若", "如果", "如有", "除非", "即使", "才")
 _NOUNS = ("請假", "請款", "請購", "請問", "請示", "請求")
 PROPOSAL_HEADER = """\
 # Extra training questions proposed by `mlx-lora diagnose` for the weakest topics.
@@ -69,7 +72,7 @@ def draft_questions(doc_id: str, doc_text: str, limit: int = 8) -> list[str]:
     if title:
         drafts += [f"{title}要怎麼處理？", f"請問{title}的規定為何？"]
     body = doc_text.split("：", 1)[1] if title else doc_text
-    drafts += [_as_question(c) for c in _clauses(body)]
+    drafts += [_as_question(c) for c in _clauses(body) if not c.lstrip(_LEADING).startswith(_DEPENDENT)]
     drafts.append(f"請問 {topic} 有什麼要注意的？")
     return drafts[:limit]
 
