@@ -63,10 +63,11 @@ def _check_messages(messages, path, line) -> list[dict]:
     return _check_answer(messages, path, line)
 
 
-def _check_answer(messages: list[dict], path, line) -> list[dict]:
-    """An empty last answer would teach the model to answer with nothing but the end token."""
+def _check_answer(messages: list[dict], path, line, what: str = "the last assistant message") -> list[dict]:
+    """An empty last answer would teach the model to answer with nothing but the end token; `what` names it as the
+    row's format does."""
     if not next(m["content"] for m in reversed(messages) if m["role"] == "assistant").strip():
-        raise located(path, line, "the last assistant message is empty: give the answer to learn, or drop the row")
+        raise located(path, line, f"{what} is empty: give the answer to learn, or drop the row")
     return messages
 
 
@@ -85,9 +86,7 @@ def parse_row(row: dict, path, line: int) -> Example:
         if not isinstance(prompt, str) or not isinstance(completion, str):
             raise located(path, line, '"prompt" and "completion" must both be strings')
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
-        if not completion.strip():
-            raise located(path, line, '"completion" is empty: give the answer to learn, or drop the row')
-        return Example(messages, meta=meta, line=line)
+        return Example(_check_answer(messages, path, line, '"completion"'), meta=meta, line=line)
     if "text" in row:
         if not isinstance(row["text"], str) or not row["text"]:
             raise located(path, line, '"text" must be a non-empty string')
