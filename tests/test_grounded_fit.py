@@ -183,6 +183,34 @@ def test_a_prompt_at_inference_is_fitted_as_its_training_row_was(tiny_kb, tiny_q
     assert fit_prompts(rows, texts, dataclasses.replace(cfg, prompt_tokens=None), length) == rows
 
 
+def test_eval_fits_a_prompt_as_serving_does_even_where_the_gold_passage_ranks_last(
+    tiny_kb, tiny_questions, tmp_path, qwen_tokenizer_dir
+):
+    """A scored question must see what a user's would: fitting drops the lowest-ranked passage, gold or not."""
+    import dataclasses
+
+    from mlx_lora.data.fitting import fit_prompts, fitted_turn, prompt_length
+    from mlx_lora.data.render import ChatTokenizer
+
+    cfg, kb, _, _ = grounded(tiny_kb, tiny_questions, tmp_path, oracle_rate=1.0, passages=3)
+    texts = {d: doc.text for d, doc in kb.items()}
+    length = prompt_length(ChatTokenizer.from_dir(qwen_tokenizer_dir))
+    rows = [
+        e for e in read_examples(tmp_path / "out" / "train.jsonl") if e.meta.get("doc_id") == e.meta["passages"][-1]
+    ]
+    assert rows
+    cfg = dataclasses.replace(cfg, prompt_tokens=min(map(length, rows)) - 1)  # no row fits with all three
+    lost = 0
+    for row, fitted in zip(rows, fit_prompts(rows, texts, cfg, length)):
+        system = row.messages[0]["content"] if row.messages[0]["role"] == "system" else None
+        served = fitted_turn(row.question, [(d, texts[d]) for d in row.meta["passages"]], cfg, length, system)
+        assert (fitted.messages[-2]["content"], fitted.meta["passages"]) == served
+        assert fitted.meta["doc_id"] == row.meta["doc_id"]  # still scored against its doc
+        lost += row.meta["doc_id"] not in fitted.meta["passages"]
+        assert row.meta["doc_id"] in fit_passages(row, texts, cfg, length, cfg.prompt_tokens)[0].meta["passages"]
+    assert lost  # where training's fitting keeps the gold passage, a user's prompt drops it
+
+
 def test_a_null_max_length_leaves_room_for_the_longest_answer_after_a_whole_long_passage(
     tiny_kb, tiny_questions, tmp_path, qwen_tokenizer_dir
 ):
