@@ -36,3 +36,17 @@ def test_summary_counts_refusals_and_right_docs_per_pooling():
     assert got["as shown"]["answerable_refused"] == "1/1" and got["as shown"]["right_doc_when_shown"] == "0/1"
     assert got["pooled views"]["answerable_refused"] == "0/1" and got["pooled views"]["right_doc_when_shown"] == "1/1"
     assert got["pooled views"]["unanswerable_refused"] == "1/1" and got["pooled views"]["refusal_auc"] == 1.0
+
+
+def test_gold_out_replaces_the_gold_passage_with_the_next_one_found_and_counts_refusals():
+
+    assert views(["g", "b"], "gold_out", "g", ["g", "b", "c", "d"]) == [["g", "b"], ["c", "b"]]
+    assert views(["a", "b"], "gold_out", "g", ["a", "b", "c"]) == [["a", "b"]]  # gold not shown: nothing to take
+    assert views(["g", "b"], "gold_out", "g", ["g", "b"]) == [["g", "b"], ["b"]]  # nothing left to put in its place
+    rows = [
+        {"answerable": False, "views": [_view(["a"], 1.0, "a")]},
+        {"answerable": True, "views": [_view(["g", "b"], -3.0, "g"), _view(["c", "b"], 0.5, "c")]},
+        {"answerable": True, "views": [_view(["g", "b"], -2.0, "g"), _view(["c", "b"], -1.0, "c")]},
+    ]
+    got = summary(rows, "gold_out")["gold out"]
+    assert got == {"bias": 0.0, "gold_shown_refused": "0/2", "gold_replaced_refused": "1/2", "margin_rose": "2/2"}

@@ -1,4 +1,4 @@
-"""How often the retriever puts the gold passage first (and in the top 3), without training a model.
+"""How often the retriever puts the gold passage first (and in the top 3, or --depth), without training a model.
 
     python benchmarks/grounded/ranking.py DATA_DIR [--kb data/kb.jsonl] [--topic-weight 0 --topic-weight 0.5 ...]
 
@@ -67,22 +67,23 @@ def main() -> None:
     parser.add_argument("--kb", type=Path, default=REPO / "data" / "kb.jsonl")
     parser.add_argument("--embedder", default="use")
     parser.add_argument("--topic-weight", type=float, action="append", help="repeatable; default: the shipped one")
+    parser.add_argument("--depth", type=int, default=3, help="count the gold passage found within this many")
     args = parser.parse_args()
     rows = [json.loads(line) for line in args.kb.read_text(encoding="utf-8").splitlines() if line.strip()]
     kb = {r["doc_id"]: r["text"] for r in rows}
     train, valid = questions(args.data / "train.jsonl"), questions(args.data / "valid.jsonl")
     scorer = use_e5() if args.embedder == "use+e5" else make_scorer(args.embedder)
-    print("topic weight | valid first (top 3) | train, own out | a doc left out")
+    print(f"topic weight | valid first (top {args.depth}) | train, own out | a doc left out")
     for weight in args.topic_weight or [retrieval.TOPIC_WEIGHT]:
         retrieval.TOPIC_WEIGHT = weight
         index = retrieval.PassageIndex(scorer, kb, train)
-        on_valid = hits(index.search([q for q, _ in valid], 3), [d for _, d in valid])
-        own_out = hits(index.search([q for q, _ in train], 3, leave_out_own=True), [d for _, d in train])
+        on_valid = hits(index.search([q for q, _ in valid], args.depth), [d for _, d in valid])
+        own_out = hits(index.search([q for q, _ in train], args.depth, leave_out_own=True), [d for _, d in train])
         found, gold = [], []
         for doc_id in kb:
             without = retrieval.PassageIndex(scorer, kb, [(q, d) for q, d in train if d != doc_id])
             asked = [q for q, d in train if d == doc_id]
-            found += without.search(asked, 3)
+            found += without.search(asked, args.depth)
             gold += [doc_id] * len(asked)
         print(f"{weight:g} | {on_valid} | {own_out} | {hits(found, gold)}")
 

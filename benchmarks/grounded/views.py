@@ -2,8 +2,11 @@
 answer token (cite or refuse) and the cited passage's number, read from the prompt as shown and from other views of
 the same passages — the orders that put each passage first (`--views orders`) or each passage alone (`singles`) —
 and the decisions pooled over the views, with the refusal bias picked on the same rows as training picks it.
+`--views gold_out` asks whether the decision comes from the passages: each answerable row whose gold passage is
+shown is read again with it replaced by the next passage the retriever finds (a training row's hard negative), and
+the refusals of those views are counted at the bias picked as shown.
 
-    python benchmarks/grounded/views.py RUN [--data DIR] [--kb KB] [--views orders|singles] [--out views.json]
+    python benchmarks/grounded/views.py RUN [--data DIR] [--kb KB] [--views orders|singles|gold_out] [--out F]
 
 RUN is a grounded run (`runs/latest`); DIR holds its split (default RUN/data; only valid.jsonl is read, never
 test). No generation: one forward pass per view and row, the prompt followed by "[" so that the same pass gives the
@@ -28,14 +31,23 @@ from mlx_lora.data.fitting import fit_prompts, prompt_length
 from mlx_lora.data.formats import read_examples
 from mlx_lora.data.grounded import last_user, user_turn
 from mlx_lora.data.kb import load_kb
+from mlx_lora.data.retrieval import PassageIndex
+from mlx_lora.data.similarity import make_scorer
 from mlx_lora.training.refusal_bias import pick, refusal_token, refused
 
 REPO = Path(__file__).resolve().parents[2]
 BATCH = 16
 
 
-def views(shown: list[str], kind: str) -> list[list[str]]:
+def views(shown: list[str], kind: str, gold: str | None = None, wider: list[str] = ()) -> list[list[str]]:
     """The passages as shown first, then the other views of them."""
+    if kind == "gold_out":
+        if gold not in shown:
+            return [list(shown)]
+        spare = [d for d in wider if d not in shown]
+        if not spare:
+            return [list(shown), [d for d in shown if d != gold]]
+        return [list(shown), [spare[0] if d == gold else d for d in shown]]
     if kind == "singles":
         return [list(shown)] + [[doc_id] for doc_id in shown]
     return [shown[s:] + shown[:s] for s in range(len(shown))]
@@ -77,9 +89,15 @@ def score(run: Path, data_dir: Path, kb_path: Path, kind: str) -> list[dict]:
     _, refusal = refusal_token(tok, read_examples(data_dir / "train.jsonl"))
     bracket, digits = tok.encode("[")[0], [tok.encode(str(n))[0] for n in range(1, 10)]
     rows = fit_prompts(read_examples(data_dir / "valid.jsonl"), kb_texts, cfg.data, prompt_length(tok))
+    wider = [[]] * len(rows)
+    if kind == "gold_out":  # the index as inference builds it: the KB and the train questions
+        train = read_examples(data_dir / "train.jsonl")
+        asked = [(e.question, e.meta["doc_id"]) for e in train if e.meta.get("doc_id")]
+        index = PassageIndex(make_scorer(cfg.eval.embedder), kb_texts, asked)
+        wider = [[d for d, _ in found] for found in index.search([e.question for e in rows], cfg.data.passages + 3)]
     jobs = []
     for r, example in enumerate(rows):
-        for shown in views(list(example.meta["passages"]), kind):
+        for shown in views(list(example.meta["passages"]), kind, example.meta.get("doc_id"), wider[r]):
             messages = [dict(m) for m in example.prompt_messages()]
             last_user(messages)["content"] = user_turn(example.question, [(d, kb_texts[d]) for d in shown], cfg.data)
             jobs.append((r, shown, tok.prompt_ids(messages, system)))
@@ -114,7 +132,22 @@ def decided(row: dict, pooled: str | None) -> tuple[float, str]:
     return sum(v["margin"] for v in seen) / len(seen), max(chance, key=chance.get)
 
 
+def gold_out(rows: list[dict]) -> dict:
+    """Answerable rows read with their gold passage and without it, at the bias picked as shown."""
+    margins = [r["views"][0]["margin"] for r in rows]
+    bias, _ = pick(margins, [r["answerable"] for r in rows])
+    pairs = [(r["views"][0]["margin"], r["views"][1]["margin"]) for r in rows if len(r["views"]) > 1]
+    return {
+        "bias": bias,
+        "gold_shown_refused": f"{sum(m + bias > 0 for m, _ in pairs)}/{len(pairs)}",
+        "gold_replaced_refused": f"{sum(m + bias > 0 for _, m in pairs)}/{len(pairs)}",
+        "margin_rose": f"{sum(b > a for a, b in pairs)}/{len(pairs)}",
+    }
+
+
 def summary(rows: list[dict], kind: str) -> dict:
+    if kind == "gold_out":
+        return {"gold out": gold_out(rows)}
     answerable = [r["answerable"] for r in rows]
     out = {}
     for label, pooled in (("as shown", None), ("pooled views", "min" if kind == "singles" else "mean")):
@@ -142,7 +175,7 @@ def main() -> None:
     parser.add_argument("run", type=Path)
     parser.add_argument("--data", type=Path)
     parser.add_argument("--kb", type=Path, default=REPO / "data" / "kb.jsonl")
-    parser.add_argument("--views", choices=("orders", "singles"), default="orders")
+    parser.add_argument("--views", choices=("orders", "singles", "gold_out"), default="orders")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     rows = score(args.run, args.data or args.run / "data", args.kb, args.views)
