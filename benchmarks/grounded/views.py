@@ -3,10 +3,11 @@ answer token (cite or refuse) and the cited passage's number, read from the prom
 the same passages — the orders that put each passage first (`--views orders`) or each passage alone (`singles`) —
 and the decisions pooled over the views, with the refusal bias picked on the same rows as training picks it.
 `--views gold_out` asks whether the decision comes from the passages: each answerable row whose gold passage is
-shown is read again with it replaced by the next passage the retriever finds (a training row's hard negative), and
-the refusals of those views are counted at the bias picked as shown.
+shown is read again without it — the other passages moved up and the next one the retriever finds last, as a
+training row's hard negative shows them (`gold_swap`: the next one found in the gold passage's place) — and the
+refusals of those views are counted at the bias picked as shown.
 
-    python benchmarks/grounded/views.py RUN [--data DIR] [--kb KB] [--views orders|singles|gold_out] [--out F]
+    python benchmarks/grounded/views.py RUN [--data DIR] [--kb KB] [--views orders|singles|gold_out|gold_swap] [--out F]
 
 RUN is a grounded run (`runs/latest`); DIR holds its split (default RUN/data; only valid.jsonl is read, never
 test). No generation: one forward pass per view and row, the prompt followed by "[" so that the same pass gives the
@@ -41,13 +42,16 @@ BATCH = 16
 
 def views(shown: list[str], kind: str, gold: str | None = None, wider: list[str] = ()) -> list[list[str]]:
     """The passages as shown first, then the other views of them."""
-    if kind == "gold_out":
+    if kind in ("gold_out", "gold_swap"):
         if gold not in shown:
             return [list(shown)]
-        spare = [d for d in wider if d not in shown]
-        if not spare:
-            return [list(shown), [d for d in shown if d != gold]]
-        return [list(shown), [spare[0] if d == gold else d for d in shown]]
+        spare = [d for d in wider if d not in shown][:1]
+        if kind == "gold_out":  # as a hard negative shows it: the others move up, the next one found comes last
+            return [list(shown), [d for d in shown if d != gold] + spare]
+        return [
+            list(shown),
+            [spare[0] if d == gold else d for d in shown] if spare else [d for d in shown if d != gold],
+        ]
     if kind == "singles":
         return [list(shown)] + [[doc_id] for doc_id in shown]
     return [shown[s:] + shown[:s] for s in range(len(shown))]
@@ -90,7 +94,7 @@ def score(run: Path, data_dir: Path, kb_path: Path, kind: str) -> list[dict]:
     bracket, digits = tok.encode("[")[0], [tok.encode(str(n))[0] for n in range(1, 10)]
     rows = fit_prompts(read_examples(data_dir / "valid.jsonl"), kb_texts, cfg.data, prompt_length(tok))
     wider = [[]] * len(rows)
-    if kind == "gold_out":  # the index as inference builds it: the KB and the train questions
+    if kind in ("gold_out", "gold_swap"):  # the index as inference builds it: the KB and the train questions
         train = read_examples(data_dir / "train.jsonl")
         asked = [(e.question, e.meta["doc_id"]) for e in train if e.meta.get("doc_id")]
         index = PassageIndex(make_scorer(cfg.eval.embedder), kb_texts, asked)
@@ -146,8 +150,8 @@ def gold_out(rows: list[dict]) -> dict:
 
 
 def summary(rows: list[dict], kind: str) -> dict:
-    if kind == "gold_out":
-        return {"gold out": gold_out(rows)}
+    if kind in ("gold_out", "gold_swap"):
+        return {kind.replace("_", " "): gold_out(rows)}
     answerable = [r["answerable"] for r in rows]
     out = {}
     for label, pooled in (("as shown", None), ("pooled views", "min" if kind == "singles" else "mean")):
@@ -175,7 +179,7 @@ def main() -> None:
     parser.add_argument("run", type=Path)
     parser.add_argument("--data", type=Path)
     parser.add_argument("--kb", type=Path, default=REPO / "data" / "kb.jsonl")
-    parser.add_argument("--views", choices=("orders", "singles", "gold_out"), default="orders")
+    parser.add_argument("--views", choices=("orders", "singles", "gold_out", "gold_swap"), default="orders")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     rows = score(args.run, args.data or args.run / "data", args.kb, args.views)
