@@ -40,9 +40,11 @@ def test_summary_counts_refusals_and_right_docs_per_pooling():
 
 def test_gold_out_replaces_the_gold_passage_with_the_next_one_found_and_counts_refusals():
 
-    assert views(["g", "b"], "gold_out", "g", ["g", "b", "c", "d"]) == [["g", "b"], ["c", "b"]]
+    # gold_out: as a hard negative shows it (the others up, the next one found last); gold_swap: in its place.
+    assert views(["g", "b"], "gold_out", "g", ["g", "b", "c", "d"]) == [["g", "b"], ["b", "c"]]
+    assert views(["g", "b"], "gold_swap", "g", ["g", "b", "c", "d"]) == [["g", "b"], ["c", "b"]]
     assert views(["a", "b"], "gold_out", "g", ["a", "b", "c"]) == [["a", "b"]]  # gold not shown: nothing to take
-    assert views(["g", "b"], "gold_out", "g", ["g", "b"]) == [["g", "b"], ["b"]]  # nothing left to put in its place
+    assert views(["g", "b"], "gold_swap", "g", ["g", "b"]) == [["g", "b"], ["b"]]  # nothing to put in its place
     rows = [
         {"answerable": False, "views": [_view(["a"], 1.0, "a")]},
         {"answerable": True, "views": [_view(["g", "b"], -3.0, "g"), _view(["c", "b"], 0.5, "c")]},

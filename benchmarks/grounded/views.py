@@ -17,6 +17,7 @@ citation's number. Torch backend, the run's generation precision.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -102,9 +103,12 @@ def score(run: Path, data_dir: Path, kb_path: Path, kind: str) -> list[dict]:
     jobs = []
     for r, example in enumerate(rows):
         for shown in views(list(example.meta["passages"]), kind, example.meta.get("doc_id"), wider[r]):
-            messages = [dict(m) for m in example.prompt_messages()]
+            messages = [dict(m) for m in example.messages]
             last_user(messages)["content"] = user_turn(example.question, [(d, kb_texts[d]) for d in shown], cfg.data)
-            jobs.append((r, shown, tok.prompt_ids(messages, system)))
+            # Each view fitted to the run's budget as a served prompt is (a KB of long texts shows fewer passages).
+            view = dataclasses.replace(example, messages=messages, meta={**example.meta, "passages": shown})
+            view = fit_prompts([view], kb_texts, cfg.data, prompt_length(tok))[0]
+            jobs.append((r, view.meta["passages"], tok.prompt_ids(view.prompt_messages(), system)))
     got = read(loaded, [p for _, _, p in jobs], refusal, bracket, digits)
     out = [
         {"answerable": bool(e.meta["answerable"]), "gold": e.meta.get("doc_id"), "shown": list(e.meta["passages"])}
