@@ -39,11 +39,12 @@ from mlx_lora.training.refusal_bias import pick, refusal_token, refused
 
 REPO = Path(__file__).resolve().parents[2]
 BATCH = 16
+GOLD_VIEWS = ("gold_out", "gold_swap")  # one view without the gold passage, read beside the prompt as shown
 
 
 def views(shown: list[str], kind: str, gold: str | None = None, wider: list[str] = ()) -> list[list[str]]:
     """The passages as shown first, then the other views of them."""
-    if kind in ("gold_out", "gold_swap"):
+    if kind in GOLD_VIEWS:
         if gold not in shown:
             return [list(shown)]
         spare = [d for d in wider if d not in shown][:1]
@@ -93,9 +94,10 @@ def score(run: Path, data_dir: Path, kb_path: Path, kind: str) -> list[dict]:
     kb_texts = {doc_id: doc.text for doc_id, doc in load_kb(kb_path).items()}
     _, refusal = refusal_token(tok, read_examples(data_dir / "train.jsonl"))
     bracket, digits = tok.encode("[")[0], [tok.encode(str(n))[0] for n in range(1, 10)]
-    rows = fit_prompts(read_examples(data_dir / "valid.jsonl"), kb_texts, cfg.data, prompt_length(tok))
+    length = prompt_length(tok)
+    rows = fit_prompts(read_examples(data_dir / "valid.jsonl"), kb_texts, cfg.data, length)
     wider = [[]] * len(rows)
-    if kind in ("gold_out", "gold_swap"):  # the index as inference builds it: the KB and the train questions
+    if kind in GOLD_VIEWS:  # the index as inference builds it: the KB and the train questions
         train = read_examples(data_dir / "train.jsonl")
         asked = [(e.question, e.meta["doc_id"]) for e in train if e.meta.get("doc_id")]
         index = PassageIndex(make_scorer(cfg.eval.embedder), kb_texts, asked)
@@ -107,7 +109,7 @@ def score(run: Path, data_dir: Path, kb_path: Path, kind: str) -> list[dict]:
             last_user(messages)["content"] = user_turn(example.question, [(d, kb_texts[d]) for d in shown], cfg.data)
             # Each view fitted to the run's budget as a served prompt is (a KB of long texts shows fewer passages).
             view = dataclasses.replace(example, messages=messages, meta={**example.meta, "passages": shown})
-            view = fit_prompts([view], kb_texts, cfg.data, prompt_length(tok))[0]
+            view = fit_prompts([view], kb_texts, cfg.data, length)[0]
             jobs.append((r, view.meta["passages"], tok.prompt_ids(view.prompt_messages(), system)))
     got = read(loaded, [p for _, _, p in jobs], refusal, bracket, digits)
     out = [
@@ -154,7 +156,7 @@ def gold_out(rows: list[dict]) -> dict:
 
 
 def summary(rows: list[dict], kind: str) -> dict:
-    if kind in ("gold_out", "gold_swap"):
+    if kind in GOLD_VIEWS:
         return {kind.replace("_", " "): gold_out(rows)}
     answerable = [r["answerable"] for r in rows]
     out = {}
@@ -183,7 +185,7 @@ def main() -> None:
     parser.add_argument("run", type=Path)
     parser.add_argument("--data", type=Path)
     parser.add_argument("--kb", type=Path, default=REPO / "data" / "kb.jsonl")
-    parser.add_argument("--views", choices=("orders", "singles", "gold_out", "gold_swap"), default="orders")
+    parser.add_argument("--views", choices=("orders", "singles", *GOLD_VIEWS), default="orders")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     rows = score(args.run, args.data or args.run / "data", args.kb, args.views)

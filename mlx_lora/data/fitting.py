@@ -17,10 +17,11 @@ from mlx_lora.data.render import ChatTokenizer
 AUTO_MAX_LENGTH = 320
 
 
-def fit_passages(example, kb_texts: dict[str, str], cfg: DataConfig, length, limit: int):
+def fit_passages(example, kb_texts: dict[str, str], cfg: DataConfig, length, limit: int, keep_gold: bool = True):
     """A grounded row (formats.Example) that fits `limit` tokens (`length(example)` counts them) by showing less
-    of its passages, never less of its answer: first the lowest-ranked passages that are not the gold doc's go
-    (one passage always stays), then the remaining passage's text is cut at the end ("…").
+    of its passages, never less of its answer: first the lowest-ranked passages go — with keep_gold, never the gold
+    doc's (a training row's answer cites it) — (one passage always stays), then the remaining passage's text is cut
+    at the end ("…").
 
     Returns (row, what happened): "fits" (unchanged), "shortened", or "kept" — not grounded, its prompt is not the
     one today's KB gives (it cannot be rebuilt safely), or even an empty passage does not fit; a kept row is cut
@@ -36,7 +37,7 @@ def fit_passages(example, kb_texts: dict[str, str], cfg: DataConfig, length, lim
 
     ids = example.meta["passages"]
     passages = [(d, kb_texts[d]) for d in ids]
-    gold = example.meta.get("doc_id")
+    gold = example.meta.get("doc_id") if keep_gold else None
     while len(passages) > 1:
         drop = max((i for i, (d, _) in enumerate(passages) if d != gold), default=None)
         if drop is None:
@@ -219,12 +220,7 @@ def fit_prompts(examples: list, kb_texts: dict[str, str], cfg: DataConfig, lengt
     Unchanged without a budget (a run from before it, or closed-book)."""
     if cfg.prompt_tokens is None:
         return examples
-    out = []
-    for example in examples:
-        blind = dataclasses.replace(example, meta={**example.meta, "doc_id": None})
-        fitted, _ = fit_passages(blind, kb_texts, cfg, length, cfg.prompt_tokens)
-        out.append(dataclasses.replace(fitted, meta={**fitted.meta, "doc_id": example.meta.get("doc_id")}))
-    return out
+    return [fit_passages(e, kb_texts, cfg, length, cfg.prompt_tokens, keep_gold=False)[0] for e in examples]
 
 
 def data_length_warnings(data_dir, tokenizer: ChatTokenizer, cfg: Config) -> list[str]:
