@@ -52,3 +52,15 @@ def test_gold_out_replaces_the_gold_passage_with_the_next_one_found_and_counts_r
     ]
     got = summary(rows, "gold_out")["gold out"]
     assert got == {"bias": 0.0, "gold_shown_refused": "0/2", "gold_replaced_refused": "1/2", "margin_rose": "2/2"}
+
+
+def test_first_out_drops_passage_one_for_every_row_and_ranks_by_the_rise():
+    assert views(["a", "b"], "first_out", None, ["a", "b", "c"]) == [["a", "b"], ["b", "c"]]
+    assert views(["a"], "first_out", "a", ["a"]) == [["a"], []]  # nothing found beyond what is shown
+    rows = [  # the answerable row's margin rises by 4 without [1], the unanswerable one's by 0
+        {"answerable": True, "views": [_view(["g", "b"], 0.5, "g"), _view(["b", "c"], 4.5, "b")]},
+        {"answerable": False, "views": [_view(["a", "b"], 0.0, "a"), _view(["b", "c"], 0.0, "b")]},
+    ]
+    got = summary(rows, "first_out")["first out"]
+    assert got["auc_margin"] == 0.0 and got["auc_minus_rise"] == 1.0 and got["auc_margin-1.0rise"] == 1.0
+    assert got["rise_answerable_q25/50/75"] == [4.0, 4.0, 4.0]

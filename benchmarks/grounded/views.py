@@ -5,9 +5,12 @@ and the decisions pooled over the views, with the refusal bias picked on the sam
 `--views gold_out` asks whether the decision comes from the passages: each answerable row whose gold passage is
 shown is read again without it — the other passages moved up and the next one the retriever finds last, as a
 training row's hard negative shows them (`gold_swap`: the next one found in the gold passage's place) — and the
-refusals of those views are counted at the bias picked as shown.
+refusals of those views are counted at the bias picked as shown. `--views first_out` reads every row again
+without its passage [1] (answerable or not, the next one found last) and ranks the rows by how far the refusal
+margin rises: where [1] answers, taking it away should make the model much surer to refuse.
 
-    python benchmarks/grounded/views.py RUN [--data DIR] [--kb KB] [--views orders|singles|gold_out|gold_swap] [--out F]
+    python benchmarks/grounded/views.py RUN [--data DIR] [--kb KB] [--views orders|singles|gold_out|gold_swap|first_out]
+        [--out F]
 
 RUN is a grounded run (`runs/latest`); DIR holds its split (default RUN/data; only valid.jsonl is read, never
 test). No generation: one forward pass per view and row, the prompt followed by "[" so that the same pass gives the
@@ -40,6 +43,7 @@ from mlx_lora.training.refusal_bias import pick, refusal_token, refused
 REPO = Path(__file__).resolve().parents[2]
 BATCH = 16
 GOLD_VIEWS = ("gold_out", "gold_swap")  # one view without the gold passage, read beside the prompt as shown
+WIDER_VIEWS = (*GOLD_VIEWS, "first_out")  # views that need the retriever's next passage
 
 
 def views(shown: list[str], kind: str, gold: str | None = None, wider: list[str] = ()) -> list[list[str]]:
@@ -54,6 +58,9 @@ def views(shown: list[str], kind: str, gold: str | None = None, wider: list[str]
             list(shown),
             [spare[0] if d == gold else d for d in shown] if spare else [d for d in shown if d != gold],
         ]
+    if kind == "first_out":  # every row, answerable or not: passage [1] dropped as gold_out drops the gold one
+        spare = [d for d in wider if d not in shown][:1]
+        return [list(shown), list(shown[1:]) + spare]
     if kind == "singles":
         return [list(shown)] + [[doc_id] for doc_id in shown]
     return [shown[s:] + shown[:s] for s in range(len(shown))]
@@ -97,7 +104,7 @@ def score(run: Path, data_dir: Path, kb_path: Path, kind: str) -> list[dict]:
     length = prompt_length(tok)
     rows = fit_prompts(read_examples(data_dir / "valid.jsonl"), kb_texts, cfg.data, length)
     wider = [[]] * len(rows)
-    if kind in GOLD_VIEWS:  # the index as inference builds it: the KB and the train questions
+    if kind in WIDER_VIEWS:  # the index as inference builds it: the KB and the train questions
         train = read_examples(data_dir / "train.jsonl")
         asked = [(e.question, e.meta["doc_id"]) for e in train if e.meta.get("doc_id")]
         index = PassageIndex(make_scorer(cfg.eval.embedder), kb_texts, asked)
@@ -155,7 +162,34 @@ def gold_out(rows: list[dict]) -> dict:
     }
 
 
+def auc(scores: list[float], answerable: list[bool]) -> float:
+    """How often an unanswerable row scores above an answerable one (ties half)."""
+    u = [s for s, a in zip(scores, answerable) if not a]
+    o = [s for s, a in zip(scores, answerable) if a]
+    return sum((x > y) + 0.5 * (x == y) for x in u for y in o) / max(1, len(u) * len(o))
+
+
+def first_out(rows: list[dict]) -> dict:
+    """Does dropping passage [1] move the decision more where [1] answers? The margin's rise d per row, and the
+    ranking of margin − w·d for a few w."""
+    answerable = [r["answerable"] for r in rows]
+    shown = [r["views"][0]["margin"] for r in rows]
+    rise = [r["views"][-1]["margin"] - r["views"][0]["margin"] for r in rows]
+    out = {
+        "auc_margin": round(auc(shown, answerable), 3),
+        "auc_minus_rise": round(auc([-d for d in rise], answerable), 3),
+    }
+    for w in (0.25, 0.5, 1.0):
+        out[f"auc_margin-{w}rise"] = round(auc([m - w * d for m, d in zip(shown, rise)], answerable), 3)
+    for label, keep in (("answerable", True), ("unanswerable", False)):
+        ds = sorted(d for d, a in zip(rise, answerable) if a == keep)
+        out[f"rise_{label}_q25/50/75"] = [round(ds[int(q * (len(ds) - 1))], 2) for q in (0.25, 0.5, 0.75)]
+    return out
+
+
 def summary(rows: list[dict], kind: str) -> dict:
+    if kind == "first_out":
+        return {"first out": first_out(rows)}
     if kind in GOLD_VIEWS:
         return {kind.replace("_", " "): gold_out(rows)}
     answerable = [r["answerable"] for r in rows]
@@ -163,15 +197,10 @@ def summary(rows: list[dict], kind: str) -> dict:
     for label, pooled in (("as shown", None), ("pooled views", "min" if kind == "singles" else "mean")):
         margins, docs = zip(*(decided(r, pooled) for r in rows))
         bias, _ = pick(list(margins), answerable)
-        unanswerable = [m for m, a in zip(margins, answerable) if not a]
-        others = [m for m, a in zip(margins, answerable) if a]
-        auc = sum((u > o) + 0.5 * (u == o) for u in unanswerable for o in others) / max(
-            1, len(unanswerable) * len(others)
-        )
         readable = [(d, r) for d, r in zip(docs, rows) if r["answerable"] and r["gold"] in r["shown"]]
         refused_u, refused_a = refused(list(margins), answerable, bias)
         out[label] = {
-            "refusal_auc": round(auc, 3),
+            "refusal_auc": round(auc(list(margins), answerable), 3),
             "bias": bias,
             "unanswerable_refused": f"{refused_u}/{answerable.count(False)}",
             "answerable_refused": f"{refused_a}/{answerable.count(True)}",
@@ -185,7 +214,7 @@ def main() -> None:
     parser.add_argument("run", type=Path)
     parser.add_argument("--data", type=Path)
     parser.add_argument("--kb", type=Path, default=REPO / "data" / "kb.jsonl")
-    parser.add_argument("--views", choices=("orders", "singles", *GOLD_VIEWS), default="orders")
+    parser.add_argument("--views", choices=("orders", "singles", *WIDER_VIEWS), default="orders")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     rows = score(args.run, args.data or args.run / "data", args.kb, args.views)
