@@ -64,3 +64,6 @@ def test_first_out_drops_passage_one_for_every_row_and_ranks_by_the_rise():
     got = summary(rows, "first_out")["first out"]
     assert got["auc_margin"] == 0.0 and got["auc_minus_rise"] == 1.0 and got["auc_margin-1.0rise"] == 1.0
     assert got["rise_answerable_q25/50/75"] == [4.0, 4.0, 4.0]
+    assert got["rise_unanswerable_q25/50/75"] == [0.0, 0.0, 0.0]
+    only = summary(rows[:1], "first_out")["first out"]  # a split without unanswerable rows: no quartiles, no crash
+    assert only["rise_unanswerable_q25/50/75"] is None and only["auc_margin"] == 0.0

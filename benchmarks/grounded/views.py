@@ -183,7 +183,8 @@ def first_out(rows: list[dict]) -> dict:
         out[f"auc_margin-{w}rise"] = round(auc([m - w * d for m, d in zip(shown, rise)], answerable), 3)
     for label, keep in (("answerable", True), ("unanswerable", False)):
         ds = sorted(d for d, a in zip(rise, answerable) if a == keep)
-        out[f"rise_{label}_q25/50/75"] = [round(ds[int(q * (len(ds) - 1))], 2) for q in (0.25, 0.5, 0.75)]
+        quartiles = [round(ds[int(q * (len(ds) - 1))], 2) for q in (0.25, 0.5, 0.75)] if ds else None
+        out[f"rise_{label}_q25/50/75"] = quartiles  # None: no row of that kind in the split
     return out
 
 
