@@ -59,8 +59,7 @@ def views(shown: list[str], kind: str, gold: str | None = None, wider: list[str]
             [spare[0] if d == gold else d for d in shown] if spare else [d for d in shown if d != gold],
         ]
     if kind == "first_out":  # every row, answerable or not: passage [1] dropped as gold_out drops the gold one
-        spare = [d for d in wider if d not in shown][:1]
-        return [list(shown), list(shown[1:]) + spare]
+        return views(shown, "gold_out", shown[0] if shown else None, wider)
     if kind == "singles":
         return [list(shown)] + [[doc_id] for doc_id in shown]
     return [shown[s:] + shown[:s] for s in range(len(shown))]
